@@ -1,0 +1,17 @@
+//! cascade's actor system: the root supervisor, the backend contract, the
+//! resilience primitives and one module per backend tier.
+//!
+//! Data flows one way: configuration → [`supervisor`] → tier actors
+//! ([`tier`], each around a tier's [`contract::Driver`]) → published
+//! [`supervisor::Snapshot`]s that the process's HTTP API and CLI read.
+
+#![deny(unsafe_code)]
+
+pub mod contract;
+pub mod resilience;
+pub mod supervisor;
+pub mod tier;
+pub mod tiers;
+pub mod waterfall;
+
+pub use contract::{TierId, TierState, TierStatus};

@@ -1,0 +1,540 @@
+//! The root supervisor: owns the tier actors and the waterfall.
+//!
+//! It spawns the configured tiers as linked actors in waterfall order and
+//! replaces ractor's default supervision (which stops the parent when any
+//! child exits) with OTP's: a tier actor that fails or stops unexpectedly is
+//! restarted after a backoff; more than `max_restarts` restarts within
+//! `restart_window` escalate — the root stops every tier in reverse start
+//! order and reports [`Exit::Escalated`], and the process exits non-zero so
+//! its own supervisor (systemd, launchd) takes over.
+//!
+//! Tiers push their status here; every push re-runs the waterfall and
+//! publishes a [`Snapshot`] that readers (HTTP, CLI) use without ever
+//! calling an actor.
+//!
+//! Invariant: the active tier changes only inside this actor, by message.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, SystemTime};
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::contract::{RestartReport, RestartRequest, TierError, TierId, TierMsg, TierState, TierStatus};
+use crate::resilience::{Backoff, BackoffConfig, Jitter, RestartIntensity};
+use crate::tier::{TierActor, TierArgs, TierSpec};
+use crate::waterfall::{TierView, Waterfall, WaterfallConfig};
+
+/// `[supervisor]` in the configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorConfig {
+    /// More restarts of one tier actor than this within `restart_window` escalate.
+    pub max_restarts: u32,
+    #[serde(with = "humantime_serde")]
+    pub restart_window: Duration,
+    /// Wait before restarting a failed tier actor.
+    pub restart_backoff: BackoffConfig,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            max_restarts: 3,
+            restart_window: Duration::from_secs(60),
+            restart_backoff: BackoffConfig {
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(10),
+                reset_after: Duration::from_secs(60),
+                jitter: Jitter::Full,
+            },
+        }
+    }
+}
+
+/// What readers see. Published after every change.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub active: Option<TierId>,
+    /// The last decision line logged.
+    pub decision: String,
+    /// In waterfall order.
+    pub tiers: Vec<TierSnapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TierSnapshot {
+    #[serde(flatten)]
+    pub status: TierStatus,
+    pub active: bool,
+    /// Restarts of the tier's actor by the root (panics, failures).
+    pub actor_restarts: u64,
+}
+
+/// Why the root stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to shut down; every tier stopped.
+    Shutdown,
+    /// A tier failed too often; every tier stopped.
+    Escalated { tier: TierId, errors: Vec<String> },
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Shutdown => f.write_str("shut down"),
+            Exit::Escalated { tier, errors } => write!(
+                f,
+                "the {tier} tier failed too often; giving up so the service manager can restart cascade. Last errors: {}",
+                errors.join(" | ")
+            ),
+        }
+    }
+}
+
+pub enum RootMsg {
+    /// A tier's status changed.
+    TierChanged(TierStatus),
+    /// A tier asked by the start phase finished starting.
+    StartFinished { tier: TierId, result: Result<(), TierError> },
+    /// Decide again (hysteresis expired, next start round).
+    Reevaluate,
+    /// Spawn a failed tier actor again, after its backoff.
+    Respawn(TierId),
+    /// Operator restart of a tier; forwarded to the tier.
+    Restart { tier: TierId, request: RestartRequest, reply: RpcReplyPort<Result<RestartReport, TierError>> },
+    /// Stop every tier in reverse order, then stop.
+    Shutdown(RpcReplyPort<()>),
+}
+
+pub struct RootArgs {
+    pub tiers: Vec<TierSpec>,
+    pub waterfall: WaterfallConfig,
+    pub supervisor: SupervisorConfig,
+    pub snapshots: watch::Sender<Snapshot>,
+    /// Receives why the root stopped.
+    pub exit: oneshot::Sender<Exit>,
+}
+
+pub struct RootSupervisor;
+
+struct Child {
+    spec: TierSpec,
+    actor: Option<ActorRef<TierMsg>>,
+    status: TierStatus,
+    healthy_since: Option<Instant>,
+    backoff: Backoff,
+    intensity: RestartIntensity,
+    restarts: u64,
+    last_errors: VecDeque<String>,
+}
+
+pub struct RootState {
+    /// In waterfall order; tiers start in this order and stop in reverse.
+    children: Vec<Child>,
+    waterfall: Waterfall,
+    snapshots: watch::Sender<Snapshot>,
+    exit: Option<oneshot::Sender<Exit>>,
+    last_decision: String,
+    shutting_down: bool,
+    /// The pending `Reevaluate` timer, replaced when a sooner one is needed.
+    recheck: Option<(Instant, JoinHandle<Result<(), ractor::MessagingErr<RootMsg>>>)>,
+}
+
+const LAST_ERRORS: usize = 5;
+
+impl Actor for RootSupervisor {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = RootArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<RootMsg>,
+        args: RootArgs,
+    ) -> Result<RootState, ActorProcessingErr> {
+        let children = args
+            .tiers
+            .into_iter()
+            .map(|spec| Child {
+                status: TierStatus::new(spec.id, false),
+                backoff: Backoff::new(args.supervisor.restart_backoff.clone()),
+                intensity: RestartIntensity::new(
+                    args.supervisor.max_restarts,
+                    args.supervisor.restart_window,
+                ),
+                spec,
+                actor: None,
+                healthy_since: None,
+                restarts: 0,
+                last_errors: VecDeque::new(),
+            })
+            .collect();
+        Ok(RootState {
+            children,
+            waterfall: Waterfall::new(&args.waterfall),
+            snapshots: args.snapshots,
+            exit: Some(args.exit),
+            last_decision: String::new(),
+            shutting_down: false,
+            recheck: None,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<RootMsg>,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        for i in 0..state.children.len() {
+            spawn_tier(&myself, state, i).await?;
+        }
+        publish(state);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RootMsg>,
+        msg: RootMsg,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RootMsg::TierChanged(status) => {
+                tier_changed(state, status);
+                decide(&myself, state);
+            }
+            RootMsg::StartFinished { tier, result } => {
+                state.waterfall.start_finished(tier, result.is_ok());
+                decide(&myself, state);
+            }
+            RootMsg::Reevaluate => {
+                state.recheck = None;
+                decide(&myself, state);
+            }
+            RootMsg::Respawn(tier) => respawn(&myself, state, tier).await?,
+            RootMsg::Restart { tier, request, reply } => forward_restart(state, tier, request, reply),
+            RootMsg::Shutdown(reply) => {
+                stop_all(state).await;
+                finish(state, Exit::Shutdown);
+                if reply.send(()).is_err() {
+                    warn!("Shutdown requester stopped waiting.");
+                }
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<RootMsg>,
+        event: SupervisionEvent,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                child_exited(&myself, state, &cell, format!("tier actor failed: {err}")).await;
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let why = reason.unwrap_or_else(|| "no reason given".into());
+                child_exited(&myself, state, &cell, format!("tier actor stopped: {why}")).await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<RootMsg>,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some((_, timer)) = state.recheck.take() {
+            timer.abort();
+        }
+        // Reached without Shutdown only when the root itself failed.
+        stop_all(state).await;
+        finish(state, Exit::Shutdown);
+        Ok(())
+    }
+}
+
+// === children ===
+
+async fn spawn_tier(
+    myself: &ActorRef<RootMsg>,
+    state: &mut RootState,
+    index: usize,
+) -> Result<(), ActorProcessingErr> {
+    let child = &mut state.children[index];
+    let args = TierArgs { spec: child.spec.clone(), root: myself.clone() };
+    let name = format!("tier-{}", child.spec.id);
+    child.backoff.started(Instant::now());
+    match Actor::spawn_linked(Some(name), TierActor, args, myself.get_cell()).await {
+        Ok((actor, _join)) => {
+            // The join handle is not needed: the link reports the exit.
+            child.actor = Some(actor);
+            Ok(())
+        }
+        Err(e) => {
+            // A tier that cannot even be built counts as a failure of that tier.
+            let tier = child.spec.id;
+            let error = format!("tier actor could not start: {e}");
+            schedule_restart(myself, state, index, error);
+            if state.shutting_down {
+                return Ok(());
+            }
+            info!(backend.tier = %tier, "Tier actor restart scheduled.");
+            Ok(())
+        }
+    }
+}
+
+async fn child_exited(myself: &ActorRef<RootMsg>, state: &mut RootState, cell: &ActorCell, error: String) {
+    let Some(index) = state
+        .children
+        .iter()
+        .position(|c| c.actor.as_ref().is_some_and(|a| a.get_id() == cell.get_id()))
+    else {
+        return;
+    };
+    state.children[index].actor = None;
+    if state.shutting_down {
+        return;
+    }
+    schedule_restart(myself, state, index, error);
+    decide(myself, state);
+}
+
+fn schedule_restart(myself: &ActorRef<RootMsg>, state: &mut RootState, index: usize, error: String) {
+    let now = Instant::now();
+    let child = &mut state.children[index];
+    let tier = child.spec.id;
+    error!(backend.tier = %tier, %error, "Tier actor exited.");
+    child.last_errors.push_back(error.clone());
+    while child.last_errors.len() > LAST_ERRORS {
+        child.last_errors.pop_front();
+    }
+    child.status.state = TierState::Unknown;
+    child.status.reason = format!("restarting: {error}");
+    child.status.since = SystemTime::now();
+    child.healthy_since = None;
+    if child.intensity.record(now) {
+        let errors = child.last_errors.iter().cloned().collect();
+        escalate(myself, state, tier, errors);
+        return;
+    }
+    child.restarts += 1;
+    let delay = child.backoff.ended(now);
+    info!(backend.tier = %tier, delay_ms = delay.as_millis() as u64, restarts = child.restarts, "Restarting tier actor.");
+    myself.send_after(delay, move || RootMsg::Respawn(tier));
+    publish(state);
+}
+
+async fn respawn(myself: &ActorRef<RootMsg>, state: &mut RootState, tier: TierId) -> Result<(), ActorProcessingErr> {
+    if state.shutting_down {
+        return Ok(());
+    }
+    let Some(index) = state.children.iter().position(|c| c.spec.id == tier && c.actor.is_none()) else {
+        return Ok(());
+    };
+    spawn_tier(myself, state, index).await
+}
+
+fn escalate(myself: &ActorRef<RootMsg>, state: &mut RootState, tier: TierId, errors: Vec<String>) {
+    let exit = Exit::Escalated { tier, errors };
+    error!(backend.tier = %tier, "{exit}");
+    state.exit_reason(exit);
+    // post_stop stops the remaining tiers in reverse order.
+    myself.stop(Some(format!("escalated: the {tier} tier failed too often")));
+}
+
+async fn stop_all(state: &mut RootState) {
+    state.shutting_down = true;
+    for child in state.children.iter_mut().rev() {
+        let Some(actor) = child.actor.take() else { continue };
+        let tier = child.spec.id;
+        let grace = child.spec.stop_grace + Duration::from_secs(1);
+        match actor.call(TierMsg::Stop, Some(grace)).await {
+            Ok(ractor::rpc::CallResult::Success(())) => {}
+            Ok(_) => warn!(backend.tier = %tier, "Tier did not confirm its stop in time."),
+            Err(e) => warn!(backend.tier = %tier, error = %e, "Tier could not be asked to stop."),
+        }
+        if actor.stop_and_wait(None, Some(Duration::from_secs(5))).await.is_err() {
+            warn!(backend.tier = %tier, "Tier actor did not stop in time; killing it.");
+            actor.kill();
+        }
+    }
+}
+
+fn finish(state: &mut RootState, exit: Exit) {
+    if let Some(tx) = state.exit.take() {
+        // The receiver is gone only when nobody waits for the exit.
+        let _ = tx.send(exit);
+    }
+}
+
+impl RootState {
+    fn exit_reason(&mut self, exit: Exit) {
+        self.shutting_down = true;
+        finish(self, exit);
+    }
+}
+
+fn forward_restart(
+    state: &mut RootState,
+    tier: TierId,
+    request: RestartRequest,
+    reply: RpcReplyPort<Result<RestartReport, TierError>>,
+) {
+    let actor = state.children.iter().find(|c| c.spec.id == tier).and_then(|c| c.actor.clone());
+    let Some(actor) = actor else {
+        let error = TierError::new(format!("tier {tier} is not running in this cascade"));
+        let _ = reply.send(Err(error));
+        return;
+    };
+    if let Err(e) = actor.send_message(TierMsg::Restart(request, reply)) {
+        warn!(backend.tier = %tier, error = %e, "Restart could not be delivered.");
+    }
+}
+
+// === the waterfall ===
+
+fn tier_changed(state: &mut RootState, status: TierStatus) {
+    let Some(child) = state.children.iter_mut().find(|c| c.spec.id == status.tier) else {
+        return;
+    };
+    if status.state == TierState::Healthy {
+        child.healthy_since.get_or_insert_with(Instant::now);
+    } else {
+        child.healthy_since = None;
+    }
+    child.status = status;
+}
+
+fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
+    if state.shutting_down {
+        return;
+    }
+    let now = Instant::now();
+    let views: Vec<TierView<'_>> = state
+        .children
+        .iter()
+        .map(|c| TierView {
+            tier: c.spec.id,
+            state: c.status.state,
+            reason: &c.status.reason,
+            healthy_since: c.healthy_since,
+            startable: c.status.startable && c.actor.is_some(),
+        })
+        .collect();
+    let previous = state.waterfall.active();
+    let decision = state.waterfall.decide(now, &views);
+    drop(views);
+
+    if let Some(line) = &decision.line {
+        info!(active = ?decision.active.map(|t| t.as_str()), "{line}");
+        state.last_decision = line.clone();
+    }
+    if previous != decision.active {
+        for child in &state.children {
+            let is_active = Some(child.spec.id) == decision.active;
+            let was_active = Some(child.spec.id) == previous;
+            if is_active != was_active
+                && let Some(actor) = &child.actor
+            {
+                let _ = actor.send_message(TierMsg::SetActive(is_active));
+            }
+        }
+    }
+    if let Some(tier) = decision.start {
+        info!(backend.tier = %tier, "Start phase: asking {tier} to start.");
+        let actor = state.children.iter().find(|c| c.spec.id == tier).and_then(|c| c.actor.clone());
+        match actor {
+            Some(actor) if actor.send_message(TierMsg::EnsureStarted).is_ok() => {}
+            _ => state.waterfall.start_finished(tier, false),
+        }
+    }
+    if let Some(at) = decision.recheck_at {
+        schedule_recheck(myself, state, at);
+    }
+    publish(state);
+}
+
+fn schedule_recheck(myself: &ActorRef<RootMsg>, state: &mut RootState, at: Instant) {
+    if let Some((pending, _)) = &state.recheck
+        && *pending <= at
+    {
+        return;
+    }
+    if let Some((_, timer)) = state.recheck.take() {
+        timer.abort();
+    }
+    let delay = at.saturating_duration_since(Instant::now());
+    let timer = myself.send_after(delay, || RootMsg::Reevaluate);
+    state.recheck = Some((at, timer));
+}
+
+fn publish(state: &RootState) {
+    let active = state.waterfall.active();
+    let snapshot = Snapshot {
+        active,
+        decision: state.last_decision.clone(),
+        tiers: state
+            .children
+            .iter()
+            .map(|c| TierSnapshot {
+                status: c.status.clone(),
+                active: Some(c.spec.id) == active,
+                actor_restarts: c.restarts,
+            })
+            .collect(),
+    };
+    state.snapshots.send_if_modified(|current| {
+        if *current == snapshot {
+            return false;
+        }
+        *current = snapshot;
+        true
+    });
+}
+
+/// Everything a caller needs to run the root.
+pub struct Running {
+    pub root: ActorRef<RootMsg>,
+    pub snapshots: watch::Receiver<Snapshot>,
+    pub exit: oneshot::Receiver<Exit>,
+    pub join: JoinHandle<()>,
+}
+
+/// Spawns the root with its tiers.
+pub async fn start(
+    tiers: Vec<TierSpec>,
+    waterfall: WaterfallConfig,
+    supervisor: SupervisorConfig,
+) -> Result<Running, ractor::SpawnErr> {
+    let initial = Snapshot {
+        active: None,
+        decision: "starting".into(),
+        tiers: tiers
+            .iter()
+            .map(|t| TierSnapshot { status: TierStatus::new(t.id, false), active: false, actor_restarts: 0 })
+            .collect(),
+    };
+    let (snap_tx, snapshots) = watch::channel(initial);
+    let (exit_tx, exit) = oneshot::channel();
+    let args = RootArgs { tiers, waterfall, supervisor, snapshots: snap_tx, exit: exit_tx };
+    let (root, join) = Actor::spawn(Some("cascade-root".into()), RootSupervisor, args).await?;
+    Ok(Running { root, snapshots, exit, join })
+}
+
+/// Per-tier errors for a final message; used by tests and the binary.
+pub fn describe(snapshot: &Snapshot) -> BTreeMap<TierId, String> {
+    snapshot.tiers.iter().map(|t| (t.status.tier, format!("{}: {}", t.status.state, t.status.reason))).collect()
+}

@@ -1,0 +1,451 @@
+//! The one tier actor: breaker, probe schedule and state machine around a
+//! [`Driver`].
+//!
+//! Every tier (docker, cloud_run, local, gcp_vm) runs as this actor with its
+//! own driver, so the contract in `contract.rs` is implemented once. The
+//! actor never awaits a driver call in its handler: probes, starts and
+//! restarts run as tasks in its `TaskTracker`, each under a deadline, and
+//! report back by message. Only `Stop` awaits (bounded by the stop grace),
+//! because the root is waiting for it anyway.
+//!
+//! Invariant: a probe never starts anything; at most one probe is in flight.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::contract::{
+    Driver, DriverEvent, DriverFactory, EventSink, Internal, ProbeOutcome, RestartReport,
+    RestartRequest, TierError, TierId, TierMsg, TierState, TierStatus,
+};
+use crate::resilience::{Admission, BreakerConfig, BreakerState, CircuitBreaker, with_deadline};
+use crate::supervisor::RootMsg;
+
+/// Probe settings shared by every tier (`[tiers.NAME.probe]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Time between probes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Deadline of one probe.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig { interval: Duration::from_secs(2), timeout: Duration::from_secs(1) }
+    }
+}
+
+/// How the root describes a tier to run.
+#[derive(Clone)]
+pub struct TierSpec {
+    pub id: TierId,
+    pub factory: DriverFactory,
+    pub probe: ProbeConfig,
+    pub breaker: BreakerConfig,
+    /// Deadline for `Driver::start`, readiness included.
+    pub start_timeout: Duration,
+    /// Deadline for `Driver::stop`.
+    pub stop_grace: Duration,
+}
+
+/// The tier actor. Read-only: everything mutable is in [`TierState`].
+pub struct TierActor;
+
+pub struct TierArgs {
+    pub spec: TierSpec,
+    pub root: ActorRef<RootMsg>,
+}
+
+pub struct State {
+    spec: TierSpec,
+    root: ActorRef<RootMsg>,
+    driver: Arc<dyn Driver>,
+    breaker: CircuitBreaker,
+    status: TierStatus,
+    probe_in_flight: bool,
+    starting: bool,
+    stopped: bool,
+    /// Every task this actor spawns, so none outlives it.
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    /// The probe interval timer; aborted when the actor stops.
+    ticker: Option<JoinHandle<()>>,
+}
+
+impl Actor for TierActor {
+    type Msg = TierMsg;
+    type State = State;
+    type Arguments = TierArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<TierMsg>,
+        TierArgs { spec, root }: TierArgs,
+    ) -> Result<State, ActorProcessingErr> {
+        let driver = (spec.factory)(EventSink::new(myself.clone()))
+            .map_err(|e| format!("cannot build the {} tier: {e}", spec.id))?;
+        let mut status = TierStatus::new(spec.id, driver.startable());
+        status.endpoint = driver.endpoint();
+        let ticker = myself
+            .send_interval(spec.probe.interval, || TierMsg::Internal(Internal::ProbeTick));
+        Ok(State {
+            breaker: CircuitBreaker::new(spec.breaker.clone()),
+            spec,
+            root,
+            driver,
+            status,
+            probe_in_flight: false,
+            starting: false,
+            stopped: false,
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            ticker: Some(ticker),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<TierMsg>,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.publish();
+        probe(&myself, state);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<TierMsg>,
+        msg: TierMsg,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TierMsg::Status(reply) => {
+                state.refresh_status();
+                reply_or_log(reply, state.status.clone());
+            }
+            TierMsg::ProbeNow | TierMsg::Internal(Internal::ProbeTick) => probe(&myself, state),
+            TierMsg::EnsureStarted => ensure_started(&myself, state),
+            TierMsg::Stop(reply) => {
+                stop(state).await;
+                reply_or_log(reply, ());
+            }
+            TierMsg::Restart(request, reply) => restart(&myself, state, request, reply),
+            TierMsg::SetActive(active) => state.driver.set_active(active),
+            TierMsg::Internal(Internal::ProbeDone(outcome)) => probe_done(state, outcome),
+            TierMsg::Internal(Internal::StartDone(result)) => start_done(&myself, state, result),
+            TierMsg::Internal(Internal::RestartDone) => {
+                state.breaker.reset();
+                probe(&myself, state);
+            }
+            TierMsg::Internal(Internal::Driver(event)) => driver_event(&myself, state, event),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<TierMsg>,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.shutdown_tasks().await;
+        Ok(())
+    }
+}
+
+// === impl State ===
+
+impl State {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn set(&mut self, to: TierState, reason: String) {
+        if self.status.state != to {
+            self.status.since = SystemTime::now();
+            info!(backend.tier = %self.spec.id, from = %self.status.state, to = %to, %reason, "Tier state changed.");
+        }
+        self.status.state = to;
+        self.status.reason = reason;
+    }
+
+    fn refresh_status(&mut self) {
+        let now = self.now();
+        self.status.breaker = self.breaker.state(now);
+        self.status.consecutive_failures = self.breaker.consecutive_failures();
+        self.status.endpoint = self.driver.endpoint();
+        self.status.details = self.driver.details();
+    }
+
+    /// Pushes the status to the root. The root decides; the tier only reports.
+    fn publish(&mut self) {
+        self.refresh_status();
+        if let Some((from, to)) = self.breaker.take_transition() {
+            info!(backend.tier = %self.spec.id, %from, %to, "Breaker changed.");
+        }
+        if self.root.send_message(RootMsg::TierChanged(self.status.clone())).is_err() {
+            warn!(backend.tier = %self.spec.id, "Root is gone; status not delivered.");
+        }
+    }
+
+    async fn shutdown_tasks(&mut self) {
+        if let Some(ticker) = self.ticker.take() {
+            ticker.abort();
+        }
+        self.cancel.cancel();
+        self.tasks.close();
+        // Tasks wrap their work in `run_until_cancelled`, so this returns
+        // promptly; the bound is for a task stuck in non-async code.
+        if with_deadline(Duration::from_secs(5), "tier tasks to finish", self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(backend.tier = %self.spec.id, "Tier tasks did not finish in time.");
+        }
+    }
+
+    /// Spawns `work` as a tracked, cancellable task that reports `done` to the actor.
+    fn spawn<F>(&self, myself: &ActorRef<TierMsg>, work: F)
+    where
+        F: Future<Output = Option<TierMsg>> + Send + 'static,
+    {
+        let cancel = self.cancel.clone();
+        let myself = myself.clone();
+        let span = info_span!("tier_task", backend.tier = %self.spec.id);
+        self.tasks.spawn(
+            async move {
+                if let Some(Some(msg)) = cancel.run_until_cancelled(work).await {
+                    // Fails only when the actor has stopped meanwhile.
+                    let _ = myself.send_message(msg);
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn reply_or_log<T: Send + 'static>(reply: RpcReplyPort<T>, value: T) {
+    if reply.send(value).is_err() {
+        tracing::debug!("Caller stopped waiting for the reply.");
+    }
+}
+
+// === probing ===
+
+fn probe(myself: &ActorRef<TierMsg>, state: &mut State) {
+    if state.probe_in_flight || state.starting || state.stopped {
+        return;
+    }
+    let now = state.now();
+    match state.breaker.admit(now) {
+        Admission::Rejected { until } => {
+            let left = until.saturating_duration_since(now);
+            let reason = breaker_reason(state);
+            if state.status.state != TierState::Unavailable {
+                state.set(TierState::Unhealthy, reason);
+            }
+            state.status.details.insert("breaker_retry_in".into(), format_duration(left));
+            return;
+        }
+        Admission::Allowed | Admission::Trial => {}
+    }
+    state.probe_in_flight = true;
+    if state.status.state == TierState::Unknown {
+        state.set(TierState::Probing, "first probe in flight".into());
+        state.publish();
+    }
+    let driver = state.driver.clone();
+    let timeout = state.spec.probe.timeout;
+    state.spawn(myself, async move {
+        let outcome = match with_deadline(timeout, "probe", driver.probe()).await {
+            Ok(outcome) => outcome,
+            Err(e) => ProbeOutcome::Down { error: e.to_string() },
+        };
+        Some(TierMsg::Internal(Internal::ProbeDone(outcome)))
+    });
+}
+
+fn probe_done(state: &mut State, outcome: ProbeOutcome) {
+    state.probe_in_flight = false;
+    if state.starting || state.stopped {
+        return;
+    }
+    let now = state.now();
+    let before = state.status.clone();
+    match outcome {
+        ProbeOutcome::Up { note } => {
+            state.breaker.record_success(now);
+            state.status.last_error = None;
+            state.set(TierState::Healthy, note);
+        }
+        ProbeOutcome::Down { error } => {
+            state.breaker.record_failure(now);
+            state.status.last_error = Some(error.clone());
+            let serving = state.status.state.is_serving();
+            if state.breaker.state(now) != BreakerState::Closed {
+                state.set(TierState::Unhealthy, breaker_reason(state));
+            } else if serving {
+                let n = state.breaker.consecutive_failures();
+                state.set(TierState::Degraded, format!("{n} consecutive failed probes: {error}"));
+            } else {
+                state.set(TierState::Unhealthy, error);
+            }
+        }
+        ProbeOutcome::Idle { reason } => state.set(TierState::Unhealthy, reason),
+        ProbeOutcome::Unavailable { reason } => {
+            state.status.last_error = Some(reason.clone());
+            state.set(TierState::Unavailable, reason);
+        }
+    }
+    state.refresh_status();
+    if state.status.state != before.state
+        || state.status.reason != before.reason
+        || state.status.breaker != before.breaker
+        || state.status.details != before.details
+    {
+        state.publish();
+    }
+}
+
+fn breaker_reason(state: &State) -> String {
+    let why = state.breaker.trip_reason().map(|r| r.to_string());
+    let why = why.unwrap_or_else(|| "failures".into());
+    match &state.status.last_error {
+        Some(error) => format!("breaker open after {why}: {error}"),
+        None => format!("breaker open after {why}"),
+    }
+}
+
+// === starting, stopping, restarting ===
+
+fn ensure_started(myself: &ActorRef<TierMsg>, state: &mut State) {
+    let tier = state.spec.id;
+    if state.starting {
+        return;
+    }
+    if state.status.state == TierState::Healthy {
+        finish_start(state, Ok(()));
+        return;
+    }
+    if !state.driver.startable() {
+        finish_start(state, Err(TierError::new(format!("the {tier} tier cannot be started"))));
+        return;
+    }
+    state.starting = true;
+    state.stopped = false;
+    state.set(TierState::Starting, "starting".into());
+    state.publish();
+    info!(backend.tier = %tier, "Starting tier.");
+    let driver = state.driver.clone();
+    let timeout = state.spec.start_timeout;
+    state.spawn(myself, async move {
+        let result = match with_deadline(timeout, "start", driver.start()).await {
+            Ok(result) => result,
+            Err(e) => Err(TierError::new(e.to_string())),
+        };
+        Some(TierMsg::Internal(Internal::StartDone(result)))
+    });
+}
+
+fn start_done(myself: &ActorRef<TierMsg>, state: &mut State, result: Result<(), TierError>) {
+    state.starting = false;
+    match &result {
+        Ok(()) => {
+            state.breaker.reset();
+            state.status.last_error = None;
+            state.set(TierState::Healthy, "started".into());
+            info!(backend.tier = %state.spec.id, "Tier started.");
+        }
+        Err(e) => {
+            warn!(backend.tier = %state.spec.id, error = %e, "Tier failed to start.");
+            state.status.last_error = Some(e.to_string());
+            state.set(TierState::Unhealthy, format!("start failed: {e}"));
+        }
+    }
+    state.publish();
+    finish_start(state, result);
+    probe(myself, state);
+}
+
+fn finish_start(state: &State, result: Result<(), TierError>) {
+    let msg = RootMsg::StartFinished { tier: state.spec.id, result };
+    if state.root.send_message(msg).is_err() {
+        warn!(backend.tier = %state.spec.id, "Root is gone; start result not delivered.");
+    }
+}
+
+async fn stop(state: &mut State) {
+    state.stopped = true;
+    if let Some(ticker) = state.ticker.take() {
+        ticker.abort();
+    }
+    let grace = state.spec.stop_grace;
+    let tier = state.spec.id;
+    match with_deadline(grace, "stop", state.driver.stop()).await {
+        Ok(Ok(())) => info!(backend.tier = %tier, "Tier stopped."),
+        Ok(Err(e)) => warn!(backend.tier = %tier, error = %e, "Tier stop failed."),
+        Err(e) => warn!(backend.tier = %tier, error = %e, "Tier stop ran out of time."),
+    }
+    state.set(TierState::Unavailable, "stopped".into());
+    state.publish();
+}
+
+fn restart(
+    myself: &ActorRef<TierMsg>,
+    state: &mut State,
+    request: RestartRequest,
+    reply: RpcReplyPort<Result<RestartReport, TierError>>,
+) {
+    info!(backend.tier = %state.spec.id, force = request.force, dry_run = request.dry_run, "Restart requested.");
+    let driver = state.driver.clone();
+    let timeout = state.spec.stop_grace + state.spec.start_timeout;
+    if !request.dry_run {
+        state.stopped = false;
+        state.starting = false;
+        state.set(TierState::Starting, "restarting".into());
+        state.publish();
+    }
+    state.spawn(myself, async move {
+        let result = match with_deadline(timeout, "restart", driver.restart(request)).await {
+            Ok(result) => result,
+            Err(e) => Err(TierError::new(e.to_string())),
+        };
+        if let Ok(report) = &result {
+            for step in &report.plan {
+                info!(dry_run = request.dry_run, step = %step, "Restart plan.");
+            }
+        }
+        reply_or_log(reply, result);
+        Some(TierMsg::Internal(Internal::RestartDone))
+    });
+}
+
+fn driver_event(myself: &ActorRef<TierMsg>, state: &mut State, event: DriverEvent) {
+    match event {
+        DriverEvent::Changed { note } => {
+            info!(backend.tier = %state.spec.id, %note, "Backend changed.");
+        }
+        DriverEvent::BackendRestarted { note } => {
+            state.status.backend_restarts += 1;
+            info!(backend.tier = %state.spec.id, %note, restarts = state.status.backend_restarts, "Backend restarted.");
+            state.publish();
+        }
+    }
+    probe(myself, state);
+}
+
+fn format_duration(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX)))
+        .to_string()
+}

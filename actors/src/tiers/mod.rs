@@ -1,0 +1,5 @@
+//! One module per backend tier. Each has the same anatomy: `mod.rs` (its
+//! configuration and its [`crate::contract::Driver`]), `client.rs` (the only
+//! file that talks to the outside world) and `tests.rs`.
+
+pub mod local;

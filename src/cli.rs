@@ -1,0 +1,75 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cascade",
+    version,
+    about = "Keeps a speaker-verification inference service available through a waterfall of backend tiers."
+)]
+pub struct Cli {
+    /// Log format; `auto` is human on a terminal and JSON otherwise.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConfigArg {
+    /// Configuration file (TOML), layered over the built-in defaults.
+    #[arg(long, short, env = "CASCADE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// State directory (token, API address); overrides `general.state_dir`.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the supervisor in the foreground.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Status API address; overrides `api.listen`.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Show the status of a running cascade.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the raw JSON status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the configuration and print the effective result (secrets redacted).
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Restart a tier of a running cascade.
+    Restart {
+        /// docker, cloud_run, local or gcp_vm.
+        tier: String,
+        /// Restart even what looks consistent, without a graceful stop.
+        #[arg(long)]
+        force: bool,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Run the demo backend (a stand-in for the ECAPA service, not a model).
+    #[command(hide = true)]
+    DemoBackend {
+        #[command(flatten)]
+        options: cascade_demo::Options,
+    },
+}

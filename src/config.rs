@@ -1,0 +1,256 @@
+//! cascade's configuration: the sections, their validation, and how they
+//! become tier specs for the root supervisor.
+//!
+//! Layers (lowest first): built-in defaults (`config/default.toml`, embedded)
+//! → `--config FILE` → `CASCADE_SECTION__KEY` environment variables → flags.
+//! Loading and provenance live in `settings`; this module owns the schema.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cascade_actors::TierId;
+use cascade_actors::contract::{Driver, DriverFactory};
+use cascade_actors::supervisor::SupervisorConfig;
+use cascade_actors::tier::TierSpec;
+use cascade_actors::tiers::local::{LocalConfig, LocalDriver};
+use cascade_actors::waterfall::WaterfallConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::settings::{self, Layers, LoadError, Loaded, Problem};
+
+/// The shipped default configuration, the lowest layer.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub general: General,
+    pub api: Api,
+    pub log: Log,
+    pub waterfall: WaterfallConfig,
+    pub supervisor: SupervisorConfig,
+    pub tiers: Tiers,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct General {
+    /// Where cascade keeps its token and what it manages. Unset: systemd's
+    /// `$STATE_DIRECTORY`, else `$XDG_STATE_HOME/cascade`, else
+    /// `~/.local/state/cascade`.
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    /// Address of the status API. Loopback by default: it is not meant to be
+    /// exposed, and mutations need the token anyway.
+    pub listen: SocketAddr,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7373)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tiers {
+    pub local: Option<LocalConfig>,
+}
+
+/// Flags that override configuration keys.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// Loads and validates; every problem is reported at once.
+pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, LoadError> {
+    let mut flags = Vec::new();
+    if let Some(listen) = &overrides.listen {
+        flags.push(("api.listen".into(), listen.clone(), "--listen".into()));
+    }
+    if let Some(dir) = &overrides.state_dir {
+        flags.push((
+            "general.state_dir".into(),
+            dir.display().to_string(),
+            "--state-dir".into(),
+        ));
+    }
+    if let Some(format) = overrides.log_format {
+        let value = serde_json::to_value(format)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned));
+        flags.push((
+            "log.format".into(),
+            value.unwrap_or_default(),
+            "--log-format".into(),
+        ));
+    }
+    let layers = Layers {
+        defaults: DEFAULT_TOML,
+        file,
+        env: std::env::vars().collect(),
+        prefix: "CASCADE_",
+        overrides: flags,
+    };
+    let Loaded { value, provenance } = settings::load::<Config>(layers)?;
+    let problems = validate(&value, |key, message| provenance.problem(key, message));
+    if problems.is_empty() {
+        Ok(value)
+    } else {
+        Err(LoadError::Invalid(problems))
+    }
+}
+
+fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let order = &config.waterfall.order;
+    if order.is_empty() {
+        problems.push(problem(
+            "waterfall.order".into(),
+            "must list at least one tier".into(),
+        ));
+    }
+    for (i, tier) in order.iter().enumerate() {
+        let key = format!("waterfall.order[{i}]");
+        if order[..i].contains(tier) {
+            problems.push(problem(key, format!("`{tier}` is listed twice")));
+            continue;
+        }
+        let configured = match tier {
+            TierId::Local => config.tiers.local.is_some(),
+            TierId::Docker | TierId::CloudRun | TierId::GcpVm => {
+                problems.push(problem(
+                    key,
+                    format!("the `{tier}` tier is not available in this build of cascade"),
+                ));
+                continue;
+            }
+        };
+        if !configured {
+            problems.push(problem(
+                key,
+                format!("`{tier}` is in the order but [tiers.{tier}] is not configured"),
+            ));
+        }
+    }
+    if order.contains(&TierId::Local)
+        && let Some(local) = &config.tiers.local
+    {
+        for (key, message) in local.validate() {
+            problems.push(problem(format!("tiers.local.{key}"), message));
+        }
+    }
+    if config.waterfall.failback_after.is_zero() {
+        // Zero would let a flapping tier take traffic back on every probe.
+        problems.push(problem(
+            "waterfall.failback_after".into(),
+            "must be above zero".into(),
+        ));
+    }
+    for (key, message) in config.waterfall.start_retry.validate() {
+        problems.push(problem(format!("waterfall.start_retry.{key}"), message));
+    }
+    if config.supervisor.restart_window.is_zero() {
+        problems.push(problem(
+            "supervisor.restart_window".into(),
+            "must be above zero".into(),
+        ));
+    }
+    for (key, message) in config.supervisor.restart_backoff.validate() {
+        problems.push(problem(
+            format!("supervisor.restart_backoff.{key}"),
+            message,
+        ));
+    }
+    problems
+}
+
+/// The tiers to run, in waterfall order.
+pub fn tier_specs(config: &Config) -> Vec<TierSpec> {
+    config
+        .waterfall
+        .order
+        .iter()
+        .filter_map(|tier| match tier {
+            TierId::Local => config.tiers.local.clone().map(local_spec),
+            TierId::Docker | TierId::CloudRun | TierId::GcpVm => None,
+        })
+        .collect()
+}
+
+fn local_spec(local: LocalConfig) -> TierSpec {
+    let driver_config = local.clone();
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = LocalDriver::new(driver_config.clone(), events)?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    TierSpec {
+        id: TierId::Local,
+        factory,
+        probe: local.probe.clone(),
+        breaker: local.breaker.clone(),
+        start_timeout: local.start_timeout,
+        stop_grace: local.stop_grace,
+    }
+}
+
+/// The state directory: configured, else the service manager's, else the user's.
+pub fn state_dir(config: &Config) -> PathBuf {
+    if let Some(dir) = &config.general.state_dir {
+        return dir.clone();
+    }
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = env("STATE_DIRECTORY") {
+        return dir;
+    }
+    if let Some(dir) = env("XDG_STATE_HOME") {
+        return dir.join("cascade");
+    }
+    match env("HOME") {
+        Some(home) => home.join(".local/state/cascade"),
+        None => PathBuf::from("/var/lib/cascade"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_configuration_is_valid() {
+        let config = load(None, &Overrides::default()).expect("default config loads");
+        assert_eq!(config.waterfall.order, vec![TierId::Local]);
+        assert!(config.tiers.local.is_some());
+        assert_eq!(tier_specs(&config).len(), 1);
+    }
+}

@@ -1,0 +1,178 @@
+//! The `cascade` executable: command line, wiring and exit codes. The work
+//! happens in the `cascade-actors` crate; this stays thin.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod client;
+mod config;
+mod http;
+mod run;
+mod settings;
+mod state;
+mod telemetry;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, ConfigArg};
+use crate::config::{Config, LogFormat, Overrides};
+
+/// sysexits.h: EX_CONFIG, configuration error.
+pub const EXIT_CONFIG: u8 = 78;
+/// sysexits.h: EX_UNAVAILABLE, the running cascade could not be reached.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// sysexits.h: EX_SOFTWARE, a tier failed too often and cascade gave up.
+pub const EXIT_ESCALATED: u8 = 70;
+pub const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cascade: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config, listen } => {
+            let overrides = overrides(&config, listen, cli.log_format);
+            let Some(loaded) = load(&config, &overrides) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            telemetry::init(loaded.log.format);
+            run::run(loaded).await
+        }
+        Command::CheckConfig { config } => {
+            let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            match settings::render_redacted(&loaded) {
+                Ok(text) => {
+                    println!("{text}");
+                    eprintln!("configuration is valid");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cascade: cannot render the configuration: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Status { config, json } => {
+            let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let result = async {
+                let client = client::Client::new(loaded, Duration::from_secs(5))?;
+                client.status().await
+            }
+            .await;
+            match result {
+                Ok(value) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&value).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(value) => {
+                    print!("{}", client::render_status(&value));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => client_error(e),
+            }
+        }
+        Command::Restart {
+            tier,
+            force,
+            dry_run,
+            config,
+        } => {
+            let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let timeout = restart_timeout(&loaded);
+            let result = async {
+                let client = client::Client::new(loaded, timeout)?;
+                client.restart(&tier, force, dry_run).await
+            }
+            .await;
+            match result {
+                Ok(report) => {
+                    let verb = if report.dry_run { "would" } else { "did" };
+                    println!("restart {} ({verb}):", report.tier);
+                    for step in &report.plan {
+                        println!("  - {step}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => client_error(e),
+            }
+        }
+        Command::DemoBackend { options } => demo_backend(options).await,
+    }
+}
+
+fn overrides(
+    config: &ConfigArg,
+    listen: Option<String>,
+    log_format: Option<LogFormat>,
+) -> Overrides {
+    Overrides {
+        listen,
+        state_dir: config.state_dir.clone(),
+        log_format,
+    }
+}
+
+fn load(config: &ConfigArg, overrides: &Overrides) -> Option<Config> {
+    match config::load(config.config.as_deref(), overrides) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            eprintln!("cascade: {e}");
+            None
+        }
+    }
+}
+
+fn restart_timeout(config: &Config) -> Duration {
+    let tiers = config::tier_specs(config);
+    tiers
+        .iter()
+        .map(|s| s.stop_grace + s.start_timeout)
+        .max()
+        .unwrap_or_default()
+        + Duration::from_secs(10)
+}
+
+fn client_error(e: client::ClientError) -> ExitCode {
+    eprintln!("cascade: {e}");
+    match e {
+        client::ClientError::Unreachable { .. } => ExitCode::from(EXIT_UNAVAILABLE),
+        _ => ExitCode::from(EXIT_FAILURE),
+    }
+}
+
+async fn demo_backend(options: cascade_demo::Options) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let code = cascade_demo::run_until_signal(options).await;
+    ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE))
+}

@@ -1,0 +1,134 @@
+//! `cascade run`: a straight line — state directory, supervisor, status API,
+//! wait for a signal or an escalation, stop everything within its grace.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use cascade_actors::supervisor::{self, Exit, RootMsg};
+use ractor::rpc::CallResult;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::config::{self, Config};
+use crate::http::{self, ApiState};
+use crate::state;
+use crate::{EXIT_ESCALATED, EXIT_FAILURE};
+
+pub async fn run(config: Config) -> ExitCode {
+    match run_inner(config).await {
+        Ok(code) => code,
+        Err(message) => {
+            error!("{message}");
+            eprintln!("cascade: {message}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn run_inner(config: Config) -> Result<ExitCode, String> {
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+
+    let dir = config::state_dir(&config);
+    state::ensure_dir(&dir).map_err(|e| e.to_string())?;
+    let token = state::write_token(&dir).map_err(|e| e.to_string())?;
+    let listener = TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (api.listen): {e}", config.api.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the API address: {e}"))?;
+    state::write_api_addr(&dir, addr).map_err(|e| e.to_string())?;
+
+    let specs = config::tier_specs(&config);
+    let shutdown_budget: Duration = specs
+        .iter()
+        .map(|s| s.stop_grace + Duration::from_secs(2))
+        .sum::<Duration>()
+        + Duration::from_secs(5);
+    let restart_timeout = specs
+        .iter()
+        .map(|s| s.stop_grace + s.start_timeout)
+        .max()
+        .unwrap_or_default()
+        + Duration::from_secs(5);
+    let mut running = supervisor::start(specs, config.waterfall.clone(), config.supervisor.clone())
+        .await
+        .map_err(|e| format!("cannot start the supervisor: {e}"))?;
+
+    let api = ApiState {
+        snapshots: running.snapshots.clone(),
+        root: running.root.clone(),
+        token,
+        restart_timeout,
+    };
+    let stop_http = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(
+        axum::serve(listener, http::router(api))
+            .with_graceful_shutdown(stop_http.clone().cancelled_owned())
+            .into_future(),
+    );
+    info!(api = %addr, state_dir = %dir.display(), "cascade is running.");
+
+    let exit = tokio::select! {
+        _ = interrupt.recv() => None,
+        _ = terminate.recv() => None,
+        exit = &mut running.exit => Some(exit.unwrap_or(Exit::Shutdown)),
+    };
+    let exit = match exit {
+        Some(exit) => exit,
+        None => {
+            info!("Signal received; stopping tiers (a second signal forces exit).");
+            let force = tokio::spawn(async move {
+                tokio::select! {
+                    _ = interrupt.recv() => {},
+                    _ = terminate.recv() => {},
+                }
+                eprintln!("cascade: second signal, exiting now");
+                // Children die with cascade through their parent-death signal.
+                std::process::exit(130);
+            });
+            let stopped = running
+                .root
+                .call(RootMsg::Shutdown, Some(shutdown_budget))
+                .await;
+            if !matches!(stopped, Ok(CallResult::Success(()))) {
+                warn!(
+                    "Tiers did not all stop within {}.",
+                    humantime::format_duration(shutdown_budget)
+                );
+            }
+            force.abort();
+            running.exit.await.unwrap_or(Exit::Shutdown)
+        }
+    };
+
+    stop_http.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "Status API ended with an error."),
+        Ok(Err(e)) => warn!(error = %e, "Status API task failed."),
+        Err(_) => warn!("Status API did not stop within 5s."),
+    }
+    if tokio::time::timeout(Duration::from_secs(5), running.join)
+        .await
+        .is_err()
+    {
+        warn!("Root supervisor did not finish within 5s.");
+    }
+    let _ = std::fs::remove_file(dir.join(state::API_FILE));
+
+    match exit {
+        Exit::Shutdown => {
+            info!("cascade stopped.");
+            Ok(ExitCode::SUCCESS)
+        }
+        escalated @ Exit::Escalated { .. } => {
+            eprintln!("cascade: {escalated}");
+            Ok(ExitCode::from(EXIT_ESCALATED))
+        }
+    }
+}
