@@ -30,7 +30,12 @@ pub enum TierId {
 }
 
 impl TierId {
-    pub const ALL: [TierId; 4] = [TierId::Docker, TierId::CloudRun, TierId::Local, TierId::GcpVm];
+    pub const ALL: [TierId; 4] = [
+        TierId::Docker,
+        TierId::CloudRun,
+        TierId::Local,
+        TierId::GcpVm,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -240,15 +245,18 @@ impl EventSink {
     pub fn emit(&self, event: DriverEvent) {
         // A send fails only when the tier actor has stopped, and then nobody
         // is left to care about the event.
-        if self.tier.send_message(TierMsg::Internal(Internal::Driver(event))).is_err() {
+        if self
+            .tier
+            .send_message(TierMsg::Internal(Internal::Driver(event)))
+            .is_err()
+        {
             tracing::debug!("Driver event dropped: tier actor has stopped.");
         }
     }
 }
 
 /// Builds a tier's driver when its actor (re)starts.
-pub type DriverFactory =
-    Arc<dyn Fn(EventSink) -> Result<Arc<dyn Driver>, TierError> + Send + Sync>;
+pub type DriverFactory = Arc<dyn Fn(EventSink) -> Result<Arc<dyn Driver>, TierError> + Send + Sync>;
 
 /// The closed set of messages every tier actor answers.
 pub enum TierMsg {
@@ -261,7 +269,10 @@ pub enum TierMsg {
     EnsureStarted,
     /// Stop the backend and stop probing; replies when done.
     Stop(RpcReplyPort<()>),
-    Restart(RestartRequest, RpcReplyPort<Result<RestartReport, TierError>>),
+    Restart(
+        RestartRequest,
+        RpcReplyPort<Result<RestartReport, TierError>>,
+    ),
     /// The root tells the tier whether it is the active one.
     SetActive(bool),
     /// Sent by the tier's own tasks and driver; not part of the public contract.

@@ -24,7 +24,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::contract::{RestartReport, RestartRequest, TierError, TierId, TierMsg, TierState, TierStatus};
+use crate::contract::{
+    RestartReport, RestartRequest, TierError, TierId, TierMsg, TierState, TierStatus,
+};
 use crate::resilience::{Backoff, BackoffConfig, Jitter, RestartIntensity};
 use crate::tier::{TierActor, TierArgs, TierSpec};
 use crate::waterfall::{TierView, Waterfall, WaterfallConfig};
@@ -101,13 +103,20 @@ pub enum RootMsg {
     /// A tier's status changed.
     TierChanged(TierStatus),
     /// A tier asked by the start phase finished starting.
-    StartFinished { tier: TierId, result: Result<(), TierError> },
+    StartFinished {
+        tier: TierId,
+        result: Result<(), TierError>,
+    },
     /// Decide again (hysteresis expired, next start round).
     Reevaluate,
     /// Spawn a failed tier actor again, after its backoff.
     Respawn(TierId),
     /// Operator restart of a tier; forwarded to the tier.
-    Restart { tier: TierId, request: RestartRequest, reply: RpcReplyPort<Result<RestartReport, TierError>> },
+    Restart {
+        tier: TierId,
+        request: RestartRequest,
+        reply: RpcReplyPort<Result<RestartReport, TierError>>,
+    },
     /// Stop every tier in reverse order, then stop.
     Shutdown(RpcReplyPort<()>),
 }
@@ -143,7 +152,10 @@ pub struct RootState {
     last_decision: String,
     shutting_down: bool,
     /// The pending `Reevaluate` timer, replaced when a sooner one is needed.
-    recheck: Option<(Instant, JoinHandle<Result<(), ractor::MessagingErr<RootMsg>>>)>,
+    recheck: Option<(
+        Instant,
+        JoinHandle<Result<(), ractor::MessagingErr<RootMsg>>>,
+    )>,
 }
 
 const LAST_ERRORS: usize = 5;
@@ -218,7 +230,11 @@ impl Actor for RootSupervisor {
                 decide(&myself, state);
             }
             RootMsg::Respawn(tier) => respawn(&myself, state, tier).await?,
-            RootMsg::Restart { tier, request, reply } => forward_restart(state, tier, request, reply),
+            RootMsg::Restart {
+                tier,
+                request,
+                reply,
+            } => forward_restart(state, tier, request, reply),
             RootMsg::Shutdown(reply) => {
                 stop_all(state).await;
                 finish(state, Exit::Shutdown);
@@ -273,7 +289,10 @@ async fn spawn_tier(
     index: usize,
 ) -> Result<(), ActorProcessingErr> {
     let child = &mut state.children[index];
-    let args = TierArgs { spec: child.spec.clone(), root: myself.clone() };
+    let args = TierArgs {
+        spec: child.spec.clone(),
+        root: myself.clone(),
+    };
     let name = format!("tier-{}", child.spec.id);
     child.backoff.started(Instant::now());
     match Actor::spawn_linked(Some(name), TierActor, args, myself.get_cell()).await {
@@ -296,12 +315,17 @@ async fn spawn_tier(
     }
 }
 
-async fn child_exited(myself: &ActorRef<RootMsg>, state: &mut RootState, cell: &ActorCell, error: String) {
-    let Some(index) = state
-        .children
-        .iter()
-        .position(|c| c.actor.as_ref().is_some_and(|a| a.get_id() == cell.get_id()))
-    else {
+async fn child_exited(
+    myself: &ActorRef<RootMsg>,
+    state: &mut RootState,
+    cell: &ActorCell,
+    error: String,
+) {
+    let Some(index) = state.children.iter().position(|c| {
+        c.actor
+            .as_ref()
+            .is_some_and(|a| a.get_id() == cell.get_id())
+    }) else {
         return;
     };
     state.children[index].actor = None;
@@ -312,7 +336,12 @@ async fn child_exited(myself: &ActorRef<RootMsg>, state: &mut RootState, cell: &
     decide(myself, state);
 }
 
-fn schedule_restart(myself: &ActorRef<RootMsg>, state: &mut RootState, index: usize, error: String) {
+fn schedule_restart(
+    myself: &ActorRef<RootMsg>,
+    state: &mut RootState,
+    index: usize,
+    error: String,
+) {
     let now = Instant::now();
     let child = &mut state.children[index];
     let tier = child.spec.id;
@@ -337,11 +366,19 @@ fn schedule_restart(myself: &ActorRef<RootMsg>, state: &mut RootState, index: us
     publish(state);
 }
 
-async fn respawn(myself: &ActorRef<RootMsg>, state: &mut RootState, tier: TierId) -> Result<(), ActorProcessingErr> {
+async fn respawn(
+    myself: &ActorRef<RootMsg>,
+    state: &mut RootState,
+    tier: TierId,
+) -> Result<(), ActorProcessingErr> {
     if state.shutting_down {
         return Ok(());
     }
-    let Some(index) = state.children.iter().position(|c| c.spec.id == tier && c.actor.is_none()) else {
+    let Some(index) = state
+        .children
+        .iter()
+        .position(|c| c.spec.id == tier && c.actor.is_none())
+    else {
         return Ok(());
     };
     spawn_tier(myself, state, index).await
@@ -358,7 +395,9 @@ fn escalate(myself: &ActorRef<RootMsg>, state: &mut RootState, tier: TierId, err
 async fn stop_all(state: &mut RootState) {
     state.shutting_down = true;
     for child in state.children.iter_mut().rev() {
-        let Some(actor) = child.actor.take() else { continue };
+        let Some(actor) = child.actor.take() else {
+            continue;
+        };
         let tier = child.spec.id;
         let grace = child.spec.stop_grace + Duration::from_secs(1);
         match actor.call(TierMsg::Stop, Some(grace)).await {
@@ -366,7 +405,11 @@ async fn stop_all(state: &mut RootState) {
             Ok(_) => warn!(backend.tier = %tier, "Tier did not confirm its stop in time."),
             Err(e) => warn!(backend.tier = %tier, error = %e, "Tier could not be asked to stop."),
         }
-        if actor.stop_and_wait(None, Some(Duration::from_secs(5))).await.is_err() {
+        if actor
+            .stop_and_wait(None, Some(Duration::from_secs(5)))
+            .await
+            .is_err()
+        {
             warn!(backend.tier = %tier, "Tier actor did not stop in time; killing it.");
             actor.kill();
         }
@@ -393,7 +436,11 @@ fn forward_restart(
     request: RestartRequest,
     reply: RpcReplyPort<Result<RestartReport, TierError>>,
 ) {
-    let actor = state.children.iter().find(|c| c.spec.id == tier).and_then(|c| c.actor.clone());
+    let actor = state
+        .children
+        .iter()
+        .find(|c| c.spec.id == tier)
+        .and_then(|c| c.actor.clone());
     let Some(actor) = actor else {
         let error = TierError::new(format!("tier {tier} is not running in this cascade"));
         let _ = reply.send(Err(error));
@@ -455,7 +502,11 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
     }
     if let Some(tier) = decision.start {
         info!(backend.tier = %tier, "Start phase: asking {tier} to start.");
-        let actor = state.children.iter().find(|c| c.spec.id == tier).and_then(|c| c.actor.clone());
+        let actor = state
+            .children
+            .iter()
+            .find(|c| c.spec.id == tier)
+            .and_then(|c| c.actor.clone());
         match actor {
             Some(actor) if actor.send_message(TierMsg::EnsureStarted).is_ok() => {}
             _ => state.waterfall.start_finished(tier, false),
@@ -524,17 +575,41 @@ pub async fn start(
         decision: "starting".into(),
         tiers: tiers
             .iter()
-            .map(|t| TierSnapshot { status: TierStatus::new(t.id, false), active: false, actor_restarts: 0 })
+            .map(|t| TierSnapshot {
+                status: TierStatus::new(t.id, false),
+                active: false,
+                actor_restarts: 0,
+            })
             .collect(),
     };
     let (snap_tx, snapshots) = watch::channel(initial);
     let (exit_tx, exit) = oneshot::channel();
-    let args = RootArgs { tiers, waterfall, supervisor, snapshots: snap_tx, exit: exit_tx };
+    let args = RootArgs {
+        tiers,
+        waterfall,
+        supervisor,
+        snapshots: snap_tx,
+        exit: exit_tx,
+    };
     let (root, join) = Actor::spawn(Some("cascade-root".into()), RootSupervisor, args).await?;
-    Ok(Running { root, snapshots, exit, join })
+    Ok(Running {
+        root,
+        snapshots,
+        exit,
+        join,
+    })
 }
 
 /// Per-tier errors for a final message; used by tests and the binary.
 pub fn describe(snapshot: &Snapshot) -> BTreeMap<TierId, String> {
-    snapshot.tiers.iter().map(|t| (t.status.tier, format!("{}: {}", t.status.state, t.status.reason))).collect()
+    snapshot
+        .tiers
+        .iter()
+        .map(|t| {
+            (
+                t.status.tier,
+                format!("{}: {}", t.status.state, t.status.reason),
+            )
+        })
+        .collect()
 }

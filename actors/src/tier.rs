@@ -42,7 +42,10 @@ pub struct ProbeConfig {
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig { interval: Duration::from_secs(2), timeout: Duration::from_secs(1) }
+        ProbeConfig {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+        }
     }
 }
 
@@ -97,8 +100,9 @@ impl Actor for TierActor {
             .map_err(|e| format!("cannot build the {} tier: {e}", spec.id))?;
         let mut status = TierStatus::new(spec.id, driver.startable());
         status.endpoint = driver.endpoint();
-        let ticker = myself
-            .send_interval(spec.probe.interval, || TierMsg::Internal(Internal::ProbeTick));
+        let ticker = myself.send_interval(spec.probe.interval, || {
+            TierMsg::Internal(Internal::ProbeTick)
+        });
         Ok(State {
             breaker: CircuitBreaker::new(spec.breaker.clone()),
             spec,
@@ -191,10 +195,14 @@ impl State {
     /// Pushes the status to the root. The root decides; the tier only reports.
     fn publish(&mut self) {
         self.refresh_status();
-        if let Some((from, to)) = self.breaker.take_transition() {
+        while let Some((from, to)) = self.breaker.take_transition() {
             info!(backend.tier = %self.spec.id, %from, %to, "Breaker changed.");
         }
-        if self.root.send_message(RootMsg::TierChanged(self.status.clone())).is_err() {
+        if self
+            .root
+            .send_message(RootMsg::TierChanged(self.status.clone()))
+            .is_err()
+        {
             warn!(backend.tier = %self.spec.id, "Root is gone; status not delivered.");
         }
     }
@@ -207,9 +215,13 @@ impl State {
         self.tasks.close();
         // Tasks wrap their work in `run_until_cancelled`, so this returns
         // promptly; the bound is for a task stuck in non-async code.
-        if with_deadline(Duration::from_secs(5), "tier tasks to finish", self.tasks.wait())
-            .await
-            .is_err()
+        if with_deadline(
+            Duration::from_secs(5),
+            "tier tasks to finish",
+            self.tasks.wait(),
+        )
+        .await
+        .is_err()
         {
             warn!(backend.tier = %self.spec.id, "Tier tasks did not finish in time.");
         }
@@ -255,7 +267,10 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State) {
             if state.status.state != TierState::Unavailable {
                 state.set(TierState::Unhealthy, reason);
             }
-            state.status.details.insert("breaker_retry_in".into(), format_duration(left));
+            state
+                .status
+                .details
+                .insert("breaker_retry_in".into(), format_duration(left));
             return;
         }
         Admission::Allowed | Admission::Trial => {}
@@ -270,7 +285,9 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State) {
     state.spawn(myself, async move {
         let outcome = match with_deadline(timeout, "probe", driver.probe()).await {
             Ok(outcome) => outcome,
-            Err(e) => ProbeOutcome::Down { error: e.to_string() },
+            Err(e) => ProbeOutcome::Down {
+                error: e.to_string(),
+            },
         };
         Some(TierMsg::Internal(Internal::ProbeDone(outcome)))
     });
@@ -297,7 +314,10 @@ fn probe_done(state: &mut State, outcome: ProbeOutcome) {
                 state.set(TierState::Unhealthy, breaker_reason(state));
             } else if serving {
                 let n = state.breaker.consecutive_failures();
-                state.set(TierState::Degraded, format!("{n} consecutive failed probes: {error}"));
+                state.set(
+                    TierState::Degraded,
+                    format!("{n} consecutive failed probes: {error}"),
+                );
             } else {
                 state.set(TierState::Unhealthy, error);
             }
@@ -339,7 +359,10 @@ fn ensure_started(myself: &ActorRef<TierMsg>, state: &mut State) {
         return;
     }
     if !state.driver.startable() {
-        finish_start(state, Err(TierError::new(format!("the {tier} tier cannot be started"))));
+        finish_start(
+            state,
+            Err(TierError::new(format!("the {tier} tier cannot be started"))),
+        );
         return;
     }
     state.starting = true;
@@ -379,7 +402,10 @@ fn start_done(myself: &ActorRef<TierMsg>, state: &mut State, result: Result<(), 
 }
 
 fn finish_start(state: &State, result: Result<(), TierError>) {
-    let msg = RootMsg::StartFinished { tier: state.spec.id, result };
+    let msg = RootMsg::StartFinished {
+        tier: state.spec.id,
+        result,
+    };
     if state.root.send_message(msg).is_err() {
         warn!(backend.tier = %state.spec.id, "Root is gone; start result not delivered.");
     }
@@ -446,6 +472,8 @@ fn driver_event(myself: &ActorRef<TierMsg>, state: &mut State, event: DriverEven
 }
 
 fn format_duration(d: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX)))
-        .to_string()
+    humantime::format_duration(Duration::from_millis(
+        d.as_millis().try_into().unwrap_or(u64::MAX),
+    ))
+    .to_string()
 }

@@ -66,7 +66,7 @@ impl RestartIntensity {
             if self.inside(oldest, now) {
                 break;
             }
-            
+            self.recent.pop_front();
         }
     }
 }

@@ -47,7 +47,12 @@ pub struct WaterfallConfig {
 impl Default for WaterfallConfig {
     fn default() -> Self {
         WaterfallConfig {
-            order: vec![TierId::Docker, TierId::CloudRun, TierId::Local, TierId::GcpVm],
+            order: vec![
+                TierId::Docker,
+                TierId::CloudRun,
+                TierId::Local,
+                TierId::GcpVm,
+            ],
             failback_after: Duration::from_secs(30),
             start_retry: BackoffConfig {
                 base: Duration::from_secs(1),
@@ -143,14 +148,19 @@ impl Waterfall {
         let (active, recheck_at) = self.choose(now, views);
         self.active = active;
 
-        let mut decision = Decision { active, recheck_at, ..Decision::default() };
+        let mut decision = Decision {
+            active,
+            recheck_at,
+            ..Decision::default()
+        };
         match active {
             Some(tier) => {
                 self.last_outage_line = None;
                 self.failed_this_round.clear();
                 self.next_round_at = None;
                 if previous != Some(tier) {
-                    decision.line = Some(active_line(tier, previous, views, now, self.failback_after));
+                    decision.line =
+                        Some(active_line(tier, previous, views, now, self.failback_after));
                 }
             }
             None => {
@@ -170,9 +180,11 @@ impl Waterfall {
     }
 
     fn choose(&self, now: Instant, views: &[TierView<'_>]) -> (Option<TierId>, Option<Instant>) {
-        let current = self
-            .active
-            .and_then(|a| views.iter().position(|v| v.tier == a && v.state.is_serving()));
+        let current = self.active.and_then(|a| {
+            views
+                .iter()
+                .position(|v| v.tier == a && v.state.is_serving())
+        });
         let Some(current) = current else {
             let healthy = views.iter().find(|v| v.state == TierState::Healthy);
             let fallback = healthy.or_else(|| views.iter().find(|v| v.state.is_serving()));
@@ -181,7 +193,9 @@ impl Waterfall {
 
         let mut recheck_at = None;
         for better in &views[..current] {
-            let Some(since) = better.healthy_since.filter(|_| better.state == TierState::Healthy)
+            let Some(since) = better
+                .healthy_since
+                .filter(|_| better.state == TierState::Healthy)
             else {
                 continue;
             };
@@ -251,7 +265,9 @@ fn active_line(
         .is_some_and(|p| p > position);
     let mut line = format!("active tier: {tier}");
     if failback {
-        let healthy_for = chosen.healthy_since.map(|s| now.saturating_duration_since(s));
+        let healthy_for = chosen
+            .healthy_since
+            .map(|s| now.saturating_duration_since(s));
         let healthy_for = healthy_for.unwrap_or(failback_after);
         line.push_str(&format!(
             " (failback from {}: healthy for {})",
@@ -260,8 +276,10 @@ fn active_line(
         ));
         return line;
     }
-    let better: Vec<String> =
-        views[..position].iter().map(|v| format!("{}: {}", v.tier, v.reason)).collect();
+    let better: Vec<String> = views[..position]
+        .iter()
+        .map(|v| format!("{}: {}", v.tier, v.reason))
+        .collect();
     if chosen.state == TierState::Degraded {
         line.push_str(" [degraded]");
     }
@@ -272,7 +290,10 @@ fn active_line(
 }
 
 fn outage_line(views: &[TierView<'_>]) -> String {
-    let reasons: Vec<String> = views.iter().map(|v| format!("{}: {}", v.tier, v.reason)).collect();
+    let reasons: Vec<String> = views
+        .iter()
+        .map(|v| format!("{}: {}", v.tier, v.reason))
+        .collect();
     format!("no tier is healthy: {}", reasons.join("; "))
 }
 

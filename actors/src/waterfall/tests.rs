@@ -62,14 +62,57 @@ fn base() -> Instant {
 #[test]
 fn initial_choice_is_the_first_healthy_tier_in_order() {
     let table: &[(&[Row], Option<TierId>)] = &[
-        (&[(Docker, Healthy, Some(0), true), (Local, Healthy, Some(0), true)], Some(Docker)),
-        (&[(Docker, Unhealthy, None, true), (Local, Healthy, Some(0), true)], Some(Local)),
-        (&[(Docker, Unavailable, None, true), (CloudRun, Healthy, Some(1), false), (Local, Healthy, Some(9), true)], Some(CloudRun)),
+        (
+            &[
+                (Docker, Healthy, Some(0), true),
+                (Local, Healthy, Some(0), true),
+            ],
+            Some(Docker),
+        ),
+        (
+            &[
+                (Docker, Unhealthy, None, true),
+                (Local, Healthy, Some(0), true),
+            ],
+            Some(Local),
+        ),
+        (
+            &[
+                (Docker, Unavailable, None, true),
+                (CloudRun, Healthy, Some(1), false),
+                (Local, Healthy, Some(9), true),
+            ],
+            Some(CloudRun),
+        ),
         // A healthy tier beats a better degraded one; degraded is the last resort.
-        (&[(Docker, Degraded, None, true), (Local, Healthy, Some(0), true)], Some(Local)),
-        (&[(Docker, Degraded, None, true), (Local, Unhealthy, None, true)], Some(Docker)),
-        (&[(Docker, Unhealthy, None, true), (Local, Unhealthy, None, true)], None),
-        (&[(Docker, Probing, None, true), (Local, Healthy, Some(0), true)], Some(Local)),
+        (
+            &[
+                (Docker, Degraded, None, true),
+                (Local, Healthy, Some(0), true),
+            ],
+            Some(Local),
+        ),
+        (
+            &[
+                (Docker, Degraded, None, true),
+                (Local, Unhealthy, None, true),
+            ],
+            Some(Docker),
+        ),
+        (
+            &[
+                (Docker, Unhealthy, None, true),
+                (Local, Unhealthy, None, true),
+            ],
+            None,
+        ),
+        (
+            &[
+                (Docker, Probing, None, true),
+                (Local, Healthy, Some(0), true),
+            ],
+            Some(Local),
+        ),
     ];
     for (i, (rows, want)) in table.iter().enumerate() {
         let now = base();
@@ -83,9 +126,27 @@ fn failover_is_immediate_when_the_active_tier_stops_serving() {
     for broken in [Unhealthy, Unavailable, Unknown] {
         let mut w = waterfall();
         let now = base();
-        let d = w.decide(now, &views(now, &[(Docker, Healthy, Some(100), true), (Local, Healthy, Some(100), true)]));
+        let d = w.decide(
+            now,
+            &views(
+                now,
+                &[
+                    (Docker, Healthy, Some(100), true),
+                    (Local, Healthy, Some(100), true),
+                ],
+            ),
+        );
         assert_eq!(d.active, Some(Docker));
-        let d = w.decide(now, &views(now, &[(Docker, broken, None, true), (Local, Healthy, Some(100), true)]));
+        let d = w.decide(
+            now,
+            &views(
+                now,
+                &[
+                    (Docker, broken, None, true),
+                    (Local, Healthy, Some(100), true),
+                ],
+            ),
+        );
         assert_eq!(d.active, Some(Local), "{broken:?}");
         let line = d.line.expect("a failover is logged");
         assert!(line.starts_with("active tier: local (docker: "), "{line}");
@@ -96,11 +157,31 @@ fn failover_is_immediate_when_the_active_tier_stops_serving() {
 fn failover_goes_to_the_best_healthy_tier_without_hysteresis() {
     let mut w = waterfall();
     let now = base();
-    w.decide(now, &views(now, &[(Docker, Unhealthy, None, true), (CloudRun, Unhealthy, None, false), (Local, Healthy, Some(100), true)]));
+    w.decide(
+        now,
+        &views(
+            now,
+            &[
+                (Docker, Unhealthy, None, true),
+                (CloudRun, Unhealthy, None, false),
+                (Local, Healthy, Some(100), true),
+            ],
+        ),
+    );
     assert_eq!(w.active(), Some(Local));
     // Local breaks while cloud_run has been healthy for only one second:
     // failover does not wait for cloud_run's hysteresis.
-    let d = w.decide(now, &views(now, &[(Docker, Unhealthy, None, true), (CloudRun, Healthy, Some(1), false), (Local, Unhealthy, None, true)]));
+    let d = w.decide(
+        now,
+        &views(
+            now,
+            &[
+                (Docker, Unhealthy, None, true),
+                (CloudRun, Healthy, Some(1), false),
+                (Local, Unhealthy, None, true),
+            ],
+        ),
+    );
     assert_eq!(d.active, Some(CloudRun));
 }
 
@@ -108,8 +189,26 @@ fn failover_goes_to_the_best_healthy_tier_without_hysteresis() {
 fn degraded_active_tier_is_kept() {
     let mut w = waterfall();
     let now = base();
-    w.decide(now, &views(now, &[(Docker, Healthy, Some(100), true), (Local, Healthy, Some(100), true)]));
-    let d = w.decide(now, &views(now, &[(Docker, Degraded, None, true), (Local, Healthy, Some(100), true)]));
+    w.decide(
+        now,
+        &views(
+            now,
+            &[
+                (Docker, Healthy, Some(100), true),
+                (Local, Healthy, Some(100), true),
+            ],
+        ),
+    );
+    let d = w.decide(
+        now,
+        &views(
+            now,
+            &[
+                (Docker, Degraded, None, true),
+                (Local, Healthy, Some(100), true),
+            ],
+        ),
+    );
     assert_eq!(d.active, Some(Docker));
     assert_eq!(d.line, None, "nothing changed, nothing logged");
 }
@@ -118,18 +217,45 @@ fn degraded_active_tier_is_kept() {
 fn failback_waits_for_hysteresis_and_asks_to_be_rechecked() {
     let mut w = waterfall();
     let t0 = base();
-    w.decide(t0, &views(t0, &[(Docker, Unhealthy, None, true), (Local, Healthy, Some(100), true)]));
+    w.decide(
+        t0,
+        &views(
+            t0,
+            &[
+                (Docker, Unhealthy, None, true),
+                (Local, Healthy, Some(100), true),
+            ],
+        ),
+    );
     assert_eq!(w.active(), Some(Local));
 
     // Docker has been healthy for 10 s: stay on local, recheck when 30 s are up.
-    let d = w.decide(t0, &views(t0, &[(Docker, Healthy, Some(10), true), (Local, Healthy, Some(100), true)]));
+    let d = w.decide(
+        t0,
+        &views(
+            t0,
+            &[
+                (Docker, Healthy, Some(10), true),
+                (Local, Healthy, Some(100), true),
+            ],
+        ),
+    );
     assert_eq!(d.active, Some(Local));
     assert_eq!(d.recheck_at, Some(t0 + Duration::from_secs(20)));
     assert_eq!(d.line, None);
 
     // At the recheck time docker has been healthy for 30 s: fail back.
     let t1 = t0 + Duration::from_secs(20);
-    let d = w.decide(t1, &views(t1, &[(Docker, Healthy, Some(30), true), (Local, Healthy, Some(120), true)]));
+    let d = w.decide(
+        t1,
+        &views(
+            t1,
+            &[
+                (Docker, Healthy, Some(30), true),
+                (Local, Healthy, Some(120), true),
+            ],
+        ),
+    );
     assert_eq!(d.active, Some(Docker));
     let line = d.line.expect("failback is logged");
     assert!(line.contains("failback from local"), "{line}");
@@ -139,13 +265,40 @@ fn failback_waits_for_hysteresis_and_asks_to_be_rechecked() {
 fn a_flapping_better_tier_never_takes_over() {
     let mut w = waterfall();
     let mut now = base();
-    w.decide(now, &views(now, &[(Docker, Unhealthy, None, true), (Local, Healthy, Some(100), true)]));
+    w.decide(
+        now,
+        &views(
+            now,
+            &[
+                (Docker, Unhealthy, None, true),
+                (Local, Healthy, Some(100), true),
+            ],
+        ),
+    );
     // Docker is healthy for 20 s, unhealthy, healthy for 20 s again, ...
     for _ in 0..10 {
-        let d = w.decide(now, &views(now, &[(Docker, Healthy, Some(20), true), (Local, Healthy, Some(100), true)]));
+        let d = w.decide(
+            now,
+            &views(
+                now,
+                &[
+                    (Docker, Healthy, Some(20), true),
+                    (Local, Healthy, Some(100), true),
+                ],
+            ),
+        );
         assert_eq!(d.active, Some(Local));
         now += Duration::from_secs(5);
-        let d = w.decide(now, &views(now, &[(Docker, Unhealthy, None, true), (Local, Healthy, Some(100), true)]));
+        let d = w.decide(
+            now,
+            &views(
+                now,
+                &[
+                    (Docker, Unhealthy, None, true),
+                    (Local, Healthy, Some(100), true),
+                ],
+            ),
+        );
         assert_eq!(d.active, Some(Local));
     }
 }
@@ -154,13 +307,43 @@ fn a_flapping_better_tier_never_takes_over() {
 fn failback_picks_the_best_tier_that_is_ready() {
     let mut w = waterfall();
     let now = base();
-    w.decide(now, &views(now, &[(Docker, Unhealthy, None, true), (CloudRun, Unhealthy, None, false), (Local, Healthy, Some(100), true)]));
-    let d = w.decide(now, &views(now, &[(Docker, Healthy, Some(5), true), (CloudRun, Healthy, Some(40), false), (Local, Healthy, Some(100), true)]));
+    w.decide(
+        now,
+        &views(
+            now,
+            &[
+                (Docker, Unhealthy, None, true),
+                (CloudRun, Unhealthy, None, false),
+                (Local, Healthy, Some(100), true),
+            ],
+        ),
+    );
+    let d = w.decide(
+        now,
+        &views(
+            now,
+            &[
+                (Docker, Healthy, Some(5), true),
+                (CloudRun, Healthy, Some(40), false),
+                (Local, Healthy, Some(100), true),
+            ],
+        ),
+    );
     assert_eq!(d.active, Some(CloudRun));
     assert_eq!(d.recheck_at, None);
     // Later docker qualifies too and wins.
     let later = now + Duration::from_secs(25);
-    let d = w.decide(later, &views(later, &[(Docker, Healthy, Some(30), true), (CloudRun, Healthy, Some(65), false), (Local, Healthy, Some(125), true)]));
+    let d = w.decide(
+        later,
+        &views(
+            later,
+            &[
+                (Docker, Healthy, Some(30), true),
+                (CloudRun, Healthy, Some(65), false),
+                (Local, Healthy, Some(125), true),
+            ],
+        ),
+    );
     assert_eq!(d.active, Some(Docker));
 }
 
@@ -169,7 +352,16 @@ fn no_start_while_any_tier_is_still_probing() {
     for pending in [Unknown, Probing] {
         let mut w = waterfall();
         let now = base();
-        let d = w.decide(now, &views(now, &[(Docker, pending, None, true), (Local, Unhealthy, None, true)]));
+        let d = w.decide(
+            now,
+            &views(
+                now,
+                &[
+                    (Docker, pending, None, true),
+                    (Local, Unhealthy, None, true),
+                ],
+            ),
+        );
         assert_eq!(d.start, None, "{pending:?}");
         assert_eq!(d.active, None);
     }
@@ -179,13 +371,31 @@ fn no_start_while_any_tier_is_still_probing() {
 fn start_phase_asks_startable_tiers_in_order_one_at_a_time() {
     let mut w = waterfall();
     let now = base();
-    let rows: &[Row] = &[(Docker, Unavailable, None, true), (CloudRun, Unhealthy, None, false), (Local, Unhealthy, None, true), (GcpVm, Unhealthy, None, true)];
+    let rows: &[Row] = &[
+        (Docker, Unavailable, None, true),
+        (CloudRun, Unhealthy, None, false),
+        (Local, Unhealthy, None, true),
+        (GcpVm, Unhealthy, None, true),
+    ];
     let d = w.decide(now, &views(now, rows));
-    assert_eq!(d.start, Some(Local), "unavailable and unstartable tiers are skipped");
-    assert!(d.line.expect("outage logged").starts_with("no tier is healthy: docker: not installed; cloud_run: "));
+    assert_eq!(
+        d.start,
+        Some(Local),
+        "unavailable and unstartable tiers are skipped"
+    );
+    assert!(
+        d.line
+            .expect("outage logged")
+            .starts_with("no tier is healthy: docker: not installed; cloud_run: ")
+    );
 
     // While local starts, nothing else is asked.
-    let starting: &[Row] = &[(Docker, Unavailable, None, true), (CloudRun, Unhealthy, None, false), (Local, Starting, None, true), (GcpVm, Unhealthy, None, true)];
+    let starting: &[Row] = &[
+        (Docker, Unavailable, None, true),
+        (CloudRun, Unhealthy, None, false),
+        (Local, Starting, None, true),
+        (GcpVm, Unhealthy, None, true),
+    ];
     assert_eq!(w.decide(now, &views(now, starting)).start, None);
 
     // Local fails to start: the next startable tier is asked.
@@ -197,14 +407,21 @@ fn start_phase_asks_startable_tiers_in_order_one_at_a_time() {
 fn a_failed_round_waits_a_backoff_before_the_next() {
     let mut w = waterfall();
     let now = base();
-    let rows: &[Row] = &[(Docker, Unhealthy, None, false), (Local, Unhealthy, None, true)];
+    let rows: &[Row] = &[
+        (Docker, Unhealthy, None, false),
+        (Local, Unhealthy, None, true),
+    ];
     assert_eq!(w.decide(now, &views(now, rows)).start, Some(Local));
     w.start_finished(Local, false);
     let d = w.decide(now, &views(now, rows));
     assert_eq!(d.start, None);
     assert_eq!(d.recheck_at, Some(now + Duration::from_secs(1)));
     // Too early: still waiting.
-    assert_eq!(w.decide(now + Duration::from_millis(500), &views(now, rows)).start, None);
+    assert_eq!(
+        w.decide(now + Duration::from_millis(500), &views(now, rows))
+            .start,
+        None
+    );
     let later = now + Duration::from_secs(1);
     assert_eq!(w.decide(later, &views(later, rows)).start, Some(Local));
     // A second failed round waits twice as long.
@@ -217,7 +434,11 @@ fn a_failed_round_waits_a_backoff_before_the_next() {
 fn a_successful_start_makes_the_tier_active_and_resets_the_round() {
     let mut w = waterfall();
     let now = base();
-    assert_eq!(w.decide(now, &views(now, &[(Local, Unhealthy, None, true)])).start, Some(Local));
+    assert_eq!(
+        w.decide(now, &views(now, &[(Local, Unhealthy, None, true)]))
+            .start,
+        Some(Local)
+    );
     w.start_finished(Local, true);
     let d = w.decide(now, &views(now, &[(Local, Healthy, Some(0), true)]));
     assert_eq!(d.active, Some(Local));
@@ -229,7 +450,16 @@ fn a_successful_start_makes_the_tier_active_and_resets_the_round() {
 fn nothing_is_started_while_a_tier_serves() {
     let mut w = waterfall();
     let now = base();
-    let d = w.decide(now, &views(now, &[(Docker, Unhealthy, None, true), (Local, Degraded, None, true)]));
+    let d = w.decide(
+        now,
+        &views(
+            now,
+            &[
+                (Docker, Unhealthy, None, true),
+                (Local, Degraded, None, true),
+            ],
+        ),
+    );
     assert_eq!(d.active, Some(Local));
     assert_eq!(d.start, None);
 }
@@ -238,10 +468,16 @@ fn nothing_is_started_while_a_tier_serves() {
 fn the_outage_line_is_logged_once_per_change() {
     let mut w = waterfall();
     let now = base();
-    let rows: &[Row] = &[(Docker, Unhealthy, None, false), (Local, Unhealthy, None, false)];
+    let rows: &[Row] = &[
+        (Docker, Unhealthy, None, false),
+        (Local, Unhealthy, None, false),
+    ];
     assert!(w.decide(now, &views(now, rows)).line.is_some());
     assert_eq!(w.decide(now, &views(now, rows)).line, None);
-    let changed: &[Row] = &[(Docker, Unavailable, None, false), (Local, Unhealthy, None, false)];
+    let changed: &[Row] = &[
+        (Docker, Unavailable, None, false),
+        (Local, Unhealthy, None, false),
+    ];
     assert!(w.decide(now, &views(now, changed)).line.is_some());
 }
 
@@ -249,9 +485,21 @@ fn the_outage_line_is_logged_once_per_change() {
 fn the_active_line_names_why_better_tiers_were_passed_over() {
     let mut w = waterfall();
     let now = base();
-    let d = w.decide(now, &views(now, &[(Docker, Unavailable, None, true), (CloudRun, Unhealthy, None, false), (Local, Healthy, Some(0), true)]));
+    let d = w.decide(
+        now,
+        &views(
+            now,
+            &[
+                (Docker, Unavailable, None, true),
+                (CloudRun, Unhealthy, None, false),
+                (Local, Healthy, Some(0), true),
+            ],
+        ),
+    );
     assert_eq!(
         d.line.as_deref(),
-        Some("active tier: local (docker: not installed; cloud_run: breaker open after 5 consecutive 503s)")
+        Some(
+            "active tier: local (docker: not installed; cloud_run: breaker open after 5 consecutive 503s)"
+        )
     );
 }

@@ -138,6 +138,7 @@ fn trial_success_closes_and_clears_the_window() {
     assert_eq!(b.trip_reason(), None);
     assert_eq!(b.open_until(), None);
     assert_eq!(b.admit(t0 + 6 * S), Admission::Allowed);
+    assert!(b.outcomes.is_empty());
     // The four old failures are still young enough to count if the window had been kept.
     b.record_failure(t0 + 7 * S);
     assert_eq!(b.state(t0 + 7 * S), BreakerState::Closed);

@@ -71,13 +71,21 @@ pub fn spawn(spec: &ProcessSpec, tail: &StderrTail, tasks: &TaskTracker) -> io::
     }
     die_with_parent(&mut cmd);
     let mut child = cmd.spawn()?;
-    let pid = child.id().ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
     let guard = GroupGuard(i32::try_from(pid).ok().map(Pid::from_raw));
     if let Some(out) = child.stdout.take() {
         forward(out, spec.tier, "stdout", None, tasks);
     }
     if let Some(err) = child.stderr.take() {
-        forward(err, spec.tier, "stderr", Some((tail.clone(), spec.stderr_lines)), tasks);
+        forward(
+            err,
+            spec.tier,
+            "stderr",
+            Some((tail.clone(), spec.stderr_lines)),
+            tasks,
+        );
     }
     Ok(Process { child, pid, guard })
 }
@@ -141,16 +149,27 @@ pub async fn terminate(mut process: Process, grace: Duration) -> Option<ExitStat
         && !grace.is_zero()
     {
         let _ = killpg(group, Signal::SIGTERM);
-        if let Ok(status) = with_deadline(grace, "child exit after SIGTERM", process.child.wait()).await {
+        if let Ok(status) =
+            with_deadline(grace, "child exit after SIGTERM", process.child.wait()).await
+        {
             drop(process.guard);
             return status.ok();
         }
-        warn!(pid, grace_ms = grace.as_millis() as u64, "Child ignored SIGTERM; sending SIGKILL.");
+        warn!(
+            pid,
+            grace_ms = grace.as_millis() as u64,
+            "Child ignored SIGTERM; sending SIGKILL."
+        );
     }
     if let Some(group) = group {
         let _ = killpg(group, Signal::SIGKILL);
     }
-    let status = with_deadline(Duration::from_secs(5), "child exit after SIGKILL", process.child.wait()).await;
+    let status = with_deadline(
+        Duration::from_secs(5),
+        "child exit after SIGKILL",
+        process.child.wait(),
+    )
+    .await;
     drop(process.guard);
     status.ok().and_then(Result::ok)
 }
@@ -178,7 +197,10 @@ pub async fn health(http: &reqwest::Client, url: &str, timeout: Duration) -> Res
         Err(e) => Err(e.to_string()),
         Ok(Err(e)) => Err(format!("health check {url} failed: {}", root_cause(&e))),
         Ok(Ok(response)) if response.status().is_success() => Ok(()),
-        Ok(Ok(response)) => Err(format!("health check {url} answered HTTP {}", response.status())),
+        Ok(Ok(response)) => Err(format!(
+            "health check {url} answered HTTP {}",
+            response.status()
+        )),
     }
 }
 

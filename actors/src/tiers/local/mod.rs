@@ -109,13 +109,19 @@ impl LocalConfig {
             problems.push(("command".into(), "must name a program to run".into()));
         }
         if self.port == 0 {
-            problems.push(("port".into(), "must be a port number from 1 to 65535".into()));
+            problems.push((
+                "port".into(),
+                "must be a port number from 1 to 65535".into(),
+            ));
         }
         if !self.health_path.starts_with('/') {
             problems.push(("health_path".into(), "must start with `/`".into()));
         }
         if self.probe.timeout.is_zero() || self.probe.interval.is_zero() {
-            problems.push(("probe".into(), "interval and timeout must be above zero".into()));
+            problems.push((
+                "probe".into(),
+                "interval and timeout must be above zero".into(),
+            ));
         }
         if self.start_timeout.is_zero() {
             problems.push(("start_timeout".into(), "must be above zero".into()));
@@ -142,7 +148,11 @@ impl LocalConfig {
         };
         let port = self.port.to_string();
         let mut env: BTreeMap<String, String> = BTreeMap::from([("PORT".into(), port.clone())]);
-        env.extend(self.env.iter().map(|(k, v)| (k.clone(), v.replace(PORT, &port))));
+        env.extend(
+            self.env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.replace(PORT, &port))),
+        );
         Ok(client::ProcessSpec {
             program,
             args: self.args.iter().map(|a| a.replace(PORT, &port)).collect(),
@@ -253,7 +263,9 @@ impl LocalDriver {
 
     /// Stops the supervision loop and its process; `grace` zero means SIGKILL.
     async fn stop_with(&self, grace: Duration) {
-        let Some(run) = self.run.lock().await.take() else { return };
+        let Some(run) = self.run.lock().await.take() else {
+            return;
+        };
         if grace.is_zero() {
             self.view.send_modify(|v| v.phase = Phase::Stopped);
         }
@@ -269,7 +281,10 @@ impl LocalDriver {
             if let Phase::GaveUp { reason } = &view.borrow().phase {
                 return Err(TierError::new(reason.clone()));
             }
-            if client::health(&self.http, &self.health_url, self.config.probe.timeout).await.is_ok() {
+            if client::health(&self.http, &self.health_url, self.config.probe.timeout)
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             // Poll health often, but wake at once if the process gives up.
@@ -291,8 +306,12 @@ impl Driver for LocalDriver {
     async fn probe(&self) -> ProbeOutcome {
         let phase = self.view.borrow().phase.clone();
         match phase {
-            Phase::NotStarted => ProbeOutcome::Idle { reason: "not started".into() },
-            Phase::Stopped => ProbeOutcome::Idle { reason: "stopped".into() },
+            Phase::NotStarted => ProbeOutcome::Idle {
+                reason: "not started".into(),
+            },
+            Phase::Stopped => ProbeOutcome::Idle {
+                reason: "stopped".into(),
+            },
             Phase::GaveUp { reason } => ProbeOutcome::Unavailable { reason },
             Phase::BackingOff { last_exit, delay } => ProbeOutcome::Down {
                 error: format!(
@@ -300,10 +319,15 @@ impl Driver for LocalDriver {
                     humantime::format_duration(delay)
                 ),
             },
-            Phase::Running { pid } => match client::health(&self.http, &self.health_url, self.config.probe.timeout).await {
-                Ok(()) => ProbeOutcome::Up { note: format!("ready (pid {pid})") },
-                Err(error) => ProbeOutcome::Down { error },
-            },
+            Phase::Running { pid } => {
+                match client::health(&self.http, &self.health_url, self.config.probe.timeout).await
+                {
+                    Ok(()) => ProbeOutcome::Up {
+                        note: format!("ready (pid {pid})"),
+                    },
+                    Err(error) => ProbeOutcome::Down { error },
+                }
+            }
         }
     }
 
@@ -330,13 +354,25 @@ impl Driver for LocalDriver {
                 )
             });
         }
-        plan.push(format!("start `{} {}`", self.config.command, self.config.args.join(" ")));
+        plan.push(format!(
+            "start `{} {}`",
+            self.config.command,
+            self.config.args.join(" ")
+        ));
         plan.push(format!("wait for {} to answer 2xx", self.health_url));
-        let report = RestartReport { tier: TierId::Local, dry_run: request.dry_run, plan };
+        let report = RestartReport {
+            tier: TierId::Local,
+            dry_run: request.dry_run,
+            plan,
+        };
         if request.dry_run {
             return Ok(report);
         }
-        let grace = if request.force { Duration::ZERO } else { self.config.stop_grace };
+        let grace = if request.force {
+            Duration::ZERO
+        } else {
+            self.config.stop_grace
+        };
         self.stop_with(grace).await;
         self.ensure_running().await?;
         self.wait_ready().await?;
@@ -398,7 +434,9 @@ impl Supervision {
             self.backoff.started(Instant::now());
             self.view.send_modify(|v| v.phase = Phase::Running { pid });
 
-            let Some(exit) = self.wait_exit(process).await else { return };
+            let Some(exit) = self.wait_exit(process).await else {
+                return;
+            };
             let delay = self.backoff.ended(Instant::now());
             self.view.send_modify(|v| {
                 v.exits.push_back(exit.clone());
@@ -411,14 +449,28 @@ impl Supervision {
                 return self.give_up(reason);
             }
             warn!(backend.tier = "local", pid, %exit, delay_ms = delay.as_millis() as u64, "Process exited; restarting.");
-            self.view.send_modify(|v| v.phase = Phase::BackingOff { last_exit: exit.clone(), delay });
-            self.events.emit(DriverEvent::Changed { note: format!("process {pid} exited ({exit})") });
-            if self.cancel.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
+            self.view.send_modify(|v| {
+                v.phase = Phase::BackingOff {
+                    last_exit: exit.clone(),
+                    delay,
+                }
+            });
+            self.events.emit(DriverEvent::Changed {
+                note: format!("process {pid} exited ({exit})"),
+            });
+            if self
+                .cancel
+                .run_until_cancelled(tokio::time::sleep(delay))
+                .await
+                .is_none()
+            {
                 self.view.send_modify(|v| v.phase = Phase::Stopped);
                 return;
             }
             self.view.send_modify(|v| v.restarts += 1);
-            self.events.emit(DriverEvent::BackendRestarted { note: format!("restarting after {exit}") });
+            self.events.emit(DriverEvent::BackendRestarted {
+                note: format!("restarting after {exit}"),
+            });
         }
     }
 
@@ -438,7 +490,10 @@ impl Supervision {
 
     fn crash_report(&self, tail: &client::StderrTail) -> String {
         let exits: Vec<String> = self.view.borrow().exits.iter().cloned().collect();
-        let stderr: Vec<String> = tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
+        let stderr: Vec<String> = tail
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default();
         let mut reason = format!(
             "crash loop: exited {} times without running {} (exits: {})",
             self.backoff.attempt(),
@@ -457,7 +512,11 @@ impl Supervision {
 
     fn give_up(&self, reason: String) {
         warn!(backend.tier = "local", %reason, "Giving up on the process.");
-        self.view.send_modify(|v| v.phase = Phase::GaveUp { reason: reason.clone() });
+        self.view.send_modify(|v| {
+            v.phase = Phase::GaveUp {
+                reason: reason.clone(),
+            }
+        });
         self.events.emit(DriverEvent::Changed { note: reason });
     }
 }
