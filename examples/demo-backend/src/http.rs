@@ -81,14 +81,14 @@ async fn add_latency(State(state): State<AppState>, req: Request, next: Next) ->
 
 async fn health(State(state): State<AppState>) -> Response {
     let uptime = state.0.started.elapsed();
-    if let Some((secs, after)) = state.0.fail_health_after {
-        if uptime >= after {
-            let body = json!({
-                "status": "failing",
-                "reason": format!("health failure injected after {secs} s"),
-            });
-            return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
-        }
+    if let Some((secs, after)) = state.0.fail_health_after
+        && uptime >= after
+    {
+        let body = json!({
+            "status": "failing",
+            "reason": format!("health failure injected after {secs} s"),
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
     }
     axum::Json(json!({
         "status": "ok",

@@ -14,7 +14,7 @@
 //!
 //! Invariant: the active tier changes only inside this actor, by message.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -30,6 +30,9 @@ use crate::contract::{
 use crate::resilience::{Backoff, BackoffConfig, Jitter, RestartIntensity};
 use crate::tier::{TierActor, TierArgs, TierSpec};
 use crate::waterfall::{TierView, Waterfall, WaterfallConfig};
+
+#[cfg(test)]
+mod tests;
 
 /// `[supervisor]` in the configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,13 +155,13 @@ pub struct RootState {
     last_decision: String,
     shutting_down: bool,
     /// The pending `Reevaluate` timer, replaced when a sooner one is needed.
-    recheck: Option<(
-        Instant,
-        JoinHandle<Result<(), ractor::MessagingErr<RootMsg>>>,
-    )>,
+    recheck: Option<(Instant, Timer)>,
 }
 
 const LAST_ERRORS: usize = 5;
+
+/// A `send_after` timer.
+type Timer = JoinHandle<Result<(), ractor::MessagingErr<RootMsg>>>;
 
 impl Actor for RootSupervisor {
     type Msg = RootMsg;
@@ -293,9 +296,10 @@ async fn spawn_tier(
         spec: child.spec.clone(),
         root: myself.clone(),
     };
-    let name = format!("tier-{}", child.spec.id);
     child.backoff.started(Instant::now());
-    match Actor::spawn_linked(Some(name), TierActor, args, myself.get_cell()).await {
+    // Unnamed: ractor's registry is process-wide, and names would keep two
+    // roots (in tests) from coexisting.
+    match Actor::spawn_linked(None, TierActor, args, myself.get_cell()).await {
         Ok((actor, _join)) => {
             // The join handle is not needed: the link reports the exit.
             child.actor = Some(actor);
@@ -303,13 +307,12 @@ async fn spawn_tier(
         }
         Err(e) => {
             // A tier that cannot even be built counts as a failure of that tier.
-            let tier = child.spec.id;
-            let error = format!("tier actor could not start: {e}");
-            schedule_restart(myself, state, index, error);
-            if state.shutting_down {
-                return Ok(());
-            }
-            info!(backend.tier = %tier, "Tier actor restart scheduled.");
+            schedule_restart(
+                myself,
+                state,
+                index,
+                format!("tier actor could not start: {e}"),
+            );
             Ok(())
         }
     }
@@ -591,25 +594,11 @@ pub async fn start(
         snapshots: snap_tx,
         exit: exit_tx,
     };
-    let (root, join) = Actor::spawn(Some("cascade-root".into()), RootSupervisor, args).await?;
+    let (root, join) = Actor::spawn(None, RootSupervisor, args).await?;
     Ok(Running {
         root,
         snapshots,
         exit,
         join,
     })
-}
-
-/// Per-tier errors for a final message; used by tests and the binary.
-pub fn describe(snapshot: &Snapshot) -> BTreeMap<TierId, String> {
-    snapshot
-        .tiers
-        .iter()
-        .map(|t| {
-            (
-                t.status.tier,
-                format!("{}: {}", t.status.state, t.status.reason),
-            )
-        })
-        .collect()
 }

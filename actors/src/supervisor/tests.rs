@@ -1,0 +1,282 @@
+//! The root with fake drivers: restart, escalation, failover and failback.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::contract::{
+    Driver, DriverFactory, ProbeOutcome, RestartReport, RestartRequest, TierError,
+};
+use crate::resilience::BreakerConfig;
+use crate::tier::ProbeConfig;
+
+/// A driver whose health and misbehaviour the test controls.
+struct Fake {
+    id: TierId,
+    healthy: Arc<AtomicBool>,
+    panics: bool,
+    stops: Arc<Mutex<Vec<TierId>>>,
+}
+
+#[async_trait]
+impl Driver for Fake {
+    fn endpoint(&self) -> Option<String> {
+        Some(format!("http://{}.invalid", self.id))
+    }
+    fn startable(&self) -> bool {
+        false
+    }
+    async fn probe(&self) -> ProbeOutcome {
+        if self.healthy.load(Ordering::SeqCst) {
+            ProbeOutcome::Up {
+                note: "ready".into(),
+            }
+        } else {
+            ProbeOutcome::Down {
+                error: "HTTP 503".into(),
+            }
+        }
+    }
+    async fn start(&self) -> Result<(), TierError> {
+        Err(TierError::new("fakes do not start"))
+    }
+    async fn stop(&self) -> Result<(), TierError> {
+        self.stops.lock().unwrap().push(self.id);
+        Ok(())
+    }
+    async fn restart(&self, r: RestartRequest) -> Result<RestartReport, TierError> {
+        Ok(RestartReport {
+            tier: self.id,
+            dry_run: r.dry_run,
+            plan: vec![],
+        })
+    }
+    fn details(&self) -> std::collections::BTreeMap<String, String> {
+        // Called inside the tier actor's handler: a panic here is a panic of
+        // the actor, which the root must contain.
+        if self.panics {
+            panic!("injected panic in the {} tier", self.id);
+        }
+        Default::default()
+    }
+}
+
+struct Tiers {
+    specs: Vec<TierSpec>,
+    health: Vec<Arc<AtomicBool>>,
+    stops: Arc<Mutex<Vec<TierId>>>,
+}
+
+/// `panicking[i]`: how many instances of tier i panic before one behaves.
+fn tiers(ids: &[TierId], panicking: &[u32]) -> Tiers {
+    let stops = Arc::new(Mutex::new(Vec::new()));
+    let mut specs = Vec::new();
+    let mut health = Vec::new();
+    for (i, &id) in ids.iter().enumerate() {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let remaining = Arc::new(AtomicU32::new(panicking[i]));
+        let (h, s) = (healthy.clone(), stops.clone());
+        let factory: DriverFactory = Arc::new(move |_events| {
+            let panics = remaining
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            Ok(Arc::new(Fake {
+                id,
+                healthy: h.clone(),
+                panics,
+                stops: s.clone(),
+            }) as Arc<dyn Driver>)
+        });
+        specs.push(TierSpec {
+            id,
+            factory,
+            probe: ProbeConfig {
+                interval: Duration::from_millis(20),
+                timeout: Duration::from_millis(100),
+            },
+            breaker: BreakerConfig {
+                consecutive_failures: 2,
+                ..BreakerConfig::default()
+            },
+            start_timeout: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(1),
+        });
+        health.push(healthy);
+    }
+    Tiers {
+        specs,
+        health,
+        stops,
+    }
+}
+
+fn supervisor_config() -> SupervisorConfig {
+    SupervisorConfig {
+        max_restarts: 2,
+        restart_window: Duration::from_secs(10),
+        restart_backoff: BackoffConfig {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(40),
+            reset_after: Duration::from_secs(10),
+            jitter: Jitter::Full,
+        },
+    }
+}
+
+fn waterfall(order: &[TierId], failback_after: Duration) -> WaterfallConfig {
+    WaterfallConfig {
+        order: order.to_vec(),
+        failback_after,
+        ..WaterfallConfig::default()
+    }
+}
+
+async fn wait_for(
+    rx: &mut watch::Receiver<Snapshot>,
+    what: &str,
+    ok: impl Fn(&Snapshot) -> bool,
+) -> Snapshot {
+    let waited = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| ok(s)))
+        .await
+        .map(|r| r.map(|s| s.clone()));
+    if let Ok(Ok(snapshot)) = waited {
+        return snapshot;
+    }
+    panic!(
+        "timed out waiting for {what}; last snapshot: {:#?}",
+        *rx.borrow()
+    );
+}
+
+async fn shutdown(running: Running) -> Exit {
+    let _ = running
+        .root
+        .call(RootMsg::Shutdown, Some(Duration::from_secs(5)))
+        .await;
+    tokio::time::timeout(Duration::from_secs(5), running.exit)
+        .await
+        .expect("root exits")
+        .expect("exit sent")
+}
+
+#[tokio::test]
+async fn a_panicking_tier_actor_is_restarted_and_recovers() {
+    let t = tiers(&[TierId::Local], &[1]);
+    let mut running = start(
+        t.specs,
+        waterfall(&[TierId::Local], Duration::from_secs(1)),
+        supervisor_config(),
+    )
+    .await
+    .expect("root starts");
+    let snap = wait_for(
+        &mut running.snapshots,
+        "local active after one restart",
+        |s| s.active == Some(TierId::Local) && s.tiers[0].actor_restarts == 1,
+    )
+    .await;
+    assert_eq!(snap.tiers[0].status.state, TierState::Healthy);
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test]
+async fn too_many_restarts_escalate_and_stop_the_others_in_reverse_order() {
+    let ids = [TierId::Docker, TierId::CloudRun, TierId::Local];
+    let t = tiers(&ids, &[0, u32::MAX, 0]);
+    let running = start(
+        t.specs,
+        waterfall(&ids, Duration::from_secs(1)),
+        supervisor_config(),
+    )
+    .await
+    .expect("root starts");
+    let exit = tokio::time::timeout(Duration::from_secs(10), running.exit)
+        .await
+        .expect("escalates in time");
+    match exit.expect("exit sent") {
+        Exit::Escalated { tier, errors } => {
+            assert_eq!(tier, TierId::CloudRun);
+            assert_eq!(
+                errors.len(),
+                3,
+                "max_restarts 2 → the third failure escalates: {errors:?}"
+            );
+            assert!(
+                errors[0].contains("injected panic in the cloud_run tier"),
+                "{errors:?}"
+            );
+            let message = Exit::Escalated { tier, errors }.to_string();
+            assert!(
+                message.starts_with("the cloud_run tier failed too often"),
+                "{message}"
+            );
+        }
+        other => panic!("expected escalation, got {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(5), running.join)
+        .await
+        .expect("root stops")
+        .expect("root joined");
+    assert_eq!(
+        *t.stops.lock().unwrap(),
+        vec![TierId::Local, TierId::Docker]
+    );
+}
+
+#[tokio::test]
+async fn fails_over_at_once_and_fails_back_after_hysteresis() {
+    let ids = [TierId::Docker, TierId::Local];
+    let t = tiers(&ids, &[0, 0]);
+    let failback = Duration::from_millis(600);
+    let mut running = start(t.specs, waterfall(&ids, failback), supervisor_config())
+        .await
+        .expect("root starts");
+    wait_for(&mut running.snapshots, "docker active", |s| {
+        s.active == Some(TierId::Docker)
+    })
+    .await;
+
+    t.health[0].store(false, Ordering::SeqCst);
+    let snap = wait_for(&mut running.snapshots, "failover to local", |s| {
+        s.active == Some(TierId::Local)
+    })
+    .await;
+    assert!(
+        snap.decision.starts_with("active tier: local (docker: "),
+        "{}",
+        snap.decision
+    );
+
+    t.health[0].store(true, Ordering::SeqCst);
+    // The breaker opened, so docker must first pass a half-open trial; then
+    // it has to stay healthy for the hysteresis before traffic returns.
+    let healthy_at = {
+        wait_for(&mut running.snapshots, "docker healthy again", |s| {
+            s.tiers[0].status.state == TierState::Healthy
+        })
+        .await;
+        tokio::time::Instant::now()
+    };
+    assert_eq!(
+        running.snapshots.borrow().active,
+        Some(TierId::Local),
+        "failback must wait"
+    );
+    let snap = wait_for(&mut running.snapshots, "failback to docker", |s| {
+        s.active == Some(TierId::Docker)
+    })
+    .await;
+    assert!(
+        healthy_at.elapsed() >= failback - Duration::from_millis(50),
+        "failed back too early"
+    );
+    assert!(
+        snap.decision.contains("failback from local"),
+        "{}",
+        snap.decision
+    );
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
