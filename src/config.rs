@@ -253,4 +253,20 @@ mod tests {
         assert!(config.tiers.local.is_some());
         assert_eq!(tier_specs(&config).len(), 1);
     }
+
+    #[test]
+    fn every_shipped_example_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("config/examples exists") {
+            let path = entry.expect("readable entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if let Err(e) = load(Some(&path), &Overrides::default()) {
+                    panic!("{} is not valid: {e}", path.display());
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no examples found in {}", dir.display());
+    }
 }
