@@ -2,4 +2,5 @@
 //! configuration and its [`crate::contract::Driver`]), `client.rs` (the only
 //! file that talks to the outside world) and `tests.rs`.
 
+pub mod docker;
 pub mod local;

@@ -85,6 +85,11 @@ pub struct Options {
     /// Name reported by GET /health.
     #[arg(long, env = "DEMO_NAME", default_value = "demo-ecapa")]
     pub name: String,
+
+    /// Do not serve: GET http://127.0.0.1:PORT/health once and exit 0 on a
+    /// 200, 1 otherwise (a HEALTHCHECK for images without curl).
+    #[arg(long)]
+    pub healthcheck: bool,
 }
 
 /// The documented defaults; unlike the CLI, this ignores the environment.
@@ -99,6 +104,7 @@ impl Default for Options {
             latency_ms: 0,
             startup_delay_ms: 0,
             name: "demo-ecapa".to_string(),
+            healthcheck: false,
         }
     }
 }
@@ -232,6 +238,9 @@ type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Runs the server until SIGINT/SIGTERM (exit code 0) or `--exit-after`
 /// (its exit code); 1 if it cannot start. For binaries embedding the demo.
 pub async fn run_until_signal(opts: Options) -> i32 {
+    if opts.healthcheck {
+        return healthcheck(opts.port).await;
+    }
     let mut shutdown = match shutdown_signal() {
         Ok(signal) => signal,
         Err(e) => {
@@ -289,4 +298,22 @@ fn shutdown_signal() -> std::io::Result<Shutdown> {
             std::future::pending::<()>().await;
         }
     }))
+}
+
+/// One GET of our own /health over a bare socket, within two seconds.
+async fn healthcheck(port: u16) -> i32 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let check = async {
+        let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        Ok::<bool, io::Error>(head.starts_with(b"HTTP/1.1 200"))
+    };
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(true)) => 0,
+        _ => 1,
+    }
 }
