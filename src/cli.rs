@@ -66,10 +66,41 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Write a systemd unit or a launchd agent for this binary and configuration.
+    InstallUnit {
+        /// A systemd unit (Type=notify, watchdog, hardening).
+        #[arg(long, conflicts_with = "launchd", required_unless_present = "launchd")]
+        systemd: bool,
+        /// A launchd agent property list (KeepAlive, ThrottleInterval).
+        #[arg(long)]
+        launchd: bool,
+        /// Where to write it; `-` prints it. Default: /etc/systemd/system (root),
+        /// ~/.config/systemd/user, or ~/Library/LaunchAgents.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Configuration file the service runs with.
+        #[arg(long, short, env = "CASCADE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Docker tier tools.
+    Docker {
+        #[command(subcommand)]
+        command: DockerCommand,
+    },
     /// Run the demo backend (a stand-in for the ECAPA service, not a model).
     #[command(hide = true)]
     DemoBackend {
         #[command(flatten)]
         options: cascade_demo::Options,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DockerCommand {
+    /// Show, per managed container, whether it matches the configuration
+    /// (keep / recreate because X / create). Changes nothing.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }

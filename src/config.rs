@@ -13,6 +13,7 @@ use cascade_actors::TierId;
 use cascade_actors::contract::{Driver, DriverFactory};
 use cascade_actors::supervisor::SupervisorConfig;
 use cascade_actors::tier::TierSpec;
+use cascade_actors::tiers::docker::{DockerConfig, DockerDriver};
 use cascade_actors::tiers::local::{LocalConfig, LocalDriver};
 use cascade_actors::waterfall::WaterfallConfig;
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,7 @@ pub struct Log {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tiers {
+    pub docker: Option<DockerConfig>,
     pub local: Option<LocalConfig>,
 }
 
@@ -144,7 +146,8 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
         }
         let configured = match tier {
             TierId::Local => config.tiers.local.is_some(),
-            TierId::Docker | TierId::CloudRun | TierId::GcpVm => {
+            TierId::Docker => config.tiers.docker.is_some(),
+            TierId::CloudRun | TierId::GcpVm => {
                 problems.push(problem(
                     key,
                     format!("the `{tier}` tier is not available in this build of cascade"),
@@ -164,6 +167,13 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
     {
         for (key, message) in local.validate() {
             problems.push(problem(format!("tiers.local.{key}"), message));
+        }
+    }
+    if order.contains(&TierId::Docker)
+        && let Some(docker) = &config.tiers.docker
+    {
+        for (key, message) in docker.validate() {
+            problems.push(problem(format!("tiers.docker.{key}"), message));
         }
     }
     if config.waterfall.failback_after.is_zero() {
@@ -199,7 +209,8 @@ pub fn tier_specs(config: &Config) -> Vec<TierSpec> {
         .iter()
         .filter_map(|tier| match tier {
             TierId::Local => config.tiers.local.clone().map(local_spec),
-            TierId::Docker | TierId::CloudRun | TierId::GcpVm => None,
+            TierId::Docker => config.tiers.docker.clone().map(docker_spec),
+            TierId::CloudRun | TierId::GcpVm => None,
         })
         .collect()
 }
@@ -217,6 +228,22 @@ fn local_spec(local: LocalConfig) -> TierSpec {
         breaker: local.breaker.clone(),
         start_timeout: local.start_timeout,
         stop_grace: local.stop_grace,
+    }
+}
+
+fn docker_spec(docker: DockerConfig) -> TierSpec {
+    let driver_config = docker.clone();
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = DockerDriver::new(driver_config.clone(), events)?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    TierSpec {
+        id: TierId::Docker,
+        factory,
+        probe: docker.probe.clone(),
+        breaker: docker.breaker.clone(),
+        start_timeout: docker.start_timeout,
+        stop_grace: docker.stop_grace,
     }
 }
 

@@ -11,13 +11,14 @@ mod run;
 mod settings;
 mod state;
 mod telemetry;
+mod units;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, ConfigArg};
+use crate::cli::{Cli, Command, ConfigArg, DockerCommand};
 use crate::config::{Config, LogFormat, Overrides};
 
 /// sysexits.h: EX_CONFIG, configuration error.
@@ -121,7 +122,84 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 Err(e) => client_error(e),
             }
         }
+        Command::Docker {
+            command: DockerCommand::Check { config },
+        } => {
+            let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let timeout = restart_timeout(&loaded);
+            let result = async {
+                let client = client::Client::new(loaded, timeout)?;
+                client.restart("docker", false, true).await
+            }
+            .await;
+            match result {
+                Ok(report) => {
+                    println!("docker containers against the configuration:");
+                    for step in &report.plan {
+                        println!("  - {step}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => client_error(e),
+            }
+        }
+        Command::InstallUnit {
+            systemd,
+            launchd: _,
+            output,
+            config,
+        } => install_unit(systemd, output, &config),
         Command::DemoBackend { options } => demo_backend(options).await,
+    }
+}
+
+fn install_unit(
+    systemd: bool,
+    output: Option<std::path::PathBuf>,
+    config_path: &std::path::Path,
+) -> ExitCode {
+    let result = (|| {
+        let exe = units::current_exe()?;
+        let config_file = units::absolute_config(config_path)?;
+        let text = if systemd {
+            units::systemd_unit(&exe, &config_file)?
+        } else {
+            let logs = load(
+                &ConfigArg {
+                    config: Some(config_file.clone()),
+                    state_dir: None,
+                },
+                &Overrides::default(),
+            )
+            .map(|c| config::state_dir(&c))
+            .unwrap_or_else(std::env::temp_dir);
+            units::launchd_plist(&exe, &config_file, &logs)?
+        };
+        let path = output.unwrap_or_else(|| units::default_path(systemd));
+        if path.as_os_str() == "-" {
+            print!("{text}");
+            return Ok(None);
+        }
+        units::write(&path, &text)?;
+        Ok::<_, units::UnitError>(Some(path))
+    })();
+    match result {
+        Ok(Some(path)) => {
+            eprintln!("wrote {}", path.display());
+            if systemd {
+                eprintln!("next: systemctl daemon-reload && systemctl enable --now cascade");
+            } else {
+                eprintln!("next: launchctl load -w {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cascade: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

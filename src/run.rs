@@ -55,9 +55,14 @@ async fn run_inner(config: Config) -> Result<ExitCode, String> {
         .max()
         .unwrap_or_default()
         + Duration::from_secs(5);
-    let mut running = supervisor::start(specs, config.waterfall.clone(), config.supervisor.clone())
-        .await
-        .map_err(|e| format!("cannot start the supervisor: {e}"))?;
+    let mut running = supervisor::start(
+        specs,
+        config.waterfall.clone(),
+        config.supervisor.clone(),
+        std::sync::Arc::new(cascade_actors::notify::Systemd::from_env()),
+    )
+    .await
+    .map_err(|e| format!("cannot start the supervisor: {e}"))?;
 
     let api = ApiState {
         snapshots: running.snapshots.clone(),

@@ -15,6 +15,7 @@
 //! Invariant: the active tier changes only inside this actor, by message.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -27,6 +28,7 @@ use tracing::{error, info, warn};
 use crate::contract::{
     RestartReport, RestartRequest, TierError, TierId, TierMsg, TierState, TierStatus,
 };
+use crate::notify::ServiceNotify;
 use crate::resilience::{Backoff, BackoffConfig, Jitter, RestartIntensity};
 use crate::tier::{TierActor, TierArgs, TierSpec};
 use crate::waterfall::{TierView, Waterfall, WaterfallConfig};
@@ -122,6 +124,9 @@ pub enum RootMsg {
     },
     /// Stop every tier in reverse order, then stop.
     Shutdown(RpcReplyPort<()>),
+    /// Time to tell the service manager the root is alive. Handled in the
+    /// root's own mailbox, so a wedged root stops the pings.
+    WatchdogTick,
 }
 
 pub struct RootArgs {
@@ -131,6 +136,7 @@ pub struct RootArgs {
     pub snapshots: watch::Sender<Snapshot>,
     /// Receives why the root stopped.
     pub exit: oneshot::Sender<Exit>,
+    pub notify: Arc<dyn ServiceNotify>,
 }
 
 pub struct RootSupervisor;
@@ -156,6 +162,11 @@ pub struct RootState {
     shutting_down: bool,
     /// The pending `Reevaluate` timer, replaced when a sooner one is needed.
     recheck: Option<(Instant, Timer)>,
+    notify: Arc<dyn ServiceNotify>,
+    /// READY=1 goes out once, after the first settled decision.
+    ready_sent: bool,
+    /// The watchdog ping timer, when the service manager armed one.
+    watchdog: Option<JoinHandle<()>>,
 }
 
 const LAST_ERRORS: usize = 5;
@@ -198,6 +209,9 @@ impl Actor for RootSupervisor {
             last_decision: String::new(),
             shutting_down: false,
             recheck: None,
+            notify: args.notify,
+            ready_sent: false,
+            watchdog: None,
         })
     }
 
@@ -206,6 +220,13 @@ impl Actor for RootSupervisor {
         myself: ActorRef<RootMsg>,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
+        if let Some(period) = state.notify.watchdog_period() {
+            info!(
+                period_ms = period.as_millis() as u64,
+                "Service manager watchdog armed."
+            );
+            state.watchdog = Some(myself.send_interval(period, || RootMsg::WatchdogTick));
+        }
         for i in 0..state.children.len() {
             spawn_tier(&myself, state, i).await?;
         }
@@ -238,7 +259,9 @@ impl Actor for RootSupervisor {
                 request,
                 reply,
             } => forward_restart(state, tier, request, reply),
+            RootMsg::WatchdogTick => state.notify.watchdog(),
             RootMsg::Shutdown(reply) => {
+                state.notify.stopping();
                 stop_all(state).await;
                 finish(state, Exit::Shutdown);
                 if reply.send(()).is_err() {
@@ -275,6 +298,9 @@ impl Actor for RootSupervisor {
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
         if let Some((_, timer)) = state.recheck.take() {
+            timer.abort();
+        }
+        if let Some(timer) = state.watchdog.take() {
             timer.abort();
         }
         // Reached without Shutdown only when the root itself failed.
@@ -390,6 +416,8 @@ async fn respawn(
 fn escalate(myself: &ActorRef<RootMsg>, state: &mut RootState, tier: TierId, errors: Vec<String>) {
     let exit = Exit::Escalated { tier, errors };
     error!(backend.tier = %tier, "{exit}");
+    state.notify.status(&exit.to_string());
+    state.notify.stopping();
     state.exit_reason(exit);
     // post_stop stops the remaining tiers in reverse order.
     myself.stop(Some(format!("escalated: the {tier} tier failed too often")));
@@ -484,13 +512,22 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
             startable: c.status.startable && c.actor.is_some(),
         })
         .collect();
+    let settled = views.iter().all(|v| !v.state.is_pending());
     let previous = state.waterfall.active();
     let decision = state.waterfall.decide(now, &views);
     drop(views);
 
+    let first_ready = !state.ready_sent && (settled || decision.active.is_some());
+    if first_ready {
+        state.ready_sent = true;
+        state.notify.ready();
+    }
     if let Some(line) = &decision.line {
         info!(active = ?decision.active.map(|t| t.as_str()), "{line}");
         state.last_decision = line.clone();
+        state.notify.status(line);
+    } else if first_ready && !state.last_decision.is_empty() {
+        state.notify.status(&state.last_decision);
     }
     if previous != decision.active {
         for child in &state.children {
@@ -572,6 +609,7 @@ pub async fn start(
     tiers: Vec<TierSpec>,
     waterfall: WaterfallConfig,
     supervisor: SupervisorConfig,
+    notify: Arc<dyn ServiceNotify>,
 ) -> Result<Running, ractor::SpawnErr> {
     let initial = Snapshot {
         active: None,
@@ -593,6 +631,7 @@ pub async fn start(
         supervisor,
         snapshots: snap_tx,
         exit: exit_tx,
+        notify,
     };
     let (root, join) = Actor::spawn(None, RootSupervisor, args).await?;
     Ok(Running {

@@ -169,6 +169,7 @@ async fn a_panicking_tier_actor_is_restarted_and_recovers() {
         t.specs,
         waterfall(&[TierId::Local], Duration::from_secs(1)),
         supervisor_config(),
+        Arc::new(crate::notify::NoNotify),
     )
     .await
     .expect("root starts");
@@ -190,6 +191,7 @@ async fn too_many_restarts_escalate_and_stop_the_others_in_reverse_order() {
         t.specs,
         waterfall(&ids, Duration::from_secs(1)),
         supervisor_config(),
+        Arc::new(crate::notify::NoNotify),
     )
     .await
     .expect("root starts");
@@ -231,9 +233,14 @@ async fn fails_over_at_once_and_fails_back_after_hysteresis() {
     let ids = [TierId::Docker, TierId::Local];
     let t = tiers(&ids, &[0, 0]);
     let failback = Duration::from_millis(600);
-    let mut running = start(t.specs, waterfall(&ids, failback), supervisor_config())
-        .await
-        .expect("root starts");
+    let mut running = start(
+        t.specs,
+        waterfall(&ids, failback),
+        supervisor_config(),
+        Arc::new(crate::notify::NoNotify),
+    )
+    .await
+    .expect("root starts");
     wait_for(&mut running.snapshots, "docker active", |s| {
         s.active == Some(TierId::Docker)
     })
@@ -279,4 +286,164 @@ async fn fails_over_at_once_and_fails_back_after_hysteresis() {
         snap.decision
     );
     assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+/// Records notifications with the time they were sent.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(tokio::time::Instant, String)>>);
+
+impl crate::notify::ServiceNotify for Recorder {
+    fn ready(&self) {
+        self.push("READY=1".into());
+    }
+    fn status(&self, text: &str) {
+        self.push(format!("STATUS={text}"));
+    }
+    fn stopping(&self) {
+        self.push("STOPPING=1".into());
+    }
+    fn watchdog(&self) {
+        self.push("WATCHDOG=1".into());
+    }
+    fn watchdog_period(&self) -> Option<Duration> {
+        Some(Duration::from_millis(50))
+    }
+}
+
+impl Recorder {
+    fn push(&self, what: String) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((tokio::time::Instant::now(), what));
+    }
+    fn names(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s.split('=').next().unwrap_or("").to_owned())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifies_ready_status_watchdog_and_stopping_in_order() {
+    let t = tiers(&[TierId::Local], &[0]);
+    let recorder = Arc::new(Recorder::default());
+    let mut running = start(
+        t.specs,
+        waterfall(&[TierId::Local], Duration::from_secs(1)),
+        supervisor_config(),
+        recorder.clone(),
+    )
+    .await
+    .expect("root starts");
+    wait_for(&mut running.snapshots, "local active", |s| {
+        s.active == Some(TierId::Local)
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while recorder.names().iter().filter(|n| *n == "WATCHDOG").count() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no watchdog pings: {:?}",
+            recorder.names()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+    let names = recorder.names();
+    let first = |what: &str| {
+        names
+            .iter()
+            .position(|n| n == what)
+            .unwrap_or_else(|| panic!("no {what}: {names:?}"))
+    };
+    let ready = first("READY");
+    let status = ready
+        + names[ready..]
+            .iter()
+            .position(|n| n == "STATUS")
+            .expect("STATUS after READY");
+    let watchdog = status
+        + names[status..]
+            .iter()
+            .position(|n| n == "WATCHDOG")
+            .expect("WATCHDOG after STATUS");
+    let stopping = first("STOPPING");
+    assert!(
+        ready < status && status < watchdog && watchdog < stopping,
+        "{names:?}"
+    );
+    assert!(
+        recorder
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, s)| s == "STATUS=active tier: local")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_root_stops_the_watchdog_pings() {
+    // The tier's driver factory blocks for a second the first time. The root
+    // awaits the tier's start inside its own loop, so the root is wedged for
+    // that second, and so must be its watchdog.
+    let mut t = tiers(&[TierId::Local], &[0]);
+    let inner = t.specs[0].factory.clone();
+    let wedged = Arc::new(AtomicBool::new(false));
+    let w = wedged.clone();
+    t.specs[0].factory = Arc::new(move |events| {
+        if !w.swap(true, Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        inner(events)
+    });
+    let recorder = Arc::new(Recorder::default());
+    let started = tokio::time::Instant::now();
+    let mut running = start(
+        t.specs,
+        waterfall(&[TierId::Local], Duration::from_secs(1)),
+        supervisor_config(),
+        recorder.clone(),
+    )
+    .await
+    .expect("root starts");
+    wait_for(&mut running.snapshots, "local active", |s| {
+        s.active == Some(TierId::Local)
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while recorder.names().iter().filter(|n| *n == "WATCHDOG").count() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pings never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+    let pings: Vec<tokio::time::Instant> = recorder
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| s == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .collect();
+    let first = pings[0];
+    assert!(
+        first - started >= Duration::from_millis(900),
+        "a ping went out while the root was wedged"
+    );
+    let steady = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    assert!(
+        steady < Duration::from_millis(500),
+        "pings resumed irregularly: largest gap {steady:?}"
+    );
 }

@@ -142,9 +142,7 @@ impl Connector {
 
     pub async fn ping_within(&self, timeout: Duration) -> Result<(), DockerError> {
         let docker = self.client(timeout).await?;
-        self.run(&docker, "ping", timeout, docker.ping())
-            .await
-            .map(drop)
+        self.run("ping", timeout, docker.ping()).await.map(drop)
     }
 
     /// Runs one Docker call under `call_timeout`.
@@ -153,9 +151,27 @@ impl Connector {
         F: FnOnce(Docker) -> Fut,
         Fut: Future<Output = Result<T, bollard::errors::Error>>,
     {
-        let docker = self.client(self.call_timeout).await?;
-        self.run(&docker, what, self.call_timeout, f(docker.clone()))
-            .await
+        self.call_within(what, self.call_timeout, f).await
+    }
+
+    /// Runs one Docker call under `within` instead of `call_timeout`: longer
+    /// for a stop or restart that waits out a container's grace, shorter for
+    /// a probe that must fit its own deadline.
+    pub async fn call_within<T, F, Fut>(
+        &self,
+        what: &str,
+        within: Duration,
+        f: F,
+    ) -> Result<T, DockerError>
+    where
+        F: FnOnce(Docker) -> Fut,
+        Fut: Future<Output = Result<T, bollard::errors::Error>>,
+    {
+        let docker = self.client(within).await?;
+        // bollard's own timeout (whole seconds) must not cut a call we allow
+        // to take longer; our deadline is the real bound.
+        let docker = docker.with_timeout(within + Duration::from_secs(1));
+        self.run(what, within, f(docker)).await
     }
 
     /// A connected client, for streams (events) whose items the caller bounds itself.
@@ -216,7 +232,6 @@ impl Connector {
 
     async fn run<T>(
         &self,
-        _docker: &Docker,
         what: &str,
         timeout: Duration,
         fut: impl Future<Output = Result<T, bollard::errors::Error>>,

@@ -15,3 +15,4 @@ mod tests;
 mod webhook;
 
 pub use config::DockerConfig;
+pub use driver::DockerDriver;

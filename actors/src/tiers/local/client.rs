@@ -60,6 +60,10 @@ impl Drop for GroupGuard {
 pub fn spawn(spec: &ProcessSpec, tail: &StderrTail, tasks: &TaskTracker) -> io::Result<Process> {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
+        // The service manager's channel is cascade's, not the child's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .envs(&spec.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,0 +1,512 @@
+//! Autoheal against the real engine: heal latency, idle Docker traffic with
+//! 100 labelled containers, and memory. Prints numbers; asserts nothing.
+//!
+//! Run: `cargo bench -p cascade-actors --bench heal` (about two minutes).
+//!
+//! The loop reaches the daemon through a unix-socket relay in this process
+//! that counts HTTP requests, so "no periodic per-container calls" is a
+//! number rather than a claim. Heal latency is the loop's own measure: the
+//! `die` event's `timeNano` to the moment the restart request is sent
+//! ([`AutohealHandle::last_heal_latency`]). The bench cannot use the crate's
+//! `#[cfg(test)]` helpers, so it builds the demo image with a copy of them;
+//! every container it creates carries `cascade.bench=<pid>` and is removed
+//! at the end, also after a panic.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cascade_actors::tiers::docker::autoheal::{self, AutohealHandle};
+use cascade_actors::tiers::docker::config::{DockerConfig, MANAGED_LABEL};
+use cascade_actors::tiers::docker::connect::{Connector, DockerHost};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const IMAGE: &str = "cascade-demo:bench";
+const BENCH_LABEL: &str = "cascade.bench";
+/// Containers killed one by one to measure healing (managed).
+const KILLED: usize = 20;
+/// Labelled containers that only sit there during the idle window.
+const IDLE: usize = 80;
+const IDLE_WINDOW: Duration = Duration::from_secs(30);
+
+fn main() {
+    if !docker_available() {
+        println!("heal bench skipped: no Docker engine here");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let cleanup = Cleanup::default();
+    runtime.block_on(bench(&cleanup));
+}
+
+async fn bench(cleanup: &Cleanup) {
+    let started = Instant::now();
+    let pid = std::process::id();
+    step(&format!("building {IMAGE}"));
+    build_image();
+
+    let relay = Relay::start(PathBuf::from(format!("/tmp/cascade-bench-{pid}.sock")));
+    let label = format!("cascade-bench-{pid}");
+    let mut config = DockerConfig::default();
+    config.autoheal.label = label.clone();
+    let connector = Connector::with_host(
+        DockerHost::Unix(relay.path.clone()),
+        config.ping_timeout,
+        config.call_timeout,
+    );
+    let tasks = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let handle = autoheal::spawn(&config, connector, &tasks, cancel.clone(), Arc::new(|_| {}));
+    wait_for("autoheal connected", Duration::from_secs(20), || {
+        handle.connected()
+    })
+    .await;
+
+    step(&format!(
+        "starting {} containers ({KILLED} managed, {IDLE} labelled {label}=true)",
+        KILLED + IDLE
+    ));
+    let bench_label = format!("{BENCH_LABEL}={pid}");
+    let managed: Vec<String> = (0..KILLED).map(|i| format!("heal-m-{pid}-{i}")).collect();
+    let idle: Vec<String> = (0..IDLE).map(|i| format!("heal-l-{pid}-{i}")).collect();
+    cleanup.add(managed.iter().chain(&idle).cloned());
+    let managed_label = format!("{MANAGED_LABEL}=true");
+    let labelled = format!("{label}=true");
+    let mut runs: Vec<Vec<String>> = Vec::new();
+    for name in &managed {
+        runs.push(run_args(name, &[&bench_label, &managed_label], &[]));
+    }
+    for name in &idle {
+        // A slow health check keeps 80 containers from loading the daemon;
+        // they are here to be many, not to be checked.
+        runs.push(run_args(
+            name,
+            &[&bench_label, &labelled],
+            &["--health-interval=30s"],
+        ));
+    }
+    let create = Instant::now();
+    run_all(runs);
+    println!(
+        "  created and started in {:.1} s",
+        create.elapsed().as_secs_f64()
+    );
+    for name in &managed {
+        let name = name.clone();
+        wait_for(
+            &format!("{name} healthy"),
+            Duration::from_secs(60),
+            move || inspect(&name, "{{.State.Health.Status}}").as_deref() == Some("healthy"),
+        )
+        .await;
+    }
+
+    step(&format!(
+        "idle for {} s with {} labelled containers running",
+        IDLE_WINDOW.as_secs(),
+        KILLED + IDLE
+    ));
+    // Let the events of the start-up burst drain first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = relay.count();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_requests = relay.count() - before;
+    let idle_rss = vm_kib("VmRSS");
+    println!(
+        "  Docker requests by autoheal while idle: {idle_requests} in {} s",
+        IDLE_WINDOW.as_secs()
+    );
+    for line in relay.lines_since(before as usize) {
+        println!("    {line}");
+    }
+    println!("  bench process VmRSS while idle: {}", mib(idle_rss));
+
+    step(&format!(
+        "killing {KILLED} managed containers, one at a time"
+    ));
+    let before_heals = relay.count();
+    let mut latencies = Vec::new();
+    let mut to_healthy = Vec::new();
+    for name in &managed {
+        let started_at = inspect(name, "{{.State.StartedAt}}").unwrap_or_default();
+        let kill = Instant::now();
+        docker(&["kill", name]);
+        wait_for(&format!("{name} healed"), Duration::from_secs(30), || {
+            restarts(&handle, name) >= 1
+        })
+        .await;
+        if let Some(latency) = handle.last_heal_latency(name) {
+            latencies.push(latency);
+        }
+        let n = name.clone();
+        wait_for(
+            &format!("{name} healthy again"),
+            Duration::from_secs(60),
+            move || {
+                inspect(&n, "{{.State.StartedAt}}").is_some_and(|s| s != started_at)
+                    && inspect(&n, "{{.State.Health.Status}}").as_deref() == Some("healthy")
+            },
+        )
+        .await;
+        to_healthy.push(kill.elapsed());
+    }
+    let heal_requests = relay.count() - before_heals;
+
+    println!();
+    println!(
+        "autoheal heal bench ({KILLED} kills of managed containers, Docker {})",
+        server_version()
+    );
+    print_stats("die event -> restart request", &mut latencies);
+    print_stats("docker kill -> healthy again", &mut to_healthy);
+    println!("  Docker requests by autoheal for {KILLED} heals: {heal_requests}");
+    println!(
+        "  idle: {idle_requests} requests in {} s with {} labelled containers (target: no periodic per-container calls)",
+        IDLE_WINDOW.as_secs(),
+        KILLED + IDLE
+    );
+    println!(
+        "  memory: VmRSS {} idle, {} now, VmHWM {} (target: under 30 MiB)",
+        mib(idle_rss),
+        mib(vm_kib("VmRSS")),
+        mib(vm_kib("VmHWM"))
+    );
+
+    // Stop healing before removing, or the removals would be healed.
+    cancel.cancel();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .is_err()
+    {
+        println!("  warning: autoheal did not stop within 5 s");
+    }
+    relay.stop();
+    step("removing the containers");
+    cleanup.run();
+    println!("bench finished in {:.0} s", started.elapsed().as_secs_f64());
+}
+
+fn restarts(handle: &AutohealHandle, name: &str) -> u64 {
+    handle
+        .report()
+        .iter()
+        .find(|r| r.container == name)
+        .map_or(0, |r| r.restarts)
+}
+
+fn print_stats(what: &str, samples: &mut [Duration]) {
+    if samples.is_empty() {
+        println!("  {what}: no samples");
+        return;
+    }
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i].as_secs_f64() * 1e3
+    };
+    println!(
+        "  {what}: median {:.1} ms, p90 {:.1} ms, max {:.1} ms (n = {})",
+        at(0.5),
+        at(0.9),
+        at(1.0),
+        samples.len()
+    );
+}
+
+fn step(what: &str) {
+    println!("== {what}");
+    let _ = std::io::stdout().flush();
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn vm_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':').map(str::to_owned))
+        })
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+// === Docker CLI helpers (the crate's test helpers are #[cfg(test)]) ===
+
+fn docker_available() -> bool {
+    Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn server_version() -> String {
+    docker(&[
+        "version",
+        "--format",
+        "{{.Server.Version}} (API {{.Server.APIVersion}})",
+    ])
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI runs");
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn inspect(name: &str, format: &str) -> Option<String> {
+    let out = Command::new("docker")
+        .args(["inspect", "-f", format, name])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn run_args(name: &str, labels: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--name".into(), name.into()];
+    for label in labels {
+        args.extend(["--label".to_owned(), (*label).to_owned()]);
+    }
+    args.extend(extra.iter().map(|e| (*e).to_owned()));
+    args.push(IMAGE.into());
+    args
+}
+
+/// Runs the `docker` invocations on a few threads: the daemon does most of
+/// the work, so a little parallelism shortens the set-up a lot.
+fn run_all(runs: Vec<Vec<String>>) {
+    let queue = Mutex::new(runs);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                loop {
+                    let Some(args) = queue.lock().expect("queue").pop() else {
+                        break;
+                    };
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    docker(&args);
+                }
+            });
+        }
+    });
+}
+
+/// Removes every container the bench created, on drop too (after a panic).
+#[derive(Default)]
+struct Cleanup(Mutex<Vec<String>>);
+
+impl Cleanup {
+    fn add(&self, names: impl IntoIterator<Item = String>) {
+        self.0.lock().expect("cleanup").extend(names);
+    }
+
+    fn run(&self) {
+        let names = std::mem::take(&mut *self.0.lock().expect("cleanup"));
+        for chunk in names.chunks(50) {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(chunk)
+                .output();
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+/// The demo backend, linked statically, in a `FROM scratch` image with a
+/// HEALTHCHECK (the same recipe as the tests' `testing::demo_image`).
+fn build_image() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned();
+    let target_dir = workspace.join("target/docker-image");
+    let triple = "x86_64-unknown-linux-gnu";
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
+        )
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "cascade-demo",
+            "--bin",
+            "demo-backend",
+            "--target",
+            triple,
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the static demo backend failed");
+    let binary = target_dir.join(triple).join("debug/demo-backend");
+    let context = std::env::temp_dir().join(format!("cascade-bench-image-{}", std::process::id()));
+    std::fs::create_dir_all(&context).expect("build context");
+    std::fs::copy(&binary, context.join("demo-backend")).expect("copy the demo binary");
+    std::fs::write(
+        context.join("Dockerfile"),
+        "FROM scratch\n\
+         COPY demo-backend /demo-backend\n\
+         ENV DEMO_HOST=0.0.0.0 DEMO_PORT=8080\n\
+         EXPOSE 8080\n\
+         HEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD [\"/demo-backend\", \"--healthcheck\"]\n\
+         ENTRYPOINT [\"/demo-backend\"]\n",
+    )
+    .expect("Dockerfile");
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", IMAGE])
+        .arg(&context)
+        .output()
+        .expect("docker build runs");
+    let _ = std::fs::remove_dir_all(&context);
+    assert!(
+        out.status.success(),
+        "docker build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// === a counting relay ===
+
+/// Proxies a unix socket to the daemon's and counts the HTTP requests sent
+/// through it (request lines in the client-to-daemon direction).
+struct Relay {
+    path: PathBuf,
+    /// Request lines, in order; their number is the request count.
+    lines: Arc<Mutex<Vec<String>>>,
+    count: Arc<AtomicU64>,
+    cancel: CancellationToken,
+}
+
+impl Relay {
+    fn start(path: PathBuf) -> Relay {
+        let DockerHost::Unix(upstream) = DockerHost::resolve(None) else {
+            panic!("the bench needs the daemon on a unix socket");
+        };
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind the relay socket");
+        let relay = Relay {
+            path,
+            lines: Arc::default(),
+            count: Arc::default(),
+            cancel: CancellationToken::new(),
+        };
+        let (lines, count, cancel) = (
+            relay.lines.clone(),
+            relay.count.clone(),
+            relay.cancel.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    accepted = listener.accept() => {
+                        let Ok((client, _)) = accepted else { break };
+                        let (lines, count, cancel) = (lines.clone(), count.clone(), cancel.clone());
+                        let upstream = upstream.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                () = cancel.cancelled() => {}
+                                () = pipe(client, upstream, lines, count) => {}
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        relay
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    fn lines_since(&self, from: usize) -> Vec<String> {
+        self.lines.lock().expect("lines")[from..].to_vec()
+    }
+
+    fn stop(&self) {
+        self.cancel.cancel();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn pipe(
+    client: UnixStream,
+    upstream: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+    count: Arc<AtomicU64>,
+) {
+    let Ok(daemon) = UnixStream::connect(&upstream).await else {
+        return;
+    };
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_daemon, mut to_daemon) = daemon.into_split();
+    let up = async {
+        let mut buf = [0u8; 8192];
+        let mut pending = Vec::new();
+        loop {
+            let n = match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(end) = pending.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&pending[..end]).into_owned();
+                pending.drain(..end + 2);
+                if line.ends_with(" HTTP/1.1") {
+                    lines.lock().expect("lines").push(line);
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            if to_daemon.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_daemon.shutdown().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy(&mut from_daemon, &mut to_client).await;
+        let _ = to_client.shutdown().await;
+    };
+    tokio::join!(up, down);
+}
