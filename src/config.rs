@@ -119,13 +119,29 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, LoadEr
         env: std::env::vars().collect(),
         prefix: "CASCADE_",
         overrides: flags,
+        base: serde_json::to_value(Config::layering_base()).ok(),
     };
-    let Loaded { value, provenance } = settings::load::<Config>(layers)?;
-    let problems = validate(&value, |key, message| provenance.problem(key, message));
+    let (Loaded { value, provenance }, mut problems) = settings::load_collecting::<Config>(layers)?;
+    problems.extend(validate(&value, |key, message| {
+        provenance.problem(key, message)
+    }));
     if problems.is_empty() {
         Ok(value)
     } else {
         Err(LoadError::Invalid(problems))
+    }
+}
+
+impl Config {
+    /// The defaults with every optional section present: the loader fills a
+    /// partly written table's missing keys from here, so
+    /// `[tiers.local.restart] base = "1s"` keeps the local tier's other
+    /// restart defaults.
+    fn layering_base() -> Config {
+        let mut base = Config::default();
+        base.tiers.docker = Some(DockerConfig::default());
+        base.tiers.local = Some(LocalConfig::default());
+        base
     }
 }
 

@@ -238,7 +238,10 @@ fn restart_timeout(config: &Config) -> Duration {
 fn client_error(e: client::ClientError) -> ExitCode {
     eprintln!("cascade: {e}");
     match e {
-        client::ClientError::Unreachable { .. } => ExitCode::from(EXIT_UNAVAILABLE),
+        // No token file: no cascade has run with this state directory.
+        client::ClientError::Unreachable { .. } | client::ClientError::State(_) => {
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
         _ => ExitCode::from(EXIT_FAILURE),
     }
 }

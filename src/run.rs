@@ -87,13 +87,16 @@ async fn run_inner(config: Config) -> Result<ExitCode, String> {
         Some(exit) => exit,
         None => {
             info!("Signal received; stopping tiers (a second signal forces exit).");
+            let snapshots = running.snapshots.clone();
             let force = tokio::spawn(async move {
                 tokio::select! {
                     _ = interrupt.recv() => {},
                     _ = terminate.recv() => {},
                 }
                 eprintln!("cascade: second signal, exiting now");
-                // Children die with cascade through their parent-death signal.
+                // The direct children would die with cascade (parent-death
+                // signal), but not what they started; their groups go now.
+                kill_process_groups(&snapshots.borrow());
                 std::process::exit(130);
             });
             let stopped = running
@@ -134,6 +137,24 @@ async fn run_inner(config: Config) -> Result<ExitCode, String> {
         escalated @ Exit::Escalated { .. } => {
             eprintln!("cascade: {escalated}");
             Ok(ExitCode::from(EXIT_ESCALATED))
+        }
+    }
+}
+
+/// SIGKILLs every process group a tier reports (`details.pgid`).
+fn kill_process_groups(snapshot: &supervisor::Snapshot) {
+    use nix::sys::signal::{Signal, killpg};
+    for tier in &snapshot.tiers {
+        let Some(pgid) = tier
+            .status
+            .details
+            .get("pgid")
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pgid > 1 {
+            let _ = killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
         }
     }
 }

@@ -13,7 +13,7 @@
 //! at the end, also after a panic.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -350,59 +350,9 @@ impl Drop for Cleanup {
 /// The demo backend, linked statically, in a `FROM scratch` image with a
 /// HEALTHCHECK (the same recipe as the tests' `testing::demo_image`).
 fn build_image() {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned();
-    let target_dir = workspace.join("target/docker-image");
-    let triple = "x86_64-unknown-linux-gnu";
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .env(
-            "RUSTFLAGS",
-            "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
-        )
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "cascade-demo",
-            "--bin",
-            "demo-backend",
-            "--target",
-            triple,
-            "--target-dir",
-        ])
-        .arg(&target_dir)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the static demo backend failed");
-    let binary = target_dir.join(triple).join("debug/demo-backend");
-    let context = std::env::temp_dir().join(format!("cascade-bench-image-{}", std::process::id()));
-    std::fs::create_dir_all(&context).expect("build context");
-    std::fs::copy(&binary, context.join("demo-backend")).expect("copy the demo binary");
-    std::fs::write(
-        context.join("Dockerfile"),
-        "FROM scratch\n\
-         COPY demo-backend /demo-backend\n\
-         ENV DEMO_HOST=0.0.0.0 DEMO_PORT=8080\n\
-         EXPOSE 8080\n\
-         HEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD [\"/demo-backend\", \"--healthcheck\"]\n\
-         ENTRYPOINT [\"/demo-backend\"]\n",
-    )
-    .expect("Dockerfile");
-    let out = Command::new("docker")
-        .args(["build", "-q", "-t", IMAGE])
-        .arg(&context)
-        .output()
-        .expect("docker build runs");
-    let _ = std::fs::remove_dir_all(&context);
-    assert!(
-        out.status.success(),
-        "docker build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = cascade_demo::image::build(IMAGE) {
+        panic!("{e}");
+    }
 }
 
 // === a counting relay ===

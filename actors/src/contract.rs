@@ -284,6 +284,6 @@ pub enum Internal {
     ProbeTick,
     ProbeDone(ProbeOutcome),
     StartDone(Result<(), TierError>),
-    RestartDone,
+    RestartDone(Result<(), TierError>),
     Driver(DriverEvent),
 }

@@ -77,7 +77,11 @@ pub struct State {
     breaker: CircuitBreaker,
     status: TierStatus,
     probe_in_flight: bool,
+    /// A start or a restart is in flight; probes hold off.
     starting: bool,
+    /// The root asked for a start while a restart was in flight; it gets
+    /// the restart's outcome.
+    start_requested: bool,
     stopped: bool,
     /// Every task this actor spawns, so none outlives it.
     tasks: TaskTracker,
@@ -111,6 +115,7 @@ impl Actor for TierActor {
             status,
             probe_in_flight: false,
             starting: false,
+            start_requested: false,
             stopped: false,
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
@@ -124,7 +129,7 @@ impl Actor for TierActor {
         state: &mut State,
     ) -> Result<(), ActorProcessingErr> {
         state.publish();
-        probe(&myself, state);
+        probe(&myself, state, Admit::ThroughBreaker);
         Ok(())
     }
 
@@ -139,7 +144,15 @@ impl Actor for TierActor {
                 state.refresh_status();
                 reply_or_log(reply, state.status.clone());
             }
-            TierMsg::ProbeNow | TierMsg::Internal(Internal::ProbeTick) => probe(&myself, state),
+            TierMsg::ProbeNow | TierMsg::Internal(Internal::ProbeTick) => {
+                if state.starting {
+                    // No probing while starting, but readers still see the
+                    // backend come up (its pid, its exits).
+                    refresh_while_starting(state);
+                } else {
+                    probe(&myself, state, Admit::ThroughBreaker);
+                }
+            }
             TierMsg::EnsureStarted => ensure_started(&myself, state),
             TierMsg::Stop(reply) => {
                 stop(state).await;
@@ -149,9 +162,13 @@ impl Actor for TierActor {
             TierMsg::SetActive(active) => state.driver.set_active(active),
             TierMsg::Internal(Internal::ProbeDone(outcome)) => probe_done(state, outcome),
             TierMsg::Internal(Internal::StartDone(result)) => start_done(&myself, state, result),
-            TierMsg::Internal(Internal::RestartDone) => {
+            TierMsg::Internal(Internal::RestartDone(result)) => {
+                state.starting = false;
                 state.breaker.reset();
-                probe(&myself, state);
+                if std::mem::take(&mut state.start_requested) {
+                    finish_start(state, result);
+                }
+                probe(&myself, state, Admit::Always);
             }
             TierMsg::Internal(Internal::Driver(event)) => driver_event(&myself, state, event),
         }
@@ -255,12 +272,34 @@ fn reply_or_log<T: Send + 'static>(reply: RpcReplyPort<T>, value: T) {
 
 // === probing ===
 
-fn probe(myself: &ActorRef<TierMsg>, state: &mut State) {
+/// Whether a probe asks the breaker first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    ThroughBreaker,
+    /// Right after a start or restart: the backend's real state must be
+    /// known (a start that ended in a crash loop is Unavailable, not just
+    /// "breaker open"), whatever the breaker thinks.
+    Always,
+}
+
+fn refresh_while_starting(state: &mut State) {
+    let before = state.status.details.clone();
+    state.refresh_status();
+    if state.status.details != before {
+        state.publish();
+    }
+}
+
+fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
     if state.probe_in_flight || state.starting || state.stopped {
         return;
     }
     let now = state.now();
-    match state.breaker.admit(now) {
+    let admission = match admit {
+        Admit::ThroughBreaker => state.breaker.admit(now),
+        Admit::Always => Admission::Allowed,
+    };
+    match admission {
         Admission::Rejected { until } => {
             let left = until.saturating_duration_since(now);
             let reason = breaker_reason(state);
@@ -352,6 +391,7 @@ fn breaker_reason(state: &State) -> String {
 fn ensure_started(myself: &ActorRef<TierMsg>, state: &mut State) {
     let tier = state.spec.id;
     if state.starting {
+        state.start_requested = true;
         return;
     }
     if state.status.state == TierState::Healthy {
@@ -383,6 +423,7 @@ fn ensure_started(myself: &ActorRef<TierMsg>, state: &mut State) {
 
 fn start_done(myself: &ActorRef<TierMsg>, state: &mut State, result: Result<(), TierError>) {
     state.starting = false;
+    state.start_requested = false;
     match &result {
         Ok(()) => {
             state.breaker.reset();
@@ -398,7 +439,7 @@ fn start_done(myself: &ActorRef<TierMsg>, state: &mut State, result: Result<(), 
     }
     state.publish();
     finish_start(state, result);
-    probe(myself, state);
+    probe(myself, state, Admit::Always);
 }
 
 fn finish_start(state: &State, result: Result<(), TierError>) {
@@ -437,8 +478,11 @@ fn restart(
     let driver = state.driver.clone();
     let timeout = state.spec.stop_grace + state.spec.start_timeout;
     if !request.dry_run {
+        // Like a start: probes hold off until it is done, so a backend
+        // that is down mid-restart does not send the waterfall into a
+        // start phase that races the restart.
         state.stopped = false;
-        state.starting = false;
+        state.starting = true;
         state.set(TierState::Starting, "restarting".into());
         state.publish();
     }
@@ -452,8 +496,9 @@ fn restart(
                 info!(dry_run = request.dry_run, step = %step, "Restart plan.");
             }
         }
+        let outcome = result.as_ref().map(drop).map_err(Clone::clone);
         reply_or_log(reply, result);
-        Some(TierMsg::Internal(Internal::RestartDone))
+        (!request.dry_run).then_some(TierMsg::Internal(Internal::RestartDone(outcome)))
     });
 }
 
@@ -468,7 +513,7 @@ fn driver_event(myself: &ActorRef<TierMsg>, state: &mut State, event: DriverEven
             state.publish();
         }
     }
-    probe(myself, state);
+    probe(myself, state, Admit::ThroughBreaker);
 }
 
 fn format_duration(d: Duration) -> String {

@@ -127,6 +127,9 @@ pub struct Layers<'a> {
     /// Command-line overrides: (dotted key, value as text, flag name for
     /// messages). Later entries win over earlier ones.
     pub overrides: Vec<(String, String, String)>,
+    /// The schema's defaults with every optional section present (serialized),
+    /// used to complete partly written tables; see `fill_leaves`.
+    pub base: Option<Json>,
 }
 
 /// The typed configuration plus where each value came from.
@@ -141,7 +144,22 @@ pub struct Loaded<T> {
 /// `T`'s structs are expected to use `#[serde(deny_unknown_fields, default)]`:
 /// unknown keys are reported, and keys removed because of a problem fall back
 /// to the type's default while the remaining keys are checked.
+#[cfg(test)]
 pub fn load<T: DeserializeOwned>(layers: Layers<'_>) -> Result<Loaded<T>, LoadError> {
+    let (loaded, problems) = load_collecting(layers)?;
+    if problems.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(LoadError::Invalid(problems))
+    }
+}
+
+/// Like [`load`], but hands back the best-effort value (offending keys
+/// dropped, so their defaults apply) with the problems found, so the caller
+/// can add its semantic checks and report everything at once.
+pub fn load_collecting<T: DeserializeOwned>(
+    layers: Layers<'_>,
+) -> Result<(Loaded<T>, Vec<Problem>), LoadError> {
     let mut provenance = Provenance::default();
     let mut problems = Vec::new();
 
@@ -222,14 +240,35 @@ pub fn load<T: DeserializeOwned>(layers: Layers<'_>) -> Result<Loaded<T>, LoadEr
             source: Source::Default,
         }])
     })?;
-    let merged = tree::config_to_json(&merged.cache);
+    let mut merged = tree::config_to_json(&merged.cache);
+    if let Some(base) = &layers.base {
+        fill_leaves(&mut merged, base);
+    }
 
-    match validate::deserialize_all::<T>(merged, &provenance, alternates) {
-        Ok(value) if problems.is_empty() => Ok(Loaded { value, provenance }),
-        Ok(_) => Err(LoadError::Invalid(problems)),
-        Err(found) => {
-            problems.extend(found);
-            Err(LoadError::Invalid(problems))
+    let (value, found) = validate::deserialize_all::<T>(merged, &provenance, alternates);
+    problems.extend(found);
+    match value {
+        Some(value) => Ok((Loaded { value, provenance }, problems)),
+        None => Err(LoadError::Invalid(problems)),
+    }
+}
+
+/// Gives every table that the layers set the missing scalar keys of its own
+/// default, so a partly written table (`[tiers.local.restart] base = "1s"`)
+/// keeps the section's defaults for the other keys instead of the generic
+/// defaults of its type. Tables nobody set stay absent: optional sections
+/// stay off, and serde's field defaults cover whole missing tables.
+fn fill_leaves(merged: &mut Json, base: &Json) {
+    let (Json::Object(merged), Json::Object(base)) = (merged, base) else {
+        return;
+    };
+    for (key, default) in base {
+        match merged.get_mut(key) {
+            Some(present) => fill_leaves(present, default),
+            None if !default.is_object() => {
+                merged.insert(key.clone(), default.clone());
+            }
+            None => {}
         }
     }
 }

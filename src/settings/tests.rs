@@ -109,6 +109,7 @@ fn layers<'a>(
             .iter()
             .map(|(k, v, f)| ((*k).to_owned(), (*v).to_owned(), (*f).to_owned()))
             .collect(),
+        base: None,
     }
 }
 
@@ -627,6 +628,7 @@ fn render_redacted_hides_secrets_and_keeps_the_rest() {
         env: Vec::new(),
         prefix: "CASCADE_",
         overrides: Vec::new(),
+        base: None,
     })
     .value;
     assert_eq!(back.tiers, c.tiers);

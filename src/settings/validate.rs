@@ -20,11 +20,14 @@ use super::tree::{Shadow, get_mut, remove};
 /// config with this many problems is better reported in part than slowly.
 const MAX_ROUNDS: usize = 500;
 
+/// Deserializes `json`, collecting every problem. The value is what remains
+/// after the offending keys were removed (their defaults apply), so later
+/// semantic checks can still run; `None` only when nothing deserializes.
 pub(crate) fn deserialize_all<T: DeserializeOwned>(
     mut json: Json,
     provenance: &Provenance,
     mut alternates: BTreeMap<KeyPath, Vec<Json>>,
-) -> Result<T, Vec<Problem>> {
+) -> (Option<T>, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut shadow = Shadow::of(&json);
     // The first complaint about an env/flag value is the one to report: it
@@ -33,8 +36,7 @@ pub(crate) fn deserialize_all<T: DeserializeOwned>(
 
     for _ in 0..MAX_ROUNDS {
         let error = match serde_path_to_error::deserialize::<_, T>(json.clone()) {
-            Ok(value) if problems.is_empty() => return Ok(value),
-            Ok(_) => return Err(problems),
+            Ok(value) => return (Some(value), problems),
             Err(error) => error,
         };
         let current = convert_path(error.path());
@@ -60,7 +62,7 @@ pub(crate) fn deserialize_all<T: DeserializeOwned>(
             source: provenance.source_of_path(&key),
         });
         if !remove(&mut json, &removal) {
-            return Err(problems);
+            return (None, problems);
         }
         shadow.remove(&removal);
     }
@@ -71,7 +73,7 @@ pub(crate) fn deserialize_all<T: DeserializeOwned>(
             source: super::Source::Default,
         });
     }
-    Err(problems)
+    (None, problems)
 }
 
 fn next_alternate(alternates: &mut BTreeMap<KeyPath, Vec<Json>>, path: &[Seg]) -> Option<Json> {

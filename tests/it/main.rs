@@ -1,1 +1,11 @@
+//! Integration tests of the `cascade` binary: each test runs the real
+//! executable (with the built-in demo backend as its local tier) in its own
+//! temp state directory, on free ports, so tests run in parallel.
 
+mod api;
+mod cli;
+mod config;
+mod lifecycle;
+mod local;
+mod service;
+mod support;

@@ -20,6 +20,7 @@
 
 mod embed;
 mod http;
+pub mod image;
 #[cfg(test)]
 mod tests;
 

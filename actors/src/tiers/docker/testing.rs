@@ -4,7 +4,6 @@
 //! Under `CI=true` a missing engine fails the test; elsewhere the test is
 //! skipped with a message.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -35,64 +34,11 @@ pub fn docker_available() -> bool {
 pub fn demo_image() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let binary = static_demo_binary();
-        let context = std::env::temp_dir().join(format!("cascade-demo-image-{}", std::process::id()));
-        std::fs::create_dir_all(&context).expect("image build context");
-        std::fs::copy(&binary, context.join("demo-backend")).expect("copy demo binary into context");
-        std::fs::write(
-            context.join("Dockerfile"),
-            "FROM scratch\n\
-             COPY demo-backend /demo-backend\n\
-             ENV DEMO_HOST=0.0.0.0 DEMO_PORT=8080\n\
-             EXPOSE 8080\n\
-             HEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD [\"/demo-backend\", \"--healthcheck\"]\n\
-             ENTRYPOINT [\"/demo-backend\"]\n",
-        )
-        .expect("Dockerfile");
-        let status = Command::new("docker")
-            .args(["build", "-q", "-t", DEMO_IMAGE])
-            .arg(&context)
-            .status()
-            .expect("docker build runs");
-        assert!(status.success(), "docker build of {DEMO_IMAGE} failed");
-        let _ = std::fs::remove_dir_all(&context);
+        if let Err(e) = cascade_demo::image::build(DEMO_IMAGE) {
+            panic!("{e}");
+        }
     });
     DEMO_IMAGE
-}
-
-/// The demo backend linked statically (glibc static-pie), built into its own
-/// target directory so it never contends with the test build.
-fn static_demo_binary() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned();
-    let target_dir = workspace.join("target/docker-image");
-    let triple = "x86_64-unknown-linux-gnu";
-    let binary = target_dir.join(triple).join("debug/demo-backend");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .env(
-            "RUSTFLAGS",
-            "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
-        )
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "cascade-demo",
-            "--bin",
-            "demo-backend",
-            "--target",
-            triple,
-            "--target-dir",
-        ])
-        .arg(&target_dir)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the static demo backend failed");
-    binary
 }
 
 /// `docker` CLI, for test set-up and assertions; panics with stderr on failure.

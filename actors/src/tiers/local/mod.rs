@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -171,6 +170,7 @@ enum Phase {
     NotStarted,
     Running {
         pid: u32,
+        since: Instant,
     },
     BackingOff {
         last_exit: String,
@@ -185,6 +185,8 @@ enum Phase {
 #[derive(Debug, Clone, Default)]
 struct ProcView {
     phase: Phase,
+    /// Why the last start was refused (memory), shown while nothing runs.
+    refused: Option<String>,
     /// Most recent last.
     exits: VecDeque<String>,
     restarts: u64,
@@ -194,7 +196,9 @@ const EXITS_KEPT: usize = 10;
 
 /// The current supervision loop.
 struct Run {
-    cancel: CancellationToken,
+    /// Asks the loop to stop its process with this grace (zero: SIGKILL at
+    /// once). Dropping it stops the process with the configured grace.
+    stop: tokio::sync::oneshot::Sender<Duration>,
     done: JoinHandle<()>,
 }
 
@@ -225,23 +229,31 @@ impl LocalDriver {
         })
     }
 
-    /// Starts a supervision loop unless one is running.
+    /// Starts a supervision loop unless one is running. Holding the `run`
+    /// lock across start and stop keeps two loops from ever overlapping.
+    #[cfg(test)]
     async fn ensure_running(&self) -> Result<(), TierError> {
         let mut run = self.run.lock().await;
+        self.ensure_running_locked(&mut run)
+    }
+
+    fn ensure_running_locked(&self, run: &mut Option<Run>) -> Result<(), TierError> {
         if run.as_ref().is_some_and(|r| !r.done.is_finished()) {
             return Ok(());
         }
         let available = available_memory();
         let needed = self.config.min_free_memory.as_u64();
         if available < needed {
-            return Err(TierError::new(format!(
+            let reason = format!(
                 "refusing to start: {} of memory available, below min_free_memory {}",
                 ByteSize::b(available).display().iec(),
                 self.config.min_free_memory.display().iec()
-            )));
+            );
+            self.view.send_modify(|v| v.refused = Some(reason.clone()));
+            return Err(TierError::new(reason));
         }
         let spec = self.config.process_spec()?;
-        let cancel = CancellationToken::new();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
         let supervisor = Supervision {
             spec,
             backoff: Backoff::new(self.config.restart.clone()),
@@ -249,28 +261,30 @@ impl LocalDriver {
             grace: self.config.stop_grace,
             view: self.view.clone(),
             events: self.events.clone(),
-            cancel: cancel.clone(),
+            stop: stop_rx,
             tasks: self.tasks.clone(),
         };
         self.view.send_modify(|v| {
             v.phase = Phase::NotStarted;
+            v.refused = None;
             v.exits.clear();
         });
         let done = self.tasks.spawn(supervisor.run());
-        *run = Some(Run { cancel, done });
+        *run = Some(Run { stop, done });
         Ok(())
     }
 
     /// Stops the supervision loop and its process; `grace` zero means SIGKILL.
     async fn stop_with(&self, grace: Duration) {
-        let Some(run) = self.run.lock().await.take() else {
-            return;
-        };
-        if grace.is_zero() {
-            self.view.send_modify(|v| v.phase = Phase::Stopped);
-        }
-        run.cancel.cancel();
-        if let Err(e) = run.done.await {
+        let mut run = self.run.lock().await;
+        Self::stop_locked(&mut run, grace).await;
+    }
+
+    async fn stop_locked(run: &mut Option<Run>, grace: Duration) {
+        let Some(current) = run.take() else { return };
+        // The loop may have ended by itself (gave up); then nobody listens.
+        let _ = current.stop.send(grace);
+        if let Err(e) = current.done.await {
             warn!(backend.tier = "local", error = %e, "Supervision loop ended badly.");
         }
     }
@@ -306,9 +320,12 @@ impl Driver for LocalDriver {
     async fn probe(&self) -> ProbeOutcome {
         let phase = self.view.borrow().phase.clone();
         match phase {
-            Phase::NotStarted => ProbeOutcome::Idle {
-                reason: "not started".into(),
-            },
+            Phase::NotStarted => {
+                let refused = self.view.borrow().refused.clone();
+                ProbeOutcome::Idle {
+                    reason: refused.unwrap_or_else(|| "not started".into()),
+                }
+            }
             Phase::Stopped => ProbeOutcome::Idle {
                 reason: "stopped".into(),
             },
@@ -319,7 +336,7 @@ impl Driver for LocalDriver {
                     humantime::format_duration(delay)
                 ),
             },
-            Phase::Running { pid } => {
+            Phase::Running { pid, .. } => {
                 match client::health(&self.http, &self.health_url, self.config.probe.timeout).await
                 {
                     Ok(()) => ProbeOutcome::Up {
@@ -331,8 +348,27 @@ impl Driver for LocalDriver {
         }
     }
 
+    /// Only the start phase calls this, when no tier is healthy: a process
+    /// that has run for its whole `start_timeout` and still fails its health
+    /// check is restarted (like a liveness probe), since waiting on it would
+    /// leave the host without a service. One still coming up (a model
+    /// loading) is waited for.
     async fn start(&self) -> Result<(), TierError> {
-        self.ensure_running().await?;
+        {
+            let mut run = self.run.lock().await;
+            let running = run.as_ref().is_some_and(|r| !r.done.is_finished());
+            let phase = self.view.borrow().phase.clone();
+            if running
+                && let Phase::Running { pid, since } = phase
+                && since.elapsed() >= self.config.start_timeout
+                && let Err(error) =
+                    client::health(&self.http, &self.health_url, self.config.probe.timeout).await
+            {
+                warn!(backend.tier = "local", pid, %error, "Process runs but is unhealthy; restarting it.");
+                Self::stop_locked(&mut run, self.config.stop_grace).await;
+            }
+            self.ensure_running_locked(&mut run)?;
+        }
         self.wait_ready().await
     }
 
@@ -344,7 +380,7 @@ impl Driver for LocalDriver {
     async fn restart(&self, request: RestartRequest) -> Result<RestartReport, TierError> {
         let phase = self.view.borrow().phase.clone();
         let mut plan = Vec::new();
-        if let Phase::Running { pid } = phase {
+        if let Phase::Running { pid, .. } = phase {
             plan.push(if request.force {
                 format!("kill process group {pid} (SIGKILL)")
             } else {
@@ -373,8 +409,11 @@ impl Driver for LocalDriver {
         } else {
             self.config.stop_grace
         };
-        self.stop_with(grace).await;
-        self.ensure_running().await?;
+        {
+            let mut run = self.run.lock().await;
+            Self::stop_locked(&mut run, grace).await;
+            self.ensure_running_locked(&mut run)?;
+        }
         self.wait_ready().await?;
         Ok(report)
     }
@@ -382,8 +421,10 @@ impl Driver for LocalDriver {
     fn details(&self) -> BTreeMap<String, String> {
         let view = self.view.borrow();
         let mut details = BTreeMap::new();
-        if let Phase::Running { pid } = view.phase {
+        if let Phase::Running { pid, .. } = view.phase {
             details.insert("pid".into(), pid.to_string());
+            // The child leads its own process group.
+            details.insert("pgid".into(), pid.to_string());
         }
         if !view.exits.is_empty() {
             let exits: Vec<&str> = view.exits.iter().map(String::as_str).collect();
@@ -395,12 +436,11 @@ impl Driver for LocalDriver {
 
 impl Drop for LocalDriver {
     fn drop(&mut self) {
-        // The loop stops its process on cancellation; if the runtime is going
-        // away too, the process group guard kills the group.
-        if let Ok(mut run) = self.run.try_lock()
-            && let Some(run) = run.take()
-        {
-            run.cancel.cancel();
+        // Dropping the stop sender makes the loop stop its process with the
+        // configured grace; if the runtime is going away too, the process
+        // group guard kills the group.
+        if let Ok(mut run) = self.run.try_lock() {
+            run.take();
         }
     }
 }
@@ -414,7 +454,8 @@ struct Supervision {
     grace: Duration,
     view: Arc<watch::Sender<ProcView>>,
     events: EventSink,
-    cancel: CancellationToken,
+    /// A stop request and its grace; closed means "stop with the default grace".
+    stop: tokio::sync::oneshot::Receiver<Duration>,
     tasks: TaskTracker,
 }
 
@@ -432,7 +473,12 @@ impl Supervision {
             let pid = process.pid;
             info!(backend.tier = "local", pid, program = %self.spec.program.display(), "Process started.");
             self.backoff.started(Instant::now());
-            self.view.send_modify(|v| v.phase = Phase::Running { pid });
+            self.view.send_modify(|v| {
+                v.phase = Phase::Running {
+                    pid,
+                    since: Instant::now(),
+                }
+            });
 
             let Some(exit) = self.wait_exit(process).await else {
                 return;
@@ -458,14 +504,12 @@ impl Supervision {
             self.events.emit(DriverEvent::Changed {
                 note: format!("process {pid} exited ({exit})"),
             });
-            if self
-                .cancel
-                .run_until_cancelled(tokio::time::sleep(delay))
-                .await
-                .is_none()
-            {
-                self.view.send_modify(|v| v.phase = Phase::Stopped);
-                return;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = &mut self.stop => {
+                    self.view.send_modify(|v| v.phase = Phase::Stopped);
+                    return;
+                }
             }
             self.view.send_modify(|v| v.restarts += 1);
             self.events.emit(DriverEvent::BackendRestarted {
@@ -475,12 +519,13 @@ impl Supervision {
     }
 
     /// Waits for the process to exit; `None` when stopped on purpose.
-    async fn wait_exit(&self, mut process: client::Process) -> Option<String> {
+    async fn wait_exit(&mut self, mut process: client::Process) -> Option<String> {
         tokio::select! {
             status = process.child.wait() => Some(client::describe_exit(status)),
-            () = self.cancel.cancelled() => {
+            grace = &mut self.stop => {
+                let grace = grace.unwrap_or(self.grace);
                 let pid = process.pid;
-                let status = client::terminate(process, self.grace).await;
+                let status = client::terminate(process, grace).await;
                 info!(backend.tier = "local", pid, status = ?status, "Process stopped.");
                 self.view.send_modify(|v| v.phase = Phase::Stopped);
                 None

@@ -86,7 +86,7 @@ async fn running_pid(driver: &LocalDriver) -> u32 {
     let mut view = driver.view.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        if let Phase::Running { pid } = view.borrow().phase {
+        if let Phase::Running { pid, .. } = view.borrow().phase {
             return pid;
         }
         assert!(

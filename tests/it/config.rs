@@ -1,0 +1,301 @@
+//! Configuration through the binary: `check-config` output and exit codes,
+//! problems naming their key and source (file:line, env var), all problems
+//! at once, layer precedence, and secret redaction.
+
+use crate::support::{ConfigFile, cli};
+
+/// The 1-based line of `needle` in `text`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in the config"))
+        + 1
+}
+
+#[tokio::test]
+async fn unknown_key_names_the_key_a_suggestion_and_the_file_line() {
+    let text = "[api]\nlisten = \"127.0.0.1:0\"\n\n[tiers.local]\nprot = 1\n";
+    let config = ConfigFile::new(text);
+
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(
+        out.stderr.contains("tiers.local.prot"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("did you mean `port`?"),
+        "{}",
+        out.describe()
+    );
+    let at = format!("{}:{}", config.path_str(), line_of(text, "prot"));
+    assert!(
+        out.stderr.contains(&at),
+        "expected {at}: {}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing printed for an invalid config: {}",
+        out.describe()
+    );
+}
+
+#[tokio::test]
+async fn parse_problems_are_all_reported_in_one_run() {
+    let text = "\
+[tiers.local]
+prot = 1
+port = \"abc\"
+crash_loop_cap = -1
+
+[tiers.local.restart]
+jitter = \"ful\"
+";
+    let config = ConfigFile::new(text);
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    let file = config.path_str();
+    for (key, message, needle) in [
+        ("tiers.local.prot", "did you mean `port`?", "prot"),
+        ("tiers.local.port", "expected u16, found \"abc\"", "port ="),
+        (
+            "tiers.local.crash_loop_cap",
+            "expected u32, found -1",
+            "crash_loop_cap",
+        ),
+        (
+            "tiers.local.restart.jitter",
+            "did you mean `full`?",
+            "jitter",
+        ),
+    ] {
+        let line = out
+            .stderr
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("no problem reported for {key}: {}", out.describe()));
+        assert!(line.contains(message), "{key}: {line}");
+        let at = format!("({file}:{})", line_of(text, needle));
+        assert!(line.contains(&at), "{key} should point at {at}: {line}");
+    }
+    assert!(out.stderr.contains("4 problems"), "{}", out.describe());
+}
+
+#[tokio::test]
+async fn semantic_problems_are_all_reported_in_one_run() {
+    let text = "\
+[waterfall]
+order = [\"local\", \"local\"]
+failback_after = \"0s\"
+
+[tiers.local]
+health_path = \"health\"
+port = 0
+";
+    let config = ConfigFile::new(text);
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    for key in [
+        "waterfall.order[1]",
+        "waterfall.failback_after",
+        "tiers.local.health_path",
+        "tiers.local.port",
+    ] {
+        assert!(
+            out.stderr.contains(&format!("{key}:")),
+            "{key} missing: {}",
+            out.describe()
+        );
+    }
+    let port_at = format!("{}:{}", config.path_str(), line_of(text, "port = 0"));
+    assert!(out.stderr.contains(&port_at), "{}", out.describe());
+}
+
+#[tokio::test]
+async fn parse_and_semantic_problems_are_reported_together() {
+    let text = "[waterfall]\norder = []\n\n[tiers.local]\nprot = 1\nport = \"abc\"\n";
+    let config = ConfigFile::new(text);
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    for key in ["tiers.local.prot", "tiers.local.port", "waterfall.order"] {
+        assert!(
+            out.stderr.contains(&format!("{key}:")),
+            "{key} missing: {}",
+            out.describe()
+        );
+    }
+}
+
+#[tokio::test]
+async fn env_var_type_error_names_the_variable() {
+    let config = ConfigFile::new("[tiers.local]\nport = 9000\n");
+    let out = cli(
+        &["check-config", "--config", config.path_str()],
+        &[("CASCADE_TIERS__LOCAL__PORT", "abc")],
+    )
+    .await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(
+        out.stderr.contains("tiers.local.port"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr
+            .contains("environment variable CASCADE_TIERS__LOCAL__PORT"),
+        "{}",
+        out.describe()
+    );
+    assert!(out.stderr.contains("\"abc\""), "{}", out.describe());
+}
+
+#[tokio::test]
+async fn syntax_error_names_the_file_and_line() {
+    let config = ConfigFile::new("[api]\nlisten = \"127.0.0.1:0\"\n[tiers.local\nport = 1\n");
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(
+        out.stderr.contains(&format!("{}:3", config.path_str())),
+        "{}",
+        out.describe()
+    );
+}
+
+#[tokio::test]
+async fn run_with_an_invalid_config_exits_78_without_starting() {
+    let config = ConfigFile::new("[api]\nlisten = \"127.0.0.1:0\"\n\n[tiers.local]\nprot = 1\n");
+    let state = config.dir.path().join("state");
+    let out = cli(
+        &[
+            "run",
+            "--config",
+            config.path_str(),
+            "--state-dir",
+            state.to_str().expect("UTF-8"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(
+        out.stderr.contains("tiers.local.prot"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !state.join("token").exists(),
+        "an invalid config must not start anything"
+    );
+}
+
+#[tokio::test]
+async fn valid_config_prints_the_effective_values_from_every_layer() {
+    let text = "\
+[general]
+state_dir = \"/from/file\"
+
+[tiers.local]
+port = 4242
+stop_grace = \"750ms\"
+crash_loop_cap = 4
+";
+    let config = ConfigFile::new(text);
+    let out = cli(
+        &[
+            "check-config",
+            "--config",
+            config.path_str(),
+            "--state-dir",
+            "/from/flag",
+        ],
+        &[
+            ("CASCADE_TIERS__LOCAL__CRASH_LOOP_CAP", "7"),
+            ("CASCADE_GENERAL__STATE_DIR", "/from/env"),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.stderr.contains("configuration is valid"),
+        "{}",
+        out.describe()
+    );
+    let effective: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+    for expected in [
+        "port = 4242",                    // file over default
+        "stop_grace = \"750ms\"",         // file
+        "crash_loop_cap = 7",             // env over file
+        "state_dir = \"/from/flag\"",     // flag over env over file
+        "health_path = \"/health\"",      // built-in default
+        "order = [\"local\"]",            // built-in default
+        "min_free_memory = \"64.0 MiB\"", // built-in default
+    ] {
+        assert!(
+            effective.contains(&expected),
+            "missing `{expected}`:\n{}",
+            out.stdout
+        );
+    }
+
+    // The printed configuration is itself a valid configuration with the same values.
+    let again = ConfigFile::new(&out.stdout);
+    let round = cli(&["check-config", "--config", again.path_str()], &[]).await;
+    assert_eq!(round.code, Some(0), "{}", round.describe());
+    assert_eq!(
+        round.stdout, out.stdout,
+        "check-config output does not round-trip"
+    );
+}
+
+#[tokio::test]
+async fn secrets_in_the_backend_environment_are_redacted() {
+    let text = "\
+[tiers.local]
+env = { HF_TOKEN = \"hf_s3cr3t\", DB_PASSWORD = \"pw-s3cr3t\", CLIENT_SECRET = \"cs-s3cr3t\", LOG_LEVEL = \"debug\" }
+";
+    let config = ConfigFile::new(text);
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        !out.stdout.contains("s3cr3t"),
+        "a secret leaked:\n{}",
+        out.stdout
+    );
+    for key in ["HF_TOKEN", "DB_PASSWORD", "CLIENT_SECRET"] {
+        assert!(
+            out.stdout.contains(&format!("{key} = \"<redacted>\"")),
+            "{key} not redacted:\n{}",
+            out.stdout
+        );
+    }
+    assert!(
+        out.stdout.contains("LOG_LEVEL = \"debug\""),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn setting_one_restart_key_keeps_the_other_defaults() {
+    let defaults = cli(&["check-config"], &[]).await;
+    assert_eq!(defaults.code, Some(0), "{}", defaults.describe());
+    let restart_table = |text: &str| -> Vec<String> {
+        text.split("[tiers.local.restart]")
+            .nth(1)
+            .unwrap_or_default()
+            .lines()
+            .take_while(|l| !l.starts_with('['))
+            .filter(|l| !l.trim().is_empty() && !l.starts_with("base"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let config = ConfigFile::new("[tiers.local.restart]\nbase = \"20ms\"\n");
+    let partial = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(partial.code, Some(0), "{}", partial.describe());
+    assert_eq!(
+        restart_table(&partial.stdout),
+        restart_table(&defaults.stdout)
+    );
+}

@@ -1,0 +1,204 @@
+//! cascade's own life and death: no orphan backend when it is SIGKILLed,
+//! graceful SIGTERM/SIGINT shutdown, and a second signal forcing exit 130.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    Cascade, KillOnDrop, SHORT, Setup, Signal, backend_pid, cli, describe_exit, process_gone,
+    send_signal, wait_for, wait_gone,
+};
+
+#[tokio::test]
+async fn sigkill_of_cascade_leaves_no_orphan_backend() {
+    let mut cascade = Cascade::start_ready(Setup::default()).await;
+    let backend = cascade.wait_backend_pid().await;
+
+    cascade.signal(Signal::Kill);
+    let status = cascade
+        .wait_exit(SHORT)
+        .await
+        .expect("cascade dies on SIGKILL");
+    assert_eq!(describe_exit(status), "signal 9");
+
+    // The parent-death signal kills the backend; init reaps it asynchronously.
+    wait_gone(backend, SHORT, "the backend to die with cascade").await;
+
+    // The API file is stale now; the CLI must say it cannot reach cascade.
+    let out = cli(&["status", "--state-dir", cascade.state_dir_str()], &[]).await;
+    assert_eq!(out.code, Some(69), "{}", out.describe());
+    assert!(
+        out.stderr.contains("cannot reach cascade"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[tokio::test]
+async fn backend_respawned_after_a_crash_also_dies_with_cascade() {
+    let mut cascade = Cascade::start_ready(Setup::default()).await;
+    let first = cascade.wait_backend_pid().await;
+    send_signal(first, Signal::Kill);
+    let tier = cascade
+        .wait_local("a respawned backend", SHORT, |t| {
+            backend_pid(t).is_some_and(|p| p != first)
+        })
+        .await;
+    let second = backend_pid(&tier).expect("checked above");
+
+    cascade.signal(Signal::Kill);
+    cascade
+        .wait_exit(SHORT)
+        .await
+        .expect("cascade dies on SIGKILL");
+    wait_gone(second, SHORT, "the respawned backend to die with cascade").await;
+}
+
+/// Sends `signal` to a ready cascade and checks it stops its backend and exits 0.
+async fn shuts_down_gracefully_on(signal: Signal) {
+    let mut cascade = Cascade::start_ready(Setup::default()).await;
+    let backend = cascade.wait_backend_pid().await;
+
+    let sent = Instant::now();
+    cascade.signal(signal);
+    let status = cascade
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "cascade still runs 10s after signal {signal:?}:\n{}",
+                cascade.log_tail()
+            )
+        });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}\n{}",
+        describe_exit(status),
+        cascade.log_tail()
+    );
+    // stop_grace is 500ms and the demo backend stops at once on SIGTERM.
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        sent.elapsed()
+    );
+
+    // cascade waited for its backend before exiting: it is gone already.
+    assert!(
+        process_gone(backend),
+        "backend {backend} outlived a graceful shutdown"
+    );
+    assert!(
+        !cascade.state_dir.join("api").exists(),
+        "STATE_DIR/api must be removed on shutdown"
+    );
+
+    let logs = cascade.logs();
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("--log-format json wrote a non-JSON line ({e}): {line}"));
+        assert!(
+            value.get("message").is_some(),
+            "log line without message: {line}"
+        );
+    }
+    let stopped = logs
+        .find("\"Tier stopped.\"")
+        .expect("log says the tier stopped");
+    let exited = logs
+        .find("\"cascade stopped.\"")
+        .expect("log says cascade stopped");
+    assert!(stopped < exited, "tiers stop before cascade does:\n{logs}");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_backend_and_exits_zero() {
+    shuts_down_gracefully_on(Signal::Term).await;
+}
+
+#[tokio::test]
+async fn sigint_stops_the_backend_and_exits_zero() {
+    shuts_down_gracefully_on(Signal::Int).await;
+}
+
+#[tokio::test]
+async fn second_signal_forces_exit_130() {
+    // A backend that outlives SIGTERM, with a long grace: the first signal
+    // leaves cascade waiting; the second must not.
+    let mut cascade = Cascade::start_ready(Setup::slow_to_stop("30s")).await;
+    let backend = cascade.wait_backend_pid().await;
+
+    cascade.signal(Signal::Term);
+    wait_for(SHORT, "cascade to start its shutdown", async || {
+        if cascade.logs().contains("Signal received") {
+            Ok(())
+        } else {
+            Err(cascade.log_tail())
+        }
+    })
+    .await;
+    // Once the group has had its SIGTERM, only the shell is left (the demo
+    // backend under it has stopped); a second signal sooner would orphan the
+    // demo backend (see `forced_exit_kills_the_backends_whole_process_group`).
+    cascade.wait_endpoint_down(SHORT).await;
+    assert!(
+        cascade.try_exit().is_none(),
+        "the backend ignores SIGTERM; cascade should still wait"
+    );
+
+    let sent = Instant::now();
+    cascade.signal(Signal::Term);
+    let status = cascade
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "second SIGTERM did not end cascade:\n{}",
+                cascade.log_tail()
+            )
+        });
+    assert_eq!(status.code(), Some(130), "{}", describe_exit(status));
+    assert!(sent.elapsed() < Duration::from_secs(5));
+    wait_gone(backend, SHORT, "the backend to die with cascade").await;
+}
+
+#[tokio::test]
+async fn forced_exit_kills_the_backends_whole_process_group() {
+    // The backend's own child ignores SIGTERM, like a worker of a service.
+    let marks = tempfile::tempdir().expect("temp dir");
+    let pid_file = marks.path().join("worker.pid");
+    let script = format!(
+        "trap '' TERM; sleep 300 & echo $! > '{pid_file}'; \
+         '{bin}' demo-backend --port {{port}} & while :; do sleep 0.1; done",
+        pid_file = pid_file.display(),
+        bin = crate::support::BIN,
+    );
+    let setup = Setup {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), script],
+        stop_grace: "30s".into(),
+        ..Setup::default()
+    };
+    let mut cascade = Cascade::start_ready(setup).await;
+    let worker: i32 = std::fs::read_to_string(&pid_file)
+        .expect("the backend wrote its worker's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let _cleanup = KillOnDrop(worker);
+
+    cascade.signal(Signal::Term);
+    cascade.wait_endpoint_down(SHORT).await;
+    cascade.signal(Signal::Term);
+    let status = cascade
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("second SIGTERM ends cascade");
+    assert_eq!(status.code(), Some(130), "{}", describe_exit(status));
+    wait_gone(
+        worker,
+        Duration::from_secs(3),
+        "the backend's worker to die with cascade",
+    )
+    .await;
+}

@@ -1,0 +1,698 @@
+//! The harness: a real `cascade run` process with its own temp state directory
+//! and free ports, HTTP and CLI helpers, deadline-bounded polling, and process
+//! checks. Dropping a [`Cascade`] stops and reaps it, so no test leaks processes.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The binary under test; `{cascade}` in the local tier's command is this too.
+pub const BIN: &str = env!("CARGO_BIN_EXE_cascade");
+
+/// Bound for things that normally take well under a second. Generous because
+/// the suite runs its tests in parallel on a small machine.
+pub const SHORT: Duration = Duration::from_secs(15);
+
+/// How often [`wait_for`] looks again.
+const POLL: Duration = Duration::from_millis(50);
+
+// === ports, processes, polling ===
+
+/// Ports already handed out by this test binary, so two tests never get the same one.
+static HANDED_OUT: LazyLock<Mutex<HashSet<u16>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
+
+/// A TCP port on 127.0.0.1 that was free a moment ago and that no other test of
+/// this binary has been given.
+pub fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0 to find a free port")
+            .port();
+        let mut used = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if used.insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Polls `check` until it returns `Ok`, at most for `timeout`. `Err` carries
+/// what was last seen; it is returned when time runs out.
+pub async fn poll<T>(
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return Ok(value),
+            Err(last) if Instant::now() >= deadline => return Err(last),
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// [`poll`], panicking with `what` and the last observation on timeout.
+pub async fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    match poll(timeout, check).await {
+        Ok(value) => value,
+        Err(last) => panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}"),
+    }
+}
+
+/// Whether `pid` is gone: no such process, or a zombie waiting for init to reap it.
+pub fn process_gone(pid: i32) -> bool {
+    // /proc/PID/stat: "pid (comm) S ..."; comm may contain spaces and parentheses.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(_) => true,
+    }
+}
+
+/// Polls until `pid` is gone.
+pub async fn wait_gone(pid: i32, timeout: Duration, what: &str) {
+    wait_for(timeout, what, async || {
+        if process_gone(pid) {
+            Ok(())
+        } else {
+            Err(format!("process {pid} still exists"))
+        }
+    })
+    .await;
+}
+
+/// The signals the tests send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Int,
+    Term,
+    Kill,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Int => "INT",
+            Signal::Term => "TERM",
+            Signal::Kill => "KILL",
+        }
+    }
+}
+
+/// SIGKILLs a process a test started indirectly (say, a backend's own child)
+/// when dropped, so a failing test leaks nothing.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if !process_gone(self.0) {
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", &self.0.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Sends `signal` to `pid` (with kill(1): the test crate has no libc or nix).
+pub fn send_signal(pid: i32, signal: Signal) {
+    let out = Command::new("kill")
+        .args(["-s", signal.name(), &pid.to_string()])
+        .output()
+        .expect("run kill(1)");
+    assert!(
+        out.status.success(),
+        "kill -s {} {pid} failed: {}",
+        signal.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Removes inherited variables that would change what cascade or the demo
+/// backend does (config keys, config file, log level, demo knobs).
+fn clean_env(cmd: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        let text = name.to_string_lossy();
+        if text.starts_with("CASCADE_")
+            || text.starts_with("DEMO_")
+            || text == "RUST_LOG"
+            || text == "STATE_DIRECTORY"
+            || text == "XDG_STATE_HOME"
+        {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd.env("CASCADE_LOG", "info");
+}
+
+// === one-shot CLI runs ===
+
+/// What a finished `cascade ...` command printed.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Both streams, for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `cascade ARGS` with a clean environment plus `env`, bounded in time.
+pub async fn cli(args: &[&str], env: &[(&str, &str)]) -> CliOutput {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdin(Stdio::null());
+    clean_env(&mut cmd);
+    cmd.envs(env.iter().copied());
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("`cascade {}` did not finish within 60s", args.join(" ")))
+        .unwrap_or_else(|e| panic!("cannot run `cascade {}`: {e}", args.join(" ")));
+    CliOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A temp directory holding one config file, for `check-config` and friends.
+pub struct ConfigFile {
+    pub dir: TempDir,
+    pub path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(text: &str) -> ConfigFile {
+        let dir = tempfile::Builder::new()
+            .prefix("cascade-it-")
+            .tempdir()
+            .expect("create a temp dir");
+        let path = dir.path().join("cascade.toml");
+        fs::write(&path, text).expect("write the config file");
+        ConfigFile { dir, path }
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.path.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+/// A TOML string literal.
+pub fn toml_str(text: &str) -> String {
+    // JSON string escapes are valid in TOML basic strings.
+    serde_json::to_string(text).expect("strings serialize")
+}
+
+fn toml_array(items: &[String]) -> String {
+    let items: Vec<String> = items.iter().map(|s| toml_str(s)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+// === a running cascade ===
+
+/// What to run as the local tier, and any extra configuration.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// `[tiers.local] command`.
+    pub command: String,
+    /// `[tiers.local] args`.
+    pub args: Vec<String>,
+    /// `[tiers.local] stop_grace`.
+    pub stop_grace: String,
+    /// More `key = value` lines for `[tiers.local]` (keys not set above).
+    pub local: Vec<String>,
+    /// Raw TOML appended after `[tiers.local]` (other tables).
+    pub extra: String,
+    /// Extra flags for `cascade run`.
+    pub run_args: Vec<String>,
+    /// `[tiers.local.probe] interval`.
+    pub probe_interval: String,
+    /// Extra environment variables for `cascade run`.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            command: "{cascade}".into(),
+            args: ["demo-backend", "--port", "{port}"]
+                .map(String::from)
+                .into(),
+            stop_grace: "500ms".into(),
+            local: Vec::new(),
+            extra: String::new(),
+            run_args: Vec::new(),
+            probe_interval: "100ms".into(),
+            env: Vec::new(),
+        }
+    }
+}
+
+impl Setup {
+    /// The built-in demo backend with these extra arguments.
+    pub fn demo(extra_args: &[&str]) -> Setup {
+        let mut setup = Setup::default();
+        setup.args.extend(extra_args.iter().map(|a| a.to_string()));
+        setup
+    }
+
+    /// A backend that is slow to stop, like a service draining requests: a
+    /// shell that ignores SIGTERM (so only SIGKILL after `stop_grace` ends
+    /// it) running the demo backend, which stops serving on SIGTERM at once.
+    /// `details.pid` is the shell's.
+    pub fn slow_to_stop(stop_grace: &str) -> Setup {
+        let script = format!(
+            "trap '' TERM; '{BIN}' demo-backend --port {{port}} & while :; do sleep 0.1; done"
+        );
+        Setup {
+            command: "/bin/sh".into(),
+            args: vec!["-c".into(), script],
+            stop_grace: stop_grace.into(),
+            ..Setup::default()
+        }
+    }
+
+    /// Adds a `key = value` line under `[tiers.local]`.
+    pub fn local(mut self, line: &str) -> Setup {
+        self.local.push(line.to_owned());
+        self
+    }
+
+    /// Appends raw TOML (other tables) after `[tiers.local]`.
+    pub fn extra(mut self, toml: &str) -> Setup {
+        self.extra.push_str(toml);
+        self
+    }
+
+    fn render(&self, state_dir: &Path, port: u16) -> String {
+        let state_dir = state_dir.to_str().expect("temp paths are UTF-8");
+        let mut text = format!(
+            "[general]\n\
+             state_dir = {state_dir}\n\
+             \n\
+             [api]\n\
+             listen = \"127.0.0.1:0\"\n\
+             \n\
+             [waterfall]\n\
+             order = [\"local\"]\n\
+             \n\
+             [tiers.local]\n\
+             command = {command}\n\
+             args = {args}\n\
+             port = {port}\n\
+             stop_grace = {grace}\n\
+             start_timeout = \"10s\"\n\
+             probe = {{ interval = {interval}, timeout = \"500ms\" }}\n",
+            state_dir = toml_str(state_dir),
+            command = toml_str(&self.command),
+            args = toml_array(&self.args),
+            grace = toml_str(&self.stop_grace),
+            interval = toml_str(&self.probe_interval),
+        );
+        for line in &self.local {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push('\n');
+        text.push_str(&self.extra);
+        text
+    }
+}
+
+/// A `cascade run --config FILE --log-format json` child process.
+pub struct Cascade {
+    /// Holds the config, the logs and the state dir; removed on drop.
+    _root: TempDir,
+    pub state_dir: PathBuf,
+    pub config_path: PathBuf,
+    /// The local tier's port.
+    pub port: u16,
+    /// Where the status API listens (read from `STATE_DIR/api`).
+    pub api: SocketAddr,
+    child: Child,
+    exit: Option<ExitStatus>,
+    stderr_path: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Cascade {
+    /// Starts cascade with `setup` and waits until it has written `STATE_DIR/api`.
+    pub async fn start(setup: Setup) -> Cascade {
+        let root = tempfile::Builder::new()
+            .prefix("cascade-it-")
+            .tempdir()
+            .expect("create a temp dir");
+        let state_dir = root.path().join("state");
+        let port = free_port();
+        let config_path = root.path().join("cascade.toml");
+        fs::write(&config_path, setup.render(&state_dir, port)).expect("write the config file");
+        let stdout_path = root.path().join("stdout.log");
+        let stderr_path = root.path().join("stderr.log");
+
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--log-format", "json"])
+            .args(&setup.run_args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout_path).expect("create stdout.log"))
+            .stderr(File::create(&stderr_path).expect("create stderr.log"));
+        clean_env(&mut cmd);
+        cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
+        let child = cmd.spawn().expect("spawn `cascade run`");
+
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("build an HTTP client");
+        let mut cascade = Cascade {
+            _root: root,
+            state_dir,
+            config_path,
+            port,
+            api: SocketAddr::from(([127, 0, 0, 1], 0)),
+            child,
+            exit: None,
+            stderr_path,
+            http,
+        };
+        let api_file = cascade.state_dir.join("api");
+        let api = wait_for(SHORT, "cascade to write STATE_DIR/api", async || {
+            if let Some(status) = cascade.try_exit() {
+                panic!(
+                    "cascade exited during start-up ({status}); stderr:\n{}",
+                    cascade.logs()
+                );
+            }
+            let text = fs::read_to_string(&api_file).map_err(|e| e.to_string())?;
+            text.trim()
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("{text:?}: {e}"))
+        })
+        .await;
+        cascade.api = api;
+        cascade
+    }
+
+    /// Starts cascade and waits until the local tier is active and healthy.
+    pub async fn start_ready(setup: Setup) -> Cascade {
+        let cascade = Cascade::start(setup).await;
+        cascade.wait_ready().await;
+        cascade
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pids fit i32")
+    }
+
+    pub fn state_dir_str(&self) -> &str {
+        self.state_dir.to_str().expect("temp paths are UTF-8")
+    }
+
+    /// The local tier's endpoint as status reports it.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// cascade's stderr so far (its JSON log lines).
+    pub fn logs(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let logs = self.logs();
+        let lines: Vec<&str> = logs.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The exit status, if cascade has exited (reaps it).
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().expect("try_wait on cascade");
+        }
+        self.exit
+    }
+
+    /// Waits for cascade to exit; `None` if it is still running after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends `signal` to cascade.
+    pub fn signal(&self, signal: Signal) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// The bearer token cascade wrote.
+    pub fn token(&self) -> String {
+        fs::read_to_string(self.state_dir.join("token"))
+            .expect("read STATE_DIR/token")
+            .trim()
+            .to_owned()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// GET on the status API: (HTTP status, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(&self.http, &self.url(path)).await
+    }
+
+    /// GET on the status API, body parsed as JSON.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let (code, body) = self.get(path).await;
+        (code, parse_json(&body, path))
+    }
+
+    /// POST on the status API with an optional `Authorization` header value.
+    pub async fn post(&self, path: &str, authorization: Option<&str>) -> (u16, Value) {
+        // Restarts answer after stop_grace plus the new start.
+        let mut request = self
+            .http
+            .post(self.url(path))
+            .timeout(Duration::from_secs(30));
+        if let Some(value) = authorization {
+            request = request.header("Authorization", value);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let code = response.status().as_u16();
+        let body = response
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: reading the body: {e}"));
+        (code, parse_json(&body, path))
+    }
+
+    /// POST with the right bearer token.
+    pub async fn post_authorized(&self, path: &str) -> (u16, Value) {
+        let header = format!("Bearer {}", self.token());
+        self.post(path, Some(&header)).await
+    }
+
+    /// `GET /status`, which must answer 200.
+    pub async fn status(&self) -> Value {
+        let (code, body) = self.get_json("/status").await;
+        assert_eq!(code, 200, "GET /status: {body}");
+        body
+    }
+
+    /// The local tier's entry in `GET /status`.
+    pub async fn local(&self) -> Value {
+        local_tier(&self.status().await)
+    }
+
+    /// Polls `GET /status` until the local tier satisfies `accept`; returns that entry.
+    pub async fn wait_local(
+        &self,
+        what: &str,
+        timeout: Duration,
+        accept: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let found = poll(timeout, async || {
+            let tier = self.local().await;
+            if accept(&tier) {
+                Ok(tier)
+            } else {
+                Err(tier.to_string())
+            }
+        })
+        .await;
+        self.or_fail(found, what, timeout)
+    }
+
+    /// Polls `GET /readyz` until it answers `code`; returns the body.
+    pub async fn wait_readyz(&self, code: u16, timeout: Duration) -> Value {
+        let found = poll(timeout, async || {
+            let (got, body) = self.get_json("/readyz").await;
+            if got == code {
+                Ok(body)
+            } else {
+                Err(format!("{got} {body}"))
+            }
+        })
+        .await;
+        self.or_fail(found, &format!("/readyz to answer {code}"), timeout)
+    }
+
+    /// Unwraps a [`poll`] result, or panics with what was awaited, the last
+    /// observation and the tail of cascade's log.
+    pub fn or_fail<T>(&self, found: Result<T, String>, what: &str, timeout: Duration) -> T {
+        found.unwrap_or_else(|last| {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; last seen: {last}\n\
+                 --- cascade log tail ---\n{}",
+                self.log_tail()
+            )
+        })
+    }
+
+    /// Waits until `/readyz` is 200 and the local tier is healthy and active;
+    /// returns the tier's status entry.
+    pub async fn wait_ready(&self) -> Value {
+        self.wait_readyz(200, SHORT).await;
+        self.wait_local("the local tier to be healthy and active", SHORT, |t| {
+            t["state"] == "healthy" && t["active"] == true && backend_pid(t).is_some()
+        })
+        .await
+    }
+
+    /// Waits until nothing answers on the local tier's port any more.
+    pub async fn wait_endpoint_down(&self, timeout: Duration) {
+        let url = format!("{}/health", self.endpoint());
+        let found = poll(timeout, async || match self.http.get(&url).send().await {
+            Err(_) => Ok(()),
+            Ok(response) => Err(format!("{url} answered {}", response.status())),
+        })
+        .await;
+        self.or_fail(found, "the backend to stop listening", timeout)
+    }
+
+    /// The pid of the backend process as status reports it, once it runs.
+    pub async fn wait_backend_pid(&self) -> i32 {
+        let tier = self
+            .wait_local("the local tier to report a backend pid", SHORT, |t| {
+                backend_pid(t).is_some()
+            })
+            .await;
+        backend_pid(&tier).expect("checked above")
+    }
+}
+
+impl Drop for Cascade {
+    fn drop(&mut self) {
+        if self.try_exit().is_some() {
+            return;
+        }
+        // SIGTERM first so cascade stops its backend itself; SIGKILL if it
+        // does not exit in time (the backend then dies by its parent-death signal).
+        // Not reaped yet, so the pid is still ours.
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", &self.pid().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === status documents and plain HTTP ===
+
+/// The `local` entry of a `/status` document.
+pub fn local_tier(status: &Value) -> Value {
+    status["tiers"]
+        .as_array()
+        .and_then(|tiers| tiers.iter().find(|t| t["tier"] == "local"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no local tier in status: {status}"))
+}
+
+/// `details.pid` of a tier entry, as a number.
+pub fn backend_pid(tier: &Value) -> Option<i32> {
+    tier["details"]["pid"].as_str().and_then(|p| p.parse().ok())
+}
+
+/// A plain GET: (HTTP status, body). Panics when the request cannot be made.
+pub async fn http_get(client: &reqwest::Client, url: &str) -> (u16, String) {
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let code = response.status().as_u16();
+    let body = response
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"));
+    (code, body)
+}
+
+fn parse_json(body: &str, what: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {body}"))
+}
+
+/// A fresh HTTP client (no proxy, short timeout) for talking to backends directly.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("build an HTTP client")
+}
+
+/// The exit code, or the signal that killed the process, as text.
+pub fn describe_exit(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        _ => "unknown".into(),
+    }
+}
