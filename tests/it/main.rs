@@ -5,6 +5,7 @@
 mod api;
 mod cli;
 mod config;
+mod docker;
 mod lifecycle;
 mod local;
 mod service;

@@ -43,12 +43,14 @@ async fn notify_socket_receives_ready_status_watchdog_and_stopping_in_order() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
-    let mut setup = Setup::default();
-    setup.env = vec![
-        ("NOTIFY_SOCKET".into(), path.display().to_string()),
-        // 400 ms: cascade pings every 200 ms from its root loop.
-        ("WATCHDOG_USEC".into(), "400000".into()),
-    ];
+    let setup = Setup {
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            // 400 ms: cascade pings every 200 ms from its root loop.
+            ("WATCHDOG_USEC".into(), "400000".into()),
+        ],
+        ..Setup::default()
+    };
     let mut cascade = Cascade::start(setup).await;
     cascade.wait_ready().await;
 

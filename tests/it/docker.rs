@@ -1,0 +1,232 @@
+//! The docker tier through the real binary and the real engine: preferred
+//! over local, `cascade docker check`, dry-run restart, autoheal reported in
+//! `/status`, and failover to local when the container cannot serve.
+//!
+//! Docker tests run one at a time: a cascade heals every managed container
+//! on the engine, so two at once would heal each other's deliberate breaks.
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::support::{Cascade, Setup, cli, free_port, wait_for};
+
+const IMAGE: &str = "cascade-demo:it";
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Under CI=true a missing engine fails the test; elsewhere it is skipped.
+fn engine() -> bool {
+    let ok = Command::new("docker")
+        .args(["version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok || std::env::var("CI").as_deref() != Ok("true"),
+        "the Docker engine is required under CI=true"
+    );
+    if ok {
+        static BUILT: OnceLock<()> = OnceLock::new();
+        BUILT.get_or_init(|| cascade_demo::image::build(IMAGE).unwrap_or_else(|e| panic!("{e}")));
+    } else {
+        eprintln!("skipped: no Docker engine");
+    }
+    ok
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker runs");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+struct Removed(String);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
+}
+
+fn setup(name: &str, image: &str, host_port: u16, autoheal: bool) -> Setup {
+    Setup {
+        env: vec![("CASCADE_WATERFALL__ORDER".into(), "docker,local".into())],
+        extra: format!(
+            "[tiers.docker]\n\
+         start_timeout = \"60s\"\n\
+         stop_on_exit = true\n\
+         probe = {{ interval = \"200ms\", timeout = \"1s\" }}\n\
+         breaker = {{ consecutive_failures = 2 }}\n\
+         autoheal = {{ enabled = {autoheal} }}\n\
+         \n\
+         [[tiers.docker.containers]]\n\
+         name = \"{name}\"\n\
+         image = \"{image}\"\n\
+         env = {{ USER_ID = \"1000\" }}\n\
+         ports = [\"{host_port}:8080\"]\n\
+         labels = {{ \"cascade.test\" = \"it\" }}\n"
+        ),
+        ..Setup::default()
+    }
+}
+
+fn tier<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["tiers"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["tier"] == name))
+        .expect("tier in status")
+}
+
+#[tokio::test]
+async fn docker_is_preferred_checked_and_healed_through_the_binary() {
+    if !engine() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let name = format!("cascade-it-{}", std::process::id());
+    let _removed = Removed(name.clone());
+    let cascade = Cascade::start(setup(&name, IMAGE, free_port(), true)).await;
+
+    // The start phase creates the container; docker beats local, and its
+    // probes then report it ready.
+    let ready = "ready (daemon running, container healthy)";
+    let status = wait_for(Duration::from_secs(60), "docker active", async || {
+        let s = cascade.status().await;
+        if s["active"] == "docker" && tier(&s, "docker")["reason"] == ready {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    assert_eq!(
+        tier(&status, "docker")["reason"],
+        "ready (daemon running, container healthy)"
+    );
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"cascade.managed\"}}",
+            &name
+        ]),
+        "true"
+    );
+    let id = docker(&["inspect", "-f", "{{.Id}}", &name]);
+
+    let state = cascade.state_dir_str().to_owned();
+    let check = cli(&["docker", "check", "--state-dir", &state], &[]).await;
+    assert_eq!(check.code, Some(0), "{}", check.describe());
+    assert!(
+        check.stdout.contains(&name) && check.stdout.contains("consistent"),
+        "{}",
+        check.stdout
+    );
+
+    let dry = cli(
+        &[
+            "restart",
+            "docker",
+            "--force",
+            "--dry-run",
+            "--state-dir",
+            &state,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(dry.code, Some(0), "{}", dry.describe());
+    assert!(
+        dry.stdout.contains(&format!("recreate {name} (forced)")),
+        "{}",
+        dry.stdout
+    );
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.Id}}", &name]),
+        id,
+        "a dry run changed the container"
+    );
+
+    // Killed by hand: a managed container is cascade's to keep running.
+    docker(&["kill", &name]);
+    let status = wait_for(
+        Duration::from_secs(30),
+        "autoheal reported in /status",
+        async || {
+            let s = cascade.status().await;
+            let heal = tier(&s, "docker")["details"][format!("autoheal.{name}")]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            let healthy = tier(&s, "docker")["state"] == "healthy";
+            if heal.starts_with("restarts 1") && s["active"] == "docker" && healthy {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        tier(&status, "docker")["backend_restarts"],
+        0,
+        "healed by autoheal, not recreated"
+    );
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Running}}", &name]),
+        "true"
+    );
+}
+
+#[tokio::test]
+async fn a_docker_tier_that_cannot_start_fails_over_to_local() {
+    if !engine() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let name = format!("cascade-it-failover-{}", std::process::id());
+    // A tag of its own, so removing it breaks only this test's tier.
+    let image = format!("cascade-demo:it-failover-{}", std::process::id());
+    docker(&["tag", IMAGE, &image]);
+    let _removed = Removed(name.clone());
+    let cascade = Cascade::start(setup(&name, &image, free_port(), false)).await;
+    wait_for(Duration::from_secs(60), "docker active", async || {
+        let s = cascade.status().await;
+        if s["active"] == "docker" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+
+    // The container and its image go away: the docker tier stops serving,
+    // its start fails (the image is missing and pull is off), and the start
+    // phase moves on to local.
+    docker(&["rm", "-f", &name]);
+    docker(&["rmi", &image]);
+    let status = wait_for(Duration::from_secs(60), "failover to local", async || {
+        let s = cascade.status().await;
+        if s["active"] == "local" {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    let decision = status["decision"].as_str().unwrap_or("");
+    assert!(
+        decision.starts_with("active tier: local (docker: "),
+        "{decision}"
+    );
+    assert_eq!(tier(&status, "local")["state"], "healthy");
+}
