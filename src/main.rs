@@ -100,49 +100,26 @@ async fn dispatch(cli: Cli) -> ExitCode {
             force,
             dry_run,
             config,
-        } => {
-            let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {
-                return ExitCode::from(EXIT_CONFIG);
-            };
-            let timeout = restart_timeout(&loaded);
-            let result = async {
-                let client = client::Client::new(loaded, timeout)?;
-                client.restart(&tier, force, dry_run).await
+        } => match request_restart(&config, cli.log_format, &tier, force, dry_run).await {
+            Ok(report) => {
+                let verb = if report.dry_run { "would" } else { "did" };
+                println!("restart {} ({verb}):", report.tier);
+                print_plan(&report);
+                ExitCode::SUCCESS
             }
-            .await;
-            match result {
-                Ok(report) => {
-                    let verb = if report.dry_run { "would" } else { "did" };
-                    println!("restart {} ({verb}):", report.tier);
-                    for step in &report.plan {
-                        println!("  - {step}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => client_error(e),
-            }
-        }
+            Err(code) => code,
+        },
         Command::Docker {
             command: DockerCommand::Check { config },
         } => {
-            let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {
-                return ExitCode::from(EXIT_CONFIG);
-            };
-            let timeout = restart_timeout(&loaded);
-            let result = async {
-                let client = client::Client::new(loaded, timeout)?;
-                client.restart("docker", false, true).await
-            }
-            .await;
-            match result {
+            // The consistency check is the docker tier's restart plan, unexecuted.
+            match request_restart(&config, cli.log_format, "docker", false, true).await {
                 Ok(report) => {
                     println!("docker containers against the configuration:");
-                    for step in &report.plan {
-                        println!("  - {step}");
-                    }
+                    print_plan(&report);
                     ExitCode::SUCCESS
                 }
-                Err(e) => client_error(e),
+                Err(code) => code,
             }
         }
         Command::InstallUnit {
@@ -200,6 +177,31 @@ fn install_unit(
             eprintln!("cascade: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// Asks the running cascade to restart (or plan restarting) `tier`.
+async fn request_restart(
+    config: &ConfigArg,
+    log_format: Option<LogFormat>,
+    tier: &str,
+    force: bool,
+    dry_run: bool,
+) -> Result<cascade_actors::contract::RestartReport, ExitCode> {
+    let Some(loaded) = load(config, &overrides(config, None, log_format)) else {
+        return Err(ExitCode::from(EXIT_CONFIG));
+    };
+    let timeout = restart_timeout(&loaded);
+    let client = client::Client::new(loaded, timeout).map_err(client_error)?;
+    client
+        .restart(tier, force, dry_run)
+        .await
+        .map_err(client_error)
+}
+
+fn print_plan(report: &cascade_actors::contract::RestartReport) {
+    for step in &report.plan {
+        println!("  - {step}");
     }
 }
 

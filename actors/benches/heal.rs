@@ -270,16 +270,7 @@ fn server_version() -> String {
 }
 
 fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker CLI runs");
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    cascade_demo::image::docker_cli(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn inspect(name: &str, format: &str) -> Option<String> {

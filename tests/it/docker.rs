@@ -37,16 +37,7 @@ fn engine() -> bool {
 }
 
 fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker runs");
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    cascade_demo::image::docker_cli(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 struct Removed(String);

@@ -81,3 +81,20 @@ fn static_binary() -> Result<PathBuf, String> {
     }
     Ok(target_dir.join(TRIPLE).join("debug/demo-backend"))
 }
+
+/// Runs the `docker` CLI and returns its trimmed stdout, or its stderr as
+/// the error: for test and benchmark set-up and assertions.
+pub fn docker_cli(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run docker: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}

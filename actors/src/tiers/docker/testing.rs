@@ -43,16 +43,7 @@ pub fn demo_image() -> &'static str {
 
 /// `docker` CLI, for test set-up and assertions; panics with stderr on failure.
 pub fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker CLI runs");
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    cascade_demo::image::docker_cli(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Like [`docker`], but failures are fine (cleanup).
