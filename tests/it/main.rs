@@ -8,5 +8,7 @@ mod config;
 mod docker;
 mod lifecycle;
 mod local;
+mod page;
+mod reload;
 mod service;
 mod support;
