@@ -232,6 +232,7 @@ pub fn tier_specs(config: &Config) -> Vec<TierSpec> {
 }
 
 fn local_spec(local: LocalConfig) -> TierSpec {
+    let fingerprint = fingerprint(&local);
     let driver_config = local.clone();
     let factory: DriverFactory = Arc::new(move |events| {
         let driver = LocalDriver::new(driver_config.clone(), events)?;
@@ -244,10 +245,12 @@ fn local_spec(local: LocalConfig) -> TierSpec {
         breaker: local.breaker.clone(),
         start_timeout: local.start_timeout,
         stop_grace: local.stop_grace,
+        fingerprint,
     }
 }
 
 fn docker_spec(docker: DockerConfig) -> TierSpec {
+    let fingerprint = fingerprint(&docker);
     let driver_config = docker.clone();
     let factory: DriverFactory = Arc::new(move |events| {
         let driver = DockerDriver::new(driver_config.clone(), events)?;
@@ -260,7 +263,17 @@ fn docker_spec(docker: DockerConfig) -> TierSpec {
         breaker: docker.breaker.clone(),
         start_timeout: docker.start_timeout,
         stop_grace: docker.stop_grace,
+        fingerprint,
     }
+}
+
+/// A tier section's identity for reloads: its serialized form. Every field
+/// of a `TierSpec` comes from its own section, so equal text means an equal
+/// spec. Maps in tier sections are `BTreeMap`s, so the text is stable.
+fn fingerprint(section: &impl Serialize) -> String {
+    // Serializing plain config structs (strings, numbers, durations,
+    // `BTreeMap`s) does not fail.
+    serde_json::to_string(section).unwrap_or_else(|e| format!("unserializable: {e}"))
 }
 
 /// The state directory: configured, else the service manager's, else the user's.

@@ -1,19 +1,23 @@
-//! The status API (axum): liveness, readiness, status, and operator actions.
+//! The status API (axum): liveness, readiness, status, the live status page
+//! (`GET /`, fed by server-sent events on `GET /events`), and operator actions.
 //!
 //! Invariant: read handlers only read the published snapshot; they never wait
 //! on an actor. Mutations are POSTs that need the bearer token from the state
 //! directory; without it they do nothing and answer 401.
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cascade_actors::TierId;
 use cascade_actors::contract::{RestartRequest, TierError};
 use cascade_actors::supervisor::{RootMsg, Snapshot};
+use futures_util::Stream;
 use ractor::ActorRef;
 use ractor::rpc::CallResult;
 use serde_json::json;
@@ -28,13 +32,54 @@ pub struct ApiState {
     pub restart_timeout: Duration,
 }
 
+/// The status page: one self-contained file (inline CSS and JS, no external
+/// assets), so it works offline and behind any proxy.
+const PAGE: &str = include_str!("page.html");
+
+/// How often an idle event stream sends a comment, so proxies and browsers
+/// do not take a quiet connection for a dead one.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
 pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/", get(page))
+        .route("/events", get(events))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/tiers/{tier}/restart", post(restart))
         .with_state(state)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+/// The published snapshot as a stream: the current one at once, then one per
+/// change. Each connection has its own receiver, so a slow client only falls
+/// behind itself (the watch channel keeps just the newest value) and a gone
+/// client drops its stream without touching anything else.
+async fn events(State(api): State<ApiState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let mut snapshots = api.snapshots.clone();
+    // So the first `changed()` yields the current snapshot at once.
+    snapshots.mark_changed();
+    let stream = futures_util::stream::unfold(snapshots, |mut snapshots| async move {
+        // Err: the sender is gone (cascade is stopping); end the stream.
+        snapshots.changed().await.ok()?;
+        let event = snapshot_event(&snapshots.borrow_and_update());
+        Some((Ok(event), snapshots))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+fn snapshot_event(snapshot: &Snapshot) -> Event {
+    match Event::default().event("snapshot").json_data(snapshot) {
+        Ok(event) => event,
+        // Snapshot serializes to JSON by construction; say so rather than panic.
+        Err(error) => Event::default()
+            .event("serialize-error")
+            .data(format!("cannot serialize the snapshot: {error}")),
+    }
 }
 
 async fn healthz() -> &'static str {

@@ -53,7 +53,11 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             };
             telemetry::init(loaded.log.format);
-            run::run(loaded).await
+            let source = run::Source {
+                file: config.config,
+                overrides,
+            };
+            run::run(loaded, source).await
         }
         Command::CheckConfig { config } => {
             let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {

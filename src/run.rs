@@ -1,22 +1,39 @@
 //! `cascade run`: a straight line — state directory, supervisor, status API,
 //! wait for a signal or an escalation, stop everything within its grace.
+//!
+//! SIGHUP reloads the configuration from the same file and flags: an invalid
+//! one is refused (logged, the running configuration kept); a valid one goes
+//! to the root, which restarts only the tiers it touches. Settings bound at
+//! start-up (listen address, state directory, log format, supervision
+//! policy) are reported as needing a restart and otherwise ignored.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use cascade_actors::supervisor::{self, Exit, RootMsg};
+use cascade_actors::tier::TierSpec;
+use ractor::ActorRef;
 use ractor::rpc::CallResult;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Overrides};
 use crate::http::{self, ApiState};
 use crate::state;
 use crate::{EXIT_ESCALATED, EXIT_FAILURE};
 
-pub async fn run(config: Config) -> ExitCode {
-    match run_inner(config).await {
+/// Where the running configuration came from, so SIGHUP reads it the same way.
+pub struct Source {
+    /// `--config FILE`, if given.
+    pub file: Option<PathBuf>,
+    /// The flags that override configuration keys.
+    pub overrides: Overrides,
+}
+
+pub async fn run(config: Config, source: Source) -> ExitCode {
+    match run_inner(config, source).await {
         Ok(code) => code,
         Err(message) => {
             error!("{message}");
@@ -26,11 +43,13 @@ pub async fn run(config: Config) -> ExitCode {
     }
 }
 
-async fn run_inner(config: Config) -> Result<ExitCode, String> {
+async fn run_inner(config: Config, source: Source) -> Result<ExitCode, String> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut hangup =
+        signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
 
     let dir = config::state_dir(&config);
     state::ensure_dir(&dir).map_err(|e| e.to_string())?;
@@ -44,11 +63,6 @@ async fn run_inner(config: Config) -> Result<ExitCode, String> {
     state::write_api_addr(&dir, addr).map_err(|e| e.to_string())?;
 
     let specs = config::tier_specs(&config);
-    let shutdown_budget: Duration = specs
-        .iter()
-        .map(|s| s.stop_grace + Duration::from_secs(2))
-        .sum::<Duration>()
-        + Duration::from_secs(5);
     let restart_timeout = specs
         .iter()
         .map(|s| s.stop_grace + s.start_timeout)
@@ -78,11 +92,17 @@ async fn run_inner(config: Config) -> Result<ExitCode, String> {
     );
     info!(api = %addr, state_dir = %dir.display(), "cascade is running.");
 
-    let exit = tokio::select! {
-        _ = interrupt.recv() => None,
-        _ = terminate.recv() => None,
-        exit = &mut running.exit => Some(exit.unwrap_or(Exit::Shutdown)),
+    // The configuration in effect: what a reload is compared against.
+    let mut current = config;
+    let exit = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break None,
+            _ = terminate.recv() => break None,
+            _ = hangup.recv() => reload(&running.root, &source, &mut current).await,
+            exit = &mut running.exit => break Some(exit.unwrap_or(Exit::Shutdown)),
+        }
     };
+    let shutdown_budget = stop_budget(&config::tier_specs(&current));
     let exit = match exit {
         Some(exit) => exit,
         None => {
@@ -138,6 +158,83 @@ async fn run_inner(config: Config) -> Result<ExitCode, String> {
             eprintln!("cascade: {escalated}");
             Ok(ExitCode::from(EXIT_ESCALATED))
         }
+    }
+}
+
+/// How long stopping `specs` may take: each tier's grace and a margin.
+fn stop_budget(specs: &[TierSpec]) -> Duration {
+    specs
+        .iter()
+        .map(|s| s.stop_grace + Duration::from_secs(2))
+        .sum::<Duration>()
+        + Duration::from_secs(5)
+}
+
+/// Settings read once at start-up, which a reload cannot apply.
+fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if new.api.listen != current.api.listen {
+        keys.push("api.listen");
+    }
+    if new.general.state_dir != current.general.state_dir {
+        keys.push("general.state_dir");
+    }
+    if new.log.format != current.log.format {
+        keys.push("log.format");
+    }
+    // The root's restart policy is fixed when it starts.
+    if new.supervisor != current.supervisor {
+        keys.push("supervisor");
+    }
+    keys
+}
+
+/// SIGHUP: reads the configuration again and hands a valid one to the root.
+/// `current` becomes the new configuration, except the settings that need a
+/// restart, which keep their running values.
+async fn reload(root: &ActorRef<RootMsg>, source: &Source, current: &mut Config) {
+    info!("SIGHUP received; reloading the configuration.");
+    let mut new = match config::load(source.file.as_deref(), &source.overrides) {
+        Ok(new) => new,
+        Err(e) => {
+            error!(error = %e, "Configuration reload refused; keeping the running configuration.");
+            return;
+        }
+    };
+    for key in needs_restart(current, &new) {
+        warn!(
+            key,
+            "{key} changed: needs a restart to take effect; ignored until then."
+        );
+    }
+    new.api = current.api.clone();
+    new.general = current.general.clone();
+    new.log = current.log.clone();
+    new.supervisor = current.supervisor.clone();
+
+    // Stopping every old tier and spawning the new ones bounds the reload.
+    let budget = stop_budget(&config::tier_specs(current)) + stop_budget(&config::tier_specs(&new));
+    let tiers = config::tier_specs(&new);
+    let waterfall = new.waterfall.clone();
+    *current = new;
+    let answer = root
+        .call(
+            |reply| RootMsg::Reload {
+                tiers,
+                waterfall,
+                reply,
+            },
+            Some(budget),
+        )
+        .await;
+    match answer {
+        Ok(CallResult::Success(summary)) => info!("{summary}"),
+        Ok(CallResult::Timeout) => warn!(
+            "Reload not confirmed within {}; it may still be in progress.",
+            humantime::format_duration(budget)
+        ),
+        Ok(CallResult::SenderError) => warn!("Reload not applied: cascade is stopping."),
+        Err(e) => warn!(error = %e, "Reload could not be delivered."),
     }
 }
 

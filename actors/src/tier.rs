@@ -60,6 +60,11 @@ pub struct TierSpec {
     pub start_timeout: Duration,
     /// Deadline for `Driver::stop`.
     pub stop_grace: Duration,
+    /// Identifies the configuration this spec was built from, so a reload
+    /// can tell a changed tier from an unchanged one: the factory is a
+    /// closure and cannot be compared. Equal fingerprints mean "leave the
+    /// running tier alone".
+    pub fingerprint: String,
 }
 
 /// The tier actor. Read-only: everything mutable is in [`TierState`].

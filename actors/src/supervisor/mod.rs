@@ -12,6 +12,11 @@
 //! publishes a [`Snapshot`] that readers (HTTP, CLI) use without ever
 //! calling an actor.
 //!
+//! A reload ([`RootMsg::Reload`]) replaces the tier set and the waterfall
+//! settings in place: tiers whose fingerprint changed are stopped and
+//! spawned again, removed tiers are stopped, new ones spawned, and the
+//! others keep running untouched (same actor, same backend).
+//!
 //! Invariant: the active tier changes only inside this actor, by message.
 
 use std::collections::VecDeque;
@@ -127,6 +132,70 @@ pub enum RootMsg {
     /// Time to tell the service manager the root is alive. Handled in the
     /// root's own mailbox, so a wedged root stops the pings.
     WatchdogTick,
+    /// Apply a reloaded configuration: `tiers` in the new waterfall order.
+    /// Replies with what changed once changed tiers are stopped and their
+    /// replacements spawned.
+    Reload {
+        tiers: Vec<TierSpec>,
+        waterfall: WaterfallConfig,
+        reply: RpcReplyPort<ReloadSummary>,
+    },
+}
+
+/// What a reload changed, for the one log line that reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Tiers whose configuration changed: stopped and spawned again.
+    pub restarted: Vec<TierId>,
+    pub added: Vec<TierId>,
+    pub removed: Vec<TierId>,
+    /// The waterfall order after the reload.
+    pub order: Vec<TierId>,
+    pub order_changed: bool,
+    /// Other `[waterfall]` settings (failback, start retry) changed.
+    pub waterfall_changed: bool,
+}
+
+impl ReloadSummary {
+    pub fn is_unchanged(&self) -> bool {
+        self.restarted.is_empty()
+            && self.added.is_empty()
+            && self.removed.is_empty()
+            && !self.order_changed
+            && !self.waterfall_changed
+    }
+}
+
+impl std::fmt::Display for ReloadSummary {
+    /// `configuration reloaded: local restarted (changed), docker added;
+    /// waterfall order now docker, local`, or `configuration unchanged`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_unchanged() {
+            return f.write_str("configuration unchanged");
+        }
+        let mut tiers: Vec<String> = Vec::new();
+        tiers.extend(
+            self.restarted
+                .iter()
+                .map(|t| format!("{t} restarted (changed)")),
+        );
+        tiers.extend(self.added.iter().map(|t| format!("{t} added")));
+        tiers.extend(self.removed.iter().map(|t| format!("{t} removed")));
+        let mut parts = Vec::new();
+        if tiers.is_empty() {
+            parts.push("tiers unchanged".to_owned());
+        } else {
+            parts.push(tiers.join(", "));
+        }
+        if self.order_changed {
+            let order: Vec<&str> = self.order.iter().map(|t| t.as_str()).collect();
+            parts.push(format!("waterfall order now {}", order.join(", ")));
+        }
+        if self.waterfall_changed {
+            parts.push("waterfall settings changed".to_owned());
+        }
+        write!(f, "configuration reloaded: {}", parts.join("; "))
+    }
 }
 
 pub struct RootArgs {
@@ -154,8 +223,13 @@ struct Child {
 
 pub struct RootState {
     /// In waterfall order; tiers start in this order and stop in reverse.
+    /// A tier actor not in here is not supervised: its exit is ignored.
     children: Vec<Child>,
     waterfall: Waterfall,
+    /// What `waterfall` was built from, so a reload can tell what changed.
+    waterfall_config: WaterfallConfig,
+    /// Restart policy for children spawned later (by a reload).
+    supervisor: SupervisorConfig,
     snapshots: watch::Sender<Snapshot>,
     exit: Option<oneshot::Sender<Exit>>,
     last_decision: String,
@@ -187,23 +261,13 @@ impl Actor for RootSupervisor {
         let children = args
             .tiers
             .into_iter()
-            .map(|spec| Child {
-                status: TierStatus::new(spec.id, false),
-                backoff: Backoff::new(args.supervisor.restart_backoff.clone()),
-                intensity: RestartIntensity::new(
-                    args.supervisor.max_restarts,
-                    args.supervisor.restart_window,
-                ),
-                spec,
-                actor: None,
-                healthy_since: None,
-                restarts: 0,
-                last_errors: VecDeque::new(),
-            })
+            .map(|spec| Child::new(spec, &args.supervisor))
             .collect();
         Ok(RootState {
             children,
             waterfall: Waterfall::new(&args.waterfall),
+            waterfall_config: args.waterfall,
+            supervisor: args.supervisor,
             snapshots: args.snapshots,
             exit: Some(args.exit),
             last_decision: String::new(),
@@ -260,6 +324,21 @@ impl Actor for RootSupervisor {
                 reply,
             } => forward_restart(state, tier, request, reply),
             RootMsg::WatchdogTick => state.notify.watchdog(),
+            RootMsg::Reload {
+                tiers,
+                waterfall,
+                reply,
+            } => {
+                if state.shutting_down {
+                    // Dropping the reply tells the caller it was not applied.
+                    warn!("Reload ignored: shutting down.");
+                    return Ok(());
+                }
+                let summary = reload(&myself, state, tiers, waterfall).await?;
+                if reply.send(summary).is_err() {
+                    warn!("Reload requester stopped waiting.");
+                }
+            }
             RootMsg::Shutdown(reply) => {
                 state.notify.stopping();
                 stop_all(state).await;
@@ -311,6 +390,22 @@ impl Actor for RootSupervisor {
 }
 
 // === children ===
+
+impl Child {
+    /// A child not spawned yet, with fresh supervision bookkeeping.
+    fn new(spec: TierSpec, supervisor: &SupervisorConfig) -> Child {
+        Child {
+            status: TierStatus::new(spec.id, false),
+            backoff: Backoff::new(supervisor.restart_backoff.clone()),
+            intensity: RestartIntensity::new(supervisor.max_restarts, supervisor.restart_window),
+            spec,
+            actor: None,
+            healthy_since: None,
+            restarts: 0,
+            last_errors: VecDeque::new(),
+        }
+    }
+}
 
 async fn spawn_tier(
     myself: &ActorRef<RootMsg>,
@@ -426,25 +521,111 @@ fn escalate(myself: &ActorRef<RootMsg>, state: &mut RootState, tier: TierId, err
 async fn stop_all(state: &mut RootState) {
     state.shutting_down = true;
     for child in state.children.iter_mut().rev() {
-        let Some(actor) = child.actor.take() else {
-            continue;
-        };
-        let tier = child.spec.id;
-        let grace = child.spec.stop_grace + Duration::from_secs(1);
-        match actor.call(TierMsg::Stop, Some(grace)).await {
-            Ok(ractor::rpc::CallResult::Success(())) => {}
-            Ok(_) => warn!(backend.tier = %tier, "Tier did not confirm its stop in time."),
-            Err(e) => warn!(backend.tier = %tier, error = %e, "Tier could not be asked to stop."),
-        }
-        if actor
-            .stop_and_wait(None, Some(Duration::from_secs(5)))
-            .await
-            .is_err()
-        {
-            warn!(backend.tier = %tier, "Tier actor did not stop in time; killing it.");
-            actor.kill();
+        if let Some(actor) = child.actor.take() {
+            stop_tier(actor, &child.spec).await;
         }
     }
+}
+
+/// Stops a tier's backend within its grace, then its actor. Whoever calls
+/// this has already taken the actor out of its child, so the exit this
+/// causes is not mistaken for a failure.
+async fn stop_tier(actor: ActorRef<TierMsg>, spec: &TierSpec) {
+    let tier = spec.id;
+    let grace = spec.stop_grace + Duration::from_secs(1);
+    match actor.call(TierMsg::Stop, Some(grace)).await {
+        Ok(ractor::rpc::CallResult::Success(())) => {}
+        Ok(_) => warn!(backend.tier = %tier, "Tier did not confirm its stop in time."),
+        Err(e) => warn!(backend.tier = %tier, error = %e, "Tier could not be asked to stop."),
+    }
+    if actor
+        .stop_and_wait(None, Some(Duration::from_secs(5)))
+        .await
+        .is_err()
+    {
+        warn!(backend.tier = %tier, "Tier actor did not stop in time; killing it.");
+        actor.kill();
+    }
+}
+
+// === reload ===
+
+/// Applies a reloaded configuration. Changed and removed tiers are stopped
+/// (in reverse of the old order) before anything is spawned, so a changed
+/// tier's new backend never races its old one for a port.
+async fn reload(
+    myself: &ActorRef<RootMsg>,
+    state: &mut RootState,
+    tiers: Vec<TierSpec>,
+    waterfall: WaterfallConfig,
+) -> Result<ReloadSummary, ActorProcessingErr> {
+    let old_order: Vec<TierId> = state.children.iter().map(|c| c.spec.id).collect();
+    let mut old: Vec<Option<Child>> = std::mem::take(&mut state.children)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let mut summary = ReloadSummary::default();
+    let mut to_spawn = Vec::new();
+    for spec in tiers {
+        let previous = old
+            .iter_mut()
+            .find(|c| c.as_ref().is_some_and(|c| c.spec.id == spec.id));
+        match previous {
+            Some(slot)
+                if slot
+                    .as_ref()
+                    .is_some_and(|c| c.spec.fingerprint == spec.fingerprint) =>
+            {
+                if let Some(kept) = slot.take() {
+                    state.children.push(kept);
+                }
+            }
+            Some(_) => {
+                summary.restarted.push(spec.id);
+                to_spawn.push(state.children.len());
+                state.children.push(Child::new(spec, &state.supervisor));
+            }
+            None => {
+                summary.added.push(spec.id);
+                to_spawn.push(state.children.len());
+                state.children.push(Child::new(spec, &state.supervisor));
+            }
+        }
+    }
+    // Whatever is left in `old` is replaced or removed. Those children are
+    // out of `state.children` now, so their actors' exits find no child.
+    for child in old.into_iter().rev().flatten() {
+        if !state.children.iter().any(|c| c.spec.id == child.spec.id) {
+            summary.removed.push(child.spec.id);
+        }
+        if let Some(actor) = child.actor {
+            info!(backend.tier = %child.spec.id, "Reload: stopping the tier.");
+            stop_tier(actor, &child.spec).await;
+        }
+    }
+    summary.removed.reverse();
+
+    summary.order = state.children.iter().map(|c| c.spec.id).collect();
+    summary.order_changed = summary.order != old_order;
+    summary.waterfall_changed = WaterfallConfig {
+        order: state.waterfall_config.order.clone(),
+        ..waterfall.clone()
+    } != state.waterfall_config;
+
+    let untouched =
+        |tier: TierId| !summary.restarted.contains(&tier) && summary.order.contains(&tier);
+    state.waterfall = state.waterfall.reconfigured(&waterfall, untouched);
+    state.waterfall_config = waterfall;
+    // A hysteresis deadline computed under the old settings is stale.
+    if let Some((_, timer)) = state.recheck.take() {
+        timer.abort();
+    }
+    for index in to_spawn {
+        spawn_tier(myself, state, index).await?;
+    }
+    decide(myself, state);
+    publish(state);
+    Ok(summary)
 }
 
 fn finish(state: &mut RootState, exit: Exit) {

@@ -1,4 +1,5 @@
-//! The root with fake drivers: restart, escalation, failover and failback.
+//! The root with fake drivers: restart, escalation, failover and failback,
+//! reload.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,8 @@ struct Tiers {
     specs: Vec<TierSpec>,
     health: Vec<Arc<AtomicBool>>,
     stops: Arc<Mutex<Vec<TierId>>>,
+    /// How many drivers tier i's factory has built.
+    builds: Vec<Arc<AtomicU32>>,
 }
 
 /// `panicking[i]`: how many instances of tier i panic before one behaves.
@@ -75,11 +78,14 @@ fn tiers(ids: &[TierId], panicking: &[u32]) -> Tiers {
     let stops = Arc::new(Mutex::new(Vec::new()));
     let mut specs = Vec::new();
     let mut health = Vec::new();
+    let mut builds = Vec::new();
     for (i, &id) in ids.iter().enumerate() {
         let healthy = Arc::new(AtomicBool::new(true));
         let remaining = Arc::new(AtomicU32::new(panicking[i]));
-        let (h, s) = (healthy.clone(), stops.clone());
+        let built = Arc::new(AtomicU32::new(0));
+        let (h, s, b) = (healthy.clone(), stops.clone(), built.clone());
         let factory: DriverFactory = Arc::new(move |_events| {
+            b.fetch_add(1, Ordering::SeqCst);
             let panics = remaining
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok();
@@ -103,13 +109,16 @@ fn tiers(ids: &[TierId], panicking: &[u32]) -> Tiers {
             },
             start_timeout: Duration::from_secs(1),
             stop_grace: Duration::from_secs(1),
+            fingerprint: "v1".into(),
         });
         health.push(healthy);
+        builds.push(built);
     }
     Tiers {
         specs,
         health,
         stops,
+        builds,
     }
 }
 
@@ -446,4 +455,197 @@ async fn a_wedged_root_stops_the_watchdog_pings() {
         steady < Duration::from_millis(500),
         "pings resumed irregularly: largest gap {steady:?}"
     );
+}
+
+async fn reload(
+    running: &Running,
+    tiers: Vec<TierSpec>,
+    waterfall: WaterfallConfig,
+) -> ReloadSummary {
+    let answer = running
+        .root
+        .call(
+            |reply| RootMsg::Reload {
+                tiers,
+                waterfall,
+                reply,
+            },
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .expect("reload delivered");
+    match answer {
+        ractor::rpc::CallResult::Success(summary) => summary,
+        _ => panic!("reload not answered in time"),
+    }
+}
+
+fn order(snapshot: &Snapshot) -> Vec<TierId> {
+    snapshot.tiers.iter().map(|t| t.status.tier).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rebuilds_only_the_tier_whose_fingerprint_changed() {
+    let ids = [TierId::Docker, TierId::Local];
+    let t = tiers(&ids, &[0, 0]);
+    let mut changed = t.specs.clone();
+    changed[1].fingerprint = "v2".into();
+    let config = waterfall(&ids, Duration::from_millis(100));
+    let mut running = start(
+        t.specs.clone(),
+        config.clone(),
+        supervisor_config(),
+        Arc::new(crate::notify::NoNotify),
+    )
+    .await
+    .expect("root starts");
+    wait_for(
+        &mut running.snapshots,
+        "docker active, local healthy",
+        |s| s.active == Some(TierId::Docker) && s.tiers[1].status.state == TierState::Healthy,
+    )
+    .await;
+
+    let summary = reload(&running, changed, config).await;
+    assert_eq!(summary.restarted, vec![TierId::Local]);
+    assert!(
+        summary.added.is_empty() && summary.removed.is_empty(),
+        "{summary:?}"
+    );
+    assert_eq!(
+        summary.to_string(),
+        "configuration reloaded: local restarted (changed)"
+    );
+    assert_eq!(*t.stops.lock().unwrap(), vec![TierId::Local]);
+    let snap = wait_for(&mut running.snapshots, "local healthy again", |s| {
+        s.tiers[1].status.state == TierState::Healthy
+    })
+    .await;
+    assert_eq!(snap.active, Some(TierId::Docker));
+    // Give a wrongly scheduled supervision restart (an exit taken for a
+    // failure) the time to happen: the backoff is at most 40ms.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(t.builds[1].load(Ordering::SeqCst), 2, "local rebuilt once");
+    assert_eq!(t.builds[0].load(Ordering::SeqCst), 1, "docker untouched");
+    assert_eq!(
+        running.snapshots.borrow().tiers[1].actor_restarts,
+        0,
+        "a reload is not a failure"
+    );
+
+    let summary = reload(
+        &running,
+        t.specs,
+        waterfall(&ids, Duration::from_millis(100)),
+    )
+    .await;
+    assert_eq!(summary.restarted, vec![TierId::Local], "v2 back to v1");
+    let summary = reload(
+        &running,
+        {
+            let t2 = tiers(&ids, &[0, 0]);
+            t2.specs
+        },
+        waterfall(&ids, Duration::from_millis(100)),
+    )
+    .await;
+    assert!(summary.is_unchanged(), "{summary:?}");
+    assert_eq!(summary.to_string(), "configuration unchanged");
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_tiers_in_the_new_order() {
+    let all = tiers(&[TierId::Docker, TierId::Local], &[0, 0]);
+    let (docker, local) = (all.specs[0].clone(), all.specs[1].clone());
+    let mut running = start(
+        vec![local.clone()],
+        waterfall(&[TierId::Local], Duration::from_secs(60)),
+        supervisor_config(),
+        Arc::new(crate::notify::NoNotify),
+    )
+    .await
+    .expect("root starts");
+    wait_for(&mut running.snapshots, "local active", |s| {
+        s.active == Some(TierId::Local)
+    })
+    .await;
+
+    let ids = [TierId::Docker, TierId::Local];
+    let summary = reload(
+        &running,
+        vec![docker.clone(), local],
+        waterfall(&ids, Duration::from_secs(60)),
+    )
+    .await;
+    assert_eq!(summary.added, vec![TierId::Docker]);
+    assert_eq!(
+        summary.to_string(),
+        "configuration reloaded: docker added; waterfall order now docker, local"
+    );
+    assert_eq!(order(&running.snapshots.borrow()), ids.to_vec());
+    wait_for(&mut running.snapshots, "docker healthy", |s| {
+        s.tiers[0].status.state == TierState::Healthy
+    })
+    .await;
+
+    let summary = reload(
+        &running,
+        vec![docker],
+        waterfall(&[TierId::Docker], Duration::from_secs(60)),
+    )
+    .await;
+    assert_eq!(summary.removed, vec![TierId::Local]);
+    assert_eq!(*all.stops.lock().unwrap(), vec![TierId::Local]);
+    assert_eq!(order(&running.snapshots.borrow()), vec![TierId::Docker]);
+    // With local gone, docker is the only tier left to serve.
+    wait_for(&mut running.snapshots, "docker active", |s| {
+        s.active == Some(TierId::Docker)
+    })
+    .await;
+    assert_eq!(all.builds[0].load(Ordering::SeqCst), 1);
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_active_tier_stays_active_across_a_reload_that_does_not_touch_it() {
+    let ids = [TierId::Docker, TierId::Local];
+    let t = tiers(&ids, &[0, 0]);
+    let mut running = start(
+        t.specs.clone(),
+        waterfall(&ids, Duration::from_millis(100)),
+        supervisor_config(),
+        Arc::new(crate::notify::NoNotify),
+    )
+    .await
+    .expect("root starts");
+    wait_for(
+        &mut running.snapshots,
+        "docker active, local healthy",
+        |s| s.active == Some(TierId::Docker) && s.tiers[1].status.state == TierState::Healthy,
+    )
+    .await;
+
+    // Local now comes first and is healthy: a waterfall built from scratch
+    // would pick it at once. Carried over, docker stays active until local
+    // has been healthy for failback_after (a minute).
+    let reversed = [TierId::Local, TierId::Docker];
+    let summary = reload(
+        &running,
+        vec![t.specs[1].clone(), t.specs[0].clone()],
+        waterfall(&reversed, Duration::from_secs(60)),
+    )
+    .await;
+    assert!(
+        summary.order_changed && summary.restarted.is_empty(),
+        "{summary:?}"
+    );
+    let snap = running.snapshots.borrow().clone();
+    assert_eq!(order(&snap), reversed.to_vec());
+    assert_eq!(snap.active, Some(TierId::Docker), "{snap:#?}");
+    assert!(snap.tiers[1].active);
+    assert!(t.stops.lock().unwrap().is_empty(), "nothing stopped");
+    assert_eq!(t.builds[0].load(Ordering::SeqCst), 1);
+    assert_eq!(t.builds[1].load(Ordering::SeqCst), 1);
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
 }

@@ -121,6 +121,16 @@ impl Waterfall {
         }
     }
 
+    /// The waterfall for a reloaded configuration. The active tier and a
+    /// start in progress carry over when `kept(tier)` (the tier still runs,
+    /// untouched); everything else (hysteresis, start rounds) starts fresh.
+    pub fn reconfigured(&self, config: &WaterfallConfig, kept: impl Fn(TierId) -> bool) -> Self {
+        let mut next = Waterfall::new(config);
+        next.active = self.active.filter(|&t| kept(t));
+        next.starting = self.starting.filter(|&t| kept(t));
+        next
+    }
+
     pub fn active(&self) -> Option<TierId> {
         self.active
     }

@@ -102,6 +102,7 @@ pub enum Signal {
     Int,
     Term,
     Kill,
+    Hup,
 }
 
 impl Signal {
@@ -110,6 +111,7 @@ impl Signal {
             Signal::Int => "INT",
             Signal::Term => "TERM",
             Signal::Kill => "KILL",
+            Signal::Hup => "HUP",
         }
     }
 }
@@ -472,6 +474,13 @@ impl Cascade {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Rewrites cascade's config file with `edit` applied to its current
+    /// text (for reloads).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = fs::read_to_string(&self.config_path).expect("read the config file");
+        fs::write(&self.config_path, edit(text)).expect("write the config file");
     }
 
     /// Sends `signal` to cascade.
