@@ -76,6 +76,8 @@ pub struct TierArgs {
 }
 
 pub struct State {
+    /// This actor's id, which the root uses to tell current reports from stale ones.
+    id: ractor::ActorId,
     spec: TierSpec,
     root: ActorRef<RootMsg>,
     driver: Arc<dyn Driver>,
@@ -113,6 +115,7 @@ impl Actor for TierActor {
             TierMsg::Internal(Internal::ProbeTick)
         });
         Ok(State {
+            id: myself.get_id(),
             breaker: CircuitBreaker::new(spec.breaker.clone()),
             spec,
             root,
@@ -222,7 +225,10 @@ impl State {
         }
         if self
             .root
-            .send_message(RootMsg::TierChanged(self.status.clone()))
+            .send_message(RootMsg::TierChanged {
+                from: self.id,
+                status: self.status.clone(),
+            })
             .is_err()
         {
             warn!(backend.tier = %self.spec.id, "Root is gone; status not delivered.");

@@ -111,7 +111,12 @@ impl std::fmt::Display for Exit {
 
 pub enum RootMsg {
     /// A tier's status changed.
-    TierChanged(TierStatus),
+    TierChanged {
+        /// The reporting actor: a report from an actor that has since been
+        /// replaced (restart, reload) is stale and dropped.
+        from: ractor::ActorId,
+        status: TierStatus,
+    },
     /// A tier asked by the start phase finished starting.
     StartFinished {
         tier: TierId,
@@ -305,8 +310,8 @@ impl Actor for RootSupervisor {
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RootMsg::TierChanged(status) => {
-                tier_changed(state, status);
+            RootMsg::TierChanged { from, status } => {
+                tier_changed(state, from, status);
                 decide(&myself, state);
             }
             RootMsg::StartFinished { tier, result } => {
@@ -665,8 +670,13 @@ fn forward_restart(
 
 // === the waterfall ===
 
-fn tier_changed(state: &mut RootState, status: TierStatus) {
-    let Some(child) = state.children.iter_mut().find(|c| c.spec.id == status.tier) else {
+fn tier_changed(state: &mut RootState, from: ractor::ActorId, status: TierStatus) {
+    let current = |c: &Child| c.actor.as_ref().is_some_and(|a| a.get_id() == from);
+    let Some(child) = state
+        .children
+        .iter_mut()
+        .find(|c| c.spec.id == status.tier && current(c))
+    else {
         return;
     };
     if status.state == TierState::Healthy {
