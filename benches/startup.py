@@ -8,7 +8,14 @@
    been idle for a while.
 3. Idle CPU of the cascade process over a window, as % of one core.
 
+With --otlp-endpoint URL, cascade exports traces and metrics there
+(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL); --otlp-sink runs
+a local OTLP/HTTP sink that accepts every export and uses it as the endpoint.
+A closed port (e.g. http://127.0.0.1:9) measures a collector that is down.
+
 Usage: benches/startup.py [--runs N] [--idle-seconds S] [--binary PATH]
+                          [--otlp-endpoint URL | --otlp-sink]
+                          [--otlp-protocol grpc|http/protobuf]
 """
 
 import argparse
@@ -19,6 +26,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import time
 import urllib.request
 
@@ -80,12 +89,37 @@ port = {backend_port}
     return path
 
 
+class Sink(BaseHTTPRequestHandler):
+    """Accepts every OTLP/HTTP export (an empty protobuf response is valid)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def start_sink():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+OTLP_ENV = {}
+
+
 def start_cascade(binary, directory):
     api_port, backend_port = free_port(), free_port()
     config = write_config(directory, api_port, backend_port)
     t0 = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTLP_ENV)
     proc = subprocess.Popen([binary, "run", "--config", config, "--log-format", "json"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     took = wait_200(f"http://127.0.0.1:{api_port}/readyz", t0)
     return proc, took
 
@@ -110,7 +144,15 @@ def main():
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/cascade"))
+    ap.add_argument("--otlp-endpoint")
+    ap.add_argument("--otlp-sink", action="store_true")
+    ap.add_argument("--otlp-protocol", default="http/protobuf")
     args = ap.parse_args()
+    endpoint = start_sink() if args.otlp_sink else args.otlp_endpoint
+    if endpoint:
+        OTLP_ENV["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+        OTLP_ENV["OTEL_EXPORTER_OTLP_PROTOCOL"] = args.otlp_protocol
+        print(f"OTLP export to {endpoint} ({args.otlp_protocol})")
     if not os.path.exists(args.binary):
         subprocess.run(["cargo", "build", "--release", "--bin", "cascade"], cwd=ROOT, check=True)
 

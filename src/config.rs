@@ -5,9 +5,11 @@
 //! → `--config FILE` → `CASCADE_SECTION__KEY` environment variables → flags.
 //! Loading and provenance live in `settings`; this module owns the schema.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cascade_actors::TierId;
 use cascade_actors::contract::{Driver, DriverFactory};
@@ -31,6 +33,7 @@ pub struct Config {
     pub log: Log,
     pub waterfall: WaterfallConfig,
     pub supervisor: SupervisorConfig,
+    pub telemetry: Telemetry,
     pub tiers: Tiers,
 }
 
@@ -73,6 +76,57 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
     pub format: LogFormat,
+}
+
+/// `[telemetry]`: OpenTelemetry export. The standard `OTEL_*` variables
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `_PROTOCOL`, `_HEADERS`,
+/// `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SDK_DISABLED`)
+/// take precedence over these keys, as the OpenTelemetry specification says.
+/// `GET /metrics` (Prometheus) works whether export is on or not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// Where the OTLP collector listens, e.g. `http://127.0.0.1:4318`
+    /// (HTTP: `/v1/traces` and `/v1/metrics` are appended) or
+    /// `http://127.0.0.1:4317` (gRPC). Unset (and no
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`): no export.
+    pub otlp_endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    /// Headers sent with every export (e.g. `authorization`). Named so that
+    /// `check-config` redacts them, as they usually hold credentials.
+    pub secret_headers: BTreeMap<String, String>,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// Deadline of one export.
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+    /// How long shutdown waits to flush what is left.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            otlp_endpoint: None,
+            protocol: OtlpProtocol::default(),
+            secret_headers: BTreeMap::new(),
+            service_name: "cascade".into(),
+            export_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// OTLP's transports, spelled as `OTEL_EXPORTER_OTLP_PROTOCOL` spells them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// The specification's default.
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! The status API (axum): liveness, readiness, status, the live status page
-//! (`GET /`, fed by server-sent events on `GET /events`), and operator actions.
+//! (`GET /`, fed by server-sent events on `GET /events`), Prometheus metrics
+//! (`GET /metrics`), and operator actions.
 //!
 //! Invariant: read handlers only read the published snapshot; they never wait
 //! on an actor. Mutations are POSTs that need the bearer token from the state
@@ -23,6 +24,8 @@ use ractor::rpc::CallResult;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::telemetry::Scrape;
+
 #[derive(Clone)]
 pub struct ApiState {
     pub snapshots: watch::Receiver<Snapshot>,
@@ -30,6 +33,8 @@ pub struct ApiState {
     pub token: String,
     /// How long a restart may take before the API gives up waiting.
     pub restart_timeout: Duration,
+    /// Renders `GET /metrics` from the meter provider's Prometheus reader.
+    pub scrape: Scrape,
 }
 
 /// The status page: one self-contained file (inline CSS and JS, no external
@@ -47,6 +52,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/metrics", get(prometheus_metrics))
         .route("/tiers/{tier}/restart", post(restart))
         .with_state(state)
 }
@@ -111,6 +117,25 @@ async fn readyz(State(api): State<ApiState>) -> Response {
 
 async fn status(State(api): State<ApiState>) -> Json<Snapshot> {
     Json(api.snapshots.borrow().clone())
+}
+
+/// The Prometheus text exposition (format 0.0.4). Collecting reads the
+/// instruments' in-memory aggregates; it waits on no actor.
+async fn prometheus_metrics(State(api): State<ApiState>) -> Response {
+    match api.scrape.render() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot render the metrics: {e}"),
+        ),
+    }
 }
 
 async fn restart(

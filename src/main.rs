@@ -52,12 +52,12 @@ async fn dispatch(cli: Cli) -> ExitCode {
             let Some(loaded) = load(&config, &overrides) else {
                 return ExitCode::from(EXIT_CONFIG);
             };
-            telemetry::init(loaded.log.format);
+            let telemetry = telemetry::init(loaded.log.format, &loaded.telemetry);
             let source = run::Source {
                 file: config.config,
                 overrides,
             };
-            run::run(loaded, source).await
+            run::run(loaded, source, telemetry).await
         }
         Command::CheckConfig { config } => {
             let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {

@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 use crate::config::{self, Config, Overrides};
 use crate::http::{self, ApiState};
 use crate::state;
+use crate::telemetry::{Scrape, Telemetry};
 use crate::{EXIT_ESCALATED, EXIT_FAILURE};
 
 /// Where the running configuration came from, so SIGHUP reads it the same way.
@@ -32,18 +33,21 @@ pub struct Source {
     pub overrides: Overrides,
 }
 
-pub async fn run(config: Config, source: Source) -> ExitCode {
-    match run_inner(config, source).await {
+pub async fn run(config: Config, source: Source, telemetry: Telemetry) -> ExitCode {
+    let flush_within = config.telemetry.shutdown_timeout;
+    let code = match run_inner(config, source, telemetry.scrape()).await {
         Ok(code) => code,
         Err(message) => {
             error!("{message}");
             eprintln!("cascade: {message}");
             ExitCode::from(EXIT_FAILURE)
         }
-    }
+    };
+    telemetry.shutdown(flush_within).await;
+    code
 }
 
-async fn run_inner(config: Config, source: Source) -> Result<ExitCode, String> {
+async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<ExitCode, String> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     let mut terminate =
@@ -83,6 +87,7 @@ async fn run_inner(config: Config, source: Source) -> Result<ExitCode, String> {
         root: running.root.clone(),
         token,
         restart_timeout,
+        scrape,
     };
     let stop_http = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(
@@ -130,7 +135,15 @@ async fn run_inner(config: Config, source: Source) -> Result<ExitCode, String> {
                 );
             }
             force.abort();
-            running.exit.await.unwrap_or(Exit::Shutdown)
+            // The root reports its exit before it answers Shutdown; if the
+            // call timed out, the root is wedged and there is nothing to wait for.
+            match tokio::time::timeout(Duration::from_secs(5), &mut running.exit).await {
+                Ok(exit) => exit.unwrap_or(Exit::Shutdown),
+                Err(_) => {
+                    warn!("Root supervisor did not report its exit within 5s.");
+                    Exit::Shutdown
+                }
+            }
         }
     };
 
@@ -186,6 +199,10 @@ fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
     if new.supervisor != current.supervisor {
         keys.push("supervisor");
     }
+    // The exporters are built once, before the supervisor.
+    if new.telemetry != current.telemetry {
+        keys.push("telemetry");
+    }
     keys
 }
 
@@ -211,6 +228,7 @@ async fn reload(root: &ActorRef<RootMsg>, source: &Source, current: &mut Config)
     new.general = current.general.clone();
     new.log = current.log.clone();
     new.supervisor = current.supervisor.clone();
+    new.telemetry = current.telemetry.clone();
 
     // Stopping every old tier and spawning the new ones bounds the reload.
     let budget = stop_budget(&config::tier_specs(current)) + stop_budget(&config::tier_specs(&new));

@@ -1,18 +1,125 @@
-//! The one place where cascade's tracing subscriber is built.
+//! The one place where cascade's tracing subscriber and its OpenTelemetry
+//! providers are built.
 //!
-//! Human-readable lines on a terminal, JSON lines otherwise (or as the
+//! Logs: human-readable lines on a terminal, JSON lines otherwise (or as the
 //! configuration or `--log-format` says); the level comes from `CASCADE_LOG`,
-//! else `RUST_LOG`, else `info`. Exporters (OpenTelemetry) are added here.
+//! else `RUST_LOG`, else `info`.
+//!
+//! Metrics: one `SdkMeterProvider`, installed as the global one, which the
+//! instruments of `cascade_actors::metrics` bind to. It always has a
+//! Prometheus reader (`GET /metrics` renders its registry), and with OTLP
+//! export on also a periodic reader that pushes the same instruments.
+//!
+//! Traces: with OTLP export on, `tracing-opentelemetry` turns cascade's
+//! spans (probe, start, restart, failover, heal) into OpenTelemetry spans
+//! sent by a batch span processor.
+//!
+//! Export is on when an endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`
+//! or `telemetry.otlp_endpoint`) and `OTEL_SDK_DISABLED` is not `true`. The
+//! standard `OTEL_*` variables take precedence over `[telemetry]`, as the
+//! OpenTelemetry specification says.
+//!
+//! Invariant: export never blocks a tier or the root. The batch span
+//! processor and the periodic reader run their exports on their own threads
+//! (the HTTP exporter uses a blocking client there; the gRPC exporter's
+//! connection is tonic's, whose tasks run on the runtime but only await); a
+//! collector that is down
+//! or slow costs only the dropped batches, each counted in
+//! `cascade.telemetry.export.failures`. Shutdown runs on its own thread and
+//! is waited for at most `telemetry.shutdown_timeout`.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::time::Duration;
 
+use cascade_actors::metrics::metrics;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::LogFormat;
+use crate::config::{self, LogFormat, OtlpProtocol};
 
-pub fn init(format: LogFormat) {
+/// What `init` built; kept by `cascade run` until shutdown.
+pub struct Telemetry {
+    /// Present when OTLP export is on.
+    tracer: Option<SdkTracerProvider>,
+    meters: SdkMeterProvider,
+    /// Whether `meters` pushes over OTLP (else it only serves scrapes).
+    exporting: bool,
+    scrape: Scrape,
+}
+
+/// Renders the Prometheus text exposition of cascade's metrics.
+#[derive(Clone)]
+pub struct Scrape {
+    registry: prometheus::Registry,
+}
+
+impl Scrape {
+    /// The current values; collecting reads in-memory aggregates only.
+    pub fn render(&self) -> Result<String, String> {
+        let families = self.registry.gather();
+        let mut text = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&families, &mut text)
+            .map_err(|e| e.to_string())?;
+        Ok(text)
+    }
+}
+
+/// Where and how to export, after the environment and `[telemetry]` are combined.
+#[derive(Debug, Clone, PartialEq)]
+struct Export {
+    /// `None`: the exporters read `OTEL_EXPORTER_OTLP_*ENDPOINT` themselves.
+    endpoint: Option<String>,
+    protocol: OtlpProtocol,
+    headers: HashMap<String, String>,
+    timeout: Duration,
+}
+
+/// `Some` when export is on. `env` reads a variable (injected for tests).
+fn resolve(config: &config::Telemetry, env: impl Fn(&str) -> Option<String>) -> Option<Export> {
+    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    let from_env = env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    if !from_env && config.otlp_endpoint.is_none() {
+        return None;
+    }
+    let protocol = match env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref().map(str::trim) {
+        Some("grpc") => OtlpProtocol::Grpc,
+        Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+        _ => config.protocol,
+    };
+    Some(Export {
+        endpoint: if from_env {
+            None
+        } else {
+            config.otlp_endpoint.clone()
+        },
+        protocol,
+        // The exporters add `OTEL_EXPORTER_OTLP_HEADERS` over these.
+        headers: config
+            .secret_headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        timeout: config.export_timeout,
+    })
+}
+
+/// Builds the subscriber and the providers and installs them globally.
+pub fn init(format: LogFormat, config: &config::Telemetry) -> Telemetry {
     let directives = std::env::var("CASCADE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
@@ -25,7 +132,50 @@ pub fn init(format: LogFormat) {
         LogFormat::Human => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let registry = tracing_subscriber::registry().with(filter);
+
+    let export = resolve(config, |name| std::env::var(name).ok());
+    let resource = resource(config);
+    let mut problems = Vec::new();
+    let (scrape, prometheus_reader) = match prometheus_reader() {
+        Ok((scrape, reader)) => (scrape, Some(reader)),
+        Err(e) => {
+            problems.push(format!("no Prometheus metrics: {e}"));
+            (
+                Scrape {
+                    registry: prometheus::Registry::new(),
+                },
+                None,
+            )
+        }
+    };
+    let mut meters = SdkMeterProvider::builder().with_resource(resource.clone());
+    if let Some(reader) = prometheus_reader {
+        meters = meters.with_reader(reader);
+    }
+    let mut tracer = None;
+    let mut exporting = false;
+    if let Some(export) = &export {
+        match build_exporters(export) {
+            Ok((spans, metrics)) => {
+                tracer = Some(
+                    SdkTracerProvider::builder()
+                        .with_batch_exporter(spans)
+                        .with_resource(resource)
+                        .build(),
+                );
+                meters = meters.with_reader(PeriodicReader::builder(metrics).build());
+                exporting = true;
+            }
+            Err(e) => problems.push(format!("OpenTelemetry export is off: {e}")),
+        }
+    }
+    let meters = meters.build();
+    opentelemetry::global::set_meter_provider(meters.clone());
+
+    let otel = tracer
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("cascade")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = if json {
         let layer = tracing_subscriber::fmt::layer()
             .json()
@@ -40,5 +190,292 @@ pub fn init(format: LogFormat) {
     };
     if let Err(e) = result {
         eprintln!("cascade: logging was already set up: {e}");
+    }
+    for problem in problems {
+        warn!("{problem}");
+    }
+    if let Some(export) = export.filter(|_| exporting) {
+        info!(
+            endpoint = export.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_ENDPOINT)"),
+            protocol = ?export.protocol,
+            "OpenTelemetry export is on."
+        );
+    }
+    Telemetry {
+        tracer,
+        meters,
+        exporting,
+        scrape,
+    }
+}
+
+impl Telemetry {
+    pub fn scrape(&self) -> Scrape {
+        self.scrape.clone()
+    }
+
+    /// Flushes and stops the exporters, waiting at most `within`. The work
+    /// runs on its own thread: the SDK's shutdown blocks (and the meter
+    /// provider's ignores its timeout), so it must not hold a runtime worker,
+    /// and a thread left behind past `within` must not hold up the process's
+    /// exit as a `spawn_blocking` task would hold up the runtime's drop.
+    pub async fn shutdown(self, within: Duration) {
+        if !self.exporting {
+            return;
+        }
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let Telemetry { tracer, meters, .. } = self;
+        let spawned = std::thread::Builder::new()
+            .name("otel-shutdown".into())
+            .spawn(move || {
+                let traces = tracer.map(|t| t.shutdown_with_timeout(within));
+                let metrics = meters.shutdown_with_timeout(within);
+                let _ = done.send((traces, metrics));
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "Cannot flush telemetry: no thread for it.");
+            return;
+        }
+        match tokio::time::timeout(within, finished).await {
+            Ok(Ok((traces, metrics))) => {
+                if let Some(Err(e)) = traces {
+                    warn!(error = %e, "Traces were not all flushed.");
+                }
+                if let Err(e) = metrics {
+                    warn!(error = %e, "Metrics were not all flushed.");
+                }
+            }
+            Ok(Err(_)) => warn!("Telemetry shutdown thread failed."),
+            Err(_) => warn!(
+                "Telemetry was not flushed within {}; the rest is dropped.",
+                humantime::format_duration(within)
+            ),
+        }
+    }
+}
+
+fn resource(config: &config::Telemetry) -> Resource {
+    let named_by_env = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    let builder = Resource::builder().with_attribute(opentelemetry::KeyValue::new(
+        "service.version",
+        env!("CARGO_PKG_VERSION"),
+    ));
+    if named_by_env {
+        builder.build()
+    } else {
+        builder
+            .with_service_name(config.service_name.clone())
+            .build()
+    }
+}
+
+fn prometheus_reader() -> Result<(Scrape, opentelemetry_prometheus::PrometheusExporter), String> {
+    let registry = prometheus::Registry::new();
+    let reader = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok((Scrape { registry }, reader))
+}
+
+fn build_exporters(export: &Export) -> Result<(Counted<Spans>, Counted<Metrics>), String> {
+    let error = |e: opentelemetry_otlp::ExporterBuildError| e.to_string();
+    let signal = |path: &str| {
+        export
+            .endpoint
+            .as_ref()
+            .map(|e| format!("{}/{path}", e.trim_end_matches('/')))
+    };
+    let (spans, metrics) = match export.protocol {
+        OtlpProtocol::HttpProtobuf => {
+            let mut spans = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_timeout(export.timeout)
+                .with_headers(export.headers.clone());
+            let mut metrics = opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_timeout(export.timeout)
+                .with_headers(export.headers.clone());
+            if let (Some(traces), Some(points)) = (signal("v1/traces"), signal("v1/metrics")) {
+                spans = spans.with_endpoint(traces);
+                metrics = metrics.with_endpoint(points);
+            }
+            (
+                spans.build().map_err(error)?,
+                metrics.build().map_err(error)?,
+            )
+        }
+        OtlpProtocol::Grpc => {
+            let metadata = grpc_metadata(&export.headers)?;
+            let mut spans = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_timeout(export.timeout)
+                .with_metadata(metadata.clone());
+            let mut metrics = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_timeout(export.timeout)
+                .with_metadata(metadata);
+            if let Some(endpoint) = &export.endpoint {
+                spans = spans.with_endpoint(endpoint);
+                metrics = metrics.with_endpoint(endpoint);
+            }
+            (
+                spans.build().map_err(error)?,
+                metrics.build().map_err(error)?,
+            )
+        }
+    };
+    Ok((
+        Counted {
+            inner: spans,
+            signal: "traces",
+        },
+        Counted {
+            inner: metrics,
+            signal: "metrics",
+        },
+    ))
+}
+
+fn grpc_metadata(
+    headers: &HashMap<String, String>,
+) -> Result<opentelemetry_otlp::tonic_types::metadata::MetadataMap, String> {
+    let mut map = http::HeaderMap::new();
+    for (name, value) in headers {
+        let name = http::HeaderName::try_from(name.as_str())
+            .map_err(|e| format!("telemetry.secret_headers: `{name}`: {e}"))?;
+        let value = http::HeaderValue::try_from(value.as_str())
+            .map_err(|e| format!("telemetry.secret_headers.{name}: {e}"))?;
+        map.insert(name, value);
+    }
+    Ok(opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(map))
+}
+
+// === impl Counted ===
+
+type Spans = opentelemetry_otlp::SpanExporter;
+type Metrics = opentelemetry_otlp::MetricExporter;
+
+/// An exporter that counts its failed exports in
+/// `cascade.telemetry.export.failures{signal}`: the SDK drops a batch whose
+/// export fails, so this is the count of lost batches.
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    signal: &'static str,
+}
+
+impl<E> Counted<E> {
+    fn count(&self, result: OTelSdkResult) -> OTelSdkResult {
+        if result.is_err() {
+            metrics().export_failure(self.signal);
+        }
+        result
+    }
+}
+
+impl SpanExporter for Counted<Spans> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        self.count(result)
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+impl PushMetricExporter for Counted<Metrics> {
+    async fn export(&self, batch: &ResourceMetrics) -> OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        self.count(result)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| vars.get(name).cloned()
+    }
+
+    #[test]
+    fn export_is_off_without_an_endpoint_or_when_the_sdk_is_disabled() {
+        let config = config::Telemetry::default();
+        assert_eq!(resolve(&config, env(&[])), None);
+        let configured = config::Telemetry {
+            otlp_endpoint: Some("http://collector:4318".into()),
+            ..config::Telemetry::default()
+        };
+        assert!(resolve(&configured, env(&[])).is_some());
+        assert_eq!(
+            resolve(&configured, env(&[("OTEL_SDK_DISABLED", "TRUE")])),
+            None
+        );
+        let from_env = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")]);
+        assert!(resolve(&config, from_env).is_some());
+    }
+
+    #[test]
+    fn the_environment_takes_precedence_over_the_configuration() {
+        let config = config::Telemetry {
+            otlp_endpoint: Some("http://from-config:4317".into()),
+            protocol: OtlpProtocol::Grpc,
+            ..config::Telemetry::default()
+        };
+        let export = resolve(
+            &config,
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://from-env:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ]),
+        )
+        .expect("export on");
+        // `None`: the exporters read the variable themselves.
+        assert_eq!(export.endpoint, None);
+        assert_eq!(export.protocol, OtlpProtocol::HttpProtobuf);
+        let export = resolve(&config, env(&[])).expect("export on");
+        assert_eq!(export.endpoint.as_deref(), Some("http://from-config:4317"));
+        assert_eq!(export.protocol, OtlpProtocol::Grpc);
+    }
+
+    #[test]
+    fn check_config_redacts_the_export_headers() {
+        let mut config = config::Config::default();
+        config
+            .telemetry
+            .secret_headers
+            .insert("authorization".into(), "Bearer hunter2".into());
+        let text = crate::settings::render_redacted(&config).expect("renders");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("secret_headers = \"<redacted>\""), "{text}");
     }
 }

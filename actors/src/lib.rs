@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod contract;
+pub mod metrics;
 pub mod notify;
 pub mod resilience;
 pub mod supervisor;

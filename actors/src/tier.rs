@@ -19,12 +19,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, info, info_span, warn};
 
 use crate::contract::{
     Driver, DriverEvent, DriverFactory, EventSink, Internal, ProbeOutcome, RestartReport,
     RestartRequest, TierError, TierId, TierMsg, TierState, TierStatus,
 };
+use crate::metrics::metrics;
 use crate::resilience::{Admission, BreakerConfig, BreakerState, CircuitBreaker, with_deadline};
 use crate::supervisor::RootMsg;
 
@@ -207,6 +209,7 @@ impl State {
         }
         self.status.state = to;
         self.status.reason = reason;
+        metrics().tier_state(self.spec.id, to);
     }
 
     fn refresh_status(&mut self) {
@@ -222,7 +225,10 @@ impl State {
         self.refresh_status();
         while let Some((from, to)) = self.breaker.take_transition() {
             info!(backend.tier = %self.spec.id, %from, %to, "Breaker changed.");
+            metrics().breaker_transition(self.spec.id, from, to);
         }
+        metrics().breaker_state(self.spec.id, self.status.breaker);
+        metrics().tier_state(self.spec.id, self.status.state);
         if self
             .root
             .send_message(RootMsg::TierChanged {
@@ -332,13 +338,28 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
     }
     let driver = state.driver.clone();
     let timeout = state.spec.probe.timeout;
+    let tier = state.spec.id;
     state.spawn(myself, async move {
-        let outcome = match with_deadline(timeout, "probe", driver.probe()).await {
-            Ok(outcome) => outcome,
-            Err(e) => ProbeOutcome::Down {
-                error: e.to_string(),
-            },
+        let span = operation_span("probe", tier);
+        let started = Instant::now();
+        let outcome = async {
+            match with_deadline(timeout, "probe", driver.probe()).await {
+                Ok(outcome) => outcome,
+                Err(e) => ProbeOutcome::Down {
+                    error: e.to_string(),
+                },
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        let (label, error) = match &outcome {
+            ProbeOutcome::Up { .. } => ("up", None),
+            ProbeOutcome::Down { error } => ("down", Some(error.as_str())),
+            ProbeOutcome::Idle { reason } => ("idle", Some(reason.as_str())),
+            ProbeOutcome::Unavailable { reason } => ("unavailable", Some(reason.as_str())),
         };
+        record_outcome(&span, label, error);
+        metrics().probe(tier, label, started.elapsed());
         Some(TierMsg::Internal(Internal::ProbeDone(outcome)))
     });
 }
@@ -424,10 +445,16 @@ fn ensure_started(myself: &ActorRef<TierMsg>, state: &mut State) {
     let driver = state.driver.clone();
     let timeout = state.spec.start_timeout;
     state.spawn(myself, async move {
-        let result = match with_deadline(timeout, "start", driver.start()).await {
-            Ok(result) => result,
-            Err(e) => Err(TierError::new(e.to_string())),
-        };
+        let span = operation_span("start", tier);
+        let result = async {
+            match with_deadline(timeout, "start", driver.start()).await {
+                Ok(result) => result,
+                Err(e) => Err(TierError::new(e.to_string())),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        record_result(&span, &result);
         Some(TierMsg::Internal(Internal::StartDone(result)))
     });
 }
@@ -488,6 +515,7 @@ fn restart(
     info!(backend.tier = %state.spec.id, force = request.force, dry_run = request.dry_run, "Restart requested.");
     let driver = state.driver.clone();
     let timeout = state.spec.stop_grace + state.spec.start_timeout;
+    let tier = state.spec.id;
     if !request.dry_run {
         // Like a start: probes hold off until it is done, so a backend
         // that is down mid-restart does not send the waterfall into a
@@ -498,10 +526,20 @@ fn restart(
         state.publish();
     }
     state.spawn(myself, async move {
-        let result = match with_deadline(timeout, "restart", driver.restart(request)).await {
-            Ok(result) => result,
-            Err(e) => Err(TierError::new(e.to_string())),
-        };
+        let span = operation_span("restart", tier);
+        span.record("dry_run", request.dry_run);
+        let result = async {
+            match with_deadline(timeout, "restart", driver.restart(request)).await {
+                Ok(result) => result,
+                Err(e) => Err(TierError::new(e.to_string())),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        record_result(&span, &result);
+        if result.is_ok() && !request.dry_run {
+            metrics().backend_restart(tier);
+        }
         if let Ok(report) = &result {
             for step in &report.plan {
                 info!(dry_run = request.dry_run, step = %step, "Restart plan.");
@@ -520,11 +558,44 @@ fn driver_event(myself: &ActorRef<TierMsg>, state: &mut State, event: DriverEven
         }
         DriverEvent::BackendRestarted { note } => {
             state.status.backend_restarts += 1;
+            metrics().backend_restart(state.spec.id);
             info!(backend.tier = %state.spec.id, %note, restarts = state.status.backend_restarts, "Backend restarted.");
             state.publish();
         }
     }
     probe(myself, state, Admit::ThroughBreaker);
+}
+
+// === spans ===
+
+/// The span of one probe, start or restart: an OpenTelemetry span when
+/// export is on. `backend.name` is the tier's name (a tier runs one backend).
+fn operation_span(name: &'static str, tier: TierId) -> Span {
+    match name {
+        "probe" => {
+            info_span!("probe", backend.tier = %tier, backend.name = %tier, outcome = Empty, error = Empty)
+        }
+        "start" => {
+            info_span!("start", backend.tier = %tier, backend.name = %tier, outcome = Empty, error = Empty)
+        }
+        _ => {
+            info_span!("restart", backend.tier = %tier, backend.name = %tier, outcome = Empty, error = Empty, dry_run = Empty)
+        }
+    }
+}
+
+fn record_outcome(span: &Span, outcome: &str, error: Option<&str>) {
+    span.record("outcome", outcome);
+    if let Some(error) = error {
+        span.record("error", error);
+    }
+}
+
+fn record_result<T>(span: &Span, result: &Result<T, TierError>) {
+    match result {
+        Ok(_) => record_outcome(span, "ok", None),
+        Err(e) => record_outcome(span, "error", Some(&e.0)),
+    }
 }
 
 fn format_duration(d: Duration) -> String {

@@ -12,3 +12,4 @@ mod page;
 mod reload;
 mod service;
 mod support;
+mod telemetry;

@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use crate::support::{BIN, Cascade, Setup, Signal, cli};
+use crate::support::{BIN, Cascade, Setup, Signal, cli, tool};
 
 /// Messages received on a datagram socket, in order.
 fn receive_all(
@@ -184,21 +184,4 @@ async fn the_launchd_plist_is_a_valid_property_list() {
         String::from_utf8_lossy(&result.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&result.stdout).trim(), BIN);
-}
-
-/// A tool the test needs: under CI=true its absence is a failure, elsewhere a skip.
-fn tool(name: &str) -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{name} is required under CI=true (.ci/run installs it)"
-        );
-        eprintln!("skipped: {name} is not installed");
-    }
-    found
 }

@@ -489,6 +489,7 @@ fn schedule_restart(
         return;
     }
     child.restarts += 1;
+    crate::metrics::metrics().actor_restart(tier);
     let delay = child.backoff.ended(now);
     info!(backend.tier = %tier, delay_ms = delay.as_millis() as u64, restarts = child.restarts, "Restarting tier actor.");
     myself.send_after(delay, move || RootMsg::Respawn(tier));
@@ -721,6 +722,7 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
         state.notify.status(&state.last_decision);
     }
     if previous != decision.active {
+        active_changed(state, previous, decision.active, decision.line.as_deref());
         for child in &state.children {
             let is_active = Some(child.spec.id) == decision.active;
             let was_active = Some(child.spec.id) == previous;
@@ -747,6 +749,41 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
         schedule_recheck(myself, state, at);
     }
     publish(state);
+}
+
+/// The active tier changed: one span (failover, failback, or gaining or
+/// losing an active tier) and the metrics that count it.
+fn active_changed(
+    state: &RootState,
+    previous: Option<TierId>,
+    active: Option<TierId>,
+    line: Option<&str>,
+) {
+    let rank = |tier: TierId| state.children.iter().position(|c| c.spec.id == tier);
+    let outcome = match (previous, active) {
+        (None, Some(_)) => "activated",
+        (Some(_), None) => "lost",
+        (Some(from), Some(to)) if rank(to) < rank(from) => "failback",
+        _ => "failover",
+    };
+    let name = |t: Option<TierId>| t.map_or("none", TierId::as_str);
+    let span = tracing::info_span!(
+        "failover",
+        backend.tier = name(active),
+        backend.name = name(active),
+        from = name(previous),
+        outcome,
+        error = tracing::field::Empty,
+    );
+    if active.is_none() {
+        span.record("error", line.unwrap_or("no tier can serve"));
+    }
+    drop(span);
+    let metrics = crate::metrics::metrics();
+    metrics.failover(previous, active);
+    for child in &state.children {
+        metrics.tier_active(child.spec.id, Some(child.spec.id) == active);
+    }
 }
 
 fn schedule_recheck(myself: &ActorRef<RootMsg>, state: &mut RootState, at: Instant) {

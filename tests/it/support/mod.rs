@@ -155,6 +155,7 @@ fn clean_env(cmd: &mut Command) {
             || text == "RUST_LOG"
             || text == "STATE_DIRECTORY"
             || text == "XDG_STATE_HOME"
+            || text.starts_with("OTEL_")
         {
             cmd.env_remove(&name);
         }
@@ -704,4 +705,21 @@ pub fn describe_exit(status: ExitStatus) -> String {
         (None, Some(signal)) => format!("signal {signal}"),
         _ => "unknown".into(),
     }
+}
+
+/// A tool the test needs: under CI=true its absence is a failure, elsewhere a skip.
+pub fn tool(name: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{name} is required under CI=true (.ci/run installs it)"
+        );
+        eprintln!("skipped: {name} is not installed");
+    }
+    found
 }

@@ -700,6 +700,7 @@ impl Healer {
                 humantime::format_duration(self.settings.window)
             );
             warn!(container = %t.name, id = %id, restarts = t.restarts, %reason, "Autoheal gives up on this container.");
+            crate::metrics::metrics().autoheal_give_up(&t.name);
             t.gave_up = Some(why.clone());
             t.wants_heal = None;
             let notice = notice(NoticeKind::GiveUp, id, t, why);
@@ -754,13 +755,31 @@ impl Healer {
         let internal = self.internal.clone();
         let cancel = self.cancel.clone();
         let id = id.to_owned();
+        let span = tracing::info_span!(
+            "heal",
+            backend.tier = "docker",
+            backend.name = %t.name,
+            container.id = %id,
+            %reason,
+            outcome = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
         self.tasks.spawn(async move {
             let latency = event_nanos.map(|nanos| {
                 let at = UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(0));
                 SystemTime::now().duration_since(at).unwrap_or_default()
             });
-            let restart = client::restart(&connector, &id, stop_timeout);
-            if let Some(result) = cancel.run_until_cancelled(restart).await {
+            let restart = client::restart(&connector, &id, stop_timeout).instrument(span.clone());
+            let result = cancel.run_until_cancelled(restart).await;
+            match &result {
+                Some(Ok(())) => span.record("outcome", "restarted"),
+                Some(Err(error)) => span
+                    .record("outcome", "failed")
+                    .record("error", error.to_string()),
+                None => span.record("outcome", "cancelled"),
+            };
+            drop(span);
+            if let Some(result) = result {
                 // Fails only once the loop has ended.
                 let _ = internal.send(Internal::Restarted {
                     id,
@@ -788,6 +807,7 @@ impl Healer {
         match result {
             Ok(()) => {
                 t.restarts += 1;
+                crate::metrics::metrics().autoheal_restart(&t.name);
                 t.last_heal = Some(format!(
                     "{} ({reason})",
                     humantime::format_rfc3339_millis(SystemTime::now())

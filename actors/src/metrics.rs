@@ -1,0 +1,225 @@
+//! cascade's metrics, declared once: one struct of OpenTelemetry instruments
+//! that tiers, the root and autoheal record into.
+//!
+//! The instruments come from `opentelemetry::global::meter("cascade")` the
+//! first time [`metrics`] is called. The process installs its meter provider
+//! (`src/telemetry.rs`) before it starts the supervisor, so they bind to it;
+//! with no provider installed (unit tests, benches) they bind to the global
+//! no-op meter and recording does nothing.
+//!
+//! Invariant: recording never blocks and never does I/O — instruments only
+//! update in-memory aggregates; readers (OTLP's periodic reader, the
+//! Prometheus scrape) collect them on their own threads or requests. This is
+//! a write-only sink, so the static is not a way for one part to tell
+//! another what to do.
+//!
+//! Names use OpenTelemetry's dotted form; the Prometheus exposition turns
+//! dots into underscores, adds the unit (`_seconds`) and `_total` for
+//! counters, e.g. `cascade.failovers` → `cascade_failovers_total`.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
+
+use crate::contract::{TierId, TierState};
+use crate::resilience::BreakerState;
+
+/// The instrumentation scope every instrument belongs to.
+pub const METER_NAME: &str = "cascade";
+
+/// Every instrument name, as OpenTelemetry sees it.
+pub const NAMES: &[&str] = &[
+    "cascade.tier.state",
+    "cascade.tier.active",
+    "cascade.failovers",
+    "cascade.restarts",
+    "cascade.probe.duration",
+    "cascade.breaker.state",
+    "cascade.breaker.transitions",
+    "cascade.autoheal.restarts",
+    "cascade.autoheal.give_ups",
+    "cascade.telemetry.export.failures",
+];
+
+/// Probe latencies in seconds: probes have deadlines of about a second.
+const PROBE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The instruments. Cloning is cheap (each instrument is an `Arc`).
+#[derive(Clone)]
+pub struct Metrics {
+    tier_state: Gauge<i64>,
+    tier_active: Gauge<i64>,
+    failovers: Counter<u64>,
+    restarts: Counter<u64>,
+    probe_duration: Histogram<f64>,
+    breaker_state: Gauge<i64>,
+    breaker_transitions: Counter<u64>,
+    autoheal_restarts: Counter<u64>,
+    autoheal_give_ups: Counter<u64>,
+    export_failures: Counter<u64>,
+}
+
+static METRICS: LazyLock<Metrics> =
+    LazyLock::new(|| Metrics::new(&opentelemetry::global::meter(METER_NAME)));
+
+/// The process's instruments, bound to the global meter provider on first use.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// A tier state as a number, for the `cascade.tier.state` gauge: higher is
+/// closer to serving.
+pub fn state_value(state: TierState) -> i64 {
+    match state {
+        TierState::Unavailable => 0,
+        TierState::Unhealthy => 1,
+        TierState::Unknown => 2,
+        TierState::Probing => 3,
+        TierState::Starting => 4,
+        TierState::Degraded => 5,
+        TierState::Healthy => 6,
+    }
+}
+
+/// A breaker state as a number, for the `cascade.breaker.state` gauge.
+pub fn breaker_value(state: BreakerState) -> i64 {
+    match state {
+        BreakerState::Closed => 0,
+        BreakerState::HalfOpen => 1,
+        BreakerState::Open => 2,
+    }
+}
+
+fn tier(tier: TierId) -> KeyValue {
+    KeyValue::new("backend.tier", tier.as_str())
+}
+
+impl Metrics {
+    /// Creates the instruments on `meter`. Tests pass their own provider's meter.
+    pub fn new(meter: &Meter) -> Metrics {
+        Metrics {
+            tier_state: meter
+                .i64_gauge("cascade.tier.state")
+                .with_description(
+                    "Tier state: 0 unavailable, 1 unhealthy, 2 unknown, 3 probing, \
+                     4 starting, 5 degraded, 6 healthy.",
+                )
+                .build(),
+            tier_active: meter
+                .i64_gauge("cascade.tier.active")
+                .with_description("1 for the tier the waterfall chose, 0 for the others.")
+                .build(),
+            failovers: meter
+                .u64_counter("cascade.failovers")
+                .with_description("Changes of the active tier (failover and failback).")
+                .build(),
+            restarts: meter
+                .u64_counter("cascade.restarts")
+                .with_description(
+                    "Restarts: kind=actor (the root restarted a tier actor), \
+                     kind=backend (a tier's backend was restarted).",
+                )
+                .build(),
+            probe_duration: meter
+                .f64_histogram("cascade.probe.duration")
+                .with_unit("s")
+                .with_description("Probe latency by tier and outcome.")
+                .with_boundaries(PROBE_BUCKETS.to_vec())
+                .build(),
+            breaker_state: meter
+                .i64_gauge("cascade.breaker.state")
+                .with_description("Circuit breaker: 0 closed, 1 half-open, 2 open.")
+                .build(),
+            breaker_transitions: meter
+                .u64_counter("cascade.breaker.transitions")
+                .with_description("Circuit breaker state changes, by from and to.")
+                .build(),
+            autoheal_restarts: meter
+                .u64_counter("cascade.autoheal.restarts")
+                .with_description("Containers restarted by Docker autoheal.")
+                .build(),
+            autoheal_give_ups: meter
+                .u64_counter("cascade.autoheal.give_ups")
+                .with_description("Containers Docker autoheal stopped restarting.")
+                .build(),
+            export_failures: meter
+                .u64_counter("cascade.telemetry.export.failures")
+                .with_description("OTLP exports that failed (the batch is dropped), by signal.")
+                .build(),
+        }
+    }
+
+    pub fn tier_state(&self, id: TierId, state: TierState) {
+        self.tier_state.record(state_value(state), &[tier(id)]);
+    }
+
+    pub fn tier_active(&self, id: TierId, active: bool) {
+        self.tier_active.record(i64::from(active), &[tier(id)]);
+    }
+
+    /// The active tier changed; `None` is "no tier".
+    pub fn failover(&self, from: Option<TierId>, to: Option<TierId>) {
+        let name = |t: Option<TierId>| t.map_or("none", TierId::as_str);
+        self.failovers.add(
+            1,
+            &[
+                KeyValue::new("from", name(from)),
+                KeyValue::new("to", name(to)),
+            ],
+        );
+    }
+
+    /// The root restarted a tier actor.
+    pub fn actor_restart(&self, id: TierId) {
+        self.restarts
+            .add(1, &[tier(id), KeyValue::new("kind", "actor")]);
+    }
+
+    /// A tier's backend was restarted (by request or by its driver).
+    pub fn backend_restart(&self, id: TierId) {
+        self.restarts
+            .add(1, &[tier(id), KeyValue::new("kind", "backend")]);
+    }
+
+    pub fn probe(&self, id: TierId, outcome: &'static str, took: Duration) {
+        self.probe_duration.record(
+            took.as_secs_f64(),
+            &[tier(id), KeyValue::new("outcome", outcome)],
+        );
+    }
+
+    pub fn breaker_state(&self, id: TierId, state: BreakerState) {
+        self.breaker_state.record(breaker_value(state), &[tier(id)]);
+    }
+
+    pub fn breaker_transition(&self, id: TierId, from: BreakerState, to: BreakerState) {
+        self.breaker_transitions.add(
+            1,
+            &[
+                tier(id),
+                KeyValue::new("from", from.to_string()),
+                KeyValue::new("to", to.to_string()),
+            ],
+        );
+    }
+
+    pub fn autoheal_restart(&self, container: &str) {
+        self.autoheal_restarts
+            .add(1, &[KeyValue::new("container", container.to_owned())]);
+    }
+
+    pub fn autoheal_give_up(&self, container: &str) {
+        self.autoheal_give_ups
+            .add(1, &[KeyValue::new("container", container.to_owned())]);
+    }
+
+    /// An OTLP export failed; `signal` is `traces` or `metrics`.
+    pub fn export_failure(&self, signal: &'static str) {
+        self.export_failures
+            .add(1, &[KeyValue::new("signal", signal)]);
+    }
+}
