@@ -30,13 +30,25 @@ const POLL: Duration = Duration::from_millis(50);
 static HANDED_OUT: LazyLock<Mutex<HashSet<u16>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
 
 /// A TCP port on 127.0.0.1 that was free a moment ago and that no other test of
-/// this binary has been given.
+/// this binary has been given. Drawn from below the kernel's ephemeral range
+/// (32768 and up on Linux): a port picked there can be taken by any outgoing
+/// connection before the test's backend binds it, sometimes seconds later.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Start at a per-process offset so concurrent test binaries spread out.
+    static NEXT: LazyLock<AtomicU16> =
+        LazyLock::new(|| AtomicU16::new(20_000 + (std::process::id() % 4_000) as u16 * 3));
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind 127.0.0.1:0 to find a free port")
-            .port();
+        let candidate = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = if (20_000..32_000).contains(&candidate) {
+            candidate
+        } else {
+            NEXT.store(20_000, Ordering::Relaxed);
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
         let mut used = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         if used.insert(port) {
             return port;
