@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 
 use crate::support::{Cascade, Setup, cli, free_port, wait_for};
+use crate::telemetry::{has_span, otlp_env, receiver};
 
 const IMAGE: &str = "cascade-demo:it";
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -85,7 +86,10 @@ async fn docker_is_preferred_checked_and_healed_through_the_binary() {
     let _one = ONE_AT_A_TIME.lock().await;
     let name = format!("cascade-it-{}", std::process::id());
     let _removed = Removed(name.clone());
-    let cascade = Cascade::start(setup(&name, IMAGE, free_port(), true)).await;
+    let (endpoint, received, collector) = receiver().await;
+    let mut with_otlp = setup(&name, IMAGE, free_port(), true);
+    with_otlp.env.extend(otlp_env(&endpoint, "http/protobuf"));
+    let cascade = Cascade::start(with_otlp).await;
 
     // The start phase creates the container; docker beats local, and its
     // probes then report it ready.
@@ -176,6 +180,17 @@ async fn docker_is_preferred_checked_and_healed_through_the_binary() {
         docker(&["inspect", "-f", "{{.State.Running}}", &name]),
         "true"
     );
+    // The heal is a span at the collector, named for the container.
+    wait_for(Duration::from_secs(15), "a heal span", async || {
+        let attrs = [("backend.tier", "docker"), ("backend.name", name.as_str())];
+        if has_span(&received, "heal", &attrs) {
+            Ok(())
+        } else {
+            Err("no heal span yet".into())
+        }
+    })
+    .await;
+    collector.abort();
 }
 
 #[tokio::test]
@@ -189,7 +204,10 @@ async fn a_docker_tier_that_cannot_start_fails_over_to_local() {
     let image = format!("cascade-demo:it-failover-{}", std::process::id());
     docker(&["tag", IMAGE, &image]);
     let _removed = Removed(name.clone());
-    let cascade = Cascade::start(setup(&name, &image, free_port(), false)).await;
+    let (endpoint, received, collector) = receiver().await;
+    let mut with_otlp = setup(&name, &image, free_port(), false);
+    with_otlp.env.extend(otlp_env(&endpoint, "http/protobuf"));
+    let cascade = Cascade::start(with_otlp).await;
     wait_for(Duration::from_secs(60), "docker active", async || {
         let s = cascade.status().await;
         if s["active"] == "docker" {
@@ -220,4 +238,19 @@ async fn a_docker_tier_that_cannot_start_fails_over_to_local() {
         "{decision}"
     );
     assert_eq!(tier(&status, "local")["state"], "healthy");
+    // The failover is a span at the collector: from docker to local.
+    wait_for(Duration::from_secs(15), "a failover span", async || {
+        let attrs = [
+            ("backend.tier", "local"),
+            ("from", "docker"),
+            ("outcome", "failover"),
+        ];
+        if has_span(&received, "failover", &attrs) {
+            Ok(())
+        } else {
+            Err("no failover span yet".into())
+        }
+    })
+    .await;
+    collector.abort();
 }

@@ -28,17 +28,17 @@ use crate::support::{Cascade, SHORT, Setup, Signal, free_port, http_client, tool
 
 /// What the receiver has been sent.
 #[derive(Default)]
-struct Received {
+pub(crate) struct Received {
     /// Each span's name and its string attributes.
-    spans: Vec<(String, BTreeMap<String, String>)>,
+    pub(crate) spans: Vec<(String, BTreeMap<String, String>)>,
     metrics: BTreeSet<String>,
     service_names: BTreeSet<String>,
 }
 
-type Shared = Arc<Mutex<Received>>;
+pub(crate) type Shared = Arc<Mutex<Received>>;
 
 /// An OTLP/HTTP receiver on 127.0.0.1:0 decoding protobuf exports.
-async fn receiver() -> (String, Shared, tokio::task::JoinHandle<()>) {
+pub(crate) async fn receiver() -> (String, Shared, tokio::task::JoinHandle<()>) {
     let received = Shared::default();
     let app = Router::new()
         .route("/v1/traces", post(traces))
@@ -154,7 +154,7 @@ fn string(value: Option<&AnyValue>) -> Option<String> {
 }
 
 /// Environment for OTLP export to `endpoint`, with short export intervals.
-fn otlp_env(endpoint: &str, protocol: &str) -> Vec<(String, String)> {
+pub(crate) fn otlp_env(endpoint: &str, protocol: &str) -> Vec<(String, String)> {
     [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
@@ -391,4 +391,15 @@ async fn metrics_are_valid_prometheus_text_without_export() {
         out.status.success() && said.trim().is_empty(),
         "promtool check metrics: {said}"
     );
+}
+
+/// Whether a span named `name` with all these string attributes was received.
+pub(crate) fn has_span(received: &Shared, name: &str, attrs: &[(&str, &str)]) -> bool {
+    let received = received.lock().unwrap();
+    received.spans.iter().any(|(n, a)| {
+        n == name
+            && attrs
+                .iter()
+                .all(|(k, v)| a.get(*k).map(String::as_str) == Some(*v))
+    })
 }

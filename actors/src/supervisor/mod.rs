@@ -244,6 +244,10 @@ pub struct RootState {
     notify: Arc<dyn ServiceNotify>,
     /// READY=1 goes out once, after the first settled decision.
     ready_sent: bool,
+    /// The last tier that served, so a move through an outage (docker
+    /// breaks, nothing serves while local starts, local serves) is still
+    /// reported as a failover from docker.
+    last_served: Option<TierId>,
     /// The watchdog ping timer, when the service manager armed one.
     watchdog: Option<JoinHandle<()>>,
 }
@@ -280,6 +284,7 @@ impl Actor for RootSupervisor {
             recheck: None,
             notify: args.notify,
             ready_sent: false,
+            last_served: None,
             watchdog: None,
         })
     }
@@ -723,6 +728,9 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
     }
     if previous != decision.active {
         active_changed(state, previous, decision.active, decision.line.as_deref());
+        if decision.active.is_some() {
+            state.last_served = decision.active;
+        }
         for child in &state.children {
             let is_active = Some(child.spec.id) == decision.active;
             let was_active = Some(child.spec.id) == previous;
@@ -760,9 +768,12 @@ fn active_changed(
     line: Option<&str>,
 ) {
     let rank = |tier: TierId| state.children.iter().position(|c| c.spec.id == tier);
+    // Through an outage, the move is from the tier that served last.
+    let previous = previous.or(state.last_served.filter(|_| active.is_some()));
     let outcome = match (previous, active) {
         (None, Some(_)) => "activated",
         (Some(_), None) => "lost",
+        (Some(from), Some(to)) if from == to => "recovered",
         (Some(from), Some(to)) if rank(to) < rank(from) => "failback",
         _ => "failover",
     };
