@@ -4,14 +4,14 @@
 //! what matters is what its script renders, not the HTML the server sends.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::support::{Cascade, SHORT, Setup, backend_pid, http_client};
+use crate::support::{Cascade, SHORT, Setup, backend_pid, http_client, tool};
 
 // === the page and the event stream over plain HTTP ===
 
@@ -413,21 +413,4 @@ fn base64_decode(text: &str) -> Vec<u8> {
         }
     }
     out
-}
-
-/// A tool the test needs: under CI=true its absence is a failure, elsewhere a skip.
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{name} is required under CI=true (.ci/run installs it)"
-        );
-        eprintln!("skipped: {name} is not installed");
-    }
-    found
 }
