@@ -274,13 +274,7 @@ fn docker(args: &[&str]) -> String {
 }
 
 fn inspect(name: &str, format: &str) -> Option<String> {
-    let out = Command::new("docker")
-        .args(["inspect", "-f", format, name])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    cascade_demo::image::docker_cli(&["inspect", "-f", format, name]).ok()
 }
 
 fn run_args(name: &str, labels: &[&str], extra: &[&str]) -> Vec<String> {

@@ -94,13 +94,7 @@ pub async fn eventually(within: Duration, what: &str, mut check: impl FnMut() ->
 
 /// `docker inspect -f FORMAT NAME`, or None if the container does not exist.
 pub fn inspect(name: &str, format: &str) -> Option<String> {
-    let out = Command::new("docker")
-        .args(["inspect", "-f", format, name])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    cascade_demo::image::docker_cli(&["inspect", "-f", format, name]).ok()
 }
 
 #[cfg(test)]
