@@ -190,6 +190,12 @@ pub enum ProbeOutcome {
     Up { note: String },
     /// The backend should answer and did not; counts against the breaker.
     Down { error: String },
+    /// The backend asked to be left alone (HTTP 429/503 with `Retry-After`):
+    /// counts as a failure and holds the breaker open for at least `retry_after`.
+    Throttled {
+        error: String,
+        retry_after: std::time::Duration,
+    },
     /// Nothing runs to be probed (not started, stopped); the breaker is untouched.
     Idle { reason: String },
     /// The tier cannot serve until an operator acts.

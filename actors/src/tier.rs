@@ -355,6 +355,7 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
         let (label, error) = match &outcome {
             ProbeOutcome::Up { .. } => ("up", None),
             ProbeOutcome::Down { error } => ("down", Some(error.as_str())),
+            ProbeOutcome::Throttled { error, .. } => ("throttled", Some(error.as_str())),
             ProbeOutcome::Idle { reason } => ("idle", Some(reason.as_str())),
             ProbeOutcome::Unavailable { reason } => ("unavailable", Some(reason.as_str())),
         };
@@ -392,6 +393,13 @@ fn probe_done(state: &mut State, outcome: ProbeOutcome) {
             } else {
                 state.set(TierState::Unhealthy, error);
             }
+        }
+        ProbeOutcome::Throttled { error, retry_after } => {
+            state.breaker.record_failure(now);
+            let asked = format!("Retry-After {}", format_duration(retry_after));
+            state.breaker.force_open(now, retry_after, asked);
+            state.status.last_error = Some(error);
+            state.set(TierState::Unhealthy, breaker_reason(state));
         }
         ProbeOutcome::Idle { reason } => state.set(TierState::Unhealthy, reason),
         ProbeOutcome::Unavailable { reason } => {
