@@ -2,5 +2,7 @@
 //! configuration and its [`crate::contract::Driver`]), `client.rs` (the only
 //! file that talks to the outside world) and `tests.rs`.
 
+pub mod cloud_run;
 pub mod docker;
+pub mod gcp;
 pub mod local;

@@ -1,0 +1,690 @@
+//! The `cloud_run` tier: a Cloud Run service cascade probes but never runs.
+//!
+//! Cloud Run starts, scales and restarts the service by itself, so this tier
+//! is not startable: its driver only answers "is the service serving?". A
+//! probe is one GET of the health path carrying an ID token for the service
+//! (private services reject anything else), with a longer timeout until the
+//! first success, because a service scaled to zero answers its first request
+//! only after a cold start. Optionally the Admin API's `services.get` is
+//! consulted too: a service whose Ready condition failed is Unavailable with
+//! Cloud Run's own message, which says more than a failing health check.
+//!
+//! Files: `mod.rs` (configuration, the driver, mapping answers to probe
+//! outcomes), `auth.rs` (where ID tokens come from, how long they are kept),
+//! `client.rs` (the only file doing I/O: HTTP, the key file, the Admin API).
+//!
+//! Invariants: a credential (ID token, access token, private key) never
+//! appears in a log line, an error, a probe outcome or the status details; a
+//! token failure is reported as `ID token: ...`, never as the service being
+//! down. The probe path reuses one pooled HTTP client and a cached token, so a
+//! probe costs one request and no token work between refreshes.
+
+mod auth;
+mod client;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use reqwest::Url;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::contract::{
+    Driver, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError, TierId,
+};
+use crate::resilience::{BreakerConfig, Deadline};
+use crate::tier::ProbeConfig;
+
+pub use crate::tiers::gcp::GcpEnv;
+
+use auth::IdTokens;
+use client::{AdminApi, Answer, Readiness};
+
+/// `[tiers.cloud_run]` in the configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudRunConfig {
+    /// The service's URL, e.g. `https://ecapa-abc123-ew.a.run.app`.
+    pub url: String,
+    pub health_path: String,
+    /// The ID token's audience; the service URL when unset.
+    pub audience: Option<String>,
+    pub auth: AuthMode,
+    /// A service-account key; else `GOOGLE_APPLICATION_CREDENTIALS`, else the
+    /// metadata server.
+    pub credentials_file: Option<PathBuf>,
+    /// Probe timeout until the first successful probe (a service scaled to
+    /// zero answers after a cold start).
+    #[serde(with = "humantime_serde")]
+    pub cold_start_timeout: Duration,
+    pub probe: ProbeConfig,
+    pub breaker: BreakerConfig,
+    /// Cloud Run's own view of the service (`services.get`), when set.
+    pub admin: Option<AdminConfig>,
+    /// Deadline for a start; Cloud Run starts the service itself, so only
+    /// the generic tier actor reads it.
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// Deadline for a stop, which does nothing for this tier.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+}
+
+/// How requests to the service authenticate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// An ID token whose audience is the service (a private service).
+    #[default]
+    IdToken,
+    /// No credentials (a service that allows unauthenticated calls).
+    None,
+}
+
+/// `[tiers.cloud_run.admin]`: the Cloud Run Admin API check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub project: String,
+    pub region: String,
+    pub service: String,
+    pub endpoint: String,
+    /// How long a Ready answer is trusted; a failed health probe re-checks at once.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            project: String::new(),
+            region: String::new(),
+            service: String::new(),
+            endpoint: "https://run.googleapis.com".into(),
+            interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The resource name `services.get` takes.
+    pub fn resource_name(&self) -> String {
+        format!(
+            "projects/{}/locations/{}/services/{}",
+            self.project, self.region, self.service
+        )
+    }
+}
+
+impl Default for CloudRunConfig {
+    fn default() -> Self {
+        CloudRunConfig {
+            url: String::new(),
+            health_path: "/health".into(),
+            audience: None,
+            auth: AuthMode::IdToken,
+            credentials_file: None,
+            cold_start_timeout: Duration::from_secs(20),
+            probe: ProbeConfig {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+            },
+            breaker: BreakerConfig::default(),
+            admin: None,
+            start_timeout: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl CloudRunConfig {
+    /// Problems as (key relative to `[tiers.cloud_run]`, message).
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        match Url::parse(&self.url) {
+            Err(_) if self.url.is_empty() => {
+                problems.push((
+                    "url".into(),
+                    "is required: the Cloud Run service's URL, e.g. https://NAME-HASH-REGION.a.run.app".into(),
+                ));
+            }
+            Err(e) => problems.push(("url".into(), format!("is not a URL: {e}"))),
+            Ok(url) if !matches!(url.scheme(), "http" | "https") || url.host().is_none() => {
+                problems.push(("url".into(), "must be an http(s) URL with a host".into()));
+            }
+            Ok(url)
+                if self.auth == AuthMode::IdToken
+                    && url.scheme() == "http"
+                    && !is_loopback(&url) =>
+            {
+                problems.push((
+                    "url".into(),
+                    "must use https: requests carry an ID token (plain http is allowed only for loopback)"
+                        .into(),
+                ));
+            }
+            Ok(_) => {}
+        }
+        if !self.health_path.starts_with('/') {
+            problems.push(("health_path".into(), "must start with `/`".into()));
+        }
+        if self
+            .audience
+            .as_deref()
+            .is_some_and(|a| a.trim().is_empty())
+        {
+            problems.push(("audience".into(), "must not be empty when set".into()));
+        }
+        if self.auth == AuthMode::None && self.credentials_file.is_some() {
+            problems.push((
+                "credentials_file".into(),
+                "is set but auth is \"none\", so it would never be used".into(),
+            ));
+        }
+        if self.probe.timeout.is_zero() || self.probe.interval.is_zero() {
+            problems.push((
+                "probe".into(),
+                "interval and timeout must be above zero".into(),
+            ));
+        }
+        if self.cold_start_timeout.is_zero() {
+            problems.push(("cold_start_timeout".into(), "must be above zero".into()));
+        }
+        for (key, problem) in self.breaker.validate() {
+            problems.push((format!("breaker.{key}"), problem));
+        }
+        if let Some(admin) = &self.admin {
+            for (key, value) in [
+                ("project", &admin.project),
+                ("region", &admin.region),
+                ("service", &admin.service),
+            ] {
+                if value.trim().is_empty() || value.contains('/') {
+                    problems.push((
+                        format!("admin.{key}"),
+                        "is required (a name without `/`) when [tiers.cloud_run.admin] is set"
+                            .into(),
+                    ));
+                }
+            }
+            match Url::parse(&admin.endpoint) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => problems.push((
+                    "admin.endpoint".into(),
+                    "must be an http(s) URL, e.g. https://run.googleapis.com".into(),
+                )),
+            }
+            if admin.interval.is_zero() {
+                problems.push(("admin.interval".into(), "must be above zero".into()));
+            }
+        }
+        problems
+    }
+
+    /// The deadline the tier actor puts around one probe (`TierSpec.probe.timeout`):
+    /// the driver bounds each request itself, with the cold-start timeout
+    /// until the first success, so the actor's deadline only catches a bug.
+    pub fn probe_deadline(&self) -> Duration {
+        self.probe.timeout.max(self.cold_start_timeout) + Duration::from_secs(1)
+    }
+
+    /// The service URL without a trailing `/`.
+    fn base_url(&self) -> &str {
+        self.url.trim_end_matches('/')
+    }
+
+    /// The ID token's audience.
+    pub fn audience(&self) -> String {
+        match &self.audience {
+            Some(audience) => audience.clone(),
+            None => self.base_url().to_owned(),
+        }
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host_str() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+/// Where this driver's credentials come from, for ID tokens and the Admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Credentials {
+    Metadata { host: String },
+    KeyFile(PathBuf),
+}
+
+impl Credentials {
+    fn pick(config: &CloudRunConfig, env: &GcpEnv) -> Self {
+        match config
+            .credentials_file
+            .clone()
+            .or(env.credentials_file.clone())
+        {
+            Some(path) => Credentials::KeyFile(path),
+            None => Credentials::Metadata {
+                host: env.metadata_host().to_owned(),
+            },
+        }
+    }
+
+    /// For operators: where tokens come from. A path, never a key.
+    fn describe(&self) -> String {
+        match self {
+            Credentials::Metadata { host } => format!("metadata server {host}"),
+            Credentials::KeyFile(path) => format!("service-account key {}", path.display()),
+        }
+    }
+}
+
+/// What the Admin API said last.
+#[derive(Debug, Clone)]
+struct AdminView {
+    readiness: Readiness,
+    checked: Instant,
+    /// A health probe failed with no time left to ask: ask at the next probe.
+    stale: bool,
+    /// Why the last ask got no answer (the readiness is then the one before).
+    error: Option<String>,
+}
+
+pub struct CloudRunDriver {
+    config: CloudRunConfig,
+    /// Parsed once: a probe clones it instead of parsing a string.
+    health_url: Url,
+    /// One pooled client for every probe, so a probe reuses a warm connection.
+    http: reqwest::Client,
+    /// `None` with `auth = "none"`.
+    tokens: Option<IdTokens>,
+    credentials: Credentials,
+    admin: Option<AdminApi>,
+    admin_view: Mutex<Option<AdminView>>,
+    /// A probe has succeeded since the driver was built or restarted; until
+    /// then probes allow for a cold start.
+    warm: AtomicBool,
+}
+
+impl CloudRunDriver {
+    /// Builds the driver; does no I/O. Credential problems (a missing or bad
+    /// key file) surface at the first probe as Unavailable rather than here,
+    /// where an error would fail the tier actor again and again. `_events`
+    /// is unused (Cloud Run tells cascade nothing by itself); it keeps the
+    /// constructors of all tiers alike.
+    pub fn new(config: CloudRunConfig, env: GcpEnv, _events: EventSink) -> Result<Self, TierError> {
+        let health_url = Url::parse(&format!("{}{}", config.base_url(), config.health_path))
+            .map_err(|e| {
+                TierError::new(format!(
+                    "tiers.cloud_run.url {:?} with health_path {:?} is not a URL: {e}",
+                    config.url, config.health_path
+                ))
+            })?;
+        let http = client::http_client()?;
+        let credentials = Credentials::pick(&config, &env);
+        let tokens = match config.auth {
+            AuthMode::IdToken => Some(IdTokens::new(&credentials, config.audience())?),
+            AuthMode::None => None,
+        };
+        let admin = config
+            .admin
+            .as_ref()
+            .map(|admin| AdminApi::new(admin, credentials.clone()));
+        Ok(CloudRunDriver {
+            config,
+            health_url,
+            http,
+            tokens,
+            credentials,
+            admin,
+            admin_view: Mutex::new(None),
+            warm: AtomicBool::new(false),
+        })
+    }
+
+    fn admin_view(&self) -> Option<AdminView> {
+        self.admin_view.lock().ok().and_then(|v| v.clone())
+    }
+
+    /// Asks the Admin API unless its last answer is younger than `interval`
+    /// (`force` asks anyway). Returns the readiness to act on and whether the
+    /// API was asked. An API that cannot be reached changes nothing: the last
+    /// answer stands and the health check decides.
+    async fn check_admin(&self, deadline: Deadline, force: bool) -> (Option<Readiness>, bool) {
+        let Some(admin) = &self.admin else {
+            return (None, false);
+        };
+        let interval = self
+            .config
+            .admin
+            .as_ref()
+            .map_or(Duration::ZERO, |a| a.interval);
+        let now = Instant::now();
+        let last = self.admin_view();
+        // A failed service is asked about every probe, so its recovery
+        // shows at once; any other answer (or a failure to get one) stands
+        // for `interval`.
+        if let Some(view) = &last
+            && !force
+            && !view.stale
+            && !matches!(view.readiness, Readiness::Failed(_))
+            && now.duration_since(view.checked) < interval
+        {
+            return (Some(view.readiness.clone()), false);
+        }
+        let timeout = deadline.attempt_timeout(now, self.config.probe.timeout);
+        let (readiness, error) = match admin.readiness(timeout).await {
+            Ok(readiness) => {
+                if last.as_ref().map(|v| &v.readiness) != Some(&readiness) {
+                    info!(backend.tier = "cloud_run", ready = %readiness.describe(), "Admin API answered.");
+                }
+                (readiness, None)
+            }
+            Err(error) => {
+                warn!(backend.tier = "cloud_run", %error, "Admin API check failed; keeping its last answer.");
+                let readiness = last.map_or(Readiness::Unknown, |v| v.readiness);
+                (readiness, Some(error))
+            }
+        };
+        if let Ok(mut view) = self.admin_view.lock() {
+            *view = Some(AdminView {
+                readiness: readiness.clone(),
+                checked: Instant::now(),
+                stale: false,
+                error,
+            });
+        }
+        (Some(readiness), true)
+    }
+
+    fn outcome_of(&self, answer: Result<Answer, String>, sent_token: bool) -> ProbeOutcome {
+        classify(
+            &self.health_url,
+            answer,
+            sent_token,
+            self.config.breaker.open_max,
+        )
+    }
+}
+
+/// Maps the health answer to a probe outcome. `cap` bounds a `Retry-After`.
+fn classify(
+    url: &Url,
+    answer: Result<Answer, String>,
+    sent_token: bool,
+    cap: Duration,
+) -> ProbeOutcome {
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(error) => return ProbeOutcome::Down { error },
+    };
+    let status = answer.status;
+    if (200..300).contains(&status) {
+        // Stable text: a note that changed every probe (say, with the
+        // latency) would republish the status every probe. Latency is in the
+        // probe duration metric.
+        return ProbeOutcome::Up {
+            note: format!("ready (HTTP {status})"),
+        };
+    }
+    let excerpt = if answer.excerpt.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", answer.excerpt)
+    };
+    match status {
+        401 if sent_token => ProbeOutcome::Down {
+            error: format!(
+                "{url} rejected the ID token (HTTP 401: not valid for it, or expired){excerpt}"
+            ),
+        },
+        403 if sent_token => ProbeOutcome::Down {
+            error: format!(
+                "{url} rejected the ID token (HTTP 403: check the audience and that the account has roles/run.invoker){excerpt}"
+            ),
+        },
+        401 | 403 => ProbeOutcome::Down {
+            error: format!(
+                "{url} answered HTTP {status} to a request without credentials (auth = \"none\"){excerpt}"
+            ),
+        },
+        429 | 503 => match answer
+            .retry_after
+            .as_deref()
+            .and_then(|v| parse_retry_after(v, SystemTime::now()))
+        {
+            // The tier actor names the Retry-After in the reason.
+            Some(asked) => ProbeOutcome::Throttled {
+                error: format!("health check {url} answered HTTP {status}{excerpt}"),
+                retry_after: asked.min(cap),
+            },
+            None => ProbeOutcome::Down {
+                error: format!("health check {url} answered HTTP {status}{excerpt}"),
+            },
+        },
+        _ => ProbeOutcome::Down {
+            error: format!("health check {url} answered HTTP {status}{excerpt}"),
+        },
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3); a
+/// date in the past is zero.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = parse_http_date(value)?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`, the only form senders may use.
+fn parse_http_date(value: &str) -> Option<SystemTime> {
+    let mut parts = value.split_ascii_whitespace();
+    let _weekday = parts.next()?.strip_suffix(',')?;
+    let day: u32 = parts.next()?.parse().ok()?;
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month_name = parts.next()?;
+    let month = MONTHS.iter().position(|m| *m == month_name)? as u32 + 1;
+    let year: i64 = parts.next()?.parse().ok()?;
+    let mut hms = parts.next()?.split(':');
+    let (h, m, s): (u64, u64, u64) = (
+        hms.next()?.parse().ok()?,
+        hms.next()?.parse().ok()?,
+        hms.next()?.parse().ok()?,
+    );
+    if parts.next()? != "GMT" || parts.next().is_some() || hms.next().is_some() {
+        return None;
+    }
+    if !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let seconds = u64::try_from(days).ok()? * 86_400 + h * 3600 + m * 60 + s;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let month = i64::from(month);
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[async_trait]
+impl Driver for CloudRunDriver {
+    fn endpoint(&self) -> Option<String> {
+        Some(self.config.base_url().to_owned())
+    }
+
+    /// Cloud Run starts and scales the service on demand; there is nothing
+    /// for cascade to start, so the waterfall's start phase skips this tier.
+    fn startable(&self) -> bool {
+        false
+    }
+
+    async fn probe(&self) -> ProbeOutcome {
+        let now = Instant::now();
+        let budget = if self.warm.load(Ordering::Relaxed) {
+            self.config.probe.timeout
+        } else {
+            self.config
+                .cold_start_timeout
+                .max(self.config.probe.timeout)
+        };
+        let deadline = Deadline::after(now, budget);
+
+        let (readiness, admin_asked) = self.check_admin(deadline, false).await;
+        if let Some(Readiness::Failed(message)) = readiness {
+            return not_ready(&message);
+        }
+
+        let bearer = match &self.tokens {
+            Some(tokens) => {
+                let timeout = deadline.attempt_timeout(Instant::now(), self.config.probe.timeout);
+                match tokens.bearer(&self.http, timeout).await {
+                    Ok(bearer) => Some(bearer),
+                    Err(error) => return error.into_outcome(),
+                }
+            }
+            None => None,
+        };
+        let answer = client::health(
+            &self.http,
+            &self.health_url,
+            bearer,
+            deadline.remaining(Instant::now()),
+        )
+        .await;
+        let outcome = self.outcome_of(answer, self.tokens.is_some());
+        if let ProbeOutcome::Up { .. } = outcome {
+            self.warm.store(true, Ordering::Relaxed);
+        } else if self.admin.is_some() && !admin_asked {
+            // The Admin API may know why (a failed revision, a quota): ask
+            // now if the probe's deadline allows, else first thing next probe.
+            if deadline.is_expired(Instant::now()) {
+                if let Ok(mut view) = self.admin_view.lock()
+                    && let Some(view) = view.as_mut()
+                {
+                    view.stale = true;
+                }
+            } else if let (Some(Readiness::Failed(message)), _) =
+                self.check_admin(deadline, true).await
+            {
+                return not_ready(&message);
+            }
+        }
+        outcome
+    }
+
+    async fn start(&self) -> Result<(), TierError> {
+        Err(TierError::new(
+            "the cloud_run tier cannot be started: Cloud Run starts and scales the service itself",
+        ))
+    }
+
+    /// Nothing to stop: the service belongs to Cloud Run.
+    async fn stop(&self) -> Result<(), TierError> {
+        Ok(())
+    }
+
+    /// Cloud Run restarts nothing on request; a restart here starts the
+    /// tier afresh: a new ID token, a new Admin API answer, a cold-start
+    /// timeout again (and the tier actor resets the breaker).
+    async fn restart(&self, request: RestartRequest) -> Result<RestartReport, TierError> {
+        let mut plan = Vec::new();
+        if self.tokens.is_some() {
+            plan.push(format!(
+                "drop the cached ID token; fetch a new one from the {} at the next probe",
+                self.credentials.describe()
+            ));
+        }
+        if let Some(admin) = &self.config.admin {
+            plan.push(format!(
+                "forget the Admin API's last answer; ask services.get for {} at the next probe",
+                admin.resource_name()
+            ));
+        }
+        plan.push(format!(
+            "probe {} allowing for a cold start ({})",
+            self.health_url,
+            humantime::format_duration(self.config.cold_start_timeout)
+        ));
+        plan.push("the service itself is left to Cloud Run, which restarts and scales it".into());
+        if !request.dry_run {
+            if let Some(tokens) = &self.tokens {
+                tokens.forget().await;
+            }
+            if let Some(admin) = &self.admin {
+                admin.forget();
+            }
+            if let Ok(mut view) = self.admin_view.lock() {
+                *view = None;
+            }
+            self.warm.store(false, Ordering::Relaxed);
+        }
+        Ok(RestartReport {
+            tier: TierId::CloudRun,
+            dry_run: request.dry_run,
+            plan,
+        })
+    }
+
+    fn details(&self) -> BTreeMap<String, String> {
+        let mut details = BTreeMap::new();
+        details.insert("url".into(), self.config.base_url().to_owned());
+        match &self.tokens {
+            Some(tokens) => {
+                details.insert("audience".into(), tokens.audience().to_owned());
+                details.insert("auth".into(), self.credentials.describe());
+                tokens.details(&mut details);
+            }
+            None => {
+                details.insert("auth".into(), "none".into());
+            }
+        }
+        if self.admin.is_some() {
+            let view = self.admin_view();
+            let ready = match &view {
+                None => "unknown".to_owned(),
+                Some(view) => view.readiness.describe(),
+            };
+            details.insert("admin_ready".into(), ready);
+            if let Some(error) = view.and_then(|v| v.error) {
+                details.insert("admin_error".into(), error);
+            }
+        }
+        details
+    }
+}
+
+/// A timeout for a message, to the millisecond (`150ms`, not `149ms 995us`).
+fn format_ms(d: Duration) -> String {
+    let ms = (d.as_micros() + 500) / 1000;
+    humantime::format_duration(Duration::from_millis(ms as u64)).to_string()
+}
+
+fn not_ready(message: &str) -> ProbeOutcome {
+    ProbeOutcome::Unavailable {
+        reason: format!("Cloud Run reports the service not ready: {message}"),
+    }
+}
