@@ -5,4 +5,5 @@
 pub mod cloud_run;
 pub mod docker;
 pub mod gcp;
+pub mod gcp_vm;
 pub mod local;

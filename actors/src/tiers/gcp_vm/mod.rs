@@ -1,0 +1,404 @@
+//! The `gcp_vm` tier: the service on a small pool of Compute Engine spot VMs.
+//!
+//! The costliest tier to hold, so VMs are created only by the waterfall's start phase (up to
+//! `max_vms`), and deleted again once the tier has been idle (another tier active) for
+//! `idle_ttl`. Each VM is `{pool}-{slot}`, labelled `cascade-pool={pool}`, so inserts are
+//! idempotent and `instances.list` finds the whole pool. A watch health-checks every VM each
+//! `watch_interval`; a failed check (or every `reconcile_interval`) reconciles with the API, and a
+//! preempted VM is marked lost at once (the tier actor is told, so the waterfall moves on) and,
+//! with `on_preemption = "replace"`, re-created. What the pool manages is checkpointed to disk
+//! after every change and restored, then reconciled, when cascade starts.
+//!
+//! Layout: `pool.rs` (state and steps), `client.rs` (the only file doing I/O besides the
+//! checkpoint), `checkpoint.rs` (atomic file), `retry.rs` (retries with the shared budget).
+//!
+//! Invariant: probing never creates or deletes a VM; only `start`, `restart`, replacement of a
+//! lost VM in a pool the start phase asked for, and idle deletion do.
+
+mod checkpoint;
+mod client;
+mod pool;
+mod retry;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::contract::{Driver, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError};
+use crate::resilience::BreakerConfig;
+use crate::tier::ProbeConfig;
+
+pub use crate::tiers::gcp::GcpEnv;
+pub use checkpoint::{Checkpoint, OpKind, OpRef, Phase, VmEntry};
+pub use retry::RetryConfig;
+
+use pool::{Notify, Pool};
+use retry::{Retrier, RetryObserver};
+
+/// The label every VM of a pool carries, with the pool's name as value.
+pub const POOL_LABEL: &str = "cascade-pool";
+
+/// What happens when a VM is preempted (or otherwise lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPreemption {
+    /// Delete it and create it again (same name), while the pool is wanted.
+    #[default]
+    Replace,
+    /// Delete it; the next start phase creates a new one.
+    Drop,
+}
+
+/// `scheduling.instanceTerminationAction` of the spot VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminationAction {
+    /// A preempted VM stays, TERMINATED, until the pool deletes it: the reconcile sees it.
+    #[default]
+    Stop,
+    /// Compute Engine deletes a preempted VM itself.
+    Delete,
+}
+
+/// `[tiers.gcp_vm]` in the configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcpVmConfig {
+    pub project: String,
+    pub zone: String,
+    /// Names the pool: VMs are `{pool}-{slot}` and carry the label `cascade-pool={pool}`.
+    pub pool: String,
+    pub machine_type: String,
+    /// Source image of the boot disk.
+    pub image: String,
+    pub disk_size_gb: u32,
+    /// Run this container image (Container-Optimized OS's `gce-container-declaration`).
+    pub container_image: Option<String>,
+    /// Or (also) run this `startup-script`.
+    pub startup_script: Option<String>,
+    pub network: String,
+    pub subnetwork: Option<String>,
+    /// Give VMs an external IP and use it; otherwise cascade reaches their internal IP.
+    pub external_ip: bool,
+    /// Service account the VMs run as (with the cloud-platform scope).
+    pub service_account: Option<String>,
+    /// Port the service listens on, on each VM.
+    pub service_port: u16,
+    pub health_path: String,
+    /// Ready VMs the start phase asks for.
+    pub vms: u32,
+    /// Instances the pool holds at most, replacements included.
+    pub max_vms: u32,
+    pub on_preemption: OnPreemption,
+    pub termination_action: TerminationAction,
+    /// VMs are deleted after the tier has not been the active one for this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Duration,
+    /// A zone operation (insert, delete) not done by then is abandoned and reconciled later.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
+    /// Deadline of one API call.
+    #[serde(with = "humantime_serde")]
+    pub api_timeout: Duration,
+    /// Time between health checks of every VM.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+    /// Time between reconciles with `instances.list` when every check passes.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    pub retry: RetryConfig,
+    /// Compute Engine's endpoint.
+    pub endpoint: String,
+    /// Extra labels on every VM.
+    pub labels: BTreeMap<String, String>,
+    pub probe: ProbeConfig,
+    pub breaker: BreakerConfig,
+    /// Deadline for the start phase: VMs created, RUNNING and answering their health check.
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+}
+
+impl Default for GcpVmConfig {
+    fn default() -> Self {
+        GcpVmConfig {
+            project: String::new(),
+            zone: String::new(),
+            pool: "ecapa".into(),
+            machine_type: "e2-standard-2".into(),
+            image: "projects/cos-cloud/global/images/family/cos-stable".into(),
+            disk_size_gb: 20,
+            container_image: None,
+            startup_script: None,
+            network: "global/networks/default".into(),
+            subnetwork: None,
+            external_ip: false,
+            service_account: None,
+            service_port: 8080,
+            health_path: "/health".into(),
+            vms: 1,
+            max_vms: 2,
+            on_preemption: OnPreemption::Replace,
+            termination_action: TerminationAction::Stop,
+            idle_ttl: Duration::from_secs(600),
+            operation_timeout: Duration::from_secs(300),
+            api_timeout: Duration::from_secs(30),
+            watch_interval: Duration::from_millis(500),
+            reconcile_interval: Duration::from_secs(30),
+            retry: RetryConfig::default(),
+            endpoint: "https://compute.googleapis.com".into(),
+            labels: BTreeMap::new(),
+            probe: ProbeConfig::default(),
+            breaker: BreakerConfig::default(),
+            start_timeout: Duration::from_secs(360),
+            stop_grace: Duration::from_secs(120),
+        }
+    }
+}
+
+/// RFC 1035 label: a lowercase letter, then lowercase letters, digits and dashes, not ending in a
+/// dash.
+fn is_rfc1035(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-')
+}
+
+fn is_label_key(key: &str) -> bool {
+    key.len() <= 63
+        && key.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+fn is_label_value(value: &str) -> bool {
+    value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+impl GcpVmConfig {
+    /// Problems as (key relative to `[tiers.gcp_vm]`, message).
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems: Vec<(String, String)> = Vec::new();
+        let mut problem = |key: &str, message: String| problems.push((key.into(), message));
+        if self.project.trim().is_empty() {
+            problem("project", "must name the Google Cloud project".into());
+        }
+        if self.zone.trim().is_empty() {
+            problem("zone", "must name a zone, e.g. europe-west1-b".into());
+        }
+        let longest = format!("{}-{}", self.pool, self.max_vms.saturating_sub(1));
+        if !is_rfc1035(&self.pool) {
+            problem(
+                "pool",
+                format!(
+                    "`{}` must start with a lowercase letter and hold only lowercase letters, digits and dashes, not ending in a dash",
+                    self.pool
+                ),
+            );
+        } else if longest.len() > 63 {
+            problem(
+                "pool",
+                format!("too long: VM names like `{longest}` must fit in 63 characters"),
+            );
+        }
+        if self.machine_type.trim().is_empty() {
+            problem("machine_type", "must name a machine type".into());
+        }
+        if self.image.trim().is_empty() {
+            problem("image", "must name the boot disk's source image".into());
+        }
+        if self.disk_size_gb < 10 {
+            problem("disk_size_gb", "must be at least 10".into());
+        }
+        if self
+            .container_image
+            .as_deref()
+            .is_some_and(|i| i.trim().is_empty())
+        {
+            problem("container_image", "must not be empty when set".into());
+        }
+        if self.network.trim().is_empty() {
+            problem("network", "must name a network".into());
+        }
+        if self
+            .service_account
+            .as_deref()
+            .is_some_and(|a| !a.contains('@'))
+        {
+            problem("service_account", "must be a service account email".into());
+        }
+        if self.service_port == 0 {
+            problem(
+                "service_port",
+                "must be a port number from 1 to 65535".into(),
+            );
+        }
+        if !self.health_path.starts_with('/') {
+            problem("health_path", "must start with `/`".into());
+        }
+        if self.vms == 0 {
+            problem("vms", "must be at least 1".into());
+        }
+        if self.max_vms < self.vms {
+            problem("max_vms", format!("must be at least vms ({})", self.vms));
+        }
+        if self.max_vms > 100 {
+            problem("max_vms", "must be at most 100".into());
+        }
+        for (key, value) in [
+            ("idle_ttl", self.idle_ttl),
+            ("operation_timeout", self.operation_timeout),
+            ("api_timeout", self.api_timeout),
+            ("watch_interval", self.watch_interval),
+            ("reconcile_interval", self.reconcile_interval),
+            ("start_timeout", self.start_timeout),
+        ] {
+            if value.is_zero() {
+                problem(key, "must be above zero".into());
+            }
+        }
+        if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
+            problem("endpoint", "must be an http:// or https:// URL".into());
+        }
+        for (key, value) in &self.labels {
+            if key == POOL_LABEL {
+                problem(
+                    "labels",
+                    format!("`{POOL_LABEL}` is set by cascade to the pool's name"),
+                );
+            } else if !is_label_key(key) || !is_label_value(value) {
+                problem(
+                    "labels",
+                    format!(
+                        "`{key} = {value}`: keys start with a lowercase letter; keys and values hold up to 63 lowercase letters, digits, `-` and `_`"
+                    ),
+                );
+            }
+        }
+        if self.probe.timeout.is_zero() || self.probe.interval.is_zero() {
+            problem("probe", "interval and timeout must be above zero".into());
+        }
+        for (key, message) in self.breaker.validate() {
+            problems.push((format!("breaker.{key}"), message));
+        }
+        for (key, message) in self.retry.validate() {
+            problems.push((format!("retry.{key}"), message));
+        }
+        problems
+    }
+}
+
+/// The tier's [`Driver`]: a thin layer over the [`Pool`].
+pub struct GcpVmDriver {
+    pool: Arc<Pool>,
+}
+
+impl GcpVmDriver {
+    /// Builds the driver: restores the checkpoint at `checkpoint` (its directory is created on
+    /// the first save) and starts the watch, whose first round reconciles with the API. Must run
+    /// inside a tokio runtime for the watch to start at once.
+    pub fn new(
+        config: GcpVmConfig,
+        checkpoint: PathBuf,
+        env: GcpEnv,
+        events: EventSink,
+    ) -> Result<Self, TierError> {
+        Self::build(
+            config,
+            checkpoint,
+            env,
+            Arc::new(move |event| events.emit(event)),
+            None,
+        )
+    }
+
+    fn build(
+        config: GcpVmConfig,
+        checkpoint: PathBuf,
+        env: GcpEnv,
+        notify: Notify,
+        observer: Option<RetryObserver>,
+    ) -> Result<Self, TierError> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let text: Vec<String> = problems
+                .into_iter()
+                .map(|(key, message)| format!("tiers.gcp_vm.{key}: {message}"))
+                .collect();
+            return Err(TierError::new(text.join("; ")));
+        }
+        let mut retrier = Retrier::new(config.retry.clone(), Instant::now());
+        if let Some(observer) = observer {
+            retrier = retrier.with_observer(observer);
+        }
+        let pool = Pool::new(config, checkpoint, env, retrier, notify).map_err(TierError::new)?;
+        let pool = Arc::new(pool);
+        pool.ensure_watching();
+        Ok(GcpVmDriver { pool })
+    }
+}
+
+#[async_trait]
+impl Driver for GcpVmDriver {
+    fn endpoint(&self) -> Option<String> {
+        self.pool.endpoint()
+    }
+
+    fn startable(&self) -> bool {
+        true
+    }
+
+    async fn probe(&self) -> ProbeOutcome {
+        self.pool.probe().await
+    }
+
+    async fn start(&self) -> Result<(), TierError> {
+        self.pool
+            .start()
+            .await
+            .map_err(|e| TierError::new(e.to_string()))
+    }
+
+    /// Stops watching; the VMs stay (idle deletion or `cascade restart` removes them).
+    async fn stop(&self) -> Result<(), TierError> {
+        self.pool.stop().await;
+        Ok(())
+    }
+
+    /// Deletes every VM and creates it again; `force` changes nothing (VMs are always replaced).
+    async fn restart(&self, request: RestartRequest) -> Result<RestartReport, TierError> {
+        self.pool
+            .restart(request)
+            .await
+            .map_err(|e| TierError::new(e.to_string()))
+    }
+
+    fn details(&self) -> BTreeMap<String, String> {
+        self.pool.details()
+    }
+
+    fn set_active(&self, active: bool) {
+        self.pool.set_active(active);
+    }
+}
+
+impl Drop for GcpVmDriver {
+    fn drop(&mut self) {
+        self.pool.shutdown();
+    }
+}

@@ -1,0 +1,390 @@
+//! Retries of Compute Engine calls: which errors are worth another attempt, how long to wait
+//! (full jitter from the one [`Backoff`], `Retry-After` as a floor, never above the cap), and when
+//! to give up (attempts, the pool's shared [`SharedRetryBudget`], the caller's overall deadline).
+//!
+//! Every first attempt deposits into the budget and every retry withdraws from it, so however many
+//! slots (or supervisors sharing a budget) hit a storm of 429s, their retries together stay within
+//! the budget instead of multiplying the load, and jitter keeps them from retrying in lockstep.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::client::ApiError;
+use crate::resilience::{
+    Backoff, BackoffConfig, Deadline, Jitter, RetryBudgetConfig, SharedRetryBudget, with_deadline,
+};
+
+/// `[tiers.gcp_vm.retry]`: retries of Compute Engine API calls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Ceiling of the first wait; doubles per retry.
+    #[serde(with = "humantime_serde")]
+    pub base: Duration,
+    /// No wait exceeds this, whatever `Retry-After` says.
+    #[serde(with = "humantime_serde")]
+    pub cap: Duration,
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// The retry budget shared by every call the pool makes.
+    pub budget: RetryBudgetConfig,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(30),
+            max_attempts: 6,
+            budget: RetryBudgetConfig::default(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Problems as `(key relative to [tiers.gcp_vm.retry], message)`.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = self.backoff().validate();
+        if self.max_attempts == 0 {
+            problems.push(("max_attempts".into(), "must be at least 1".into()));
+        }
+        for (key, problem) in self.budget.validate() {
+            problems.push((format!("budget.{key}"), problem));
+        }
+        problems
+    }
+
+    fn backoff(&self) -> BackoffConfig {
+        BackoffConfig {
+            base: self.base,
+            cap: self.cap,
+            reset_after: Duration::MAX,
+            jitter: Jitter::Full,
+        }
+    }
+}
+
+/// One wait before a retry, as chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryWait {
+    /// The call, e.g. `compute.instances.insert pool-0`.
+    pub call: String,
+    /// The attempt that failed (1 = the first).
+    pub attempt: u32,
+    pub wait: Duration,
+    pub error: String,
+}
+
+/// Sees every wait the retrier chooses (tests, metrics).
+pub type RetryObserver = Arc<dyn Fn(&RetryWait) + Send + Sync>;
+
+/// Why a call stopped being retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GaveUp {
+    /// The error is not worth another attempt (a 4xx other than 429).
+    NotRetryable,
+    /// `max_attempts` were made.
+    Attempts,
+    /// The pool's retry budget had no token left.
+    Budget,
+    /// The caller's overall deadline would pass before the next attempt.
+    Deadline,
+}
+
+/// A call that failed for good: its last error and why it was not retried again.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct CallError {
+    pub call: String,
+    pub attempts: u32,
+    pub gave_up: GaveUp,
+    pub last: ApiError,
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.call, self.last)?;
+        match self.gave_up {
+            GaveUp::NotRetryable => Ok(()),
+            GaveUp::Attempts => write!(f, " (gave up after {} attempts)", self.attempts),
+            GaveUp::Budget => write!(
+                f,
+                " (gave up after {} attempts: the pool's retry budget is exhausted)",
+                self.attempts
+            ),
+            GaveUp::Deadline => write!(
+                f,
+                " (gave up after {} attempts: out of time)",
+                self.attempts
+            ),
+        }
+    }
+}
+
+/// Runs calls with retries; clones share the budget and the counters.
+#[derive(Clone)]
+pub struct Retrier {
+    config: RetryConfig,
+    budget: SharedRetryBudget,
+    observer: Option<RetryObserver>,
+    retries: Arc<AtomicU64>,
+}
+
+impl Retrier {
+    pub fn new(config: RetryConfig, now: Instant) -> Self {
+        Self {
+            budget: SharedRetryBudget::new(config.budget.clone(), now),
+            config,
+            observer: None,
+            retries: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn with_observer(mut self, observer: RetryObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Retries made so far by every call of this retrier.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Runs `op` until it succeeds or one of the limits stops it. Each attempt is also bounded by
+    /// what is left of `deadline`.
+    pub async fn run<T, F, Fut>(
+        &self,
+        call: &str,
+        deadline: Deadline,
+        mut op: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        let mut backoff = Backoff::new(self.config.backoff());
+        let cap = self.config.cap;
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let now = Instant::now();
+            if attempt == 1 {
+                self.budget.deposit(now);
+            }
+            let remaining = deadline.remaining(now);
+            let error = match with_deadline(remaining, call, op()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error,
+                Err(timeout) => ApiError::timeout(timeout.after),
+            };
+            let stop = |gave_up| CallError {
+                call: call.to_owned(),
+                attempts: attempt,
+                gave_up,
+                last: error.clone(),
+            };
+            if !error.is_retryable() {
+                return Err(stop(GaveUp::NotRetryable));
+            }
+            if attempt >= self.config.max_attempts {
+                return Err(stop(GaveUp::Attempts));
+            }
+            let jittered = backoff.next_delay();
+            let wait = match error.retry_after {
+                // A floor the server asked for, plus jitter so clients told the same thing still
+                // spread out; the cap wins over both.
+                Some(asked) => asked.min(cap).saturating_add(jittered).min(cap),
+                None => jittered.min(cap),
+            };
+            let now = Instant::now();
+            if wait >= deadline.remaining(now) {
+                return Err(stop(GaveUp::Deadline));
+            }
+            if !self.budget.try_withdraw(now) {
+                return Err(stop(GaveUp::Budget));
+            }
+            self.retries.fetch_add(1, Ordering::Relaxed);
+            let chosen = RetryWait {
+                call: call.to_owned(),
+                attempt,
+                wait,
+                error: error.to_string(),
+            };
+            debug!(call = %chosen.call, attempt, wait_ms = wait.as_millis() as u64, error = %chosen.error, "Retrying a Compute Engine call.");
+            if let Some(observer) = &self.observer {
+                observer(&chosen);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn retrier(max_attempts: u32, reserve: f64) -> (Retrier, Arc<Mutex<Vec<RetryWait>>>) {
+        let waits = Arc::new(Mutex::new(Vec::new()));
+        let seen = waits.clone();
+        let config = RetryConfig {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(40),
+            max_attempts,
+            budget: RetryBudgetConfig {
+                ratio: 0.0,
+                min_per_sec: reserve / 10.0,
+                window: Duration::from_secs(10),
+            },
+        };
+        let r = Retrier::new(config, Instant::now()).with_observer(Arc::new(move |w| {
+            seen.lock().expect("lock").push(w.clone())
+        }));
+        (r, waits)
+    }
+
+    fn status(code: u16, retry_after: Option<Duration>) -> ApiError {
+        ApiError {
+            status: Some(code),
+            reason: None,
+            message: "nope".into(),
+            retry_after,
+            timed_out: false,
+        }
+    }
+
+    fn far() -> Deadline {
+        Deadline::after(Instant::now(), Duration::from_secs(60))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_retryable_errors_fail_at_once() {
+        let (r, waits) = retrier(5, 10.0);
+        let mut calls = 0;
+        let err = r
+            .run("x", far(), || {
+                calls += 1;
+                async { Err::<(), _>(status(403, None)) }
+            })
+            .await
+            .expect_err("403 fails");
+        assert_eq!(
+            (calls, err.attempts, err.gave_up),
+            (1, 1, GaveUp::NotRetryable)
+        );
+        assert!(waits.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retryable_errors_stop_at_max_attempts() {
+        let (r, waits) = retrier(4, 100.0);
+        let err = r
+            .run("x", far(), || async { Err::<(), _>(status(503, None)) })
+            .await
+            .expect_err("always 503");
+        assert_eq!((err.attempts, err.gave_up), (4, GaveUp::Attempts));
+        assert_eq!(waits.lock().expect("lock").len(), 3);
+        assert!(
+            err.to_string().contains("gave up after 4 attempts"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn success_after_retries_returns_the_value() {
+        let (r, _) = retrier(5, 10.0);
+        let mut calls = 0;
+        let v = r
+            .run("x", far(), || {
+                calls += 1;
+                let fail = calls < 3;
+                async move { if fail { Err(status(429, None)) } else { Ok(7) } }
+            })
+            .await
+            .expect("third attempt succeeds");
+        assert_eq!((v, calls), (7, 3));
+        assert_eq!(r.retries(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_stops_retries_shared_by_clones() {
+        let (r, _) = retrier(100, 3.0);
+        let other = r.clone();
+        let a = r
+            .run("a", far(), || async { Err::<(), _>(status(429, None)) })
+            .await
+            .expect_err("budget");
+        assert_eq!((a.attempts, a.gave_up), (4, GaveUp::Budget));
+        let b = other
+            .run("b", far(), || async { Err::<(), _>(status(429, None)) })
+            .await
+            .expect_err("budget");
+        assert_eq!((b.attempts, b.gave_up), (1, GaveUp::Budget));
+        assert!(b.to_string().contains("retry budget"), "{b}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_a_floor_under_the_cap() {
+        let (r, waits) = retrier(4, 10.0);
+        let _ = r
+            .run("x", far(), || async {
+                Err::<(), _>(status(429, Some(Duration::from_millis(25))))
+            })
+            .await;
+        let seen = waits.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 3);
+        for w in &seen {
+            assert!(w.wait >= Duration::from_millis(25), "{w:?}");
+            assert!(w.wait <= Duration::from_millis(40), "{w:?}");
+        }
+        let (r, waits) = retrier(3, 10.0);
+        let _ = r
+            .run("x", far(), || async {
+                Err::<(), _>(status(429, Some(Duration::from_secs(3600))))
+            })
+            .await;
+        assert!(
+            waits
+                .lock()
+                .expect("lock")
+                .iter()
+                .all(|w| w.wait == Duration::from_millis(40))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_bounds_attempts_and_waits() {
+        let (r, _) = retrier(100, 1000.0);
+        let start = Instant::now();
+        let err = r
+            .run(
+                "x",
+                Deadline::after(start, Duration::from_millis(500)),
+                || async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Err::<(), _>(status(500, None))
+                },
+            )
+            .await
+            .expect_err("out of time");
+        assert_eq!(err.gave_up, GaveUp::Deadline);
+        assert!(Instant::now() - start <= Duration::from_millis(500));
+        // A call that hangs is cut at the deadline.
+        let err = r
+            .run(
+                "hang",
+                Deadline::after(Instant::now(), Duration::from_millis(100)),
+                std::future::pending::<Result<(), ApiError>>,
+            )
+            .await
+            .expect_err("hangs");
+        assert!(err.last.timed_out);
+    }
+}

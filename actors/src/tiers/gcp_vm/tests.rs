@@ -1,0 +1,1003 @@
+//! The `gcp_vm` tier against the local fake Compute Engine (`cascade-gcp-fake`), plus its pure
+//! parts (configuration, the insert body, error classification, the reconcile's merge) and the
+//! checkpoint under SIGKILL.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use cascade_gcp_fake::{FakeGcp, FakeOptions};
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::checkpoint::{self, Checkpoint, Loaded, OpKind, OpRef, Phase, VmEntry};
+use super::client::{self, ApiError, Op, Vm};
+use super::pool::{self, Merge, Pool, PoolState};
+use super::retry::{Retrier, RetryWait};
+use super::*;
+use crate::contract::DriverEvent;
+use crate::resilience::{Deadline, RetryBudgetConfig};
+
+const POOL: &str = "pool";
+
+// === harness ===
+
+struct Harness {
+    fake: FakeGcp,
+    dir: TempDir,
+    events: mpsc::UnboundedReceiver<DriverEvent>,
+    notify: pool::Notify,
+    waits: Arc<Mutex<Vec<RetryWait>>>,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let fake = FakeGcp::start(FakeOptions::default())
+            .await
+            .expect("the fake starts");
+        let (tx, events) = mpsc::unbounded_channel();
+        let notify: pool::Notify = Arc::new(move |event| {
+            let _ = tx.send(event);
+        });
+        Harness {
+            fake,
+            dir: TempDir::new().expect("temp dir"),
+            events,
+            notify,
+            waits: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn config(&self) -> GcpVmConfig {
+        let options = self.fake.options();
+        GcpVmConfig {
+            project: options.project.clone(),
+            zone: options.zone.clone(),
+            pool: POOL.into(),
+            endpoint: self.fake.compute_endpoint(),
+            service_port: self.fake.vm_service_port(),
+            health_path: options.vm_health_path.clone(),
+            watch_interval: Duration::from_millis(100),
+            reconcile_interval: Duration::from_millis(300),
+            operation_timeout: Duration::from_secs(10),
+            api_timeout: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(20),
+            retry: RetryConfig {
+                base: Duration::from_millis(10),
+                cap: Duration::from_millis(100),
+                ..RetryConfig::default()
+            },
+            ..GcpVmConfig::default()
+        }
+    }
+
+    fn env(&self) -> GcpEnv {
+        GcpEnv {
+            metadata_host: Some(self.fake.metadata_host()),
+            credentials_file: None,
+        }
+    }
+
+    fn checkpoint(&self) -> PathBuf {
+        self.dir.path().join("gcp_vm").join(format!("{POOL}.json"))
+    }
+
+    fn observer(&self) -> retry::RetryObserver {
+        let waits = self.waits.clone();
+        Arc::new(move |w: &RetryWait| waits.lock().expect("lock").push(w.clone()))
+    }
+
+    fn driver(&self, config: GcpVmConfig) -> GcpVmDriver {
+        GcpVmDriver::build(
+            config,
+            self.checkpoint(),
+            self.env(),
+            self.notify.clone(),
+            Some(self.observer()),
+        )
+        .expect("the driver builds")
+    }
+
+    /// A pool without the watch: steps run only when the test calls them.
+    fn bare_pool(&self, config: GcpVmConfig) -> Arc<Pool> {
+        let retrier = Retrier::new(config.retry.clone(), Instant::now());
+        Arc::new(
+            Pool::new(
+                config,
+                self.checkpoint(),
+                self.env(),
+                retrier,
+                self.notify.clone(),
+            )
+            .expect("the pool builds"),
+        )
+    }
+
+    fn inserts(&self) -> Vec<cascade_gcp_fake::ApiRequest> {
+        self.fake
+            .compute_requests()
+            .into_iter()
+            .filter(|r| r.method_id == "compute.instances.insert")
+            .collect()
+    }
+
+    fn instance_status(&self, name: &str) -> Option<String> {
+        self.fake
+            .instances()
+            .into_iter()
+            .find(|i| i.name == name)
+            .map(|i| i.status)
+    }
+
+    /// Waits for an event matching `want`, returning it.
+    async fn event(
+        &mut self,
+        within: Duration,
+        want: impl Fn(&DriverEvent) -> bool,
+    ) -> DriverEvent {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.events.recv()).await {
+                Ok(Some(event)) if want(&event) => return event,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => panic!("no matching driver event within {within:?}"),
+            }
+        }
+    }
+
+    fn assert_no_rejections(&self) {
+        assert!(
+            self.fake.rejections().is_empty(),
+            "the fake rejected requests: {:?}",
+            self.fake.rejections()
+        );
+    }
+}
+
+/// Polls `check` until it is true or `within` passes.
+async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn phases(driver: &GcpVmDriver) -> BTreeMap<String, Phase> {
+    driver.pool.read(|s| {
+        s.vms
+            .values()
+            .map(|vm| (vm.name.clone(), vm.phase))
+            .collect()
+    })
+}
+
+fn labels() -> [(&'static str, &'static str); 1] {
+    [(POOL_LABEL, POOL)]
+}
+
+// === configuration and pure parts ===
+
+#[test]
+fn the_default_config_needs_only_project_and_zone() {
+    let keys: Vec<String> = GcpVmConfig::default()
+        .validate()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["project", "zone"]);
+    let ok = GcpVmConfig {
+        project: "p".into(),
+        zone: "z".into(),
+        ..GcpVmConfig::default()
+    };
+    assert!(ok.validate().is_empty(), "{:?}", ok.validate());
+}
+
+#[test]
+fn validate_names_each_bad_key() {
+    let bad = GcpVmConfig {
+        project: "p".into(),
+        zone: "z".into(),
+        pool: "Ecapa_".into(),
+        vms: 3,
+        max_vms: 2,
+        service_port: 0,
+        health_path: "health".into(),
+        idle_ttl: Duration::ZERO,
+        endpoint: "compute.googleapis.com".into(),
+        labels: BTreeMap::from([
+            ("cascade-pool".into(), "x".into()),
+            ("Team".into(), "a".into()),
+        ]),
+        retry: RetryConfig {
+            max_attempts: 0,
+            budget: RetryBudgetConfig {
+                ratio: -1.0,
+                ..RetryBudgetConfig::default()
+            },
+            ..RetryConfig::default()
+        },
+        ..GcpVmConfig::default()
+    };
+    let keys: BTreeSet<String> = bad.validate().into_iter().map(|(k, _)| k).collect();
+    for key in [
+        "pool",
+        "max_vms",
+        "service_port",
+        "health_path",
+        "idle_ttl",
+        "endpoint",
+        "labels",
+        "retry.max_attempts",
+        "retry.budget.ratio",
+    ] {
+        assert!(keys.contains(key), "{key} missing from {keys:?}");
+    }
+    let long = GcpVmConfig {
+        project: "p".into(),
+        zone: "z".into(),
+        pool: "a".repeat(62),
+        max_vms: 11,
+        ..GcpVmConfig::default()
+    };
+    assert!(long.validate()[0].1.contains("63 characters"));
+}
+
+#[test]
+fn config_reads_toml_style_keys_and_rejects_unknown_ones() {
+    let c: GcpVmConfig = serde_json::from_str(
+        r#"{"project":"p","zone":"z","on_preemption":"drop","termination_action":"delete",
+            "idle_ttl":"5m","retry":{"cap":"10s","budget":{"ratio":0.1}}}"#,
+    )
+    .expect("valid");
+    assert_eq!(c.on_preemption, OnPreemption::Drop);
+    assert_eq!(c.termination_action, TerminationAction::Delete);
+    assert_eq!(c.idle_ttl, Duration::from_secs(300));
+    assert_eq!(c.retry.cap, Duration::from_secs(10));
+    assert_eq!(c.retry.budget.ratio, 0.1);
+    assert!(serde_json::from_str::<GcpVmConfig>(r#"{"pooll":"x"}"#).is_err());
+}
+
+#[test]
+fn the_insert_body_is_a_labelled_spot_vm_running_the_container() {
+    let config = GcpVmConfig {
+        project: "p".into(),
+        zone: "europe-west1-b".into(),
+        container_image: Some("europe-docker.pkg.dev/p/r/ecapa:1".into()),
+        startup_script: Some("echo hi".into()),
+        service_account: Some("vm@p.iam.gserviceaccount.com".into()),
+        labels: BTreeMap::from([("team".into(), "audio".into())]),
+        ..GcpVmConfig::default()
+    };
+    let body = client::instance_body(&config, "ecapa-1");
+    let json = serde_json::to_value(&body).expect("serializes");
+    assert_eq!(json["name"], "ecapa-1");
+    assert_eq!(
+        json["machineType"],
+        "zones/europe-west1-b/machineTypes/e2-standard-2"
+    );
+    assert_eq!(json["labels"]["cascade-pool"], "ecapa");
+    assert_eq!(json["labels"]["team"], "audio");
+    assert_eq!(json["scheduling"]["provisioningModel"], "SPOT");
+    assert_eq!(json["scheduling"]["instanceTerminationAction"], "STOP");
+    assert_eq!(json["scheduling"]["automaticRestart"], false);
+    assert_eq!(json["scheduling"]["onHostMaintenance"], "TERMINATE");
+    assert_eq!(json["disks"][0]["boot"], true);
+    assert_eq!(
+        json["disks"][0]["initializeParams"]["sourceImage"],
+        "projects/cos-cloud/global/images/family/cos-stable"
+    );
+    assert_eq!(
+        json["networkInterfaces"][0]["network"],
+        "global/networks/default"
+    );
+    assert!(json["networkInterfaces"][0]["accessConfigs"].is_null());
+    assert_eq!(
+        json["serviceAccounts"][0]["scopes"][0],
+        client::CLOUD_PLATFORM
+    );
+    let items = json["metadata"]["items"].as_array().expect("metadata");
+    assert_eq!(items[0]["key"], "gce-container-declaration");
+    let declaration = items[0]["value"].as_str().expect("text");
+    assert!(declaration.starts_with("spec:\n  containers:\n  - name: ecapa\n    image: 'europe-docker.pkg.dev/p/r/ecapa:1'\n"), "{declaration}");
+    assert!(declaration.contains("value: '8080'"), "{declaration}");
+    assert_eq!(items[1]["key"], "startup-script");
+}
+
+#[test]
+fn api_errors_are_classified_for_retries() {
+    let error = |status: Option<u16>, reason: Option<&str>| ApiError {
+        status,
+        reason: reason.map(str::to_owned),
+        message: String::new(),
+        retry_after: None,
+        timed_out: false,
+    };
+    for status in [429, 500, 502, 503, 504] {
+        assert!(error(Some(status), None).is_retryable(), "{status}");
+    }
+    for status in [400, 401, 403, 404, 409, 412] {
+        assert!(!error(Some(status), None).is_retryable(), "{status}");
+    }
+    for reason in ["rateLimitExceeded", "userRateLimitExceeded", "backendError"] {
+        assert!(error(Some(403), Some(reason)).is_retryable(), "{reason}");
+    }
+    assert!(error(None, None).is_retryable(), "no answer at all");
+    assert!(error(Some(409), None).is_already_exists());
+    assert!(error(Some(400), Some("alreadyExists")).is_already_exists());
+    assert!(error(Some(404), None).is_not_found());
+}
+
+fn vm(name: &str, id: u64, status: &str) -> Vm {
+    Vm {
+        name: name.into(),
+        id: Some(id),
+        status: status.into(),
+        ip: Some("10.0.0.2".into()),
+        labels: BTreeMap::from([(POOL_LABEL.into(), POOL.into())]),
+    }
+}
+
+fn preempted_op(name: &str, target: &str, target_id: u64) -> Op {
+    Op {
+        name: name.into(),
+        operation_type: client::PREEMPTED.into(),
+        done: true,
+        error: None,
+        target_link: Some(format!("https://x/zones/z/instances/{target}")),
+        target_id: Some(target_id),
+    }
+}
+
+fn ready_entry(slot: u32, id: u64) -> VmEntry {
+    let mut e = VmEntry::new(
+        format!("{POOL}-{slot}"),
+        slot,
+        Phase::Ready,
+        SystemTime::now(),
+    );
+    e.instance_id = Some(id);
+    e.ip = Some("10.0.0.2".into());
+    e
+}
+
+fn merge_with(s: &mut PoolState, listed: &[Vm], preempted: &[Op], replace: bool) -> Vec<String> {
+    let held: BTreeSet<u32> = (0..4).collect();
+    let slot_of = |name: &str| name.strip_prefix("pool-").and_then(|s| s.parse().ok());
+    pool::merge(
+        s,
+        &Merge {
+            held: &held,
+            listed,
+            preempted,
+            ops: &BTreeMap::new(),
+            slot_of: &slot_of,
+            replace,
+            max_vms: 4,
+            now: SystemTime::now(),
+        },
+    )
+}
+
+#[test]
+fn merge_marks_a_preempted_vm_lost_once_and_ignores_old_preemptions() {
+    let mut s = PoolState::default();
+    s.wanted = true;
+    s.vms.insert(0, ready_entry(0, 7));
+    // RUNNING still, but a fresh preemption operation targets this very instance.
+    let notes = merge_with(
+        &mut s,
+        &[vm("pool-0", 7, "RUNNING")],
+        &[preempted_op("op-p", "pool-0", 7)],
+        true,
+    );
+    assert_eq!(s.vms[&0].phase, Phase::Lost);
+    assert!(notes[0].contains("preempted"), "{notes:?}");
+    assert!(s.refill.contains(&0));
+    // The replacement (same name, new id) is not condemned by the old operation.
+    s.vms.insert(0, ready_entry(0, 8));
+    let notes = merge_with(
+        &mut s,
+        &[vm("pool-0", 8, "RUNNING")],
+        &[preempted_op("op-p", "pool-0", 7)],
+        true,
+    );
+    assert!(notes.is_empty(), "{notes:?}");
+    assert_eq!(s.vms[&0].phase, Phase::Ready);
+    // Without ids, the handled list is what protects it.
+    s.vms.get_mut(&0).expect("entry").instance_id = None;
+    let mut anonymous = preempted_op("op-p", "pool-0", 7);
+    anonymous.target_id = None;
+    merge_with(&mut s, &[vm("pool-0", 8, "RUNNING")], &[anonymous], true);
+    assert_eq!(s.vms[&0].phase, Phase::Ready);
+}
+
+#[test]
+fn merge_adopts_drops_and_marks_terminated() {
+    let mut s = PoolState::default();
+    s.wanted = true;
+    s.vms.insert(0, ready_entry(0, 1));
+    s.vms.insert(1, ready_entry(1, 2));
+    let mut creating = VmEntry::new("pool-3".into(), 3, Phase::Creating, SystemTime::now());
+    creating.last_operation = None;
+    s.vms.insert(3, creating);
+    let notes = merge_with(
+        &mut s,
+        &[
+            vm("pool-0", 1, "TERMINATED"),
+            vm("pool-2", 3, "RUNNING"),
+            vm("other-1", 4, "RUNNING"),
+        ],
+        &[],
+        false,
+    );
+    assert_eq!(s.vms[&0].phase, Phase::Lost);
+    assert!(!s.vms.contains_key(&1), "pool-1 vanished");
+    assert_eq!(s.vms[&2].phase, Phase::Booting, "pool-2 adopted");
+    assert!(
+        !s.vms.contains_key(&3),
+        "an insert that never reached the API is dropped"
+    );
+    assert_eq!(s.vms.len(), 2, "other-1 is not the pool's name");
+    assert!(s.refill.is_empty(), "drop policy refills nothing");
+    assert_eq!(notes.len(), 4, "{notes:?}");
+}
+
+// === against the fake ===
+
+#[tokio::test]
+async fn an_insert_storm_of_429s_spreads_retries_and_stops_at_the_shared_budget() {
+    let h = Harness::new().await;
+    h.fake
+        .fail_compute("compute.instances.insert", 10_000, 429, None);
+    let cap = Duration::from_millis(100);
+    let config = GcpVmConfig {
+        vms: 2,
+        max_vms: 2,
+        retry: RetryConfig {
+            base: Duration::from_millis(10),
+            cap,
+            max_attempts: 50,
+            // Eight retries for the whole pool, whatever its traffic.
+            budget: RetryBudgetConfig {
+                ratio: 0.0,
+                min_per_sec: 0.8,
+                window: Duration::from_secs(10),
+            },
+        },
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    let error = driver.start().await.expect_err("every insert is refused");
+    assert!(error.0.contains("retry budget"), "{error}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let inserts = h.inserts();
+    assert_eq!(
+        inserts.len(),
+        2 + 8,
+        "two first attempts, eight retries: {inserts:?}"
+    );
+    assert!(inserts.iter().all(|r| r.status == 429));
+    let waits: Vec<Duration> = h
+        .waits
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|w| w.call.starts_with("compute.instances.insert"))
+        .map(|w| w.wait)
+        .collect();
+    assert_eq!(waits.len(), 8, "{waits:?}");
+    for (i, a) in waits.iter().enumerate() {
+        assert!(*a <= cap, "{a:?} over the cap");
+        for b in &waits[i + 1..] {
+            assert_ne!(a, b, "two retries waited exactly as long: {waits:?}");
+        }
+    }
+    assert!(phases(&driver).is_empty(), "refused inserts leave no entry");
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn an_operation_that_never_completes_fails_start_at_the_deadline() {
+    let h = Harness::new().await;
+    h.fake.set_operations_complete(false);
+    let config = GcpVmConfig {
+        operation_timeout: Duration::from_secs(1),
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    let started = Instant::now();
+    let error = tokio::time::timeout(Duration::from_secs(10), driver.start())
+        .await
+        .expect("start does not hang")
+        .expect_err("the operation never finishes");
+    let took = started.elapsed();
+    assert!(
+        error
+            .0
+            .contains("did not finish within 1s; abandoned — the VM will be reconciled"),
+        "{error}"
+    );
+    assert!(error.0.contains("insert of VM pool-0"), "{error}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // The entry is kept with its operation, and the reconcile finishes the job: the instance
+    // itself came up.
+    let kept = driver.pool.read(|s| s.vms.get(&0).cloned()).expect("kept");
+    assert!(kept.last_operation.is_some() || kept.phase != Phase::Creating);
+    eventually(Duration::from_secs(5), "the VM reconciled to ready", || {
+        phases(&driver).get("pool-0") == Some(&Phase::Ready)
+    })
+    .await;
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn an_existing_vm_is_adopted_on_409() {
+    let h = Harness::new().await;
+    h.fake.add_instance("pool-0", &labels());
+    let pool = h.bare_pool(h.config());
+    let deadline = Deadline::after(Instant::now(), Duration::from_secs(10));
+    pool.ensure_slot(0, deadline).await.expect("adopted");
+    let inserts = h.inserts();
+    assert_eq!(inserts.len(), 1);
+    assert_eq!(inserts[0].status, 409);
+    assert_eq!(h.fake.instances().len(), 1);
+    assert_eq!(
+        pool.read(|s| s.vms.get(&0).map(|vm| vm.phase)),
+        Some(Phase::Ready)
+    );
+    let saved = std::fs::read_to_string(h.checkpoint()).expect("checkpoint written");
+    assert!(saved.contains("pool-0"));
+
+    // A same-named instance that is not the pool's is left alone.
+    h.fake.add_instance("pool-1", &[]);
+    let error = pool.ensure_slot(1, deadline).await.expect_err("not ours");
+    assert!(
+        error
+            .to_string()
+            .contains("without the label cascade-pool=pool"),
+        "{error}"
+    );
+    assert!(pool.read(|s| !s.vms.contains_key(&1)));
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn a_preempted_vm_is_lost_at_once_and_replaced() {
+    let mut h = Harness::new().await;
+    let config = GcpVmConfig {
+        // Default watch_interval (500 ms): the preemption must reach the tier within 1 s.
+        watch_interval: GcpVmConfig::default().watch_interval,
+        reconcile_interval: Duration::from_millis(200),
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    driver.start().await.expect("starts");
+    assert!(matches!(driver.probe().await, ProbeOutcome::Up { .. }));
+    let endpoint = driver.endpoint().expect("an endpoint");
+    while h.events.try_recv().is_ok() {}
+
+    let preempted = Instant::now();
+    h.fake.preempt("pool-0");
+    let event = h
+        .event(
+            Duration::from_secs(2),
+            |e| matches!(e, DriverEvent::Changed { note } if note.contains("preempted")),
+        )
+        .await;
+    let noticed = preempted.elapsed();
+    assert!(
+        noticed < Duration::from_secs(1),
+        "took {noticed:?}: {event:?}"
+    );
+    match driver.probe().await {
+        ProbeOutcome::Idle { reason } => assert!(reason.contains("preempted"), "{reason}"),
+        other => panic!("a pool whose only VM is preempted must not serve: {other:?}"),
+    }
+
+    h.event(Duration::from_secs(10), |e| {
+        matches!(e, DriverEvent::BackendRestarted { .. })
+    })
+    .await;
+    assert_eq!(h.instance_status("pool-0").as_deref(), Some("RUNNING"));
+    assert!(matches!(driver.probe().await, ProbeOutcome::Up { .. }));
+    assert_ne!(driver.endpoint(), None);
+    let _ = endpoint;
+    // The old preemption operation does not condemn the new VM.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(phases(&driver).get("pool-0"), Some(&Phase::Ready));
+    while let Ok(event) = h.events.try_recv() {
+        assert!(
+            !matches!(event, DriverEvent::BackendRestarted { .. }),
+            "replaced twice: {event:?}"
+        );
+    }
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn with_drop_a_preempted_vm_is_deleted_and_not_replaced() {
+    let mut h = Harness::new().await;
+    let config = GcpVmConfig {
+        on_preemption: OnPreemption::Drop,
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    driver.start().await.expect("starts");
+    h.fake.preempt("pool-0");
+    h.event(
+        Duration::from_secs(5),
+        |e| matches!(e, DriverEvent::Changed { note } if note.contains("deleted")),
+    )
+    .await;
+    eventually(Duration::from_secs(5), "the instance deleted", || {
+        h.fake.instances().is_empty()
+    })
+    .await;
+    match driver.probe().await {
+        ProbeOutcome::Idle { reason } => assert!(reason.contains("preempted"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.inserts().len(), 1, "nothing re-created");
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn an_idle_pool_is_deleted_after_idle_ttl_unless_active() {
+    let mut h = Harness::new().await;
+    let config = GcpVmConfig {
+        idle_ttl: Duration::from_millis(500),
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    driver.start().await.expect("starts");
+    driver.set_active(true);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        h.instance_status("pool-0").as_deref(),
+        Some("RUNNING"),
+        "active: kept"
+    );
+
+    let inactive = Instant::now();
+    driver.set_active(false);
+    h.event(
+        Duration::from_secs(5),
+        |e| matches!(e, DriverEvent::Changed { note } if note.contains("idle")),
+    )
+    .await;
+    assert!(inactive.elapsed() >= Duration::from_millis(500));
+    eventually(Duration::from_secs(5), "the instance deleted", || {
+        h.fake.instances().is_empty()
+    })
+    .await;
+    assert!(matches!(driver.probe().await, ProbeOutcome::Idle { .. }));
+    assert!(
+        h.fake
+            .compute_requests()
+            .iter()
+            .any(|r| r.method_id == "compute.instances.delete")
+    );
+    // Released: nothing comes back by itself.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(h.fake.instances().is_empty());
+    assert_eq!(h.inserts().len(), 1);
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn a_corrupt_checkpoint_is_set_aside_and_the_pool_rebuilt() {
+    let h = Harness::new().await;
+    h.fake.add_instance("pool-0", &labels());
+    let path = h.checkpoint();
+    std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+    std::fs::write(&path, b"{\"version\": 1, \"vms\": [tru").expect("write garbage");
+
+    let driver = h.driver(h.config());
+    eventually(Duration::from_secs(5), "pool-0 adopted and ready", || {
+        phases(&driver).get("pool-0") == Some(&Phase::Ready)
+    })
+    .await;
+    let note = driver.details()["checkpoint"].clone();
+    assert!(note.contains("set aside"), "{note}");
+    let aside: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+        .expect("read dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    let Loaded::Restored(saved) =
+        checkpoint::load(&path, POOL, &h.config().project, &h.config().zone)
+    else {
+        panic!("a valid checkpoint replaces the corrupt one");
+    };
+    assert_eq!(saved.vms.len(), 1);
+    assert!(
+        h.inserts().is_empty(),
+        "rebuilt from the list, not re-created"
+    );
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn restore_then_reconcile_adopts_what_the_file_missed_and_drops_what_is_gone() {
+    let h = Harness::new().await;
+    h.fake.add_instance("pool-0", &labels());
+    h.fake.add_instance("pool-1", &labels());
+    let config = GcpVmConfig {
+        max_vms: 4,
+        ..h.config()
+    };
+    let mut file = Checkpoint::empty(POOL, &config.project, &config.zone);
+    file.vms = vec![ready_entry(0, 999), ready_entry(3, 998)];
+    checkpoint::save(&h.checkpoint(), &file).expect("save");
+
+    let driver = h.driver(config);
+    eventually(
+        Duration::from_secs(5),
+        "pool-0 and pool-1 known, pool-3 dropped",
+        || {
+            let p = phases(&driver);
+            p.keys().cloned().collect::<Vec<_>>() == ["pool-0", "pool-1"]
+                && p.values().all(|phase| *phase == Phase::Ready)
+        },
+    )
+    .await;
+    let Loaded::Restored(saved) =
+        checkpoint::load(&h.checkpoint(), POOL, &file.project, &file.zone)
+    else {
+        panic!("checkpoint readable");
+    };
+    let names: Vec<&str> = saved.vms.iter().map(|vm| vm.name.as_str()).collect();
+    assert_eq!(names, ["pool-0", "pool-1"]);
+    assert!(h.inserts().is_empty());
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn a_restarted_driver_restores_and_reconciles_without_losing_or_inserting_a_vm() {
+    let h = Harness::new().await;
+    let config = GcpVmConfig {
+        vms: 2,
+        max_vms: 2,
+        ..h.config()
+    };
+    let driver = h.driver(config.clone());
+    driver.start().await.expect("starts");
+    assert_eq!(phases(&driver).len(), 2);
+    // A crash: the driver goes away without stopping anything; the checkpoint stays.
+    drop(driver);
+
+    let restarted_at = std::time::Instant::now();
+    let driver = h.driver(config);
+    assert_eq!(
+        phases(&driver).len(),
+        2,
+        "both VMs restored from the checkpoint"
+    );
+    driver.start().await.expect("starts again");
+    let p = phases(&driver);
+    assert_eq!(p.len(), 2);
+    assert!(p.values().all(|phase| *phase == Phase::Ready), "{p:?}");
+    assert!(
+        h.inserts().iter().all(|r| r.at < restarted_at),
+        "no instances.insert after the restart"
+    );
+    assert_eq!(h.fake.instances().len(), 2);
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn a_delete_interrupted_by_a_crash_is_finished_after_the_restart() {
+    let h = Harness::new().await;
+    h.fake.add_instance("pool-0", &labels());
+    let config = h.config();
+    // The idle deletion had marked the VM and died before instances.delete went out.
+    let mut file = Checkpoint::empty(POOL, &config.project, &config.zone);
+    let mut entry = ready_entry(0, 1);
+    entry.phase = Phase::Deleting;
+    file.vms = vec![entry];
+    checkpoint::save(&h.checkpoint(), &file).expect("save");
+
+    let driver = h.driver(config);
+    eventually(Duration::from_secs(5), "the instance deleted", || {
+        h.fake.instances().is_empty()
+    })
+    .await;
+    eventually(Duration::from_secs(5), "the entry forgotten", || {
+        phases(&driver).is_empty()
+    })
+    .await;
+    assert!(h.inserts().is_empty());
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn restart_dry_run_lists_the_plan_and_changes_nothing() {
+    let h = Harness::new().await;
+    let driver = h.driver(h.config());
+    driver.start().await.expect("starts");
+    let report = driver
+        .restart(RestartRequest {
+            force: false,
+            dry_run: true,
+        })
+        .await
+        .expect("plan");
+    assert!(
+        report.plan[0].starts_with("delete VM pool-0"),
+        "{:?}",
+        report.plan
+    );
+    assert!(
+        report.plan[1].starts_with("insert pool-0"),
+        "{:?}",
+        report.plan
+    );
+    assert_eq!(h.inserts().len(), 1);
+
+    driver
+        .restart(RestartRequest::default())
+        .await
+        .expect("restarts");
+    assert_eq!(h.inserts().len(), 2, "deleted and created again");
+    assert_eq!(phases(&driver).get("pool-0"), Some(&Phase::Ready));
+    h.assert_no_rejections();
+}
+
+// === the checkpoint under SIGKILL ===
+
+/// Set in the child: the path it writes checkpoints to, and the first generation.
+const WRITER_ENV: &str = "CASCADE_GCP_VM_CHECKPOINT_WRITER";
+
+/// State `k`: `k % 8` VMs, and `k` itself recorded, so a file names the state it holds.
+fn generation(k: u64) -> Checkpoint {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + k);
+    let mut c = Checkpoint::empty(POOL, "proj", "zone");
+    c.handled_preemptions = vec![format!("gen-{k}")];
+    c.wanted = true;
+    for slot in 0..(k % 8) as u32 {
+        let mut vm = VmEntry::new(format!("{POOL}-{slot}"), slot, Phase::Ready, t);
+        vm.ip = Some(format!("10.0.{}.{slot}", k % 250));
+        vm.last_operation = Some(OpRef {
+            name: format!("op-{k}-{slot}"),
+            kind: OpKind::Insert,
+        });
+        c.vms.push(vm);
+    }
+    c
+}
+
+fn generation_of(c: &Checkpoint) -> u64 {
+    c.handled_preemptions
+        .first()
+        .and_then(|g| g.strip_prefix("gen-"))
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("no generation in {c:?}"))
+}
+
+/// The child: saves generation after generation until killed, printing each once saved.
+fn checkpoint_writer(spec: &str) -> ! {
+    let (path, first) = spec.split_once('|').expect("PATH|FIRST");
+    let path = Path::new(path);
+    let mut k: u64 = first.parse().expect("a number");
+    println!("ready");
+    loop {
+        checkpoint::save(path, &generation(k)).expect("save");
+        println!("saved {k}");
+        k += 1;
+    }
+}
+
+#[test]
+fn the_checkpoint_is_always_a_whole_state_when_sigkilled_mid_write() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use rand::Rng;
+
+    if let Ok(spec) = std::env::var(WRITER_ENV) {
+        checkpoint_writer(&spec);
+    }
+    let dir = TempDir::new().expect("temp dir");
+    let path = dir.path().join("pool.json");
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut rng = rand::rng();
+    let started = std::time::Instant::now();
+    let mut on_disk: Option<u64> = None;
+    let mut rounds = 0;
+    while rounds < 50 || (rounds < 200 && started.elapsed() < Duration::from_secs(5)) {
+        rounds += 1;
+        let first = rounds * 1_000_000;
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "tiers::gcp_vm::tests::the_checkpoint_is_always_a_whole_state_when_sigkilled_mid_write",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(WRITER_ENV, format!("{}|{first}", path.display()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the writer");
+        // Lines are read on a thread so that waiting for the writer is bounded: a writer that
+        // never gets ready is killed and the test fails instead of hanging.
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = loop {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                // With --nocapture the harness's "test NAME ... " shares the line.
+                Ok(line) if line.ends_with("ready") => break true,
+                Ok(_) => {}
+                Err(_) => break false,
+            }
+        };
+        if ready {
+            std::thread::sleep(Duration::from_micros(rng.random_range(0..=20_000)));
+        }
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).expect("kill");
+        child.wait().expect("reap");
+        reader.join().expect("reader");
+        assert!(ready, "round {rounds}: the writer did not get ready");
+        let last_saved: Option<u64> = rx
+            .try_iter()
+            .filter_map(|l| l.strip_prefix("saved ").and_then(|k| k.parse().ok()))
+            .last();
+
+        let temps = checkpoint::temp_files(&path);
+        let loaded = checkpoint::load(&path, POOL, "proj", "zone");
+        let k = match loaded {
+            Loaded::Restored(c) => {
+                let k = generation_of(&c);
+                assert_eq!(
+                    c,
+                    generation(k),
+                    "round {rounds}: the file is exactly state {k}"
+                );
+                k
+            }
+            Loaded::Missing => {
+                assert!(
+                    on_disk.is_none() && last_saved.is_none(),
+                    "round {rounds}: the file vanished"
+                );
+                continue;
+            }
+            other => {
+                panic!("round {rounds}: the checkpoint is not whole: {other:?} (temps {temps:?})")
+            }
+        };
+        // Old or new: the last one saved, the one being saved, or (nothing saved this round)
+        // what the previous round left.
+        let allowed = match last_saved {
+            Some(last) => vec![last, last + 1],
+            None => on_disk.into_iter().chain([first]).collect(),
+        };
+        assert!(
+            allowed.contains(&k),
+            "round {rounds}: state {k}, expected one of {allowed:?}"
+        );
+        assert!(
+            checkpoint::temp_files(&path).is_empty(),
+            "load removes leftovers"
+        );
+        on_disk = Some(k);
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
