@@ -1,0 +1,306 @@
+//! The Google Cloud tiers against the local fake (`cascade-gcp-fake`):
+//! the CPU time one Cloud Run probe costs cascade, and the time from a
+//! preemption to the waterfall choosing another tier. Prints numbers;
+//! asserts nothing.
+//!
+//! Run: `cargo bench -p cascade-actors --bench gcp` (about half a minute).
+//!
+//! The fake runs on its own runtime and threads; cascade's side (root,
+//! tier actors, drivers) runs on a current-thread runtime on the main
+//! thread, so that thread's CPU clock is cascade's cost and nothing else.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cascade_actors::contract::{
+    Driver, DriverFactory, ProbeOutcome, RestartReport, RestartRequest, TierError,
+};
+use cascade_actors::notify::NoNotify;
+use cascade_actors::supervisor::{self, SupervisorConfig};
+use cascade_actors::tier::{ProbeConfig, TierSpec};
+use cascade_actors::tiers::cloud_run::{CloudRunConfig, CloudRunDriver};
+use cascade_actors::tiers::gcp::GcpEnv;
+use cascade_actors::tiers::gcp_vm::{GcpVmConfig, GcpVmDriver};
+use cascade_actors::waterfall::WaterfallConfig;
+use cascade_actors::{TierId, TierState};
+use cascade_gcp_fake::{FakeGcp, FakeOptions};
+use nix::time::{ClockId, clock_gettime};
+
+/// Probes measured for the CPU figure.
+const PROBES: usize = 2000;
+/// Preemptions measured for the latency figure.
+const PREEMPTIONS: usize = 10;
+
+fn main() {
+    let fake_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime for the fake");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let fake = fake_runtime
+        .block_on(FakeGcp::start(FakeOptions {
+            vm_service_port: port,
+            ..FakeOptions::default()
+        }))
+        .expect("start the fake");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime for cascade");
+    runtime.block_on(probe_cpu(&fake));
+    runtime.block_on(preemption(&fake));
+    fake_runtime.block_on(fake.shutdown());
+}
+
+fn thread_cpu() -> Duration {
+    let t = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).expect("thread CPU clock");
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
+fn env(fake: &FakeGcp) -> GcpEnv {
+    GcpEnv {
+        metadata_host: Some(fake.metadata_host()),
+        credentials_file: None,
+    }
+}
+
+/// The whole tier (actor, breaker, spans, driver, HTTP with an ID token)
+/// probing as fast as it can; CPU of cascade's thread per probe the service saw.
+async fn probe_cpu(fake: &FakeGcp) {
+    println!(
+        "== Cloud Run probe: cascade CPU per probe ({PROBES} probes, ID token from the metadata server)"
+    );
+    let config = CloudRunConfig {
+        url: fake.service_url(),
+        probe: ProbeConfig {
+            interval: Duration::from_millis(1),
+            timeout: Duration::from_secs(2),
+        },
+        ..CloudRunConfig::default()
+    };
+    let spec = cloud_run_spec(config, env(fake));
+    let running = supervisor::start(
+        vec![spec],
+        WaterfallConfig {
+            order: vec![TierId::CloudRun],
+            ..WaterfallConfig::default()
+        },
+        SupervisorConfig::default(),
+        Arc::new(NoNotify),
+    )
+    .await
+    .expect("start the root");
+    let mut snapshots = running.snapshots.clone();
+    wait_until(&mut snapshots, Duration::from_secs(10), |s| {
+        s.active == Some(TierId::CloudRun)
+    })
+    .await;
+    // Warm: connection pooled, token cached.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let seen = fake.service_requests().len();
+    let cpu = thread_cpu();
+    let wall = Instant::now();
+    while fake.service_requests().len() - seen < PROBES {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu = thread_cpu() - cpu;
+    let probes = fake.service_requests().len() - seen;
+    let wall = wall.elapsed();
+    println!(
+        "  {probes} probes in {:.2} s: {:.1} µs of cascade CPU per probe",
+        wall.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / probes as f64
+    );
+    running.root.stop(None);
+    let _ = running.join.await;
+}
+
+async fn preemption(fake: &FakeGcp) {
+    println!(
+        "== preemption → waterfall choice ({PREEMPTIONS} preemptions, default gcp_vm and waterfall settings, failback 1 s)"
+    );
+    let options = fake.options();
+    let config = GcpVmConfig {
+        project: options.project.clone(),
+        zone: options.zone.clone(),
+        pool: "bench".into(),
+        endpoint: fake.compute_endpoint(),
+        service_port: fake.vm_service_port(),
+        ..GcpVmConfig::default()
+    };
+    let checkpoint_dir = tempfile::TempDir::new().expect("temp dir");
+    let checkpoint = checkpoint_dir.path().join("bench.json");
+    let gcp_env = env(fake);
+    let gcp_config = config.clone();
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = GcpVmDriver::new(
+            gcp_config.clone(),
+            checkpoint.clone(),
+            gcp_env.clone(),
+            events,
+        )?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    let gcp_spec = TierSpec {
+        id: TierId::GcpVm,
+        factory,
+        probe: config.probe.clone(),
+        breaker: config.breaker.clone(),
+        start_timeout: config.start_timeout,
+        stop_grace: config.stop_grace,
+        fingerprint: "gcp_vm".into(),
+    };
+    // The tier traffic goes to when the VM is gone: healthy once the pool serves.
+    let fallback_up = Arc::new(AtomicBool::new(false));
+    let fallback = Fallback {
+        up: fallback_up.clone(),
+    };
+    let fallback = Arc::new(fallback);
+    let fallback_factory: DriverFactory =
+        Arc::new(move |_| Ok(fallback.clone() as Arc<dyn Driver>));
+    let fallback_spec = TierSpec {
+        id: TierId::Local,
+        factory: fallback_factory,
+        probe: ProbeConfig::default(),
+        breaker: Default::default(),
+        start_timeout: Duration::from_secs(1),
+        stop_grace: Duration::from_secs(1),
+        fingerprint: "fallback".into(),
+    };
+    let running = supervisor::start(
+        vec![gcp_spec, fallback_spec],
+        WaterfallConfig {
+            order: vec![TierId::GcpVm, TierId::Local],
+            failback_after: Duration::from_secs(1),
+            ..WaterfallConfig::default()
+        },
+        SupervisorConfig::default(),
+        Arc::new(NoNotify),
+    )
+    .await
+    .expect("start the root");
+    let mut snapshots = running.snapshots.clone();
+    let created = Instant::now();
+    wait_until(&mut snapshots, Duration::from_secs(30), |s| {
+        s.active == Some(TierId::GcpVm)
+    })
+    .await;
+    println!(
+        "  pool created its VM and took traffic in {:.2} s",
+        created.elapsed().as_secs_f64()
+    );
+    fallback_up.store(true, Ordering::SeqCst);
+
+    let mut latencies = Vec::new();
+    for _ in 0..PREEMPTIONS {
+        wait_until(&mut snapshots, Duration::from_secs(60), |s| {
+            s.active == Some(TierId::GcpVm)
+                && s.tiers.iter().all(|t| t.status.state == TierState::Healthy)
+        })
+        .await;
+        let preempted = Instant::now();
+        fake.preempt("bench-0");
+        wait_until(&mut snapshots, Duration::from_secs(30), |s| {
+            s.active == Some(TierId::Local)
+        })
+        .await;
+        latencies.push(preempted.elapsed());
+    }
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "  preemption → another tier chosen: median {:.0} ms, p90 {:.0} ms, max {:.0} ms",
+        ms(latencies[latencies.len() / 2]),
+        ms(latencies[latencies.len() * 9 / 10]),
+        ms(latencies[latencies.len() - 1]),
+    );
+    running.root.stop(None);
+    let _ = running.join.await;
+}
+
+fn cloud_run_spec(config: CloudRunConfig, env: GcpEnv) -> TierSpec {
+    let driver_config = config.clone();
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = CloudRunDriver::new(driver_config.clone(), env.clone(), events)?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    let mut probe = config.probe.clone();
+    probe.timeout = config.probe_deadline();
+    TierSpec {
+        id: TierId::CloudRun,
+        factory,
+        probe,
+        breaker: config.breaker.clone(),
+        start_timeout: config.start_timeout,
+        stop_grace: config.stop_grace,
+        fingerprint: "cloud_run".into(),
+    }
+}
+
+async fn wait_until(
+    snapshots: &mut tokio::sync::watch::Receiver<supervisor::Snapshot>,
+    timeout: Duration,
+    done: impl Fn(&supervisor::Snapshot) -> bool,
+) {
+    let waited = tokio::time::timeout(timeout, snapshots.wait_for(|s| done(s)))
+        .await
+        .map(|found| found.is_ok());
+    match waited {
+        Ok(true) => {}
+        Ok(false) => panic!("the root stopped"),
+        Err(_) => {
+            let decision = snapshots.borrow().decision.clone();
+            panic!("timed out after {timeout:?}; last decision: {decision}")
+        }
+    }
+}
+
+/// A tier that is healthy when told to be and never starts anything.
+struct Fallback {
+    up: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Driver for Fallback {
+    fn endpoint(&self) -> Option<String> {
+        Some("http://fallback.invalid".into())
+    }
+    fn startable(&self) -> bool {
+        false
+    }
+    async fn probe(&self) -> ProbeOutcome {
+        if self.up.load(Ordering::SeqCst) {
+            ProbeOutcome::Up {
+                note: "ready".into(),
+            }
+        } else {
+            ProbeOutcome::Idle {
+                reason: "not yet".into(),
+            }
+        }
+    }
+    async fn start(&self) -> Result<(), TierError> {
+        Err(TierError::new("the fallback does not start"))
+    }
+    async fn stop(&self) -> Result<(), TierError> {
+        Ok(())
+    }
+    async fn restart(&self, request: RestartRequest) -> Result<RestartReport, TierError> {
+        Ok(RestartReport {
+            tier: TierId::Local,
+            dry_run: request.dry_run,
+            plan: Vec::new(),
+        })
+    }
+    fn details(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+}
