@@ -15,7 +15,10 @@ use cascade_actors::TierId;
 use cascade_actors::contract::{Driver, DriverFactory};
 use cascade_actors::supervisor::SupervisorConfig;
 use cascade_actors::tier::TierSpec;
+use cascade_actors::tiers::cloud_run::{CloudRunConfig, CloudRunDriver};
 use cascade_actors::tiers::docker::{DockerConfig, DockerDriver};
+use cascade_actors::tiers::gcp::GcpEnv;
+use cascade_actors::tiers::gcp_vm::{GcpVmConfig, GcpVmDriver};
 use cascade_actors::tiers::local::{LocalConfig, LocalDriver};
 use cascade_actors::waterfall::WaterfallConfig;
 use serde::{Deserialize, Serialize};
@@ -133,7 +136,9 @@ pub enum OtlpProtocol {
 #[serde(deny_unknown_fields, default)]
 pub struct Tiers {
     pub docker: Option<DockerConfig>,
+    pub cloud_run: Option<CloudRunConfig>,
     pub local: Option<LocalConfig>,
+    pub gcp_vm: Option<GcpVmConfig>,
 }
 
 /// Flags that override configuration keys.
@@ -195,6 +200,8 @@ impl Config {
         let mut base = Config::default();
         base.tiers.docker = Some(DockerConfig::default());
         base.tiers.local = Some(LocalConfig::default());
+        base.tiers.cloud_run = Some(CloudRunConfig::default());
+        base.tiers.gcp_vm = Some(GcpVmConfig::default());
         base
     }
 }
@@ -217,13 +224,8 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
         let configured = match tier {
             TierId::Local => config.tiers.local.is_some(),
             TierId::Docker => config.tiers.docker.is_some(),
-            TierId::CloudRun | TierId::GcpVm => {
-                problems.push(problem(
-                    key,
-                    format!("the `{tier}` tier is not available in this build of cascade"),
-                ));
-                continue;
-            }
+            TierId::CloudRun => config.tiers.cloud_run.is_some(),
+            TierId::GcpVm => config.tiers.gcp_vm.is_some(),
         };
         if !configured {
             problems.push(problem(
@@ -244,6 +246,20 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
     {
         for (key, message) in docker.validate() {
             problems.push(problem(format!("tiers.docker.{key}"), message));
+        }
+    }
+    if order.contains(&TierId::CloudRun)
+        && let Some(cloud_run) = &config.tiers.cloud_run
+    {
+        for (key, message) in cloud_run.validate() {
+            problems.push(problem(format!("tiers.cloud_run.{key}"), message));
+        }
+    }
+    if order.contains(&TierId::GcpVm)
+        && let Some(gcp_vm) = &config.tiers.gcp_vm
+    {
+        for (key, message) in gcp_vm.validate() {
+            problems.push(problem(format!("tiers.gcp_vm.{key}"), message));
         }
     }
     if config.waterfall.failback_after.is_zero() {
@@ -273,6 +289,7 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
 
 /// The tiers to run, in waterfall order.
 pub fn tier_specs(config: &Config) -> Vec<TierSpec> {
+    let state_dir = state_dir(config);
     config
         .waterfall
         .order
@@ -280,7 +297,12 @@ pub fn tier_specs(config: &Config) -> Vec<TierSpec> {
         .filter_map(|tier| match tier {
             TierId::Local => config.tiers.local.clone().map(local_spec),
             TierId::Docker => config.tiers.docker.clone().map(docker_spec),
-            TierId::CloudRun | TierId::GcpVm => None,
+            TierId::CloudRun => config.tiers.cloud_run.clone().map(cloud_run_spec),
+            TierId::GcpVm => config
+                .tiers
+                .gcp_vm
+                .clone()
+                .map(|gcp_vm| gcp_vm_spec(gcp_vm, &state_dir)),
         })
         .collect()
 }
@@ -319,6 +341,57 @@ fn docker_spec(docker: DockerConfig) -> TierSpec {
         stop_grace: docker.stop_grace,
         fingerprint,
     }
+}
+
+fn cloud_run_spec(cloud_run: CloudRunConfig) -> TierSpec {
+    let fingerprint = fingerprint(&cloud_run);
+    let driver_config = cloud_run.clone();
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = CloudRunDriver::new(driver_config.clone(), GcpEnv::from_env(), events)?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    let mut probe = cloud_run.probe.clone();
+    // The driver bounds each request itself (longer while the service may be
+    // cold); the tier actor's deadline is the outer bound.
+    probe.timeout = cloud_run.probe_deadline();
+    TierSpec {
+        id: TierId::CloudRun,
+        factory,
+        probe,
+        breaker: cloud_run.breaker.clone(),
+        start_timeout: cloud_run.start_timeout,
+        stop_grace: cloud_run.stop_grace,
+        fingerprint,
+    }
+}
+
+fn gcp_vm_spec(gcp_vm: GcpVmConfig, state_dir: &Path) -> TierSpec {
+    let fingerprint = fingerprint(&gcp_vm);
+    let driver_config = gcp_vm.clone();
+    let checkpoint = gcp_vm_checkpoint(state_dir, &gcp_vm.pool);
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = GcpVmDriver::new(
+            driver_config.clone(),
+            checkpoint.clone(),
+            GcpEnv::from_env(),
+            events,
+        )?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    TierSpec {
+        id: TierId::GcpVm,
+        factory,
+        probe: gcp_vm.probe.clone(),
+        breaker: gcp_vm.breaker.clone(),
+        start_timeout: gcp_vm.start_timeout,
+        stop_grace: gcp_vm.stop_grace,
+        fingerprint,
+    }
+}
+
+/// Where the `gcp_vm` pool named `pool` keeps what it manages.
+pub fn gcp_vm_checkpoint(state_dir: &Path, pool: &str) -> PathBuf {
+    state_dir.join("gcp_vm").join(format!("{pool}.json"))
 }
 
 /// A tier section's identity for reloads: its serialized form. Every field

@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod config;
 mod docker;
+mod gcp;
 mod lifecycle;
 mod local;
 mod page;

@@ -3,7 +3,7 @@
 //! checks. Dropping a [`Cascade`] stops and reaps it, so no test leaks processes.
 
 use std::collections::HashSet;
-use std::fs::{self, File};
+use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -168,6 +168,9 @@ fn clean_env(cmd: &mut Command) {
             || text == "STATE_DIRECTORY"
             || text == "XDG_STATE_HOME"
             || text.starts_with("OTEL_")
+            || text == "GCE_METADATA_HOST"
+            || text == "GOOGLE_APPLICATION_CREDENTIALS"
+            || text == "GOOGLE_CLOUD_PROJECT"
         {
             cmd.env_remove(&name);
         }
@@ -268,6 +271,10 @@ pub struct Setup {
     pub probe_interval: String,
     /// Extra environment variables for `cascade run`.
     pub env: Vec<(String, String)>,
+    /// `[waterfall] order`.
+    pub order: Vec<String>,
+    /// Extra `key = value` lines for `[waterfall]`.
+    pub waterfall: Vec<String>,
 }
 
 impl Default for Setup {
@@ -283,6 +290,8 @@ impl Default for Setup {
             run_args: Vec::new(),
             probe_interval: "100ms".into(),
             env: Vec::new(),
+            order: vec!["local".into()],
+            waterfall: Vec::new(),
         }
     }
 }
@@ -333,8 +342,8 @@ impl Setup {
              listen = \"127.0.0.1:0\"\n\
              \n\
              [waterfall]\n\
-             order = [\"local\"]\n\
-             \n\
+             order = {order}\n\
+             {waterfall}\n\
              [tiers.local]\n\
              command = {command}\n\
              args = {args}\n\
@@ -347,6 +356,12 @@ impl Setup {
             args = toml_array(&self.args),
             grace = toml_str(&self.stop_grace),
             interval = toml_str(&self.probe_interval),
+            order = toml_array(&self.order),
+            waterfall = self
+                .waterfall
+                .iter()
+                .map(|line| format!("{line}\n"))
+                .collect::<String>(),
         );
         for line in &self.local {
             text.push_str(line);
@@ -358,10 +373,35 @@ impl Setup {
     }
 }
 
+/// Spawns `cascade run` on `config`, appending its stderr to `stderr_path`.
+fn spawn(setup: &Setup, config: &Path, root: &Path, stderr_path: &Path) -> Child {
+    let append = |path: &Path| {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+    };
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .args(["--log-format", "json"])
+        .args(&setup.run_args)
+        .stdin(Stdio::null())
+        .stdout(append(&root.join("stdout.log")))
+        .stderr(append(stderr_path));
+    clean_env(&mut cmd);
+    cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
+    cmd.spawn().expect("spawn `cascade run`")
+}
+
 /// A `cascade run --config FILE --log-format json` child process.
 pub struct Cascade {
     /// Holds the config, the logs and the state dir; removed on drop.
-    _root: TempDir,
+    root: TempDir,
+    /// What it was started with, for [`Cascade::respawn`].
+    setup: Setup,
     pub state_dir: PathBuf,
     pub config_path: PathBuf,
     /// The local tier's port.
@@ -385,21 +425,8 @@ impl Cascade {
         let port = free_port();
         let config_path = root.path().join("cascade.toml");
         fs::write(&config_path, setup.render(&state_dir, port)).expect("write the config file");
-        let stdout_path = root.path().join("stdout.log");
         let stderr_path = root.path().join("stderr.log");
-
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--log-format", "json"])
-            .args(&setup.run_args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout_path).expect("create stdout.log"))
-            .stderr(File::create(&stderr_path).expect("create stderr.log"));
-        clean_env(&mut cmd);
-        cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
-        let child = cmd.spawn().expect("spawn `cascade run`");
+        let child = spawn(&setup, &config_path, root.path(), &stderr_path);
 
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -407,7 +434,8 @@ impl Cascade {
             .build()
             .expect("build an HTTP client");
         let mut cascade = Cascade {
-            _root: root,
+            root,
+            setup,
             state_dir,
             config_path,
             port,
@@ -417,6 +445,32 @@ impl Cascade {
             stderr_path,
             http,
         };
+        cascade.wait_api().await;
+        cascade
+    }
+
+    /// Starts cascade again, on the same configuration and state directory,
+    /// after it has exited (e.g. after a SIGKILL). Logs of all runs are
+    /// kept in one file.
+    pub async fn respawn(&mut self) {
+        assert!(
+            self.try_exit().is_some(),
+            "respawn while cascade still runs"
+        );
+        // A stale address from the previous run must not be mistaken for the new one.
+        let _ = fs::remove_file(self.state_dir.join("api"));
+        self.child = spawn(
+            &self.setup,
+            &self.config_path,
+            self.root.path(),
+            &self.stderr_path,
+        );
+        self.exit = None;
+        self.wait_api().await;
+    }
+
+    async fn wait_api(&mut self) {
+        let cascade = self;
         let api_file = cascade.state_dir.join("api");
         let api = wait_for(SHORT, "cascade to write STATE_DIR/api", async || {
             if let Some(status) = cascade.try_exit() {
@@ -432,7 +486,6 @@ impl Cascade {
         })
         .await;
         cascade.api = api;
-        cascade
     }
 
     /// Starts cascade and waits until the local tier is active and healthy.

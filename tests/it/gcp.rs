@@ -1,0 +1,390 @@
+//! The Google Cloud tiers end to end: the real binary against the local
+//! stand-ins of Cloud Run, Compute Engine, the metadata server and the token
+//! endpoint (`cascade-gcp-fake`), which check every API request against
+//! Google's discovery documents.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cascade_gcp_fake::{FakeGcp, FakeOptions, ServiceFault};
+use rand::Rng;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::support::{Cascade, SHORT, Setup, Signal, free_port, poll, toml_str};
+
+const POOL: &str = "ecapa";
+
+async fn fake() -> FakeGcp {
+    FakeGcp::start(FakeOptions {
+        vm_service_port: free_port(),
+        ..FakeOptions::default()
+    })
+    .await
+    .expect("start the fake Google Cloud")
+}
+
+/// The environment a host on Google Cloud would give cascade: the metadata
+/// server (here the fake's), and a home without gcloud credentials.
+fn gcp_env(fake: &FakeGcp, home: &Path) -> Vec<(String, String)> {
+    vec![
+        ("GCE_METADATA_HOST".into(), fake.metadata_host()),
+        ("HOME".into(), home.display().to_string()),
+    ]
+}
+
+fn cloud_run_toml(fake: &FakeGcp) -> String {
+    let options = fake.options();
+    format!(
+        "[tiers.cloud_run]\n\
+         url = {url}\n\
+         cold_start_timeout = \"2s\"\n\
+         probe = {{ interval = \"100ms\", timeout = \"500ms\" }}\n\
+         breaker = {{ consecutive_failures = 3, open_base = \"300ms\", open_max = \"600ms\" }}\n\
+         \n\
+         [tiers.cloud_run.admin]\n\
+         project = {project}\n\
+         region = {region}\n\
+         service = {service}\n\
+         endpoint = {endpoint}\n\
+         interval = \"1s\"\n",
+        url = toml_str(&fake.service_url()),
+        project = toml_str(&options.project),
+        region = toml_str(&options.region),
+        service = toml_str(&options.run_service),
+        endpoint = toml_str(&fake.run_admin_endpoint()),
+    )
+}
+
+fn gcp_vm_toml(fake: &FakeGcp, extra: &str) -> String {
+    let options = fake.options();
+    format!(
+        "[tiers.gcp_vm]\n\
+         project = {project}\n\
+         zone = {zone}\n\
+         pool = {pool}\n\
+         endpoint = {endpoint}\n\
+         service_port = {port}\n\
+         max_vms = 2\n\
+         watch_interval = \"100ms\"\n\
+         operation_timeout = \"10s\"\n\
+         probe = {{ interval = \"100ms\", timeout = \"1s\" }}\n\
+         {extra}\n",
+        project = toml_str(&options.project),
+        zone = toml_str(&options.zone),
+        pool = toml_str(POOL),
+        endpoint = toml_str(&fake.compute_endpoint()),
+        port = fake.vm_service_port(),
+    )
+}
+
+fn tier(status: &Value, name: &str) -> Value {
+    status["tiers"]
+        .as_array()
+        .and_then(|tiers| tiers.iter().find(|t| t["tier"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} tier in status: {status}"))
+}
+
+async fn wait_active(cascade: &Cascade, name: &str, timeout: Duration) -> Value {
+    let found = poll(timeout, async || {
+        let status = cascade.status().await;
+        if status["active"] == name {
+            Ok(status)
+        } else {
+            Err(format!("active is {}: {status}", status["active"]))
+        }
+    })
+    .await;
+    cascade.or_fail(found, &format!("{name} to become the active tier"), timeout)
+}
+
+/// What the pool's checkpoint lists, by VM name.
+fn checkpoint_vms(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read the checkpoint {}: {e}", path.display()));
+    let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "the checkpoint {} is not JSON ({e}): {text}",
+            path.display()
+        )
+    });
+    let mut names: Vec<String> = json["vms"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no vms in the checkpoint: {json}"))
+        .iter()
+        .filter_map(|vm| vm["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+fn checkpoint_path(cascade: &Cascade) -> PathBuf {
+    cascade
+        .state_dir
+        .join("gcp_vm")
+        .join(format!("{POOL}.json"))
+}
+
+/// VMs in the fake that carry the pool's label, by name.
+fn pool_instances(fake: &FakeGcp) -> Vec<String> {
+    let mut names: Vec<String> = fake
+        .instances()
+        .into_iter()
+        .filter(|vm| vm.labels.get("cascade-pool").map(String::as_str) == Some(POOL))
+        .map(|vm| vm.name)
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_cloud_run_503_storm_fails_over_to_local_and_back() {
+    let fake = fake().await;
+    let home = TempDir::new().expect("temp home");
+    let setup = Setup {
+        order: vec!["cloud_run".into(), "local".into()],
+        waterfall: vec!["failback_after = \"1s\"".into()],
+        env: gcp_env(&fake, home.path()),
+        ..Setup::default()
+    }
+    .extra(&cloud_run_toml(&fake));
+    let cascade = Cascade::start(setup).await;
+    let status = wait_active(&cascade, "cloud_run", SHORT).await;
+    assert_eq!(
+        tier(&status, "cloud_run")["endpoint"],
+        fake.service_url(),
+        "{status}"
+    );
+
+    fake.set_service_fault(Some(ServiceFault {
+        status: 503,
+        retry_after: None,
+    }));
+    let status = wait_active(&cascade, "local", SHORT).await;
+    let cloud_run = tier(&status, "cloud_run");
+    assert_eq!(cloud_run["state"], "unhealthy", "{cloud_run}");
+    assert!(
+        cloud_run["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("503")),
+        "the error names the status: {cloud_run}"
+    );
+
+    fake.set_service_fault(None);
+    let status = wait_active(&cascade, "cloud_run", SHORT).await;
+    assert_eq!(tier(&status, "cloud_run")["breaker"], "closed", "{status}");
+
+    // Every probe carried an ID token for the service; none of them shows
+    // up where an operator (or a log shipper) could read it.
+    let requests = fake.service_requests();
+    assert!(!requests.is_empty());
+    let status_text = cascade.status().await.to_string();
+    let logs = cascade.logs();
+    for request in &requests {
+        let token = request
+            .bearer
+            .as_deref()
+            .expect("every probe sends a token");
+        assert!(!status_text.contains(token), "a token leaked into /status");
+        assert!(!logs.contains(token), "a token leaked into the log");
+    }
+    assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
+}
+
+#[tokio::test]
+async fn a_cloud_run_service_that_is_not_ready_is_unavailable_with_its_message() {
+    let fake = fake().await;
+    fake.set_service_ready(
+        false,
+        "Revision 'ecapa-00042' is not ready: image not found",
+    );
+    let home = TempDir::new().expect("temp home");
+    let setup = Setup {
+        order: vec!["cloud_run".into(), "local".into()],
+        env: gcp_env(&fake, home.path()),
+        ..Setup::default()
+    }
+    .extra(&cloud_run_toml(&fake));
+    let cascade = Cascade::start(setup).await;
+    let status = wait_active(&cascade, "local", SHORT).await;
+    let found = poll(SHORT, async || {
+        let cloud_run = tier(&cascade.status().await, "cloud_run");
+        if cloud_run["state"] == "unavailable"
+            && cloud_run["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("image not found"))
+        {
+            Ok(())
+        } else {
+            Err(cloud_run.to_string())
+        }
+    })
+    .await;
+    cascade.or_fail(
+        found,
+        "cloud_run unavailable with the condition's message",
+        SHORT,
+    );
+    assert_eq!(status["active"], "local");
+}
+
+/// gcp_vm is preferred here, and Cloud Run is down until the pool serves,
+/// so the start phase creates the VM; a preemption then hands traffic to
+/// Cloud Run at once, and the replaced VM takes it back after failback.
+#[tokio::test]
+async fn a_preempted_vm_hands_traffic_to_the_next_tier_and_is_replaced() {
+    let fake = fake().await;
+    fake.set_service_fault(Some(ServiceFault {
+        status: 503,
+        retry_after: None,
+    }));
+    let home = TempDir::new().expect("temp home");
+    let setup = Setup {
+        order: vec!["gcp_vm".into(), "cloud_run".into()],
+        waterfall: vec!["failback_after = \"500ms\"".into()],
+        env: gcp_env(&fake, home.path()),
+        ..Setup::default()
+    }
+    .extra(&gcp_vm_toml(&fake, "vms = 1"))
+    .extra(&cloud_run_toml(&fake));
+    let cascade = Cascade::start(setup).await;
+    wait_active(&cascade, "gcp_vm", SHORT).await;
+    assert_eq!(pool_instances(&fake), [format!("{POOL}-0")]);
+    fake.set_service_fault(None);
+    let found = poll(SHORT, async || {
+        let cloud_run = tier(&cascade.status().await, "cloud_run");
+        if cloud_run["state"] == "healthy" {
+            Ok(())
+        } else {
+            Err(cloud_run.to_string())
+        }
+    })
+    .await;
+    cascade.or_fail(found, "cloud_run healthy behind gcp_vm", SHORT);
+
+    fake.preempt(&format!("{POOL}-0"));
+    let status = wait_active(&cascade, "cloud_run", SHORT).await;
+    assert!(
+        tier(&status, "gcp_vm").to_string().contains("preempted"),
+        "status says the VM was preempted: {status}"
+    );
+
+    // Replaced under the same name, and preferred again once it serves.
+    let status = wait_active(&cascade, "gcp_vm", SHORT).await;
+    let gcp_vm = tier(&status, "gcp_vm");
+    assert!(
+        gcp_vm["backend_restarts"].as_u64() >= Some(1),
+        "the replacement is counted: {gcp_vm}"
+    );
+    assert_eq!(pool_instances(&fake), [format!("{POOL}-0")]);
+    assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
+}
+
+/// SIGKILL at random moments while the pool creates its VMs (and writes its
+/// checkpoint after each step); after every kill, the checkpoint is intact
+/// and a restarted cascade reconciles: no VM is lost, none is created twice.
+#[tokio::test]
+async fn sigkilled_while_creating_vms_cascade_restarts_and_loses_no_vm() {
+    let fake = fake().await;
+    let home = TempDir::new().expect("temp home");
+    let setup = Setup {
+        order: vec!["gcp_vm".into()],
+        env: gcp_env(&fake, home.path()),
+        ..Setup::default()
+    }
+    .extra(&gcp_vm_toml(&fake, "vms = 2"));
+    let mut cascade = Cascade::start(setup).await;
+    let checkpoint = checkpoint_path(&cascade);
+    let mut rng = rand::rng();
+    for round in 0..6 {
+        let delay = Duration::from_millis(rng.random_range(0..600));
+        tokio::time::sleep(delay).await;
+        cascade.signal(Signal::Kill);
+        cascade
+            .wait_exit(SHORT)
+            .await
+            .unwrap_or_else(|| panic!("round {round}: cascade survived SIGKILL"));
+        if checkpoint.exists() {
+            // Whatever moment the kill hit, the file is a whole state.
+            let listed = checkpoint_vms(&checkpoint);
+            assert!(listed.len() <= 2, "round {round}: {listed:?}");
+        }
+        cascade.respawn().await;
+    }
+
+    wait_active(&cascade, "gcp_vm", SHORT).await;
+    let expected = vec![format!("{POOL}-0"), format!("{POOL}-1")];
+    assert_eq!(
+        pool_instances(&fake),
+        expected,
+        "the pool holds exactly its two VMs"
+    );
+    let found = poll(SHORT, async || {
+        let listed = checkpoint_vms(&checkpoint);
+        if listed == expected {
+            Ok(())
+        } else {
+            Err(format!("{listed:?}"))
+        }
+    })
+    .await;
+    cascade.or_fail(found, "the checkpoint to list both VMs", SHORT);
+    assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
+}
+
+#[tokio::test]
+async fn a_corrupt_checkpoint_is_set_aside_and_the_pool_rebuilt_from_the_api() {
+    let fake = fake().await;
+    let home = TempDir::new().expect("temp home");
+    let setup = Setup {
+        order: vec!["gcp_vm".into()],
+        env: gcp_env(&fake, home.path()),
+        ..Setup::default()
+    }
+    .extra(&gcp_vm_toml(&fake, "vms = 1"));
+    let mut cascade = Cascade::start(setup).await;
+    wait_active(&cascade, "gcp_vm", SHORT).await;
+    assert_eq!(pool_instances(&fake), [format!("{POOL}-0")]);
+
+    // A crash that leaves garbage where the checkpoint was.
+    cascade.signal(Signal::Kill);
+    cascade
+        .wait_exit(SHORT)
+        .await
+        .expect("cascade dies on SIGKILL");
+    let checkpoint = checkpoint_path(&cascade);
+    std::fs::write(&checkpoint, b"{\"version\": 1, \"vms\": [tru").expect("corrupt the checkpoint");
+    let inserts = || {
+        fake.compute_requests()
+            .iter()
+            .filter(|r| r.method_id == "compute.instances.insert")
+            .count()
+    };
+    let inserted_before = inserts();
+    cascade.respawn().await;
+    wait_active(&cascade, "gcp_vm", SHORT).await;
+
+    let dir = checkpoint.parent().expect("the checkpoint has a directory");
+    let aside: Vec<String> = std::fs::read_dir(dir)
+        .expect("read the checkpoint dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("corrupt"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the corrupt file is kept aside: {aside:?}");
+    assert!(
+        cascade.logs().contains(&aside[0]),
+        "the warning names where the file went: {}",
+        cascade.log_tail()
+    );
+    // Rebuilt from instances.list: the VM was adopted, not created again.
+    assert_eq!(pool_instances(&fake), [format!("{POOL}-0")]);
+    assert_eq!(
+        inserts(),
+        inserted_before,
+        "the adopted VM was not created again"
+    );
+    assert_eq!(checkpoint_vms(&checkpoint), [format!("{POOL}-0")]);
+    assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
+}
