@@ -452,4 +452,37 @@ mod tests {
         }
         assert!(seen > 0, "no examples found in {}", dir.display());
     }
+
+    #[test]
+    fn google_cloud_tier_problems_name_their_keys_and_lines() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("cascade.toml");
+        std::fs::write(
+            &path,
+            "[waterfall]\n\
+             order = [\"cloud_run\", \"gcp_vm\"]\n\
+             [tiers.cloud_run]\n\
+             url = \"ftp://nope\"\n\
+             [tiers.gcp_vm]\n\
+             project = \"p\"\n\
+             zone = \"europe-west1-b\"\n\
+             pool = \"Bad_Pool\"\n",
+        )
+        .expect("write the config");
+        let error = load(Some(&path), &Overrides::default())
+            .expect_err("invalid tiers are refused")
+            .to_string();
+        assert!(error.contains("tiers.cloud_run.url"), "{error}");
+        assert!(error.contains("cascade.toml:4"), "{error}");
+        assert!(error.contains("tiers.gcp_vm.pool"), "{error}");
+        assert!(error.contains("cascade.toml:8"), "{error}");
+    }
+
+    #[test]
+    fn the_gcp_vm_checkpoint_lives_in_the_state_directory_by_pool() {
+        assert_eq!(
+            gcp_vm_checkpoint(Path::new("/var/lib/cascade"), "ecapa"),
+            Path::new("/var/lib/cascade/gcp_vm/ecapa.json")
+        );
+    }
 }
