@@ -8,18 +8,16 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use cascade_actors::TierId;
-use cascade_actors::contract::{Driver, DriverFactory};
 use cascade_actors::supervisor::SupervisorConfig;
 use cascade_actors::tier::TierSpec;
-use cascade_actors::tiers::cloud_run::{CloudRunConfig, CloudRunDriver};
-use cascade_actors::tiers::docker::{DockerConfig, DockerDriver};
+use cascade_actors::tiers::cloud_run::{self, CloudRunConfig};
+use cascade_actors::tiers::docker::{self, DockerConfig};
 use cascade_actors::tiers::gcp::GcpEnv;
-use cascade_actors::tiers::gcp_vm::{GcpVmConfig, GcpVmDriver};
-use cascade_actors::tiers::local::{LocalConfig, LocalDriver};
+use cascade_actors::tiers::gcp_vm::{self, GcpVmConfig};
+use cascade_actors::tiers::local::{self, LocalConfig};
 use cascade_actors::waterfall::WaterfallConfig;
 use serde::{Deserialize, Serialize};
 
@@ -295,112 +293,24 @@ pub fn tier_specs(config: &Config) -> Vec<TierSpec> {
         .order
         .iter()
         .filter_map(|tier| match tier {
-            TierId::Local => config.tiers.local.clone().map(local_spec),
-            TierId::Docker => config.tiers.docker.clone().map(docker_spec),
-            TierId::CloudRun => config.tiers.cloud_run.clone().map(cloud_run_spec),
-            TierId::GcpVm => config
+            TierId::Local => config.tiers.local.clone().map(local::tier_spec),
+            TierId::Docker => config.tiers.docker.clone().map(docker::tier_spec),
+            TierId::CloudRun => config
                 .tiers
-                .gcp_vm
+                .cloud_run
                 .clone()
-                .map(|gcp_vm| gcp_vm_spec(gcp_vm, &state_dir)),
+                .map(|cloud_run| cloud_run::tier_spec(cloud_run, GcpEnv::from_env())),
+            TierId::GcpVm => config.tiers.gcp_vm.clone().map(|gcp_vm| {
+                let checkpoint = gcp_vm_checkpoint(&state_dir, &gcp_vm.pool);
+                gcp_vm::tier_spec(gcp_vm, checkpoint, GcpEnv::from_env())
+            }),
         })
         .collect()
-}
-
-fn local_spec(local: LocalConfig) -> TierSpec {
-    let fingerprint = fingerprint(&local);
-    let driver_config = local.clone();
-    let factory: DriverFactory = Arc::new(move |events| {
-        let driver = LocalDriver::new(driver_config.clone(), events)?;
-        Ok(Arc::new(driver) as Arc<dyn Driver>)
-    });
-    TierSpec {
-        id: TierId::Local,
-        factory,
-        probe: local.probe.clone(),
-        breaker: local.breaker.clone(),
-        start_timeout: local.start_timeout,
-        stop_grace: local.stop_grace,
-        fingerprint,
-    }
-}
-
-fn docker_spec(docker: DockerConfig) -> TierSpec {
-    let fingerprint = fingerprint(&docker);
-    let driver_config = docker.clone();
-    let factory: DriverFactory = Arc::new(move |events| {
-        let driver = DockerDriver::new(driver_config.clone(), events)?;
-        Ok(Arc::new(driver) as Arc<dyn Driver>)
-    });
-    TierSpec {
-        id: TierId::Docker,
-        factory,
-        probe: docker.probe.clone(),
-        breaker: docker.breaker.clone(),
-        start_timeout: docker.start_timeout,
-        stop_grace: docker.stop_grace,
-        fingerprint,
-    }
-}
-
-fn cloud_run_spec(cloud_run: CloudRunConfig) -> TierSpec {
-    let fingerprint = fingerprint(&cloud_run);
-    let driver_config = cloud_run.clone();
-    let factory: DriverFactory = Arc::new(move |events| {
-        let driver = CloudRunDriver::new(driver_config.clone(), GcpEnv::from_env(), events)?;
-        Ok(Arc::new(driver) as Arc<dyn Driver>)
-    });
-    let mut probe = cloud_run.probe.clone();
-    // The driver bounds each request itself (longer while the service may be
-    // cold); the tier actor's deadline is the outer bound.
-    probe.timeout = cloud_run.probe_deadline();
-    TierSpec {
-        id: TierId::CloudRun,
-        factory,
-        probe,
-        breaker: cloud_run.breaker.clone(),
-        start_timeout: cloud_run.start_timeout,
-        stop_grace: cloud_run.stop_grace,
-        fingerprint,
-    }
-}
-
-fn gcp_vm_spec(gcp_vm: GcpVmConfig, state_dir: &Path) -> TierSpec {
-    let fingerprint = fingerprint(&gcp_vm);
-    let driver_config = gcp_vm.clone();
-    let checkpoint = gcp_vm_checkpoint(state_dir, &gcp_vm.pool);
-    let factory: DriverFactory = Arc::new(move |events| {
-        let driver = GcpVmDriver::new(
-            driver_config.clone(),
-            checkpoint.clone(),
-            GcpEnv::from_env(),
-            events,
-        )?;
-        Ok(Arc::new(driver) as Arc<dyn Driver>)
-    });
-    TierSpec {
-        id: TierId::GcpVm,
-        factory,
-        probe: gcp_vm.probe.clone(),
-        breaker: gcp_vm.breaker.clone(),
-        start_timeout: gcp_vm.start_timeout,
-        stop_grace: gcp_vm.stop_grace,
-        fingerprint,
-    }
 }
 
 /// Where the `gcp_vm` pool named `pool` keeps what it manages.
 pub fn gcp_vm_checkpoint(state_dir: &Path, pool: &str) -> PathBuf {
     state_dir.join("gcp_vm").join(format!("{pool}.json"))
-}
-
-/// A tier section's identity for reloads: its serialized form. Every field
-/// of a `TierSpec` comes from its own section, so equal text means an equal
-/// spec. Maps in tier sections are `BTreeMap`s, so the text is stable.
-fn fingerprint(section: &impl Serialize) -> String {
-    // Serializing plain config structs (strings, numbers, durations,
-    // `BTreeMap`s) does not fail.
-    serde_json::to_string(section).unwrap_or_else(|e| format!("unserializable: {e}"))
 }
 
 /// The state directory: configured, else the service manager's, else the user's.

@@ -21,9 +21,9 @@ use cascade_actors::contract::{
 use cascade_actors::notify::NoNotify;
 use cascade_actors::supervisor::{self, SupervisorConfig};
 use cascade_actors::tier::{ProbeConfig, TierSpec};
-use cascade_actors::tiers::cloud_run::{CloudRunConfig, CloudRunDriver};
+use cascade_actors::tiers::cloud_run::{self, CloudRunConfig};
 use cascade_actors::tiers::gcp::GcpEnv;
-use cascade_actors::tiers::gcp_vm::{GcpVmConfig, GcpVmDriver};
+use cascade_actors::tiers::gcp_vm::{self, GcpVmConfig};
 use cascade_actors::waterfall::WaterfallConfig;
 use cascade_actors::{TierId, TierState};
 use cascade_gcp_fake::{FakeGcp, FakeOptions};
@@ -85,7 +85,7 @@ async fn probe_cpu(fake: &FakeGcp) {
         },
         ..CloudRunConfig::default()
     };
-    let spec = cloud_run_spec(config, env(fake));
+    let spec = cloud_run::tier_spec(config, env(fake));
     let running = supervisor::start(
         vec![spec],
         WaterfallConfig {
@@ -138,26 +138,7 @@ async fn preemption(fake: &FakeGcp) {
     };
     let checkpoint_dir = tempfile::TempDir::new().expect("temp dir");
     let checkpoint = checkpoint_dir.path().join("bench.json");
-    let gcp_env = env(fake);
-    let gcp_config = config.clone();
-    let factory: DriverFactory = Arc::new(move |events| {
-        let driver = GcpVmDriver::new(
-            gcp_config.clone(),
-            checkpoint.clone(),
-            gcp_env.clone(),
-            events,
-        )?;
-        Ok(Arc::new(driver) as Arc<dyn Driver>)
-    });
-    let gcp_spec = TierSpec {
-        id: TierId::GcpVm,
-        factory,
-        probe: config.probe.clone(),
-        breaker: config.breaker.clone(),
-        start_timeout: config.start_timeout,
-        stop_grace: config.stop_grace,
-        fingerprint: "gcp_vm".into(),
-    };
+    let gcp_spec = gcp_vm::tier_spec(config, checkpoint, env(fake));
     // The tier traffic goes to when the VM is gone: healthy once the pool serves.
     let fallback_up = Arc::new(AtomicBool::new(false));
     let fallback = Fallback {
@@ -224,25 +205,6 @@ async fn preemption(fake: &FakeGcp) {
     );
     running.root.stop(None);
     let _ = running.join.await;
-}
-
-fn cloud_run_spec(config: CloudRunConfig, env: GcpEnv) -> TierSpec {
-    let driver_config = config.clone();
-    let factory: DriverFactory = Arc::new(move |events| {
-        let driver = CloudRunDriver::new(driver_config.clone(), env.clone(), events)?;
-        Ok(Arc::new(driver) as Arc<dyn Driver>)
-    });
-    let mut probe = config.probe.clone();
-    probe.timeout = config.probe_deadline();
-    TierSpec {
-        id: TierId::CloudRun,
-        factory,
-        probe,
-        breaker: config.breaker.clone(),
-        start_timeout: config.start_timeout,
-        stop_grace: config.stop_grace,
-        fingerprint: "cloud_run".into(),
-    }
 }
 
 async fn wait_until(

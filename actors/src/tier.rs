@@ -69,6 +69,15 @@ pub struct TierSpec {
     pub fingerprint: String,
 }
 
+/// A tier section's identity for reloads: its serialized form. Every field
+/// of a `TierSpec` comes from its own section, so equal text means an equal
+/// spec. Maps in tier sections are `BTreeMap`s, so the text is stable.
+pub fn fingerprint(section: &impl Serialize) -> String {
+    // Serializing plain config structs (strings, numbers, durations,
+    // `BTreeMap`s) does not fail.
+    serde_json::to_string(section).unwrap_or_else(|e| format!("unserializable: {e}"))
+}
+
 /// The tier actor. Read-only: everything mutable is in [`TierState`].
 pub struct TierActor;
 

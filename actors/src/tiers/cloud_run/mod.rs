@@ -26,8 +26,8 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -37,10 +37,11 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::contract::{
-    Driver, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError, TierId,
+    Driver, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError,
+    TierId,
 };
 use crate::resilience::{BreakerConfig, Deadline};
-use crate::tier::ProbeConfig;
+use crate::tier::{ProbeConfig, TierSpec};
 
 pub use crate::tiers::gcp::GcpEnv;
 
@@ -258,6 +259,29 @@ fn is_loopback(url: &Url) -> bool {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback()),
         None => false,
+    }
+}
+
+/// The tier as the root runs it: probed, never started.
+pub fn tier_spec(config: CloudRunConfig, env: GcpEnv) -> TierSpec {
+    let fingerprint = crate::tier::fingerprint(&config);
+    let driver_config = config.clone();
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = CloudRunDriver::new(driver_config.clone(), env.clone(), events)?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    // The driver bounds each request itself (longer while the service may be
+    // cold); the tier actor's deadline is the outer bound.
+    let mut probe = config.probe.clone();
+    probe.timeout = config.probe_deadline();
+    TierSpec {
+        id: TierId::CloudRun,
+        factory,
+        probe,
+        breaker: config.breaker.clone(),
+        start_timeout: config.start_timeout,
+        stop_grace: config.stop_grace,
+        fingerprint,
     }
 }
 

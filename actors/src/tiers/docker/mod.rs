@@ -14,5 +14,29 @@ pub(crate) mod testing;
 mod tests;
 mod webhook;
 
+use std::sync::Arc;
+
+use crate::contract::{Driver, DriverFactory, TierId};
+use crate::tier::TierSpec;
+
 pub use config::DockerConfig;
 pub use driver::DockerDriver;
+
+/// The tier as the root runs it: containers and their autoheal.
+pub fn tier_spec(config: DockerConfig) -> TierSpec {
+    let fingerprint = crate::tier::fingerprint(&config);
+    let driver_config = config.clone();
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = DockerDriver::new(driver_config.clone(), events)?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    TierSpec {
+        id: TierId::Docker,
+        factory,
+        probe: config.probe.clone(),
+        breaker: config.breaker.clone(),
+        start_timeout: config.start_timeout,
+        stop_grace: config.stop_grace,
+        fingerprint,
+    }
+}

@@ -31,9 +31,12 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::contract::{Driver, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError};
+use crate::contract::{
+    Driver, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError,
+    TierId,
+};
 use crate::resilience::BreakerConfig;
-use crate::tier::ProbeConfig;
+use crate::tier::{ProbeConfig, TierSpec};
 
 pub use crate::tiers::gcp::GcpEnv;
 pub use checkpoint::{Checkpoint, OpKind, OpRef, Phase, VmEntry};
@@ -300,6 +303,30 @@ impl GcpVmConfig {
             problems.push((format!("retry.{key}"), message));
         }
         problems
+    }
+}
+
+/// The tier as the root runs it: a VM pool whose state lives in `checkpoint`.
+pub fn tier_spec(config: GcpVmConfig, checkpoint: PathBuf, env: GcpEnv) -> TierSpec {
+    let fingerprint = crate::tier::fingerprint(&config);
+    let driver_config = config.clone();
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = GcpVmDriver::new(
+            driver_config.clone(),
+            checkpoint.clone(),
+            env.clone(),
+            events,
+        )?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    TierSpec {
+        id: TierId::GcpVm,
+        factory,
+        probe: config.probe.clone(),
+        breaker: config.breaker.clone(),
+        start_timeout: config.start_timeout,
+        stop_grace: config.stop_grace,
+        fingerprint,
     }
 }
 

@@ -29,10 +29,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::contract::{
-    Driver, DriverEvent, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError, TierId,
+    Driver, DriverEvent, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest,
+    TierError, TierId,
 };
 use crate::resilience::{Backoff, BackoffConfig, BreakerConfig, Jitter};
-use crate::tier::ProbeConfig;
+use crate::tier::{ProbeConfig, TierSpec};
 
 pub use client::{available_memory, root_cause};
 
@@ -210,6 +211,25 @@ pub struct LocalDriver {
     view: Arc<watch::Sender<ProcView>>,
     run: tokio::sync::Mutex<Option<Run>>,
     tasks: TaskTracker,
+}
+
+/// The tier as the root runs it: a process cascade spawns.
+pub fn tier_spec(config: LocalConfig) -> TierSpec {
+    let fingerprint = crate::tier::fingerprint(&config);
+    let driver_config = config.clone();
+    let factory: DriverFactory = Arc::new(move |events| {
+        let driver = LocalDriver::new(driver_config.clone(), events)?;
+        Ok(Arc::new(driver) as Arc<dyn Driver>)
+    });
+    TierSpec {
+        id: TierId::Local,
+        factory,
+        probe: config.probe.clone(),
+        breaker: config.breaker.clone(),
+        start_timeout: config.start_timeout,
+        stop_grace: config.stop_grace,
+        fingerprint,
+    }
 }
 
 impl LocalDriver {
