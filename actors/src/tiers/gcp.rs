@@ -1,14 +1,15 @@
 //! What the Google Cloud tiers (`cloud_run`, `gcp_vm`) share: where
 //! credentials come from.
 //!
-//! Invariant: the environment is read once, by the process, in
-//! [`GcpEnv::from_env`]; drivers take a `GcpEnv` value, so tests point them
-//! at a fake metadata server without touching environment variables.
+//! Invariant: only the process reads the environment, in
+//! [`GcpEnv::from_env`] (when it builds tier specs: at start and on reload);
+//! drivers take a `GcpEnv` value, so tests point them at a fake metadata
+//! server without touching environment variables.
 
 use std::path::PathBuf;
 
-/// Where Google credentials come from, read once from the environment by
-/// the process and passed in, so tests point the driver at a fake without
+/// Where Google credentials come from, read from the environment by the
+/// process and passed in, so tests point the driver at a fake without
 /// touching environment variables.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcpEnv {
