@@ -1,9 +1,13 @@
 //! The Compute Engine fake: `instances` (insert, get, list, delete) and `zoneOperations` (get,
 //! wait, list) with the real API's JSON shapes and lifecycles. An instance goes PROVISIONING →
 //! STAGING → RUNNING over `boot_delay`, owns a loopback IP (127.0.0.N) from insert on, and while
-//! RUNNING serves a health endpoint on (IP, vm_service_port); deleting or preempting it stops that
-//! server at once. Every mutating call returns a zone operation that is DONE after
-//! `operation_delay` (or never, see [`crate::FakeGcp::set_operations_complete`]).
+//! RUNNING serves a health endpoint on (IP, vm_service_port); deleting it stops that server at
+//! once. Preempting it is what Compute Engine does: STOPPING and a `compute.instances.preempted`
+//! operation at once, while the guest (and its health server) keeps running through the
+//! preemption grace, then TERMINATED. Every mutating call returns a zone operation that is DONE
+//! after `operation_delay` (or never, see [`crate::FakeGcp::set_operations_complete`]). Methods
+//! the discovery document has but the fake does not implement answer 501 and are recorded as
+//! rejections.
 //!
 //! Invariant: lifecycle tasks only advance an instance still in the state they expect and with
 //! the id they started from, so a delete or a re-insert under the same name is never undone by a
@@ -36,15 +40,26 @@ const API_ROOT: &str = "https://www.googleapis.com/compute/v1";
 /// The longest `zoneOperations.wait` blocks (the real API's cap is 2 minutes).
 const WAIT_CAP: Duration = Duration::from_secs(1);
 const MAX_RESULTS: usize = 500;
+/// The methods [`dispatch`] serves; any other method of the document answers 501.
+pub(crate) const IMPLEMENTED: &[&str] = &[
+    "compute.instances.insert",
+    "compute.instances.get",
+    "compute.instances.list",
+    "compute.instances.delete",
+    "compute.zoneOperations.get",
+    "compute.zoneOperations.wait",
+    "compute.zoneOperations.list",
+];
 
 /// Everything Compute Engine knows.
-#[derive(Default)]
 pub(crate) struct ComputeState {
     instances: BTreeMap<String, Instance>,
     operations: Vec<Operation>,
     next_id: u64,
     /// Operations created while this is set never reach DONE.
     pub(crate) operations_stall: bool,
+    /// How long a preempted instance keeps running before it is TERMINATED.
+    pub(crate) preemption_grace: Duration,
     faults: HashMap<String, Fault>,
     /// `requestId` of each insert/delete → its operation, so a retried call with the same id
     /// gets the original operation back instead of a conflict (as Compute Engine does).
@@ -65,8 +80,10 @@ struct Instance {
     /// The VM's address, bound but not listening while the VM is not RUNNING, so connections
     /// are refused rather than left hanging.
     reserved: Option<TcpSocket>,
-    /// The health server while RUNNING.
+    /// The health server while RUNNING (and while STOPPING after a preemption).
     server: Option<AbortHandle>,
+    /// Set by `delete`, so a pending preemption does not mark the dying instance TERMINATED.
+    deleting: bool,
 }
 
 struct Operation {
@@ -90,6 +107,21 @@ pub(crate) struct Fault {
 }
 
 // === impl ComputeState ===
+
+impl Default for ComputeState {
+    fn default() -> Self {
+        Self {
+            instances: BTreeMap::new(),
+            operations: Vec::new(),
+            next_id: 0,
+            operations_stall: false,
+            preemption_grace: Duration::from_secs(30),
+            faults: HashMap::new(),
+            request_ids: HashMap::new(),
+            requests: Vec::new(),
+        }
+    }
+}
 
 impl ComputeState {
     fn next_id(&mut self) -> u64 {
@@ -204,6 +236,19 @@ async fn handle(
 }
 
 async fn dispatch(shared: &Arc<Shared>, call: &Call) -> Result<Value, ApiError> {
+    if !IMPLEMENTED.contains(&call.method_id.as_str()) {
+        shared.reject(format!(
+            "{}: a valid Compute Engine method the fake does not implement",
+            call.method_id
+        ));
+        return Err(ApiError::compute(
+            501,
+            format!(
+                "Method {} is valid but not implemented by the fake.",
+                call.method_id
+            ),
+        ));
+    }
     let fault = shared.lock().compute.take_fault(&call.method_id);
     if let Some(fault) = fault {
         return Err(injected(fault));
@@ -220,10 +265,7 @@ async fn dispatch(shared: &Arc<Shared>, call: &Call) -> Result<Value, ApiError> 
         "compute.zoneOperations.get" => get_operation(shared, call),
         "compute.zoneOperations.wait" => wait_operation(shared, call).await,
         "compute.zoneOperations.list" => list_operations(shared, call),
-        other => Err(ApiError::compute(
-            501,
-            format!("Method {other} is valid but not implemented by the fake."),
-        )),
+        other => unreachable!("{other} is in IMPLEMENTED but not dispatched"),
     }
 }
 
@@ -335,6 +377,7 @@ fn insert(shared: &Arc<Shared>, call: &Call) -> Result<Value, ApiError> {
         started: None,
         reserved: Some(socket),
         server: None,
+        deleting: false,
     };
     let index = state
         .compute
@@ -467,6 +510,7 @@ fn delete(shared: &Arc<Shared>, call: &Call) -> Result<Value, ApiError> {
         return Err(not_found(shared, "instances", &name));
     };
     instance.status = "STOPPING";
+    instance.deleting = true;
     ComputeState::stop_server(instance);
     let id = instance.id;
     let index = compute.new_operation("delete", (&name, id), &user);
@@ -741,17 +785,20 @@ pub(crate) fn add_instance(shared: &Arc<Shared>, name: &str, labels: &[(&str, &s
             started: Some(now),
             reserved: Some(socket),
             server: None,
+            deleting: false,
         },
     );
     drop(state);
     start_server(shared, name, id);
 }
 
-/// Preempts a running instance: STOPPING at once (health server down), a DONE
-/// `compute.instances.preempted` operation, TERMINATED after `operation_delay`.
+/// Preempts an instance the way Compute Engine does: STOPPING and a DONE
+/// `compute.instances.preempted` operation at once; the guest (health server) keeps running for
+/// the preemption grace, then the instance is TERMINATED and its health server stops.
 pub(crate) fn preempt(shared: &Arc<Shared>, name: &str) {
     let mut state = shared.lock();
     let compute = &mut state.compute;
+    let grace = compute.preemption_grace;
     let Some(instance) = compute.instances.get_mut(name) else {
         warn!(vm = %name, "preempt: no such instance; ignored.");
         return;
@@ -760,7 +807,6 @@ pub(crate) fn preempt(shared: &Arc<Shared>, name: &str) {
         return;
     }
     instance.status = "STOPPING";
-    ComputeState::stop_server(instance);
     let id = instance.id;
     let index = compute.new_operation("compute.instances.preempted", (name, id), "system");
     let now = SystemTime::now();
@@ -768,12 +814,19 @@ pub(crate) fn preempt(shared: &Arc<Shared>, name: &str) {
     operation.status = "DONE";
     operation.ended = Some(now);
     drop(state);
-    let delay = shared.options.operation_delay;
     let task_shared = shared.clone();
     let name = name.to_string();
     shared.spawn(async move {
-        tokio::time::sleep(delay).await;
-        advance(&task_shared, &name, id, "STOPPING", "TERMINATED");
+        tokio::time::sleep(grace).await;
+        let mut state = task_shared.lock();
+        if let Some(instance) = state.compute.instances.get_mut(&name)
+            && instance.id == id
+            && instance.status == "STOPPING"
+            && !instance.deleting
+        {
+            instance.status = "TERMINATED";
+            ComputeState::stop_server(instance);
+        }
     });
 }
 

@@ -270,17 +270,7 @@ impl Document {
         let text = std::str::from_utf8(body)
             .map_err(|_| Rejection::invalid("Invalid JSON payload received. Invalid UTF-8."))?;
         let Some(schema_id) = &method.request else {
-            if text.trim().is_empty() {
-                return Ok(None);
-            }
-            let value: Value = serde_json::from_str(text).map_err(|error| {
-                Rejection::invalid(format!("Invalid JSON payload received. {error}"))
-            })?;
-            if let Some(name) = value.as_object().and_then(|fields| fields.keys().next()) {
-                return Err(Rejection::invalid(format!(
-                    "Invalid JSON payload received. Unknown name \"{name}\": Cannot find field."
-                )));
-            }
+            check_no_body(method, text)?;
             return Ok(None);
         };
         let root = body_field_name(schema_id);
@@ -293,9 +283,7 @@ impl Document {
             Rejection::invalid(format!("Invalid JSON payload received. {error}"))
         })?;
         if !value.is_object() {
-            return Err(Rejection::invalid(format!(
-                "Invalid JSON payload received. Expected an object for '{root}', got {value}."
-            )));
+            return Err(Rejection::invalid(NOT_A_MESSAGE));
         }
         self.check_value(
             &Value::String(schema_id.clone()),
@@ -413,6 +401,35 @@ impl Document {
         }
         Ok(())
     }
+}
+
+/// Google's answer to a JSON body that is not an object.
+const NOT_A_MESSAGE: &str =
+    "Invalid JSON payload received. Unknown name \"\": Root element must be a message.";
+
+/// The body of a method that takes none: a GET or DELETE must send nothing; a POST (such as
+/// `zoneOperations.wait`) may send an empty object, as google-cloud-rust does, but no field.
+fn check_no_body(method: &Method, text: &str) -> Result<(), Rejection> {
+    if text.trim().is_empty() {
+        return Ok(());
+    }
+    if !matches!(method.http_method.as_str(), "POST" | "PUT" | "PATCH") {
+        return Err(Rejection::invalid(format!(
+            "Invalid JSON payload received. {} is a {} method and takes no request body.",
+            method.id, method.http_method
+        )));
+    }
+    let value: Value = serde_json::from_str(text)
+        .map_err(|error| Rejection::invalid(format!("Invalid JSON payload received. {error}")))?;
+    let Some(fields) = value.as_object() else {
+        return Err(Rejection::invalid(NOT_A_MESSAGE));
+    };
+    if let Some(name) = fields.keys().next() {
+        return Err(Rejection::invalid(format!(
+            "Invalid JSON payload received. Unknown name \"{name}\": Cannot find field."
+        )));
+    }
+    Ok(())
 }
 
 fn collect_methods(node: &Value, out: &mut Vec<Method>) {
@@ -998,5 +1015,33 @@ mod tests {
             "{}",
             err.message
         );
+        for not_an_object in [&b"[]"[..], b"5", b"\"x\"", b"null", b"true"] {
+            let err = doc.validate(&wait, &[], not_an_object).unwrap_err();
+            assert_eq!(err.message, NOT_A_MESSAGE);
+        }
+        let err = doc.validate(&wait, &[], b"{").unwrap_err();
+        assert!(err.message.starts_with("Invalid JSON payload received. "));
+
+        let get = doc
+            .route("GET", &format!("{INSTANCES}/vm-1"))
+            .expect("get routes");
+        assert!(doc.validate(&get, &[], b"").is_ok());
+        for body in [&b"{}"[..], b"[]", b"x"] {
+            let err = doc.validate(&get, &[], body).unwrap_err();
+            assert!(
+                err.message.contains("takes no request body"),
+                "{}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_is_rejected() {
+        for body in [json!([good_instance()]), json!("cascade-vm-1"), json!(7)] {
+            let err = insert(&[], &body).unwrap_err();
+            assert_eq!(err.status, 400);
+            assert_eq!(err.message, NOT_A_MESSAGE);
+        }
     }
 }

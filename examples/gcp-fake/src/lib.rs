@@ -57,6 +57,9 @@ pub struct FakeOptions {
     pub boot_delay: Duration,
     /// Whether the Cloud Run service demands a valid ID token (true, like a private service).
     pub service_requires_auth: bool,
+    /// How long a preempted VM stays STOPPING, its guest still running and its health server
+    /// still answering, before it is TERMINATED (30 s, Compute Engine's ACPI shutdown window).
+    pub preemption_grace: Duration,
 }
 
 impl Default for FakeOptions {
@@ -72,6 +75,7 @@ impl Default for FakeOptions {
             operation_delay: Duration::from_millis(100),
             boot_delay: Duration::from_millis(200),
             service_requires_auth: true,
+            preemption_grace: Duration::from_secs(30),
         }
     }
 }
@@ -120,7 +124,8 @@ pub struct FakeInstance {
 #[derive(Debug, Clone)]
 pub struct ApiRequest {
     pub at: Instant,
-    /// Discovery method id, e.g. "compute.instances.insert" (or "unknown").
+    /// Discovery method id, e.g. "compute.instances.insert" (or "unknown" when no method of the
+    /// discovery document matches the request).
     pub method_id: String,
     /// The status the fake answered.
     pub status: u16,
@@ -219,6 +224,8 @@ impl FakeGcp {
             token_uri: format!("{}/token", url(&oauth)?),
             service_url: url(&service)?,
         };
+        let mut compute_state = compute::ComputeState::default();
+        compute_state.preemption_grace = options.preemption_grace;
         let shared = Arc::new(Shared {
             endpoints,
             vm_port,
@@ -233,7 +240,7 @@ impl FakeGcp {
                 service_fault: None,
                 service_requests: Vec::new(),
                 run: run::RunState::default(),
-                compute: compute::ComputeState::default(),
+                compute: compute_state,
                 rejections: Vec::new(),
             }),
             tasks: Mutex::new(JoinSet::new()),
@@ -389,10 +396,18 @@ impl FakeGcp {
         self.shared.lock().compute.operations_stall = !complete;
     }
 
-    /// Preempts `instance`: STOPPING at once (health server stops), TERMINATED shortly after, plus
-    /// a zone operation of type "compute.instances.preempted" targeting it.
+    /// Preempts `instance` the way Compute Engine does: at once it is STOPPING and a DONE zone
+    /// operation of type "compute.instances.preempted" targets it, but the guest keeps running
+    /// (its health server keeps answering) for the preemption grace
+    /// ([`FakeOptions::preemption_grace`], or [`FakeGcp::set_preemption_grace`]); then it is
+    /// TERMINATED and its health server stops.
     pub fn preempt(&self, instance: &str) {
         compute::preempt(&self.shared, instance);
+    }
+
+    /// The preemption grace of preemptions started from now on.
+    pub fn set_preemption_grace(&self, grace: Duration) {
+        self.shared.lock().compute.preemption_grace = grace;
     }
 
     /// Creates an instance out of band: RUNNING, own IP, health server up.
@@ -408,7 +423,9 @@ impl FakeGcp {
         self.shared.lock().compute.requests.clone()
     }
 
-    /// Every request refused by discovery validation (or for lacking a bearer token), with why.
+    /// Every request refused by discovery validation, for lacking a bearer token, or for calling
+    /// a method the fake does not implement, each as "method id: why" (or "VERB path: why" when no
+    /// discovery method matches). Tests assert it is empty.
     pub fn rejections(&self) -> Vec<String> {
         self.shared.lock().rejections.clone()
     }

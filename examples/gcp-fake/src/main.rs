@@ -37,6 +37,9 @@ struct Args {
     /// How long a VM takes from PROVISIONING to RUNNING, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     boot_delay_ms: u64,
+    /// How long a preempted VM keeps running (STOPPING) before it is TERMINATED, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    preemption_grace_ms: u64,
     /// Let the Cloud Run service answer without an ID token.
     #[arg(long)]
     public_service: bool,
@@ -65,6 +68,7 @@ async fn main() -> ExitCode {
         operation_delay: Duration::from_millis(args.operation_delay_ms),
         boot_delay: Duration::from_millis(args.boot_delay_ms),
         service_requires_auth: !args.public_service,
+        preemption_grace: Duration::from_millis(args.preemption_grace_ms),
     };
     let fake = match FakeGcp::start(options).await {
         Ok(fake) => fake,

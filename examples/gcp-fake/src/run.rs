@@ -1,6 +1,7 @@
 //! The Cloud Run admin API (v2) fake: `services.get` for the one configured service, whose
 //! Ready condition tests flip with [`crate::FakeGcp::set_service_ready`]. Answers enums as
 //! numbers when the client asks for `$alt=json;enum-encoding=int`, as google-cloud-rust does.
+//! Any other method answers 501 and is recorded as a rejection.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -38,6 +39,9 @@ impl Default for RunState {
     }
 }
 
+/// The methods [`handle`] serves; any other method of the document answers 501.
+pub(crate) const IMPLEMENTED: &[&str] = &["run.projects.locations.services.get"];
+
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new().fallback(handle).with_state(shared)
 }
@@ -54,14 +58,21 @@ async fn handle(
         Ok(call) => call,
         Err(refusal) => return refusal.error.into_response(),
     };
-    match call.method_id.as_str() {
-        "run.projects.locations.services.get" => get_service(&shared, &call),
-        other => ApiError::run(
+    if !IMPLEMENTED.contains(&call.method_id.as_str()) {
+        shared.reject(format!(
+            "{}: a valid Cloud Run admin method the fake does not implement",
+            call.method_id
+        ));
+        return ApiError::run(
             501,
-            format!("Method {other} is valid but not implemented by the fake."),
+            format!(
+                "Method {} is valid but not implemented by the fake.",
+                call.method_id
+            ),
         )
-        .into_response(),
+        .into_response();
     }
+    get_service(&shared, &call)
 }
 
 fn get_service(shared: &Shared, call: &Call) -> Response {

@@ -358,31 +358,11 @@ async fn stalled_operations_stay_running_and_wait_returns_anyway() -> TestResult
     Ok(())
 }
 
-#[tokio::test]
-async fn preemption_stops_the_vm_and_leaves_an_operation() -> TestResult {
-    let fake = FakeGcp::start(fast()).await?;
-    fake.add_instance("spot-1", &[("cascade", "gcp_vm")]);
-    let vm = fake.instances().pop().expect("added");
-    assert_eq!(vm.status, "RUNNING");
-    let ip = vm.ip.expect("has an IP");
-    assert_eq!(health(&ip, fake.vm_service_port(), "/health").await?, 200);
-    assert_eq!(health(&ip, fake.vm_service_port(), "/other").await?, 404);
-
-    fake.preempt("spot-1");
-    assert_eq!(status_of(&fake, "spot-1").as_deref(), Some("STOPPING"));
-    assert!(
-        health(&ip, fake.vm_service_port(), "/health")
-            .await
-            .is_err()
-    );
-    assert!(
-        eventually(Duration::from_secs(2), || status_of(&fake, "spot-1")
-            .as_deref()
-            == Some("TERMINATED"))
-        .await
-    );
-
-    let (_, operations) = compute_clients(&fake).await;
+/// The `compute.instances.preempted` operations targeting `vm`, listed with the real client.
+async fn preemptions_of(
+    operations: &ZoneOperations,
+    vm: &str,
+) -> Result<Vec<model::Operation>, google_cloud_gax::error::Error> {
     let ops = operations
         .list()
         .set_project("demo-project")
@@ -390,15 +370,167 @@ async fn preemption_stops_the_vm_and_leaves_an_operation() -> TestResult {
         .set_filter("operationType = \"compute.instances.preempted\"")
         .send()
         .await?;
-    assert_eq!(ops.items.len(), 1);
-    assert!(
-        ops.items[0]
-            .target_link
-            .as_deref()
-            .unwrap_or_default()
-            .ends_with("/instances/spot-1")
+    Ok(ops
+        .items
+        .into_iter()
+        .filter(|op| {
+            op.target_link
+                .as_deref()
+                .unwrap_or_default()
+                .ends_with(&format!("/instances/{vm}"))
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn a_preempted_vm_keeps_serving_through_the_grace_then_terminates() -> TestResult {
+    let grace = Duration::from_millis(1000);
+    let fake = FakeGcp::start(FakeOptions {
+        preemption_grace: grace,
+        ..fast()
+    })
+    .await?;
+    let (instances, operations) = compute_clients(&fake).await;
+    fake.add_instance("spot-1", &[("cascade", "gcp_vm")]);
+    let vm = fake.instances().pop().expect("added");
+    assert_eq!(vm.status, "RUNNING");
+    let ip = vm.ip.expect("has an IP");
+    let port = fake.vm_service_port();
+    assert_eq!(health(&ip, port, "/health").await?, 200);
+    assert_eq!(health(&ip, port, "/other").await?, 404);
+    assert!(preemptions_of(&operations, "spot-1").await?.is_empty());
+
+    let preempted = std::time::Instant::now();
+    fake.preempt("spot-1");
+    // At once: STOPPING in instances.list and a DONE preemption operation ...
+    assert_eq!(status_of(&fake, "spot-1").as_deref(), Some("STOPPING"));
+    let listed = instances
+        .list()
+        .set_project("demo-project")
+        .set_zone("europe-west1-b")
+        .send()
+        .await?;
+    assert_eq!(
+        listed.items[0].status,
+        Some(model::instance::Status::Stopping)
     );
-    assert_eq!(ops.items[0].status, Some(model::operation::Status::Done));
+    let ops = preemptions_of(&operations, "spot-1").await?;
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0].status, Some(model::operation::Status::Done));
+    assert_eq!(ops[0].target_id, listed.items[0].id);
+    // ... while the guest is still shutting down and its service still answers.
+    assert_eq!(
+        health(&ip, port, "/health").await?,
+        200,
+        "the guest serves through the ACPI shutdown window"
+    );
+    assert!(
+        preempted.elapsed() < grace,
+        "the checks above took too long"
+    );
+
+    assert!(
+        eventually(Duration::from_secs(3), || status_of(&fake, "spot-1")
+            .as_deref()
+            == Some("TERMINATED"))
+        .await
+    );
+    assert!(
+        preempted.elapsed() >= grace,
+        "TERMINATED before the grace passed"
+    );
+    assert!(
+        health(&ip, port, "/health").await.is_err(),
+        "a TERMINATED VM's service must not answer"
+    );
+    // Preempting a stopped VM again changes nothing.
+    fake.preempt("spot-1");
+    assert_eq!(preemptions_of(&operations, "spot-1").await?.len(), 1);
+    assert_eq!(fake.rejections(), Vec::<String>::new());
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_preemption_grace_defaults_to_30s_and_can_change_at_run_time() -> TestResult {
+    assert_eq!(
+        FakeOptions::default().preemption_grace,
+        Duration::from_secs(30)
+    );
+    let fake = FakeGcp::start(FakeOptions {
+        operation_delay: Duration::from_millis(50),
+        boot_delay: Duration::from_millis(100),
+        ..FakeOptions::default()
+    })
+    .await?;
+    fake.add_instance("slow", &[]);
+    fake.add_instance("quick", &[]);
+    let ip_of = |name: &str| {
+        fake.instances()
+            .into_iter()
+            .find(|i| i.name == name)
+            .and_then(|i| i.ip)
+            .unwrap_or_default()
+    };
+    let slow_ip = ip_of("slow");
+    fake.preempt("slow");
+    fake.set_preemption_grace(Duration::from_millis(100));
+    fake.preempt("quick");
+    assert!(
+        eventually(Duration::from_secs(2), || status_of(&fake, "quick")
+            .as_deref()
+            == Some("TERMINATED"))
+        .await
+    );
+    assert!(
+        health(&ip_of("quick"), fake.vm_service_port(), "/health")
+            .await
+            .is_err()
+    );
+    // "slow" was preempted under the 30 s default: still shutting down, still serving.
+    assert_eq!(status_of(&fake, "slow").as_deref(), Some("STOPPING"));
+    assert_eq!(
+        health(&slow_ip, fake.vm_service_port(), "/health").await?,
+        200
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_a_vm_during_its_preemption_grace_stops_it_and_removes_it() -> TestResult {
+    let fake = FakeGcp::start(FakeOptions {
+        preemption_grace: Duration::from_millis(50),
+        operation_delay: Duration::from_millis(400),
+        ..fast()
+    })
+    .await?;
+    fake.add_instance("spot-2", &[]);
+    let ip = fake.instances()[0].ip.clone().unwrap_or_default();
+    fake.preempt("spot-2");
+    let (status, _, op) = raw(
+        reqwest::Method::DELETE,
+        &format!(
+            "{}/compute/v1/projects/demo-project/zones/europe-west1-b/instances/spot-2",
+            fake.compute_endpoint()
+        ),
+        None,
+        true,
+    )
+    .await?;
+    assert_eq!(status, 200, "{op}");
+    assert!(
+        health(&ip, fake.vm_service_port(), "/health")
+            .await
+            .is_err()
+    );
+    // The grace has passed, but the VM is being deleted, not TERMINATED.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(status_of(&fake, "spot-2").as_deref(), Some("STOPPING"));
+    assert!(
+        eventually(Duration::from_secs(2), || status_of(&fake, "spot-2")
+            .is_none())
+        .await
+    );
+    assert_eq!(fake.rejections(), Vec::<String>::new());
     Ok(())
 }
 
@@ -537,9 +669,571 @@ async fn invalid_requests_get_google_errors_and_are_recorded() -> TestResult {
     assert_eq!(status, 501, "{body}");
 
     let rejections = fake.rejections();
-    assert_eq!(rejections.len(), 5, "{rejections:#?}");
+    assert_eq!(rejections.len(), 6, "{rejections:#?}");
     assert!(rejections[0].starts_with("compute.instances.list: "));
     assert!(rejections[0].contains("colour"));
+    assert!(rejections[5].starts_with("compute.disks.list: "));
+    Ok(())
+}
+
+#[tokio::test]
+async fn calls_to_methods_the_fake_does_not_implement_are_rejections() -> TestResult {
+    let fake = FakeGcp::start(fast()).await?;
+    let zone = format!(
+        "{}/compute/v1/projects/demo-project/zones/europe-west1-b",
+        fake.compute_endpoint()
+    );
+    fake.add_instance("vm-1", &[]);
+    // A fault knob does not hide that the method is unimplemented.
+    fake.fail_compute("compute.instances.stop", 1, 503, None);
+    let (status, _, body) = raw(
+        reqwest::Method::POST,
+        &format!("{zone}/instances/vm-1/stop"),
+        Some(json!({})),
+        true,
+    )
+    .await?;
+    assert_eq!(status, 501, "{body}");
+    assert_eq!(body["error"]["status"], "UNIMPLEMENTED");
+    assert_eq!(body["error"]["errors"][0]["reason"], "notImplemented");
+    assert_eq!(status_of(&fake, "vm-1").as_deref(), Some("RUNNING"));
+    let (status, _, _) = raw(reqwest::Method::GET, &format!("{zone}/disks"), None, true).await?;
+    assert_eq!(status, 501);
+    let (status, _, body) = raw(
+        reqwest::Method::GET,
+        &format!(
+            "{}/v2/projects/demo-project/locations/europe-west1/services",
+            fake.run_admin_endpoint()
+        ),
+        None,
+        true,
+    )
+    .await?;
+    assert_eq!(status, 501, "{body}");
+    assert_eq!(body["error"]["status"], "UNIMPLEMENTED");
+
+    let rejections = fake.rejections();
+    assert_eq!(rejections.len(), 3, "{rejections:#?}");
+    assert!(
+        rejections[0].starts_with("compute.instances.stop: "),
+        "{}",
+        rejections[0]
+    );
+    assert!(
+        rejections[1].starts_with("compute.disks.list: "),
+        "{}",
+        rejections[1]
+    );
+    assert!(
+        rejections[2].starts_with("run.projects.locations.services.list: "),
+        "{}",
+        rejections[2]
+    );
+    let recorded: Vec<(String, u16)> = fake
+        .compute_requests()
+        .into_iter()
+        .map(|r| (r.method_id, r.status))
+        .collect();
+    assert_eq!(
+        recorded,
+        vec![
+            ("compute.instances.stop".to_string(), 501),
+            ("compute.disks.list".to_string(), 501)
+        ]
+    );
+    assert_eq!(fake.admin_requests(), 1);
+    Ok(())
+}
+
+/// What a validation case breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Breaks {
+    /// (a) an unknown query parameter.
+    UnknownQuery,
+    /// (b) an unknown (nested) body field.
+    UnknownField,
+    /// (c) a field or parameter of the wrong type (or enum value).
+    WrongType,
+    /// A body where the method takes none, or a body that is not a JSON object.
+    Body,
+}
+
+struct Case {
+    method_id: &'static str,
+    breaks: Breaks,
+    verb: reqwest::Method,
+    /// Relative to the compute endpoint (or, for `run.`, the run admin endpoint).
+    path: String,
+    body: Option<Value>,
+    /// What the error message must contain (the offending field, in Google's words).
+    names: &'static str,
+}
+
+/// Every method the fake implements, with one invalid request per way to break it, must answer
+/// 400 in Google's error shape naming the field, and be recorded as a rejection; a valid request
+/// to each is accepted.
+#[tokio::test]
+async fn every_implemented_method_validates_query_body_and_types() -> TestResult {
+    let fake = FakeGcp::start(fast()).await?;
+    let zone = "/compute/v1/projects/demo-project/zones/europe-west1-b";
+    let service = "/v2/projects/demo-project/locations/europe-west1/services/ecapa";
+    let url = |method_id: &str, path: &str| {
+        let endpoint = if method_id.starts_with("run.") {
+            fake.run_admin_endpoint()
+        } else {
+            fake.compute_endpoint()
+        };
+        format!("{endpoint}{path}")
+    };
+    let good = serde_json::to_value(vm_body("valid-vm"))?;
+    let with = |pointer: &str, value: Value| {
+        let mut body = good.clone();
+        let (parent, key) = pointer.rsplit_once('/').unwrap_or_default();
+        if let Some(object) = body.pointer_mut(parent).and_then(Value::as_object_mut) {
+            object.insert(key.to_string(), value);
+        }
+        body
+    };
+    assert!(
+        good.pointer("/scheduling").is_some()
+            && good.pointer("/disks/0/initializeParams").is_some()
+    );
+
+    // One valid request per method, the way google-cloud-rust sends them.
+    fake.add_instance("vm-ok", &[("cascade", "gcp_vm")]);
+    let (status, _, op) = raw(
+        reqwest::Method::POST,
+        &url(
+            "",
+            &format!("{zone}/instances?%24alt=json&requestId=1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+        ),
+        Some(good.clone()),
+        true,
+    )
+    .await?;
+    assert_eq!(status, 200, "{op}");
+    let op_name = op["name"].as_str().unwrap_or_default().to_string();
+    let valid: Vec<(&str, reqwest::Method, String, Option<Value>)> = vec![
+        (
+            "compute.instances.get",
+            reqwest::Method::GET,
+            format!("{zone}/instances/vm-ok?%24alt=json"),
+            None,
+        ),
+        (
+            "compute.instances.list",
+            reqwest::Method::GET,
+            format!("{zone}/instances?filter=labels.cascade%20%3D%20%22gcp_vm%22&maxResults=10"),
+            None,
+        ),
+        (
+            "compute.zoneOperations.get",
+            reqwest::Method::GET,
+            format!("{zone}/operations/{op_name}"),
+            None,
+        ),
+        (
+            "compute.zoneOperations.wait",
+            reqwest::Method::POST,
+            format!("{zone}/operations/{op_name}/wait"),
+            Some(json!({})),
+        ),
+        (
+            "compute.zoneOperations.list",
+            reqwest::Method::GET,
+            format!("{zone}/operations?maxResults=5&prettyPrint=false"),
+            None,
+        ),
+        (
+            "compute.instances.delete",
+            reqwest::Method::DELETE,
+            format!(
+                "{zone}/instances/vm-ok?requestId=1b4e28ba-2fa1-11d2-883f-0016d3cca428&noGracefulShutdown=false"
+            ),
+            None,
+        ),
+        (
+            "run.projects.locations.services.get",
+            reqwest::Method::GET,
+            format!("{service}?%24alt=json%3Benum-encoding%3Dint"),
+            None,
+        ),
+    ];
+    for (method_id, verb, path, body) in valid {
+        let (status, _, answer) = raw(verb, &url(method_id, &path), body, true).await?;
+        assert_eq!(status, 200, "{method_id}: {answer}");
+    }
+    let accepted: Vec<String> = fake
+        .compute_requests()
+        .iter()
+        .map(|r| r.method_id.clone())
+        .collect();
+    for method_id in compute::IMPLEMENTED {
+        assert!(
+            accepted.iter().any(|m| m == method_id),
+            "no valid {method_id} was sent"
+        );
+    }
+    assert_eq!(fake.rejections(), Vec::<String>::new());
+
+    use Breaks::*;
+    use reqwest::Method as M;
+    let case = |method_id, breaks, verb, path: String, body, names| Case {
+        method_id,
+        breaks,
+        verb,
+        path,
+        body,
+        names,
+    };
+    let insert = format!("{zone}/instances");
+    let vm = format!("{zone}/instances/vm-ok");
+    let ops = format!("{zone}/operations");
+    let op = format!("{zone}/operations/operation-1");
+    let cases = vec![
+        case(
+            "compute.instances.insert",
+            UnknownQuery,
+            M::POST,
+            format!("{insert}?colour=blue"),
+            Some(good.clone()),
+            "Unknown name \"colour\": Cannot bind query parameter",
+        ),
+        case(
+            "compute.instances.insert",
+            UnknownField,
+            M::POST,
+            insert.clone(),
+            Some(with("/scheduling/colour", json!("blue"))),
+            "Unknown name \"colour\" at 'instance.scheduling'",
+        ),
+        case(
+            "compute.instances.insert",
+            UnknownField,
+            M::POST,
+            insert.clone(),
+            Some(with("/disks/0/initializeParams/bogus", json!(1))),
+            "Unknown name \"bogus\" at 'instance.disks[0].initializeParams'",
+        ),
+        case(
+            "compute.instances.insert",
+            UnknownField,
+            M::POST,
+            insert.clone(),
+            Some(with("/colour", json!("blue"))),
+            "Unknown name \"colour\" at 'instance'",
+        ),
+        case(
+            "compute.instances.insert",
+            WrongType,
+            M::POST,
+            insert.clone(),
+            Some(with("/scheduling/automaticRestart", json!("yes"))),
+            "'instance.scheduling.automaticRestart' (TYPE_BOOL)",
+        ),
+        case(
+            "compute.instances.insert",
+            WrongType,
+            M::POST,
+            insert.clone(),
+            Some(with("/disks/0/initializeParams/diskSizeGb", json!("ten"))),
+            "'instance.disks[0].initializeParams.diskSizeGb' (TYPE_INT64)",
+        ),
+        case(
+            "compute.instances.insert",
+            WrongType,
+            M::POST,
+            insert.clone(),
+            Some(with("/labels", json!({"cascade": 5}))),
+            "'instance.labels[cascade]' (TYPE_STRING)",
+        ),
+        case(
+            "compute.instances.insert",
+            WrongType,
+            M::POST,
+            insert.clone(),
+            Some(with("/scheduling/provisioningModel", json!("SPOTTY"))),
+            "'instance.scheduling.provisioningModel' (TYPE_ENUM)",
+        ),
+        case(
+            "compute.instances.insert",
+            WrongType,
+            M::POST,
+            insert.clone(),
+            Some(with("/networkInterfaces", json!({"network": "x"}))),
+            "'instance.networkInterfaces' (TYPE_LIST)",
+        ),
+        case(
+            "compute.instances.insert",
+            WrongType,
+            M::POST,
+            format!("{insert}?prettyPrint=maybe"),
+            Some(good.clone()),
+            "'prettyPrint' (TYPE_BOOL)",
+        ),
+        case(
+            "compute.instances.insert",
+            Body,
+            M::POST,
+            insert.clone(),
+            Some(json!([good.clone()])),
+            "Root element must be a message",
+        ),
+        case(
+            "compute.instances.get",
+            UnknownQuery,
+            M::GET,
+            format!("{vm}?colour=blue"),
+            None,
+            "Unknown name \"colour\"",
+        ),
+        case(
+            "compute.instances.get",
+            WrongType,
+            M::GET,
+            format!("{vm}?prettyPrint=maybe"),
+            None,
+            "'prettyPrint' (TYPE_BOOL)",
+        ),
+        case(
+            "compute.instances.get",
+            Body,
+            M::GET,
+            vm.clone(),
+            Some(json!({})),
+            "compute.instances.get is a GET method and takes no request body",
+        ),
+        case(
+            "compute.instances.list",
+            UnknownQuery,
+            M::GET,
+            format!("{insert}?colour=blue"),
+            None,
+            "Unknown name \"colour\"",
+        ),
+        case(
+            "compute.instances.list",
+            WrongType,
+            M::GET,
+            format!("{insert}?maxResults=lots"),
+            None,
+            "'maxResults' (TYPE_UINT32)",
+        ),
+        case(
+            "compute.instances.list",
+            WrongType,
+            M::GET,
+            format!("{insert}?maxResults=99999999999"),
+            None,
+            "'maxResults' (TYPE_UINT32), \"99999999999\"",
+        ),
+        case(
+            "compute.instances.list",
+            Body,
+            M::GET,
+            insert.clone(),
+            Some(json!({"filter": "x"})),
+            "takes no request body",
+        ),
+        case(
+            "compute.instances.delete",
+            UnknownQuery,
+            M::DELETE,
+            format!("{vm}?force=true"),
+            None,
+            "Unknown name \"force\"",
+        ),
+        case(
+            "compute.instances.delete",
+            WrongType,
+            M::DELETE,
+            format!("{vm}?noGracefulShutdown=maybe"),
+            None,
+            "'noGracefulShutdown' (TYPE_BOOL)",
+        ),
+        case(
+            "compute.instances.delete",
+            Body,
+            M::DELETE,
+            vm.clone(),
+            Some(json!({"requestId": "x"})),
+            "compute.instances.delete is a DELETE method and takes no request body",
+        ),
+        case(
+            "compute.zoneOperations.get",
+            UnknownQuery,
+            M::GET,
+            format!("{op}?colour=blue"),
+            None,
+            "Unknown name \"colour\"",
+        ),
+        case(
+            "compute.zoneOperations.get",
+            WrongType,
+            M::GET,
+            format!("{op}?prettyPrint=maybe"),
+            None,
+            "'prettyPrint' (TYPE_BOOL)",
+        ),
+        case(
+            "compute.zoneOperations.get",
+            Body,
+            M::GET,
+            op.clone(),
+            Some(json!([])),
+            "takes no request body",
+        ),
+        case(
+            "compute.zoneOperations.wait",
+            UnknownQuery,
+            M::POST,
+            format!("{op}/wait?timeout=5s"),
+            Some(json!({})),
+            "Unknown name \"timeout\": Cannot bind query parameter",
+        ),
+        case(
+            "compute.zoneOperations.wait",
+            WrongType,
+            M::POST,
+            format!("{op}/wait?%24.xgafv=3"),
+            Some(json!({})),
+            "'$.xgafv' (TYPE_ENUM)",
+        ),
+        case(
+            "compute.zoneOperations.wait",
+            Body,
+            M::POST,
+            format!("{op}/wait"),
+            Some(json!({"timeout": "5s"})),
+            "Unknown name \"timeout\": Cannot find field",
+        ),
+        case(
+            "compute.zoneOperations.wait",
+            Body,
+            M::POST,
+            format!("{op}/wait"),
+            Some(json!("5s")),
+            "Root element must be a message",
+        ),
+        case(
+            "compute.zoneOperations.list",
+            UnknownQuery,
+            M::GET,
+            format!("{ops}?colour=blue"),
+            None,
+            "Unknown name \"colour\"",
+        ),
+        case(
+            "compute.zoneOperations.list",
+            WrongType,
+            M::GET,
+            format!("{ops}?maxResults=-1"),
+            None,
+            "'maxResults' (TYPE_UINT32)",
+        ),
+        case(
+            "compute.zoneOperations.list",
+            Body,
+            M::GET,
+            ops.clone(),
+            Some(json!(null)),
+            "takes no request body",
+        ),
+        case(
+            "run.projects.locations.services.get",
+            UnknownQuery,
+            M::GET,
+            format!("{service}?colour=blue"),
+            None,
+            "Unknown name \"colour\"",
+        ),
+        case(
+            "run.projects.locations.services.get",
+            WrongType,
+            M::GET,
+            format!("{service}?prettyPrint=maybe"),
+            None,
+            "'prettyPrint' (TYPE_BOOL)",
+        ),
+        case(
+            "run.projects.locations.services.get",
+            WrongType,
+            M::GET,
+            format!("{service}?%24alt=xml"),
+            None,
+            "'$alt'",
+        ),
+        case(
+            "run.projects.locations.services.get",
+            Body,
+            M::GET,
+            service.to_string(),
+            Some(json!({})),
+            "takes no request body",
+        ),
+    ];
+
+    // The table covers every implemented method in every way that applies to it.
+    for method_id in compute::IMPLEMENTED.iter().chain(run::IMPLEMENTED) {
+        let has_body = method_id.ends_with(".insert");
+        let mut needed = vec![UnknownQuery, WrongType, Body];
+        if has_body {
+            needed.push(UnknownField);
+        }
+        for breaks in needed {
+            assert!(
+                cases
+                    .iter()
+                    .any(|c| c.method_id == *method_id && c.breaks == breaks),
+                "no {breaks:?} case for {method_id}"
+            );
+        }
+    }
+
+    for c in cases {
+        let before = fake.rejections().len();
+        let (status, _, answer) = raw(
+            c.verb.clone(),
+            &url(c.method_id, &c.path),
+            c.body.clone(),
+            true,
+        )
+        .await?;
+        let what = format!("{} {:?} {} {}", c.method_id, c.breaks, c.verb, c.path);
+        assert_eq!(status, 400, "{what}: {answer}");
+        let error = &answer["error"];
+        assert_eq!(error["code"], 400, "{what}: {answer}");
+        assert_eq!(error["status"], "INVALID_ARGUMENT", "{what}: {answer}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(c.names),
+            "{what}: {message:?} does not name {:?}",
+            c.names
+        );
+        if c.method_id.starts_with("compute.") {
+            assert_eq!(error["errors"][0]["reason"], "invalid", "{what}: {answer}");
+            assert_eq!(error["errors"][0]["message"], message, "{what}: {answer}");
+            let last = fake.compute_requests().pop().expect("recorded");
+            assert_eq!(
+                (last.method_id.as_str(), last.status),
+                (c.method_id, 400),
+                "{what}"
+            );
+        } else {
+            assert!(
+                error.get("errors").is_none(),
+                "{what}: Cloud Run v2 errors have no errors[]"
+            );
+        }
+        let rejections = fake.rejections();
+        assert_eq!(rejections.len(), before + 1, "{what}: {rejections:#?}");
+        let recorded = &rejections[before];
+        assert!(
+            recorded.starts_with(&format!("{}: ", c.method_id)),
+            "{what}: {recorded}"
+        );
+        assert!(recorded.contains(c.names), "{what}: {recorded}");
+    }
     Ok(())
 }
 
