@@ -6,7 +6,13 @@
 //! and refreshed by the probe that finds less than 4 minutes left (half the
 //! lifetime for tokens living under 8 minutes), so between refreshes a probe
 //! only clones that header. A failed refresh keeps using the cached token
-//! while it is valid, and says so in the status details.
+//! while it is valid, and says so in the status details; while a valid token
+//! is cached a refresh gets only a short slice of the probe's time, so a
+//! hanging token source cannot starve the health check. A token the service
+//! rejects (HTTP 401) is dropped, so the next probe fetches a new one.
+//!
+//! A token's claims are outside data: a lifetime is trusted for a day at
+//! most, and an `exp` no clock can hold counts as no `exp` at all.
 //!
 //! Why not google-cloud-auth's ID-token credentials: that module sits behind
 //! the crate's `idtoken` feature, which the workspace does not enable; its
@@ -42,6 +48,9 @@ const REFRESH_SLACK: Duration = Duration::from_secs(4 * 60);
 /// ... or, for a token living less than twice that, halfway through.
 /// Google's ID tokens live an hour; assumed when a token does not say.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// The longest a token is trusted for, whatever its claims say (Google's
+/// live an hour): bounds every time computed from a token.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A token is not sent in the last 10 s of its life (an eighth of a short one).
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 /// Lifetime asked of the token endpoint for a self-signed assertion.
@@ -144,19 +153,22 @@ impl IdTokens {
     }
 
     /// The `Authorization` header value, from the cache unless a refresh is
-    /// due; a fetch takes at most `timeout`.
+    /// due. A fetch takes at most `timeout`, or `refresh_timeout` while the
+    /// cached token is still valid: if the refresh does not finish by then,
+    /// the cached token is used.
     pub(super) async fn bearer(
         &self,
         http: &reqwest::Client,
         timeout: Duration,
+        refresh_timeout: Duration,
     ) -> Result<HeaderValue, TokenError> {
         let mut cache = self.cache.lock().await;
         let now = Instant::now();
-        if let Some(token) = &cache.token
-            && now < token.refresh_at
-        {
-            return Ok(token.bearer.clone());
-        }
+        let timeout = match &cache.token {
+            Some(token) if now < token.refresh_at => return Ok(token.bearer.clone()),
+            Some(token) if now < token.expires_at => refresh_timeout.min(timeout),
+            _ => timeout,
+        };
         let fetched = match with_deadline(timeout, "ID token", self.fetch(&mut cache, http)).await {
             Ok(result) => result,
             Err(_) => Err(TokenError::Fetch(format!(
@@ -173,7 +185,7 @@ impl IdTokens {
                     let wall = SystemTime::now();
                     *view = View {
                         refreshed: Some(wall),
-                        expires: Some(wall + times.left),
+                        expires: wall.checked_add(times.left),
                         refresh_error: None,
                     };
                 }
@@ -191,6 +203,18 @@ impl IdTokens {
                     }
                     _ => Err(error),
                 }
+            }
+        }
+    }
+
+    /// Drops the cached token if it is still `rejected` (the service refused
+    /// it), so the next call fetches a new one; the key stays parsed.
+    pub(super) async fn reject(&self, rejected: &HeaderValue) {
+        let mut cache = self.cache.lock().await;
+        if cache.token.as_ref().is_some_and(|t| t.bearer == *rejected) {
+            cache.token = None;
+            if let Ok(mut view) = self.view.lock() {
+                view.expires = None;
             }
         }
     }
@@ -284,7 +308,8 @@ pub(super) fn refresh_slack(lifetime: Duration) -> Duration {
 /// How long a token lives and how much of that is left, from its own
 /// claims: the lifetime is `exp - iat` (else what is left), what is left is
 /// `exp - now` capped at the lifetime (a clock running behind must not stretch
-/// it). A token that does not say is taken to live an hour.
+/// it), both at most [`MAX_LIFETIME`]. A token that does not say, or whose
+/// `exp` is past what `SystemTime` holds, is taken to live an hour.
 pub(super) fn token_times(token: &str, now: SystemTime) -> TokenTimes {
     #[derive(serde::Deserialize)]
     struct Claims {
@@ -296,22 +321,27 @@ pub(super) fn token_times(token: &str, now: SystemTime) -> TokenTimes {
         .nth(1)
         .and_then(b64_decode)
         .and_then(|payload| serde_json::from_slice::<Claims>(&payload).ok());
+    let unknown = TokenTimes {
+        lifetime: DEFAULT_LIFETIME,
+        left: DEFAULT_LIFETIME,
+    };
     let Some(Claims {
         exp: Some(exp),
         iat,
     }) = claims
     else {
-        return TokenTimes {
-            lifetime: DEFAULT_LIFETIME,
-            left: DEFAULT_LIFETIME,
-        };
+        return unknown;
     };
-    let left = (UNIX_EPOCH + Duration::from_secs(exp))
+    let Some(expires) = UNIX_EPOCH.checked_add(Duration::from_secs(exp)) else {
+        return unknown;
+    };
+    let left = expires
         .duration_since(now)
-        .unwrap_or(Duration::ZERO);
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_LIFETIME);
     match iat {
         Some(iat) if exp > iat => {
-            let lifetime = Duration::from_secs(exp - iat);
+            let lifetime = Duration::from_secs(exp - iat).min(MAX_LIFETIME);
             TokenTimes {
                 lifetime,
                 left: left.min(lifetime),
@@ -331,17 +361,21 @@ pub(super) struct TokenTimes {
 }
 
 impl TokenTimes {
-    /// When, from `now`, to fetch the next token.
+    /// When, from `now`, to fetch the next token (`now` if the clock cannot
+    /// hold the time).
     fn refresh_at(self, now: Instant) -> Instant {
-        now + self.left.saturating_sub(refresh_slack(self.lifetime))
+        let wait = self.left.saturating_sub(refresh_slack(self.lifetime));
+        now.checked_add(wait).unwrap_or(now)
     }
 
     /// Until when, from `now`, the token may still be sent: a little before
-    /// it expires, so no request carries it past expiry.
+    /// it expires, so no request carries it past expiry (`now` if the clock
+    /// cannot hold the time).
     fn usable_until(self, now: Instant) -> Instant {
-        now + self
+        let use_for = self
             .left
-            .saturating_sub(EXPIRY_MARGIN.min(self.lifetime / 8))
+            .saturating_sub(EXPIRY_MARGIN.min(self.lifetime / 8));
+        now.checked_add(use_for).unwrap_or(now)
     }
 }
 
@@ -452,7 +486,7 @@ impl Key {
             "aud": self.token_uri,
             "target_audience": audience,
             "iat": iat,
-            "exp": iat + ASSERTION_LIFETIME,
+            "exp": iat.saturating_add(ASSERTION_LIFETIME),
         });
         let mut jwt = format!(
             "{}.{}",

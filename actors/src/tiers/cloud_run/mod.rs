@@ -17,7 +17,11 @@
 //! appears in a log line, an error, a probe outcome or the status details; a
 //! token failure is reported as `ID token: ...`, never as the service being
 //! down. The probe path reuses one pooled HTTP client and a cached token, so a
-//! probe costs one request and no token work between refreshes.
+//! probe costs one request and no token work between refreshes. A hanging
+//! Admin API or token source cannot starve the health GET: the Admin API gets
+//! at most a third of a probe's time and refreshing a still-valid token a
+//! quarter (only a probe with no valid token waits longer for one). A 401
+//! from the service drops the cached token.
 
 mod auth;
 mod client;
@@ -47,6 +51,12 @@ pub use crate::tiers::gcp::GcpEnv;
 
 use auth::IdTokens;
 use client::{AdminApi, Answer, Readiness};
+
+/// The Admin API check gets at most this share (1/N) of a probe's budget ...
+const ADMIN_SHARE: u32 = 3;
+/// ... and refreshing a still-valid token this share, so a hanging Admin API
+/// or token source leaves the health GET at least 5/12 of it.
+const REFRESH_SHARE: u32 = 4;
 
 /// `[tiers.cloud_run]` in the configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,7 +243,10 @@ impl CloudRunConfig {
     /// the driver bounds each request itself, with the cold-start timeout
     /// until the first success, so the actor's deadline only catches a bug.
     pub fn probe_deadline(&self) -> Duration {
-        self.probe.timeout.max(self.cold_start_timeout) + Duration::from_secs(1)
+        self.probe
+            .timeout
+            .max(self.cold_start_timeout)
+            .saturating_add(Duration::from_secs(1))
     }
 
     /// The service URL without a trailing `/`.
@@ -408,7 +421,9 @@ impl CloudRunDriver {
         {
             return (Some(view.readiness.clone()), false);
         }
-        let timeout = deadline.attempt_timeout(now, self.config.probe.timeout);
+        // A slow or hanging Admin API must not eat the health GET's time.
+        let share = deadline.budget() / ADMIN_SHARE;
+        let timeout = deadline.attempt_timeout(now, self.config.probe.timeout.min(share));
         let (readiness, error) = match admin.readiness(timeout).await {
             Ok(readiness) => {
                 if last.as_ref().map(|v| &v.readiness) != Some(&readiness) {
@@ -515,7 +530,8 @@ fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`, the only form senders may use.
+/// IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`, the only form senders may
+/// use; years 1970 to 9999 only (anything else is a broken header, ignored).
 fn parse_http_date(value: &str) -> Option<SystemTime> {
     let mut parts = value.split_ascii_whitespace();
     let _weekday = parts.next()?.strip_suffix(',')?;
@@ -535,15 +551,19 @@ fn parse_http_date(value: &str) -> Option<SystemTime> {
     if parts.next()? != "GMT" || parts.next().is_some() || hms.next().is_some() {
         return None;
     }
-    if !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+    if !(1970..=9999).contains(&year) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
         return None;
     }
-    let days = days_from_civil(year, month, day);
-    let seconds = u64::try_from(days).ok()? * 86_400 + h * 3600 + m * 60 + s;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+    // In range the sums below stay far from overflow; checked all the same.
+    let days = u64::try_from(days_from_civil(year, month, day)).ok()?;
+    let seconds = days
+        .checked_mul(86_400)?
+        .checked_add(h * 3600 + m * 60 + s)?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// algorithm); `year` must be within 1970..=9999, where nothing overflows.
 fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let year = if month <= 2 { year - 1 } else { year };
     let era = year.div_euclid(400);
@@ -584,8 +604,15 @@ impl Driver for CloudRunDriver {
 
         let bearer = match &self.tokens {
             Some(tokens) => {
-                let timeout = deadline.attempt_timeout(Instant::now(), self.config.probe.timeout);
-                match tokens.bearer(&self.http, timeout).await {
+                let now = Instant::now();
+                // Without a valid token there is nothing to probe with: wait
+                // for one. With one, a refresh that does not finish quickly
+                // is left for the next probe.
+                let timeout = deadline.attempt_timeout(now, self.config.probe.timeout);
+                let share = deadline.budget() / REFRESH_SHARE;
+                let refresh_timeout =
+                    deadline.attempt_timeout(now, self.config.probe.timeout.min(share));
+                match tokens.bearer(&self.http, timeout, refresh_timeout).await {
                     Ok(bearer) => Some(bearer),
                     Err(error) => return error.into_outcome(),
                 }
@@ -595,10 +622,21 @@ impl Driver for CloudRunDriver {
         let answer = client::health(
             &self.http,
             &self.health_url,
-            bearer,
+            bearer.clone(),
             deadline.remaining(Instant::now()),
         )
         .await;
+        if let (Ok(Answer { status: 401, .. }), Some(tokens), Some(sent)) =
+            (&answer, &self.tokens, &bearer)
+        {
+            // Revoked, or expired early: a cached token would be refused
+            // until its refresh time, so fetch a new one next probe.
+            warn!(
+                backend.tier = "cloud_run",
+                "The service rejected the ID token (HTTP 401); fetching a new one at the next probe."
+            );
+            tokens.reject(sent).await;
+        }
         let outcome = self.outcome_of(answer, self.tokens.is_some());
         if let ProbeOutcome::Up { .. } = outcome {
             self.warm.store(true, Ordering::Relaxed);

@@ -1,7 +1,8 @@
 //! The `cloud_run` tier: its pure parts (Retry-After, token lifetimes,
 //! redaction, configuration), the driver against `cascade-gcp-fake` (the
-//! metadata server, the token endpoint, the service, the Admin API), and the
-//! real tier actor and root failing over to a fake tier and back.
+//! metadata server, the token endpoint, the service, the Admin API), the
+//! driver against scripted servers (hanging, 401 once, absurd token expiries),
+//! and the real tier actor and root failing over to a fake tier and back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,6 +180,42 @@ fn retry_after_reads_seconds_and_http_dates() {
 }
 
 #[test]
+fn retry_after_dates_outside_1970_to_9999_are_ignored_not_a_panic() {
+    for bad in [
+        "Sun, 06 Nov 99999999999999 08:49:37 GMT",
+        "Sun, 06 Nov 9223372036854775807 08:49:37 GMT",
+        "Sun, 06 Nov -9223372036854775808 08:49:37 GMT",
+        "Sat, 01 Jan 10000 00:00:00 GMT",
+        "Wed, 31 Dec 1969 23:59:59 GMT",
+    ] {
+        assert_eq!(parse_http_date(bad), None, "{bad:?}");
+        assert_eq!(parse_retry_after(bad, SystemTime::now()), None, "{bad:?}");
+    }
+    assert_eq!(
+        parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"),
+        Some(SystemTime::UNIX_EPOCH)
+    );
+    assert_eq!(
+        parse_http_date("Fri, 31 Dec 9999 23:59:59 GMT"),
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799))
+    );
+    // The largest delay-seconds is only capped.
+    let url = Url::parse("https://ecapa-x.a.run.app/health").unwrap();
+    let cap = Duration::from_secs(60);
+    for retry_after in ["18446744073709551615", "Fri, 31 Dec 9999 23:59:59 GMT"] {
+        let answer = Ok(Answer {
+            status: 503,
+            retry_after: Some(retry_after.into()),
+            excerpt: String::new(),
+        });
+        match classify(&url, answer, true, cap) {
+            ProbeOutcome::Throttled { retry_after, .. } => assert_eq!(retry_after, cap),
+            other => panic!("expected Throttled, got {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn answers_map_to_outcomes() {
     let url = Url::parse("https://ecapa-x.a.run.app/health").unwrap();
     let cap = Duration::from_secs(60);
@@ -297,6 +334,53 @@ fn token_lifetimes_and_refresh_slack() {
     assert_eq!(b64_encode(b"\xfb\xff"), "-_8");
     assert_eq!(b64_decode("Zm9vYg=="), Some(b"foob".to_vec()));
     assert_eq!(b64_decode("a b"), None);
+}
+
+/// An unsigned JWT with these claims (the services here do not check it).
+fn jwt_with(claims: &str) -> String {
+    format!(
+        "{}.{}.c2ln",
+        b64_encode(br#"{"alg":"RS256"}"#),
+        b64_encode(claims.as_bytes())
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[test]
+fn absurd_token_expiries_are_bounded_not_a_panic() {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    let times = |lifetime, left| TokenTimes {
+        lifetime: Duration::from_secs(lifetime),
+        left: Duration::from_secs(left),
+    };
+    // Past what the clock can hold: as if the token did not say.
+    for claims in [
+        r#"{"iat":1000000,"exp":18446744073709551615}"#,
+        r#"{"exp":18446744073709551615}"#,
+    ] {
+        assert_eq!(
+            token_times(&jwt_with(claims), now),
+            times(3600, 3600),
+            "{claims}"
+        );
+    }
+    // Far off but representable: trusted for a day at most.
+    for claims in [
+        r#"{"iat":1000000,"exp":9000000000000000000}"#,
+        r#"{"exp":100000000000}"#,
+        r#"{"iat":0,"exp":100000000000}"#,
+    ] {
+        assert_eq!(
+            token_times(&jwt_with(claims), now),
+            times(86_400, 86_400),
+            "{claims}"
+        );
+    }
 }
 
 #[test]
@@ -848,6 +932,224 @@ async fn an_unreachable_admin_api_leaves_the_verdict_to_the_health_check() {
             .contains("projects/demo-project/locations/europe-west1/services/ecapa"),
         "{details:?}"
     );
+}
+
+// === hanging or misbehaving token sources and Admin API ===
+
+/// A scripted HTTP/1.1 server on 127.0.0.1:0: `answer` gets each request's
+/// number (from 1) and head and returns the whole response, or `None` to
+/// leave that request hanging on its open connection forever. Returns the
+/// server's URL and the heads of the requests it got. Requests must have no
+/// body.
+async fn scripted_server<F>(answer: F) -> (String, Arc<std::sync::Mutex<Vec<String>>>)
+where
+    F: Fn(usize, &str) -> Option<String> + Send + Sync + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let answer = Arc::new(answer);
+    let requests = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (answer, requests) = (answer.clone(), requests.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let number = {
+                        let mut requests = requests.lock().unwrap();
+                        requests.push(head.clone());
+                        requests.len()
+                    };
+                    match answer(number, &head) {
+                        Some(reply) => {
+                            if socket.write_all(reply.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+fn response(status: u16, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status} Scripted\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The `Authorization` header of each request head, in order.
+fn authorizations(heads: &std::sync::Mutex<Vec<String>>) -> Vec<Option<String>> {
+    heads
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|head| {
+            head.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("authorization")
+                    .then(|| value.trim().to_owned())
+            })
+        })
+        .collect()
+}
+
+fn scripted_env(metadata_url: &str) -> GcpEnv {
+    GcpEnv {
+        metadata_host: Some(metadata_url.trim_start_matches("http://").to_owned()),
+        credentials_file: None,
+    }
+}
+
+/// `timeout` for every probe, cold or warm.
+fn scripted_config(url: String, timeout: Duration) -> CloudRunConfig {
+    CloudRunConfig {
+        url,
+        cold_start_timeout: timeout,
+        probe: ProbeConfig {
+            interval: Duration::from_millis(50),
+            timeout,
+        },
+        ..CloudRunConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_admin_api_leaves_the_health_check_its_time() {
+    let fake = fake().await;
+    let (hanging, asked) = scripted_server(|_, _| None).await;
+    let timeout = Duration::from_millis(900);
+    let mut config = CloudRunConfig {
+        cold_start_timeout: timeout,
+        probe: ProbeConfig {
+            interval: Duration::from_millis(50),
+            timeout,
+        },
+        ..admin_config(&fake)
+    };
+    if let Some(admin) = config.admin.as_mut() {
+        admin.endpoint = hanging;
+        // Asked at every probe.
+        admin.interval = Duration::from_millis(1);
+    }
+    let driver = driver(config, metadata_env(&fake)).await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        expect_up(&driver.probe().await);
+        assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+    }
+    assert!(!asked.lock().unwrap().is_empty(), "the Admin API was asked");
+    let details = driver.details();
+    assert_eq!(details["admin_ready"], "unknown");
+    assert!(
+        details["admin_error"].contains("did not answer within 300ms"),
+        "a third of the probe's budget: {details:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_metadata_server_does_not_starve_the_probe_while_the_token_is_valid() {
+    let now = unix_now();
+    // Valid for 100 s more, so due for a refresh (under 4 minutes left).
+    let token = jwt_with(&format!(r#"{{"iat":{},"exp":{}}}"#, now - 3500, now + 100));
+    let answered = token.clone();
+    let (metadata, fetches) =
+        scripted_server(move |n, _| (n == 1).then(|| response(200, &answered))).await;
+    let (service, probes) = scripted_server(|_, _| Some(response(200, "ok"))).await;
+    let timeout = Duration::from_millis(800);
+    let driver = driver(scripted_config(service, timeout), scripted_env(&metadata)).await;
+    expect_up(&driver.probe().await);
+    for _ in 0..2 {
+        let started = Instant::now();
+        expect_up(&driver.probe().await);
+        assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+    }
+    assert_eq!(
+        fetches.lock().unwrap().len(),
+        3,
+        "each probe tried to refresh"
+    );
+    let sent = authorizations(&probes);
+    assert_eq!(sent, vec![Some(format!("Bearer {token}")); 3]);
+    let error = driver.details()["token_error"].clone();
+    assert!(
+        error.starts_with("ID token: metadata server") && error.ends_with("within 200ms"),
+        "a quarter of the probe's budget: {error}"
+    );
+}
+
+#[tokio::test]
+async fn a_401_drops_the_cached_token_and_the_next_probe_fetches_a_new_one() {
+    let (metadata, fetches) =
+        scripted_server(|n, _| Some(response(200, &format!("token-{n}")))).await;
+    let (service, probes) = scripted_server(|n, _| {
+        Some(if n == 2 {
+            response(401, "")
+        } else {
+            response(200, "ok")
+        })
+    })
+    .await;
+    let driver = driver(
+        scripted_config(service, Duration::from_secs(2)),
+        scripted_env(&metadata),
+    )
+    .await;
+    expect_up(&driver.probe().await);
+    match driver.probe().await {
+        ProbeOutcome::Down { error } => {
+            assert!(error.contains("rejected the ID token (HTTP 401"), "{error}")
+        }
+        other => panic!("expected Down, got {other:?}"),
+    }
+    expect_up(&driver.probe().await);
+    expect_up(&driver.probe().await);
+    let bearer = |n: u32| Some(format!("Bearer token-{n}"));
+    assert_eq!(
+        authorizations(&probes),
+        [bearer(1), bearer(1), bearer(2), bearer(2)]
+    );
+    assert_eq!(fetches.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn tokens_with_absurd_expiries_are_used_and_shown_without_a_panic() {
+    for exp in [u64::MAX, 100_000_000_000_000_000] {
+        let token = jwt_with(&format!(r#"{{"iat":{},"exp":{exp}}}"#, unix_now()));
+        let (metadata, _) = scripted_server(move |_, _| Some(response(200, &token))).await;
+        let (service, _) = scripted_server(|_, _| Some(response(200, "ok"))).await;
+        let driver = driver(
+            scripted_config(service, Duration::from_secs(2)),
+            scripted_env(&metadata),
+        )
+        .await;
+        expect_up(&driver.probe().await);
+        expect_up(&driver.probe().await);
+        let details = driver.details();
+        let expires = humantime::parse_rfc3339(&details["token_expires"]).expect("a date");
+        assert!(
+            expires < SystemTime::now() + Duration::from_secs(86_400 + 60),
+            "{details:?}"
+        );
+    }
 }
 
 // === the real tier actor and root ===
