@@ -5,7 +5,10 @@
 //! same directory, fsyncs it, renames it over the checkpoint and fsyncs the directory. [`load`]
 //! never stops cascade from starting: a file that cannot be read or parsed, or that belongs to
 //! another pool, project or zone, is moved aside with a warning and the pool starts empty (the
-//! reconcile with `instances.list` then rebuilds it).
+//! reconcile with `instances.list` then rebuilds it). The set-aside name is never an existing
+//! file's (`NAME.corrupt-SECS-NANOS-PID`, bumped while taken), and the rename is fsynced like a
+//! save. A file that cannot be moved aside is never overwritten: the pool keeps running from the
+//! API and writes nothing until [`move_aside`] succeeds.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -169,7 +172,7 @@ pub enum Loaded {
 /// point leaves the previous file whole. Creates the directory if needed.
 pub fn save(path: &Path, checkpoint: &Checkpoint) -> std::io::Result<()> {
     let dir = parent(path);
-    std::fs::create_dir_all(dir)?;
+    create_dir_durably(dir)?;
     let bytes = serde_json::to_vec_pretty(checkpoint).map_err(std::io::Error::other)?;
     let tmp = temp_path(path);
     let written = (|| {
@@ -231,15 +234,8 @@ pub fn load(path: &Path, pool: &str, project: &str, zone: &str) -> Loaded {
 }
 
 fn set_aside(path: &Path, error: String) -> Loaded {
-    let stamp = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut aside = path.as_os_str().to_owned();
-    aside.push(format!(".corrupt-{stamp}"));
-    let aside = PathBuf::from(aside);
-    match std::fs::rename(path, &aside) {
-        Ok(()) => {
+    match move_aside(path) {
+        Ok(aside) => {
             warn!(path = %path.display(), moved_to = %aside.display(), %error, "Checkpoint set aside; the pool is rebuilt from instances.list.");
             Loaded::SetAside {
                 moved_to: Some(aside),
@@ -247,13 +243,69 @@ fn set_aside(path: &Path, error: String) -> Loaded {
             }
         }
         Err(e) => {
-            warn!(path = %path.display(), %error, rename_error = %e, "Checkpoint unusable and could not be moved aside; the pool is rebuilt from instances.list.");
+            tracing::error!(path = %path.display(), %error, rename_error = %e, "Checkpoint unusable and could not be moved aside; the pool runs from instances.list and writes no checkpoint until it is moved away.");
             Loaded::SetAside {
                 moved_to: None,
                 error,
             }
         }
     }
+}
+
+/// Renames the file (or whatever is) at `path` to a name no file has
+/// (`NAME.corrupt-SECS-NANOS-PID[-N]`) and fsyncs the directory. Returns the new name.
+pub fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let base = format!(
+        ".corrupt-{}-{:09}-{}",
+        stamp.as_secs(),
+        stamp.subsec_nanos(),
+        std::process::id()
+    );
+    for n in 0..1000u32 {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(&base);
+        if n > 0 {
+            aside.push(format!("-{n}"));
+        }
+        let aside = PathBuf::from(aside);
+        match std::fs::symlink_metadata(&aside) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::rename(path, &aside)?;
+        std::fs::File::open(parent(path))?.sync_all()?;
+        return Ok(aside);
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        "every set-aside name is taken",
+    ))
+}
+
+/// `create_dir_all`, then fsyncs the parent of every directory it created, so the new directory
+/// entries are as durable as the file written into them.
+fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d);
+        at = d.parent();
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        std::fs::File::open(parent(d))?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn parent(path: &Path) -> &Path {
@@ -374,6 +426,41 @@ mod tests {
             b"{\"version\": 1, \"vms\": [tru"
         );
         assert_eq!(load(&path, "pool", "proj", "zone-a"), Loaded::Missing);
+    }
+
+    #[test]
+    fn a_set_aside_never_replaces_an_earlier_one() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let path = dir.path().join("pool.json");
+        // Files set aside earlier in this second (the names a per-second stamp would give).
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let earlier: Vec<PathBuf> = (now.saturating_sub(1)..=now + 2)
+            .map(|secs| dir.path().join(format!("pool.json.corrupt-{secs}")))
+            .collect();
+        for file in &earlier {
+            std::fs::write(file, b"earlier").expect("write");
+        }
+        let mut asides = Vec::new();
+        for garbage in [&b"first"[..], &b"second"[..]] {
+            std::fs::write(&path, garbage).expect("write garbage");
+            let Loaded::SetAside {
+                moved_to: Some(aside),
+                ..
+            } = load(&path, "pool", "proj", "zone-a")
+            else {
+                panic!("garbage must be set aside");
+            };
+            assert_eq!(std::fs::read(&aside).expect("kept"), garbage);
+            asides.push(aside);
+        }
+        assert_ne!(asides[0], asides[1]);
+        assert_eq!(std::fs::read(&asides[0]).expect("kept"), b"first");
+        for file in &earlier {
+            assert_eq!(std::fs::read(file).expect("kept"), b"earlier", "{file:?}");
+        }
     }
 
     #[test]

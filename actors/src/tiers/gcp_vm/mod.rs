@@ -4,10 +4,15 @@
 //! `max_vms`), and deleted again once the tier has been idle (another tier active) for
 //! `idle_ttl`. Each VM is `{pool}-{slot}`, labelled `cascade-pool={pool}`, so inserts are
 //! idempotent and `instances.list` finds the whole pool. A watch health-checks every VM each
-//! `watch_interval`; a failed check (or every `reconcile_interval`) reconciles with the API, and a
-//! preempted VM is marked lost at once (the tier actor is told, so the waterfall moves on) and,
-//! with `on_preemption = "replace"`, re-created. What the pool manages is checkpointed to disk
-//! after every change and restored, then reconciled, when cascade starts.
+//! `watch_interval` and, while the pool holds VMs, lists them by label (one `instances.list` per
+//! tick: 2 reads/s per pool with the default 500 ms), because a preempted VM keeps answering its
+//! health check through its ~30 s shutdown; a VM seen STOPPING/TERMINATED is marked lost at once
+//! (the tier actor is told, so the waterfall moves on) and, with `on_preemption = "replace"`,
+//! re-created. A failed check, a VM missing from the list, or every `reconcile_interval` runs the
+//! full reconcile (which also reads the zone's preemption operations). What the pool manages is
+//! checkpointed to disk after every change and restored, then reconciled, when cascade starts;
+//! `details["checkpoint"]` says which (`restored N VMs from PATH`, `none yet (PATH)`,
+//! `set aside as ...`).
 //!
 //! Layout: `pool.rs` (state and steps), `client.rs` (the only file doing I/O besides the
 //! checkpoint), `checkpoint.rs` (atomic file), `retry.rs` (retries with the shared budget).
@@ -401,7 +406,8 @@ impl Driver for GcpVmDriver {
             .map_err(|e| TierError::new(e.to_string()))
     }
 
-    /// Stops watching; the VMs stay (idle deletion or `cascade restart` removes them).
+    /// Stops watching and waits (briefly) for the pool's background tasks to end; the VMs stay
+    /// (idle deletion or `cascade restart` removes them).
     async fn stop(&self) -> Result<(), TierError> {
         self.pool.stop().await;
         Ok(())

@@ -6,13 +6,30 @@
 //! written to the checkpoint before the next step, so a crash or a cancelled start leaves a state
 //! the next reconcile can finish. Background work (the watch, replacements, idle deletions) runs
 //! in the pool's `TaskTracker` under the current generation's `CancellationToken`; `stop` cancels
-//! the generation, dropping the driver cancels everything.
+//! the generation and waits (briefly) for the tracked tasks to end; dropping the driver cancels
+//! everything and stops every later checkpoint write, so an old pool never overwrites the file a
+//! new one has loaded.
 //!
-//! Invariants: probing never creates or deletes anything; no awaited call runs without a
-//! deadline; the pool never holds more than `max_vms` instances it created.
+//! Preemption is learnt from the API, never from a failing health check: a preempted VM keeps
+//! answering during its ~30 s shutdown (STOPPING). While the pool holds VMs, every watch tick
+//! (`watch_interval`) sends one `instances.list` filtered by the pool's label (one attempt, no
+//! retries and no budget deposit: the next tick is the retry; a `Retry-After` pauses these looks)
+//! and marks any VM seen STOPPING, TERMINATED or SUSPENDED lost at once. API cost: with the default
+//! 500 ms tick, 2 reads/s (120/min) per pool while it holds VMs, none while it is empty, plus the
+//! full reconcile (`instances.list` and `zoneOperations.list` of preemptions) every
+//! `reconcile_interval`. A VM the quick look does not list at all triggers that reconcile at once.
+//!
+//! Ownership: a name alone never gets a VM deleted. Background work (replacements, idle
+//! deletion, deletions of lost VMs) waits for the first successful reconcile since start, so
+//! restored entries are confirmed by the label list first; and every `instances.delete` is
+//! preceded by an `instances.get` that checks the pool's label (and the instance id, if known).
+//!
+//! Invariants: probing never creates or deletes anything; no awaited call (nor a wait for a
+//! slot's lock) runs without a deadline; the pool never holds more than `max_vms` instances it
+//! created.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +38,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::checkpoint::{self, Checkpoint, Loaded, OpKind, OpRef, Phase, VmEntry};
 use super::client::{self, ApiError, ComputeApi, GceCompute, Op, Vm};
@@ -36,6 +53,8 @@ pub type Notify = Arc<dyn Fn(DriverEvent) + Send + Sync>;
 /// Steps one slot may take in one `ensure_slot` before giving up (lost → deleted → created →
 /// ready is four).
 const MAX_STEPS: usize = 12;
+/// How long `stop` waits for cancelled background tasks to end.
+pub const STOP_WAIT: Duration = Duration::from_secs(5);
 /// Preemption operations remembered as handled.
 const HANDLED_KEPT: usize = 64;
 /// Instance statuses of a VM that serves nothing and will not by itself.
@@ -106,6 +125,18 @@ pub enum PoolError {
     Full { vm: String, held: usize, max: u32 },
     #[error("VM {vm} kept changing while being brought up; giving up for now")]
     Unsettled { vm: String },
+    #[error(
+        "VM {vm} stayed busy with other work (a start, replacement or deletion) until the deadline"
+    )]
+    Busy { vm: String },
+}
+
+/// `details["checkpoint"]` once an unusable checkpoint is out of the way.
+fn set_aside_note(aside: &Path, error: &str) -> String {
+    format!(
+        "set aside as {} ({error}); rebuilt from instances.list",
+        aside.display()
+    )
 }
 
 fn format_duration(d: Duration) -> String {
@@ -135,13 +166,19 @@ pub struct PoolState {
     pub retry_at: BTreeMap<u32, (Instant, Backoff)>,
     /// The last VM lost and why, for operators.
     pub last_lost: Option<String>,
-    /// What loading the checkpoint found.
+    /// What loading the checkpoint found (`details["checkpoint"]`).
     pub restore_note: String,
+    /// A reconcile succeeded since the pool was built: restored entries are confirmed.
     pub reconciled: bool,
     pub watching: bool,
     /// What is on disk, to skip writes that change nothing.
     saved: Option<Checkpoint>,
     save_error: Option<String>,
+    /// The unusable checkpoint could not be moved aside (why it was unusable): nothing is written
+    /// over it until it is.
+    blocked: Option<String>,
+    /// The driver is gone: nothing is written any more.
+    closed: bool,
 }
 
 impl PoolState {
@@ -277,9 +314,10 @@ impl Pool {
             ..PoolState::default()
         };
         match checkpoint::load(&path, &config.pool, &config.project, &config.zone) {
-            Loaded::Missing => state.restore_note = "none yet".into(),
+            Loaded::Missing => state.restore_note = format!("none yet ({})", path.display()),
             Loaded::Restored(c) => {
-                state.restore_note = format!("restored {} VMs", c.vms.len());
+                state.restore_note =
+                    format!("restored {} VMs from {}", c.vms.len(), path.display());
                 info!(backend.tier = "gcp_vm", path = %path.display(), vms = c.vms.len(), "Checkpoint restored.");
                 state.wanted = c.wanted;
                 state.idle_since = c.idle_since.or(state.idle_since);
@@ -287,14 +325,19 @@ impl Pool {
                 state.handled_preemptions = c.handled_preemptions.iter().cloned().collect();
                 state.saved = Some(c);
             }
-            Loaded::SetAside { moved_to, error } => {
-                state.restore_note = match moved_to {
-                    Some(aside) => format!(
-                        "set aside as {} ({error}); rebuilt from instances.list",
-                        aside.display()
-                    ),
-                    None => format!("unusable ({error}); rebuilt from instances.list"),
-                };
+            Loaded::SetAside {
+                moved_to: Some(aside),
+                error,
+            } => state.restore_note = set_aside_note(&aside, &error),
+            Loaded::SetAside {
+                moved_to: None,
+                error,
+            } => {
+                state.restore_note = format!(
+                    "unusable ({error}) and could not be moved aside; running from instances.list, nothing written to {} until it is moved away",
+                    path.display()
+                );
+                state.blocked = Some(error);
             }
         }
         let root = CancellationToken::new();
@@ -334,8 +377,28 @@ impl Pool {
     pub(super) fn update<R>(&self, f: impl FnOnce(&mut PoolState) -> R) -> R {
         let mut state = self.lock_state();
         let result = f(&mut state);
+        if state.closed {
+            return result;
+        }
         let current = state.checkpoint(&self.config);
         if state.saved.as_ref() != Some(&current) {
+            if let Some(error) = state.blocked.clone() {
+                // Written only once the unusable file is out of the way.
+                match checkpoint::move_aside(&self.path) {
+                    Ok(aside) => {
+                        info!(backend.tier = "gcp_vm", path = %self.path.display(), moved_to = %aside.display(), "The unusable checkpoint is set aside now.");
+                        state.restore_note = set_aside_note(&aside, &error);
+                        state.blocked = None;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => state.blocked = None,
+                    Err(e) => {
+                        state.save_error = Some(format!(
+                            "not written: the unusable file could not be moved aside: {e}"
+                        ));
+                        return result;
+                    }
+                }
+            }
             match checkpoint::save(&self.path, &current) {
                 Ok(()) => {
                     state.saved = Some(current);
@@ -391,7 +454,7 @@ impl Pool {
         t.saturating_sub((t / 10).min(Duration::from_millis(100)))
     }
 
-    fn slot_lock(&self, slot: u32) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn slot_lock(&self, slot: u32) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self
             .slot_locks
             .lock()
@@ -449,22 +512,37 @@ impl Pool {
         }
     }
 
-    /// Stops the watch and background jobs; VMs stay as they are.
+    /// Stops the watch and background jobs and waits (at most [`STOP_WAIT`]) until every
+    /// tracked task has ended, so none writes the checkpoint afterwards; VMs stay as they are.
     pub async fn stop(&self) {
         let old = match self.generation.lock() {
             Ok(mut g) => std::mem::replace(&mut *g, self.root.child_token()),
-            Err(_) => return self.root.cancel(),
+            Err(_) => {
+                self.root.cancel();
+                self.root.child_token()
+            }
         };
         old.cancel();
-        // Cancelled tasks finish at their next await; wait for them so a stop is a stop.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.read(|s| s.watching || !s.busy.is_empty()) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // Cancelled tasks end at their next await. `close` lets `wait` return once the tracker is
+        // empty; `reopen` lets a later start track new tasks again.
+        self.tasks.close();
+        let ended = tokio::time::timeout(STOP_WAIT, self.tasks.wait()).await;
+        self.tasks.reopen();
+        if ended.is_err() {
+            warn!(backend.tier = "gcp_vm", tasks = self.tasks.len(), wait = %format_duration(STOP_WAIT), "Background tasks still running after stop.");
         }
     }
 
-    /// Cancels everything (the driver is going away).
+    /// Background tasks still tracked (the watch, replacements, deletions).
+    #[cfg(test)]
+    pub(super) fn tracked_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Cancels everything and writes no checkpoint any more (the driver is going away; a new
+    /// driver may load the file at once).
     pub fn shutdown(&self) {
+        self.lock_state().closed = true;
         self.root.cancel();
         self.tasks.close();
     }
@@ -492,10 +570,17 @@ impl Pool {
         let name = self.vm_name(slot);
         let deadline = Deadline::after(Instant::now(), self.config.start_timeout);
         let result = match &job {
-            Job::Replace => self.ensure_slot(slot, deadline).await.map(Some),
-            Job::Delete { why } => {
+            Job::Replace => self.ensure_slot(slot, deadline).await.map(JobDone::Ensured),
+            Job::Delete { why, idle } => {
                 info!(backend.tier = "gcp_vm", vm = %name, why = %why, "Deleting VM.");
-                self.delete_slot(slot, deadline).await.map(|()| None)
+                let check = if *idle {
+                    DeleteCheck::Idle
+                } else {
+                    DeleteCheck::Lost
+                };
+                self.delete_slot(slot, deadline, check)
+                    .await
+                    .map(JobDone::Deleted)
             }
         };
         match result {
@@ -507,17 +592,20 @@ impl Pool {
                     }
                 });
                 match (job, done) {
-                    (Job::Replace, Some(Ensured::Created)) => {
+                    (Job::Replace, JobDone::Ensured(Ensured::Created)) => {
                         info!(backend.tier = "gcp_vm", vm = %name, "VM replaced.");
                         (self.notify)(DriverEvent::BackendRestarted {
                             note: format!("VM {name} replaced"),
                         });
                     }
-                    (Job::Delete { why }, _) => {
+                    (Job::Delete { why, .. }, JobDone::Deleted(Deleted::Gone)) => {
                         info!(backend.tier = "gcp_vm", vm = %name, "VM deleted.");
                         (self.notify)(DriverEvent::Changed {
                             note: format!("VM {name} deleted ({why})"),
                         });
+                    }
+                    (Job::Delete { .. }, JobDone::Deleted(Deleted::Kept(why))) => {
+                        info!(backend.tier = "gcp_vm", vm = %name, why = %why, "VM kept.");
                     }
                     _ => {}
                 }
@@ -540,12 +628,16 @@ impl Pool {
         }
     }
 
-    /// Starts the replacements and deletions the state calls for.
-    fn schedule(self: &Arc<Self>) {
+    /// Starts the replacements and deletions the state calls for; nothing before the first
+    /// successful reconcile (restored entries are not trusted until the label list confirms them).
+    pub(super) fn schedule(self: &Arc<Self>) {
         let now = Instant::now();
         let replace_policy = self.config.on_preemption == OnPreemption::Replace;
         let jobs = self.update(|s| {
             let mut jobs = Vec::new();
+            if !s.reconciled {
+                return jobs;
+            }
             let wanted = s.wanted;
             if !(wanted && replace_policy) {
                 s.refill.clear();
@@ -564,7 +656,7 @@ impl Pool {
                     jobs.push((*slot, Job::Replace));
                 } else {
                     let why = entry.lost_reason.clone().unwrap_or_else(|| "lost".into());
-                    jobs.push((*slot, Job::Delete { why }));
+                    jobs.push((*slot, Job::Delete { why, idle: false }));
                 }
             }
             for slot in &s.refill {
@@ -584,32 +676,28 @@ impl Pool {
     }
 
     /// Deletes VMs idle for `idle_ttl`: the tier is not active, counted from the later of when it
-    /// stopped being active and when the VM became ready.
-    fn collect_idle(self: &Arc<Self>) {
+    /// stopped being active and when the VM became ready. Choosing them and releasing the pool
+    /// (`wanted = false`) is one update, so a start in between is never overwritten; each delete
+    /// checks again under the slot's lock. Nothing before the first successful reconcile.
+    pub(super) fn collect_idle(self: &Arc<Self>) {
         let now = SystemTime::now();
         let ttl = self.config.idle_ttl;
-        let idle: Vec<(u32, String)> = self.read(|s| {
-            if s.active {
+        let idle: Vec<(u32, String)> = self.update(|s| {
+            if !s.reconciled {
                 return Vec::new();
             }
-            let since = s.idle_since.unwrap_or(now);
-            s.vms
+            let idle: Vec<(u32, String)> = s
+                .vms
                 .values()
                 .filter(|vm| vm.phase != Phase::Deleting && !s.busy.contains(&vm.slot))
-                .filter(|vm| !s.claimed.contains_key(&vm.slot))
-                .filter(|vm| {
-                    let from = since.max(vm.ready_at.unwrap_or(vm.created_at));
-                    now.duration_since(from).is_ok_and(|idle| idle >= ttl)
-                })
+                .filter(|vm| idle_for(s, vm, now, ttl))
                 .map(|vm| (vm.slot, vm.name.clone()))
-                .collect()
-        });
-        if idle.is_empty() {
-            return;
-        }
-        self.update(|s| {
-            s.wanted = false;
-            s.refill.clear();
+                .collect();
+            if !idle.is_empty() {
+                s.wanted = false;
+                s.refill.clear();
+            }
+            idle
         });
         for (slot, name) in idle {
             info!(backend.tier = "gcp_vm", vm = %name, idle_ttl = %format_duration(ttl), "VM idle too long; deleting it.");
@@ -617,6 +705,7 @@ impl Pool {
                 slot,
                 Job::Delete {
                     why: format!("idle for {}", format_duration(ttl)),
+                    idle: true,
                 },
             );
         }
@@ -625,24 +714,72 @@ impl Pool {
     // === the watch ===
 
     async fn watch(self: Arc<Self>) {
-        let mut last_reconcile: Option<Instant> = None;
+        let interval = self.config.reconcile_interval;
+        let mut first = true;
+        let mut next_reconcile = Instant::now();
+        // After a failed reconcile: 1 s doubling, never longer than `reconcile_interval`.
+        let mut reconcile_backoff = Backoff::new(BackoffConfig {
+            base: Duration::from_secs(1).min(interval),
+            cap: interval,
+            reset_after: Duration::MAX,
+            jitter: Jitter::None,
+        });
+        let mut look_failures = 0u32;
+        let mut quiet_until: Option<Instant> = None;
         let mut woken = false;
         loop {
-            let mut changes = self.health_round(false).await;
-            let failed = changes.iter().any(|c| c.failed);
             // An empty pool nobody asked for has nothing to lose; after the first reconcile
             // (which adopts what a lost checkpoint forgot) it costs no API calls.
-            let idle_empty = self.read(|s| s.vms.is_empty() && !s.wanted && s.reconciled);
-            let due = last_reconcile
-                .is_none_or(|at| at.elapsed() >= self.config.reconcile_interval && !idle_empty);
-            if due || failed || woken {
-                match self.reconcile().await {
-                    Ok(notes) => changes.extend(notes.into_iter().map(HealthChange::note)),
-                    Err(error) => {
-                        warn!(backend.tier = "gcp_vm", %error, "Reconcile failed.");
+            let (holds, idle_empty) = self.read(|s| {
+                (
+                    !s.vms.is_empty(),
+                    s.vms.is_empty() && !s.wanted && s.reconciled,
+                )
+            });
+            let mut reconcile_now =
+                first || woken || (Instant::now() >= next_reconcile && !idle_empty);
+            if holds && !reconcile_now && quiet_until.is_none_or(|at| Instant::now() >= at) {
+                quiet_until = None;
+                match self.look().await {
+                    Ok(look) => {
+                        look_failures = 0;
+                        reconcile_now |= look.reconcile;
+                        if !look.notes.is_empty() {
+                            // At once: the tier actor probes and the waterfall moves on.
+                            (self.notify)(DriverEvent::Changed {
+                                note: look.notes.join("; "),
+                            });
+                        }
+                    }
+                    Err((error, retry_after)) => {
+                        look_failures += 1;
+                        if look_failures == 1 {
+                            warn!(backend.tier = "gcp_vm", %error, "instances.list failed; trying again next tick.");
+                        } else {
+                            debug!(backend.tier = "gcp_vm", %error, failures = look_failures, "instances.list failed again.");
+                        }
+                        if let Some(wait) = retry_after {
+                            quiet_until = Some(Instant::now() + wait.min(interval));
+                        }
                     }
                 }
-                last_reconcile = Some(Instant::now());
+            }
+            let mut changes = self.health_round(false).await;
+            let failed = changes.iter().any(|c| c.failed);
+            if reconcile_now || failed {
+                first = false;
+                match self.reconcile().await {
+                    Ok(notes) => {
+                        changes.extend(notes.into_iter().map(HealthChange::note));
+                        reconcile_backoff.reset();
+                        next_reconcile = Instant::now() + interval;
+                    }
+                    Err(error) => {
+                        let wait = reconcile_backoff.next_delay().min(interval);
+                        warn!(backend.tier = "gcp_vm", %error, retry_in_ms = wait.as_millis() as u64, "Reconcile failed.");
+                        next_reconcile = Instant::now() + wait;
+                    }
+                }
             }
             let notes: Vec<String> = changes.into_iter().map(|c| c.note).collect();
             if !notes.is_empty() {
@@ -657,6 +794,83 @@ impl Pool {
                 () = self.wake.notified() => woken = true,
             }
         }
+    }
+
+    /// One watch tick's look at the API: a single `instances.list` by the pool's label (no
+    /// retries, no budget deposit; bounded by `api_timeout`). Marks every VM listed STOPPING,
+    /// TERMINATED, SUSPENDED (...) lost at once; asks for a reconcile when a VM known to exist is
+    /// not listed, or is another incarnation. Only slots nobody else works on are looked at.
+    /// Errors come with the server's `Retry-After`, if any.
+    async fn look(self: &Arc<Self>) -> Result<Look, (String, Option<Duration>)> {
+        let api = self.api().await.map_err(|e| (e.to_string(), None))?;
+        let slots: Vec<u32> = self.read(|s| {
+            s.vms
+                .values()
+                .filter(|vm| matches!(vm.phase, Phase::Ready | Phase::Unhealthy | Phase::Booting))
+                .map(|vm| vm.slot)
+                .collect()
+        });
+        // Held from before the list until the state is updated, so the list is never older
+        // than what it is compared with.
+        let held: BTreeMap<u32, tokio::sync::OwnedMutexGuard<()>> = slots
+            .into_iter()
+            .filter_map(|slot| Some((slot, self.slot_lock(slot).try_lock_owned().ok()?)))
+            .collect();
+        if held.is_empty() {
+            return Ok(Look::default());
+        }
+        let pool = self.config.pool.as_str();
+        let listed = match with_deadline(
+            self.config.api_timeout,
+            "compute.instances.list",
+            api.list_by_label(POOL_LABEL, pool),
+        )
+        .await
+        {
+            Ok(Ok(listed)) => listed,
+            Ok(Err(e)) => return Err((format!("compute.instances.list: {e}"), e.retry_after)),
+            Err(e) => return Err((format!("compute.instances.list: {e}"), None)),
+        };
+        let look = self.update(|s| {
+            let mut look = Look::default();
+            for slot in held.keys() {
+                let Some(entry) = s.vms.get(slot) else {
+                    continue;
+                };
+                if !matches!(
+                    entry.phase,
+                    Phase::Ready | Phase::Unhealthy | Phase::Booting
+                ) {
+                    continue;
+                }
+                let Some(vm) = listed.iter().find(|vm| vm.name == entry.name) else {
+                    // Known to exist (Compute Engine reported it) and now gone.
+                    look.reconcile |= entry.gce_status.is_some();
+                    continue;
+                };
+                if let (Some(known), Some(found)) = (entry.instance_id, vm.id)
+                    && known != found
+                {
+                    look.reconcile = true;
+                    continue;
+                }
+                if is_lost_status(&vm.status) {
+                    let reason = format!("{} (spot VM preempted or stopped)", vm.status);
+                    if let Some(e) = s.vms.get_mut(slot) {
+                        e.gce_status = Some(vm.status.clone());
+                    }
+                    if let Some(note) = s.mark_lost(*slot, reason) {
+                        look.notes.push(note);
+                    }
+                }
+            }
+            look
+        });
+        drop(held);
+        for note in &look.notes {
+            info!(backend.tier = "gcp_vm", %note, "VM lost.");
+        }
+        Ok(look)
     }
 
     /// Health-checks every VM that has an IP and should serve; moves it between Booting, Ready
@@ -821,8 +1035,7 @@ impl Pool {
         slot: u32,
         deadline: Deadline,
     ) -> Result<Ensured, PoolError> {
-        let lock = self.slot_lock(slot);
-        let _guard = lock.lock().await;
+        let _guard = self.lock_slot(slot, deadline).await?;
         let mut did = Ensured::AlreadyReady;
         for _ in 0..MAX_STEPS {
             let Some(entry) = self.entry(slot) else {
@@ -846,7 +1059,8 @@ impl Pool {
                 }
                 Phase::Lost | Phase::Deleting => {
                     did = Ensured::Created;
-                    self.delete_locked(slot, deadline).await?;
+                    self.delete_locked(slot, deadline, DeleteCheck::None)
+                        .await?;
                 }
             }
         }
@@ -995,9 +1209,10 @@ impl Pool {
         let mut poll = poll_backoff();
         let call = format!("compute.zoneOperations.get {}", op.name);
         loop {
+            // A poll of an operation already counted: no budget deposit.
             match self
                 .retrier
-                .run(&call, op_deadline, || api.get_operation(&op.name))
+                .poll(&call, op_deadline, || api.get_operation(&op.name))
                 .await
             {
                 Ok(found) if found.done => return Ok(Some(found)),
@@ -1038,7 +1253,8 @@ impl Pool {
         let started = Instant::now();
         let mut last = "not RUNNING yet".to_owned();
         loop {
-            match self.retrier.run(&call, deadline, || api.get(&name)).await {
+            // Polls of an instance coming up follow its insert: no budget deposit.
+            match self.retrier.poll(&call, deadline, || api.get(&name)).await {
                 Ok(None) => {
                     warn!(backend.tier = "gcp_vm", vm = %name, "VM vanished while starting.");
                     self.remove_entry(slot);
@@ -1096,29 +1312,113 @@ impl Pool {
         }
     }
 
-    /// Deletes the slot's VM and forgets it, taking the slot's lock.
-    async fn delete_slot(&self, slot: u32, deadline: Deadline) -> Result<(), PoolError> {
+    /// Waits for the slot's lock, but not past `deadline`.
+    pub(super) async fn lock_slot(
+        &self,
+        slot: u32,
+        deadline: Deadline,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, PoolError> {
         let lock = self.slot_lock(slot);
-        let _guard = lock.lock().await;
-        self.delete_locked(slot, deadline).await
+        let remaining = deadline.remaining(Instant::now());
+        tokio::time::timeout(remaining, lock.lock_owned())
+            .await
+            .map_err(|_| PoolError::Busy {
+                vm: self.vm_name(slot),
+            })
+    }
+
+    /// Deletes the slot's VM and forgets it, taking the slot's lock (waiting no longer than
+    /// `deadline`), if `check` still holds then.
+    async fn delete_slot(
+        &self,
+        slot: u32,
+        deadline: Deadline,
+        check: DeleteCheck,
+    ) -> Result<Deleted, PoolError> {
+        let _guard = self.lock_slot(slot, deadline).await?;
+        self.delete_locked(slot, deadline, check).await
     }
 
     /// Deletes the slot's VM (or finishes a delete in flight) and forgets it; the caller holds
-    /// the slot's lock. 404 counts as deleted.
-    async fn delete_locked(&self, slot: u32, deadline: Deadline) -> Result<(), PoolError> {
+    /// the slot's lock. Before `instances.delete` goes out, `instances.get` must show the pool's
+    /// label (and the entry's instance id, if known), and `check` must still hold — checked in
+    /// the same state update that marks the entry Deleting. 404 counts as deleted.
+    async fn delete_locked(
+        &self,
+        slot: u32,
+        deadline: Deadline,
+        check: DeleteCheck,
+    ) -> Result<Deleted, PoolError> {
         let Some(entry) = self.entry(slot) else {
-            return Ok(());
+            return Ok(Deleted::Gone);
         };
         let api = self.api().await?;
         let name = entry.name.clone();
-        let op = match entry.last_operation.filter(|op| op.kind == OpKind::Delete) {
+        let op = match entry
+            .last_operation
+            .clone()
+            .filter(|op| op.kind == OpKind::Delete)
+        {
             Some(op) if entry.phase == Phase::Deleting => op,
             _ => {
-                let before = entry.phase;
-                self.update_entry(slot, |e| {
-                    e.phase = Phase::Deleting;
-                    e.last_operation = None;
+                let call = format!("compute.instances.get {name}");
+                let Some(vm) = self.retrier.run(&call, deadline, || api.get(&name)).await? else {
+                    self.remove_entry(slot);
+                    return Ok(Deleted::Gone);
+                };
+                if vm.labels.get(POOL_LABEL) != Some(&self.config.pool) {
+                    warn!(backend.tier = "gcp_vm", vm = %name, "An instance of this name exists without the pool's label; forgetting the entry, not deleting it.");
+                    self.remove_entry(slot);
+                    return Err(PoolError::Foreign {
+                        vm: name,
+                        pool: self.config.pool.clone(),
+                    });
+                }
+                if let (Some(known), Some(found)) = (entry.instance_id, vm.id)
+                    && known != found
+                {
+                    info!(backend.tier = "gcp_vm", vm = %name, known, found, "Another incarnation of the VM exists; taking it in instead of deleting it.");
+                    self.update_entry(slot, |e| adopt(e, &vm));
+                    return Ok(Deleted::Kept(format!(
+                        "instance {found} is not the one the pool knew ({known})"
+                    )));
+                }
+                let config = &self.config;
+                let cleared = self.update(|s| {
+                    let now = SystemTime::now();
+                    let Some(entry) = s.vms.get(&slot) else {
+                        return Err("forgotten meanwhile".to_owned());
+                    };
+                    match check {
+                        DeleteCheck::None => {}
+                        DeleteCheck::Idle if s.active => {
+                            // In use again: idle deletion's release is undone.
+                            s.wanted = true;
+                            return Err("the tier is active again".to_owned());
+                        }
+                        DeleteCheck::Idle if !idle_for(s, entry, now, config.idle_ttl) => {
+                            return Err("no longer idle".to_owned());
+                        }
+                        DeleteCheck::Idle => {}
+                        DeleteCheck::Lost if s.claimed.contains_key(&slot) => {
+                            return Err("a start claimed it".to_owned());
+                        }
+                        DeleteCheck::Lost
+                            if !matches!(entry.phase, Phase::Lost | Phase::Deleting) =>
+                        {
+                            return Err(format!("it is {} now", entry.phase.as_str()));
+                        }
+                        DeleteCheck::Lost => {}
+                    }
+                    if let Some(e) = s.vms.get_mut(&slot) {
+                        e.phase = Phase::Deleting;
+                        e.last_operation = None;
+                    }
+                    Ok(())
                 });
+                if let Err(why) = cleared {
+                    return Ok(Deleted::Kept(why));
+                }
                 let call = format!("compute.instances.delete {name}");
                 match self
                     .retrier
@@ -1136,9 +1436,10 @@ impl Pool {
                     }
                     Err(e) if e.last.is_not_found() => {
                         self.remove_entry(slot);
-                        return Ok(());
+                        return Ok(Deleted::Gone);
                     }
                     Err(e) => {
+                        let before = entry.phase;
                         self.update_entry(slot, |e| e.phase = before);
                         return Err(e.into());
                     }
@@ -1157,7 +1458,7 @@ impl Pool {
             });
         }
         self.remove_entry(slot);
-        Ok(())
+        Ok(Deleted::Gone)
     }
 
     // === what the driver calls ===
@@ -1351,10 +1652,7 @@ impl Pool {
             for vm in s.vms.values() {
                 details.insert(format!("vm.{}", vm.name), describe_vm(vm));
             }
-            details.insert(
-                "checkpoint".into(),
-                format!("{}: {}", self.path.display(), s.restore_note),
-            );
+            details.insert("checkpoint".into(), s.restore_note.clone());
             if let Some(error) = &s.save_error {
                 details.insert("checkpoint_error".into(), error.clone());
             }
@@ -1385,13 +1683,59 @@ impl Pool {
 enum Job {
     /// Bring the slot to a ready VM (replacing a lost one).
     Replace,
-    /// Delete the slot's VM and forget it.
-    Delete { why: String },
+    /// Delete the slot's VM and forget it: an idle one (`idle`), or a lost one.
+    Delete { why: String, idle: bool },
+}
+
+enum JobDone {
+    Ensured(Ensured),
+    Deleted(Deleted),
+}
+
+/// What [`Pool::delete_locked`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    /// The VM is gone (deleted now, or already) and forgotten.
+    Gone,
+    /// Not deleted, and why: it is in use again, or the instance of that name is another
+    /// incarnation (taken into the entry instead).
+    Kept(String),
+}
+
+/// What must still hold, under the slot's lock, for a background delete to go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeleteCheck {
+    /// Nothing (a start or restart replacing the slot's VM).
+    None,
+    /// The VM is still idle: the tier is not active, no start claimed the slot, `idle_ttl` passed.
+    Idle,
+    /// The VM is still lost (a reconcile may have seen it run again) and no start claimed it.
+    Lost,
+}
+
+/// Whether `vm` has been idle for `ttl`: the tier is not active and no start or restart claims
+/// its slot, since the later of when the tier stopped being active and when the VM became ready.
+fn idle_for(s: &PoolState, vm: &VmEntry, now: SystemTime, ttl: Duration) -> bool {
+    if s.active || s.claimed.contains_key(&vm.slot) {
+        return false;
+    }
+    let since = s.idle_since.unwrap_or(now);
+    let from = since.max(vm.ready_at.unwrap_or(vm.created_at));
+    now.duration_since(from).is_ok_and(|idle| idle >= ttl)
 }
 
 struct HealthChange {
     note: String,
     failed: bool,
+}
+
+/// What one watch tick's [`Pool::look`] found.
+#[derive(Debug, Default)]
+struct Look {
+    /// VMs marked lost.
+    notes: Vec<String>,
+    /// Something only a full reconcile can sort out.
+    reconcile: bool,
 }
 
 impl HealthChange {
@@ -1538,11 +1882,17 @@ pub fn merge(s: &mut PoolState, m: &Merge<'_>) -> Vec<String> {
                     for op in &matching {
                         s.remember_handled(&op.name);
                     }
-                    if let Some(note) = s.mark_lost(slot, reason) {
+                    if let Some(note) = s.mark_lost(slot, reason.clone()) {
                         notes.push(note);
                         if s.wanted && m.replace {
                             s.refill.insert(slot);
                         }
+                    } else if !matching.is_empty()
+                        && let Some(e) = s.vms.get_mut(&slot)
+                        && e.phase == Phase::Lost
+                    {
+                        // Already lost (a watch tick saw it stop): now it is known why.
+                        e.lost_reason = Some(reason);
                     }
                 } else if let Some(e) = s.vms.get_mut(&slot) {
                     match e.phase {

@@ -2,9 +2,18 @@
 //! (full jitter from the one [`Backoff`], `Retry-After` as a floor, never above the cap), and when
 //! to give up (attempts, the pool's shared [`SharedRetryBudget`], the caller's overall deadline).
 //!
-//! Every first attempt deposits into the budget and every retry withdraws from it, so however many
-//! slots (or supervisors sharing a budget) hit a storm of 429s, their retries together stay within
-//! the budget instead of multiplying the load, and jitter keeps them from retrying in lockstep.
+//! Every first attempt of a new request deposits into the budget and every retry withdraws from
+//! it, so however many slots (or supervisors sharing a budget) hit a storm of 429s, their retries
+//! together stay within the budget instead of multiplying the load, and jitter keeps them from
+//! retrying in lockstep. Polls (of a zone operation, of an instance coming up) follow a request
+//! already counted: [`Retrier::poll`] retries them the same way but deposits nothing.
+//!
+//! Waits: without `Retry-After`, the [`Backoff`]'s full jitter (`random(0, min(cap, base·2ⁿ))`).
+//! With it, `floor + random(0, spread)` where `floor = min(Retry-After, cap/2)` and `spread` is the
+//! backoff's ceiling for this attempt, at most `cap - floor` — or all of `cap - floor` when the
+//! server asked for the cap or more (it wants clients away as long as cascade will wait). So no
+//! wait exceeds `cap`, `Retry-After` is honoured up to half the cap, and clients told the same
+//! thing never wait exactly as long.
 
 use std::fmt;
 use std::future::Future;
@@ -12,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::debug;
@@ -156,12 +166,48 @@ impl Retrier {
         self.retries.load(Ordering::Relaxed)
     }
 
-    /// Runs `op` until it succeeds or one of the limits stops it. Each attempt is also bounded by
-    /// what is left of `deadline`.
+    /// Tokens the shared budget holds now.
+    #[cfg(test)]
+    pub fn budget_balance(&self, now: Instant) -> f64 {
+        self.budget.balance(now)
+    }
+
+    /// Runs a new request `op` until it succeeds or one of the limits stops it: its first attempt
+    /// deposits into the budget. Each attempt is also bounded by what is left of `deadline`.
     pub async fn run<T, F, Fut>(
         &self,
         call: &str,
         deadline: Deadline,
+        op: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        self.attempts(call, deadline, true, op).await
+    }
+
+    /// Like [`run`](Self::run) for a poll that follows a request already counted (an operation's
+    /// status, an instance coming up): retried the same way, but it deposits nothing, so waiting
+    /// long for an operation does not earn retries.
+    pub async fn poll<T, F, Fut>(
+        &self,
+        call: &str,
+        deadline: Deadline,
+        op: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        self.attempts(call, deadline, false, op).await
+    }
+
+    async fn attempts<T, F, Fut>(
+        &self,
+        call: &str,
+        deadline: Deadline,
+        deposit: bool,
         mut op: F,
     ) -> Result<T, CallError>
     where
@@ -174,7 +220,7 @@ impl Retrier {
         loop {
             attempt = attempt.saturating_add(1);
             let now = Instant::now();
-            if attempt == 1 {
+            if attempt == 1 && deposit {
                 self.budget.deposit(now);
             }
             let remaining = deadline.remaining(now);
@@ -195,13 +241,7 @@ impl Retrier {
             if attempt >= self.config.max_attempts {
                 return Err(stop(GaveUp::Attempts));
             }
-            let jittered = backoff.next_delay();
-            let wait = match error.retry_after {
-                // A floor the server asked for, plus jitter so clients told the same thing still
-                // spread out; the cap wins over both.
-                Some(asked) => asked.min(cap).saturating_add(jittered).min(cap),
-                None => jittered.min(cap),
-            };
+            let wait = retry_wait(&mut backoff, cap, error.retry_after);
             let now = Instant::now();
             if wait >= deadline.remaining(now) {
                 return Err(stop(GaveUp::Deadline));
@@ -223,6 +263,26 @@ impl Retrier {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// The wait before the next attempt (see the module doc): never above `cap`, never below
+/// `min(asked, cap/2)`, and random, so clients told the same `Retry-After` spread out.
+fn retry_wait(backoff: &mut Backoff, cap: Duration, asked: Option<Duration>) -> Duration {
+    let ceiling = backoff.ceiling().min(cap);
+    let jittered = backoff.next_delay().min(cap);
+    let Some(asked) = asked else {
+        return jittered;
+    };
+    let floor = asked.min(cap / 2);
+    let room = cap.saturating_sub(floor);
+    let spread = if asked >= cap {
+        room
+    } else {
+        ceiling.min(room)
+    };
+    let nanos = u64::try_from(spread.as_nanos()).unwrap_or(u64::MAX);
+    let extra = Duration::from_nanos(rand::rng().random_range(0..=nanos));
+    floor.saturating_add(extra).min(cap)
 }
 
 #[cfg(test)]
@@ -330,32 +390,83 @@ mod tests {
         assert!(b.to_string().contains("retry budget"), "{b}");
     }
 
+    async fn waits_for(retry_after: Duration, attempts: u32) -> Vec<Duration> {
+        let (r, waits) = retrier(attempts, 100.0);
+        let _ = r
+            .run("x", far(), || async {
+                Err::<(), _>(status(429, Some(retry_after)))
+            })
+            .await;
+        let seen: Vec<Duration> = waits.lock().expect("lock").iter().map(|w| w.wait).collect();
+        assert_eq!(seen.len() as u32, attempts - 1);
+        seen
+    }
+
+    fn assert_distinct(waits: &[Duration]) {
+        for (i, a) in waits.iter().enumerate() {
+            for b in &waits[i + 1..] {
+                assert_ne!(a, b, "two retries waited exactly as long: {waits:?}");
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retry_after_is_a_floor_under_the_cap() {
-        let (r, waits) = retrier(4, 10.0);
-        let _ = r
-            .run("x", far(), || async {
-                Err::<(), _>(status(429, Some(Duration::from_millis(25))))
-            })
-            .await;
-        let seen = waits.lock().expect("lock").clone();
-        assert_eq!(seen.len(), 3);
-        for w in &seen {
-            assert!(w.wait >= Duration::from_millis(25), "{w:?}");
-            assert!(w.wait <= Duration::from_millis(40), "{w:?}");
+        // Cap 40 ms. Asked for 15 ms (under half the cap): a floor, plus jitter.
+        let waits = waits_for(Duration::from_millis(15), 4).await;
+        for w in &waits {
+            assert!(*w >= Duration::from_millis(15), "{waits:?}");
+            assert!(*w <= Duration::from_millis(40), "{waits:?}");
         }
-        let (r, waits) = retrier(3, 10.0);
-        let _ = r
-            .run("x", far(), || async {
-                Err::<(), _>(status(429, Some(Duration::from_secs(3600))))
-            })
-            .await;
-        assert!(
-            waits
-                .lock()
-                .expect("lock")
-                .iter()
-                .all(|w| w.wait == Duration::from_millis(40))
+        assert_distinct(&waits);
+        // Asked for 30 ms: honoured up to half the cap, so waits keep room to spread.
+        let waits = waits_for(Duration::from_millis(30), 6).await;
+        for w in &waits {
+            assert!(*w >= Duration::from_millis(20), "{waits:?}");
+            assert!(*w <= Duration::from_millis(40), "{waits:?}");
+        }
+        assert_distinct(&waits);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_beyond_the_cap_still_spreads_waits_below_it() {
+        // Everyone told "an hour" must not come back together at exactly the cap.
+        let mut all = Vec::new();
+        for _ in 0..4 {
+            all.extend(waits_for(Duration::from_secs(3600), 6).await);
+        }
+        for w in &all {
+            assert!(*w >= Duration::from_millis(20), "{all:?}");
+            assert!(*w <= Duration::from_millis(40), "{all:?}");
+        }
+        assert_distinct(&all);
+        let spread = *all.iter().max().expect("waits") - *all.iter().min().expect("waits");
+        assert!(spread >= Duration::from_millis(5), "{all:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polls_deposit_nothing_into_the_budget() {
+        let config = RetryConfig {
+            budget: RetryBudgetConfig {
+                ratio: 1.0,
+                min_per_sec: 0.0,
+                window: Duration::from_secs(10),
+            },
+            ..RetryConfig::default()
+        };
+        let r = Retrier::new(config, Instant::now());
+        r.run("compute.instances.insert", far(), || async { Ok(()) })
+            .await
+            .expect("ok");
+        for _ in 0..5 {
+            r.poll("compute.zoneOperations.get", far(), || async { Ok(()) })
+                .await
+                .expect("ok");
+        }
+        assert_eq!(
+            r.budget_balance(Instant::now()),
+            1.0,
+            "one request, one deposit"
         );
     }
 

@@ -35,9 +35,11 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Self {
-        let fake = FakeGcp::start(FakeOptions::default())
-            .await
-            .expect("the fake starts");
+        Self::with(FakeOptions::default()).await
+    }
+
+    async fn with(options: FakeOptions) -> Self {
+        let fake = FakeGcp::start(options).await.expect("the fake starts");
         let (tx, events) = mpsc::unbounded_channel();
         let notify: pool::Notify = Arc::new(move |event| {
             let _ = tx.send(event);
@@ -103,17 +105,27 @@ impl Harness {
 
     /// A pool without the watch: steps run only when the test calls them.
     fn bare_pool(&self, config: GcpVmConfig) -> Arc<Pool> {
+        self.bare_pool_at(config, self.checkpoint())
+    }
+
+    fn bare_pool_at(&self, config: GcpVmConfig, path: PathBuf) -> Arc<Pool> {
         let retrier = Retrier::new(config.retry.clone(), Instant::now());
         Arc::new(
-            Pool::new(
-                config,
-                self.checkpoint(),
-                self.env(),
-                retrier,
-                self.notify.clone(),
-            )
-            .expect("the pool builds"),
+            Pool::new(config, path, self.env(), retrier, self.notify.clone())
+                .expect("the pool builds"),
         )
+    }
+
+    fn requests(&self, method_id: &str) -> Vec<cascade_gcp_fake::ApiRequest> {
+        self.fake
+            .compute_requests()
+            .into_iter()
+            .filter(|r| r.method_id == method_id)
+            .collect()
+    }
+
+    fn deletes(&self) -> Vec<cascade_gcp_fake::ApiRequest> {
+        self.requests("compute.instances.delete")
     }
 
     fn inserts(&self) -> Vec<cascade_gcp_fake::ApiRequest> {
@@ -571,19 +583,31 @@ async fn an_existing_vm_is_adopted_on_409() {
     h.assert_no_rejections();
 }
 
+/// Default watch and reconcile intervals: only the watch tick's `instances.list` can see a
+/// preemption in time.
+fn default_intervals(config: GcpVmConfig) -> GcpVmConfig {
+    let defaults = GcpVmConfig::default();
+    GcpVmConfig {
+        watch_interval: defaults.watch_interval,
+        reconcile_interval: defaults.reconcile_interval,
+        ..config
+    }
+}
+
+/// Like Compute Engine: a preempted VM's guest keeps serving for 30 s while it is STOPPING.
+fn long_grace() -> FakeOptions {
+    FakeOptions {
+        preemption_grace: Duration::from_secs(30),
+        ..FakeOptions::default()
+    }
+}
+
 #[tokio::test]
 async fn a_preempted_vm_is_lost_at_once_and_replaced() {
-    let mut h = Harness::new().await;
-    let config = GcpVmConfig {
-        // Default watch_interval (500 ms): the preemption must reach the tier within 1 s.
-        watch_interval: GcpVmConfig::default().watch_interval,
-        reconcile_interval: Duration::from_millis(200),
-        ..h.config()
-    };
-    let driver = h.driver(config);
+    let mut h = Harness::with(long_grace()).await;
+    let driver = h.driver(default_intervals(h.config()));
     driver.start().await.expect("starts");
     assert!(matches!(driver.probe().await, ProbeOutcome::Up { .. }));
-    let endpoint = driver.endpoint().expect("an endpoint");
     while h.events.try_recv().is_ok() {}
 
     let preempted = Instant::now();
@@ -599,6 +623,11 @@ async fn a_preempted_vm_is_lost_at_once_and_replaced() {
         noticed < Duration::from_secs(1),
         "took {noticed:?}: {event:?}"
     );
+    // Learnt from the API (the VM still answers its health check while STOPPING).
+    assert!(
+        matches!(&event, DriverEvent::Changed { note } if note.contains("STOPPING")),
+        "{event:?}"
+    );
     match driver.probe().await {
         ProbeOutcome::Idle { reason } => assert!(reason.contains("preempted"), "{reason}"),
         other => panic!("a pool whose only VM is preempted must not serve: {other:?}"),
@@ -611,8 +640,9 @@ async fn a_preempted_vm_is_lost_at_once_and_replaced() {
     assert_eq!(h.instance_status("pool-0").as_deref(), Some("RUNNING"));
     assert!(matches!(driver.probe().await, ProbeOutcome::Up { .. }));
     assert_ne!(driver.endpoint(), None);
-    let _ = endpoint;
     // The old preemption operation does not condemn the new VM.
+    let notes = driver.pool.reconcile().await.expect("reconciled");
+    assert!(notes.is_empty(), "{notes:?}");
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(phases(&driver).get("pool-0"), Some(&Phase::Ready));
     while let Ok(event) = h.events.try_recv() {
@@ -626,14 +656,22 @@ async fn a_preempted_vm_is_lost_at_once_and_replaced() {
 
 #[tokio::test]
 async fn with_drop_a_preempted_vm_is_deleted_and_not_replaced() {
-    let mut h = Harness::new().await;
+    let mut h = Harness::with(long_grace()).await;
     let config = GcpVmConfig {
         on_preemption: OnPreemption::Drop,
-        ..h.config()
+        ..default_intervals(h.config())
     };
     let driver = h.driver(config);
     driver.start().await.expect("starts");
+    while h.events.try_recv().is_ok() {}
+    let preempted = Instant::now();
     h.fake.preempt("pool-0");
+    h.event(
+        Duration::from_secs(2),
+        |e| matches!(e, DriverEvent::Changed { note } if note.contains("preempted")),
+    )
+    .await;
+    assert!(preempted.elapsed() < Duration::from_secs(1));
     h.event(
         Duration::from_secs(5),
         |e| matches!(e, DriverEvent::Changed { note } if note.contains("deleted")),
@@ -708,7 +746,8 @@ async fn a_corrupt_checkpoint_is_set_aside_and_the_pool_rebuilt() {
     })
     .await;
     let note = driver.details()["checkpoint"].clone();
-    assert!(note.contains("set aside"), "{note}");
+    assert!(note.starts_with("set aside as "), "{note}");
+    assert!(note.ends_with("; rebuilt from instances.list"), "{note}");
     let aside: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
         .expect("read dir")
         .flatten()
@@ -772,6 +811,10 @@ async fn a_restarted_driver_restores_and_reconciles_without_losing_or_inserting_
         ..h.config()
     };
     let driver = h.driver(config.clone());
+    assert_eq!(
+        driver.details()["checkpoint"],
+        format!("none yet ({})", h.checkpoint().display())
+    );
     driver.start().await.expect("starts");
     assert_eq!(phases(&driver).len(), 2);
     // A crash: the driver goes away without stopping anything; the checkpoint stays.
@@ -784,10 +827,17 @@ async fn a_restarted_driver_restores_and_reconciles_without_losing_or_inserting_
         2,
         "both VMs restored from the checkpoint"
     );
+    let restored = format!("restored 2 VMs from {}", h.checkpoint().display());
+    assert_eq!(driver.details()["checkpoint"], restored);
     driver.start().await.expect("starts again");
     let p = phases(&driver);
     assert_eq!(p.len(), 2);
     assert!(p.values().all(|phase| *phase == Phase::Ready), "{p:?}");
+    assert_eq!(
+        driver.details()["checkpoint"],
+        restored,
+        "stable once the pool writes its own"
+    );
     assert!(
         h.inserts().iter().all(|r| r.at < restarted_at),
         "no instances.insert after the restart"
@@ -851,6 +901,343 @@ async fn restart_dry_run_lists_the_plan_and_changes_nothing() {
         .expect("restarts");
     assert_eq!(h.inserts().len(), 2, "deleted and created again");
     assert_eq!(phases(&driver).get("pool-0"), Some(&Phase::Ready));
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn an_idle_delete_spares_a_vm_in_use_again_by_the_time_it_holds_the_slot() {
+    let h = Harness::new().await;
+    let config = GcpVmConfig {
+        idle_ttl: Duration::from_millis(200),
+        ..h.config()
+    };
+    let pool = h.bare_pool(config);
+    let deadline = Deadline::after(Instant::now(), Duration::from_secs(10));
+    pool.ensure_slot(0, deadline).await.expect("ready");
+    pool.reconcile().await.expect("reconciled");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Someone works on the slot while idle deletion picks the VM; the tier becomes active
+    // before the delete gets the slot.
+    let held = pool.slot_lock(0).lock_owned().await;
+    pool.collect_idle();
+    assert_eq!(pool.read(|s| s.busy.len()), 1, "a delete job waits");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    pool.set_active(true);
+    drop(held);
+    eventually(Duration::from_secs(5), "the delete job over", || {
+        pool.tracked_tasks() == 0
+    })
+    .await;
+    assert!(h.deletes().is_empty(), "{:?}", h.deletes());
+    assert_eq!(h.instance_status("pool-0").as_deref(), Some("RUNNING"));
+    assert_eq!(
+        pool.read(|s| s.vms.get(&0).map(|vm| vm.phase)),
+        Some(Phase::Ready)
+    );
+    assert!(pool.read(|s| s.wanted), "the release is undone");
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn an_idle_delete_spares_a_vm_a_start_claimed_meanwhile() {
+    let h = Harness::new().await;
+    let config = GcpVmConfig {
+        idle_ttl: Duration::from_millis(200),
+        ..h.config()
+    };
+    let pool = h.bare_pool(config);
+    let deadline = Deadline::after(Instant::now(), Duration::from_secs(10));
+    pool.ensure_slot(0, deadline).await.expect("ready");
+    pool.reconcile().await.expect("reconciled");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = pool.slot_lock(0).lock_owned().await;
+    pool.collect_idle();
+    assert!(pool.read(|s| !s.wanted), "idle deletion released the pool");
+    // The delete job queues for the slot first, then a start does.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let starting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.start().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(pool.read(|s| s.wanted), "the start wants the pool");
+    drop(held);
+    starting
+        .await
+        .expect("the start task")
+        .expect("the start succeeds");
+    assert!(h.deletes().is_empty(), "{:?}", h.deletes());
+    assert_eq!(h.inserts().len(), 1, "the VM kept, not re-created");
+    assert!(pool.read(|s| s.wanted), "the start's `wanted` stands");
+    assert_eq!(
+        pool.read(|s| s.vms.get(&0).map(|vm| vm.phase)),
+        Some(Phase::Ready)
+    );
+    pool.shutdown();
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn nothing_is_deleted_before_a_reconcile_confirms_the_restored_entries() {
+    let h = Harness::new().await;
+    // Someone else's instance under the name the checkpoint remembers.
+    h.fake.add_instance("pool-0", &[]);
+    let config = h.config();
+    let mut file = Checkpoint::empty(POOL, &config.project, &config.zone);
+    let mut entry = ready_entry(0, 1);
+    entry.phase = Phase::Deleting;
+    file.vms = vec![entry];
+    checkpoint::save(&h.checkpoint(), &file).expect("save");
+    // The first reconciles fail (403 is not retried).
+    h.fake.fail_compute("compute.instances.list", 3, 403, None);
+
+    let driver = h.driver(config);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(h.deletes().is_empty(), "{:?}", h.deletes());
+    assert_eq!(phases(&driver).get("pool-0"), Some(&Phase::Deleting));
+    // Once the list answers, the entry is dropped: the label list does not hold it.
+    eventually(Duration::from_secs(5), "the entry dropped", || {
+        phases(&driver).is_empty()
+    })
+    .await;
+    assert!(h.deletes().is_empty(), "{:?}", h.deletes());
+    assert_eq!(h.instance_status("pool-0").as_deref(), Some("RUNNING"));
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn a_delete_checks_the_pool_label_before_it_goes_out() {
+    let h = Harness::new().await;
+    h.fake.add_instance("pool-0", &[]);
+    let config = h.config();
+    let mut file = Checkpoint::empty(POOL, &config.project, &config.zone);
+    let mut entry = ready_entry(0, 1);
+    entry.phase = Phase::Lost;
+    file.vms = vec![entry];
+    checkpoint::save(&h.checkpoint(), &file).expect("save");
+    // No reconcile succeeds: the start replaces the "lost" VM on the checkpoint's word.
+    h.fake
+        .fail_compute("compute.instances.list", 10_000, 403, None);
+
+    let driver = h.driver(config);
+    let error = driver.start().await.expect_err("not the pool's instance");
+    assert!(
+        error.0.contains("without the label cascade-pool=pool"),
+        "{error}"
+    );
+    assert!(h.deletes().is_empty(), "{:?}", h.deletes());
+    assert_eq!(h.instance_status("pool-0").as_deref(), Some("RUNNING"));
+    assert!(phases(&driver).is_empty(), "the wrong entry is forgotten");
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn an_unmovable_corrupt_checkpoint_is_never_overwritten() {
+    let h = Harness::new().await;
+    // A name so long that `NAME.corrupt-...` exceeds NAME_MAX: the set-aside rename fails, while
+    // a save's temporary file (`.NAME.tmp-PID-N`) would still fit.
+    let path = h.dir.path().join(format!("{}.json", "p".repeat(232)));
+    std::fs::write(&path, b"{corrupt").expect("write garbage");
+    let pool = h.bare_pool_at(h.config(), path.clone());
+    let note = pool.details()["checkpoint"].clone();
+    assert!(note.contains("could not be moved aside"), "{note}");
+    let deadline = Deadline::after(Instant::now(), Duration::from_secs(10));
+    pool.ensure_slot(0, deadline)
+        .await
+        .expect("runs from the API");
+    assert_eq!(std::fs::read(&path).expect("still there"), b"{corrupt");
+    let details = pool.details();
+    assert!(
+        details["checkpoint_error"].contains("could not be moved aside"),
+        "{details:?}"
+    );
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn waiting_for_a_busy_slot_ends_at_the_deadline() {
+    let h = Harness::new().await;
+    let pool = h.bare_pool(h.config());
+    let _held = pool.slot_lock(0).lock_owned().await;
+    let started = Instant::now();
+    let deadline = Deadline::after(started, Duration::from_millis(300));
+    let error = tokio::time::timeout(Duration::from_secs(5), pool.ensure_slot(0, deadline))
+        .await
+        .expect("the wait is bounded")
+        .expect_err("the slot stays busy");
+    let took = started.elapsed();
+    assert!(error.to_string().contains("busy"), "{error}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert!(h.inserts().is_empty());
+}
+
+#[tokio::test]
+async fn waiting_for_an_operation_deposits_nothing_into_the_budget() {
+    let h = Harness::new().await;
+    h.fake.set_operations_complete(false);
+    let config = GcpVmConfig {
+        operation_timeout: Duration::from_secs(1),
+        retry: RetryConfig {
+            budget: RetryBudgetConfig {
+                ratio: 1.0,
+                min_per_sec: 0.0,
+                window: Duration::from_secs(60),
+            },
+            ..h.config().retry
+        },
+        ..h.config()
+    };
+    let pool = h.bare_pool(config);
+    let deadline = Deadline::after(Instant::now(), Duration::from_secs(10));
+    let error = pool
+        .ensure_slot(0, deadline)
+        .await
+        .expect_err("the insert never finishes");
+    assert!(error.to_string().contains("did not finish"), "{error}");
+    let polls = h.requests("compute.zoneOperations.get").len();
+    assert!(polls >= 3, "{polls} polls");
+    assert_eq!(
+        pool.retrier.budget_balance(Instant::now()),
+        1.0,
+        "the insert deposits; its {polls} polls do not"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_driver_never_writes_the_checkpoint_again() {
+    let h = Harness::new().await;
+    let driver = h.driver(h.config());
+    driver.start().await.expect("starts");
+    let pool = driver.pool.clone();
+    let before = std::fs::read(h.checkpoint()).expect("written");
+    drop(driver);
+    // A task of the old pool finishing a step after a new driver loaded the file.
+    pool.update(|s| s.wanted = false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(std::fs::read(h.checkpoint()).expect("kept"), before);
+}
+
+#[tokio::test]
+async fn stop_waits_until_no_background_task_runs() {
+    let h = Harness::new().await;
+    let driver = h.driver(h.config());
+    driver.start().await.expect("starts");
+    assert!(driver.pool.tracked_tasks() > 0, "the watch runs");
+    driver.stop().await.expect("stops");
+    assert_eq!(driver.pool.tracked_tasks(), 0);
+    let before = std::fs::read(h.checkpoint()).expect("written");
+    let requests = h.fake.compute_requests().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(std::fs::read(h.checkpoint()).expect("kept"), before);
+    assert_eq!(h.fake.compute_requests().len(), requests, "nothing watches");
+    // A later start watches again.
+    driver.start().await.expect("starts again");
+    assert!(driver.pool.tracked_tasks() > 0);
+}
+
+#[tokio::test]
+async fn an_idle_delete_is_retried_like_an_insert() {
+    let mut h = Harness::new().await;
+    let config = GcpVmConfig {
+        idle_ttl: Duration::from_millis(300),
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    driver.start().await.expect("starts");
+    h.fake.fail_compute("compute.instances.get", 1, 429, None);
+    h.fake
+        .fail_compute("compute.instances.delete", 2, 503, None);
+    h.event(
+        Duration::from_secs(10),
+        |e| matches!(e, DriverEvent::Changed { note } if note.contains("deleted (idle")),
+    )
+    .await;
+    assert!(h.fake.instances().is_empty());
+    let statuses: Vec<u16> = h.deletes().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [503, 503, 200]);
+    let waits: Vec<RetryWait> = h.waits.lock().expect("lock").clone();
+    let retried = |call: &str| waits.iter().filter(|w| w.call.starts_with(call)).count();
+    assert_eq!(retried("compute.instances.delete pool-0"), 2, "{waits:?}");
+    assert_eq!(retried("compute.instances.get pool-0"), 1, "{waits:?}");
+    assert!(phases(&driver).is_empty());
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn a_start_never_takes_the_pool_past_max_vms() {
+    let mut h = Harness::new().await;
+    // Left over from a larger pool: the reconcile adopts them, which fills max_vms.
+    h.fake.add_instance("pool-1", &labels());
+    h.fake.add_instance("pool-2", &labels());
+    let config = GcpVmConfig {
+        vms: 1,
+        max_vms: 2,
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    eventually(Duration::from_secs(5), "both adopted and ready", || {
+        let p = phases(&driver);
+        p.len() == 2 && p.values().all(|phase| *phase == Phase::Ready)
+    })
+    .await;
+    // Slot 0 would be a third instance: refused before any insert goes out.
+    driver.start().await.expect("serving with the VMs it has");
+    h.event(
+        Duration::from_secs(5),
+        |e| matches!(e, DriverEvent::Changed { note } if note.contains("max_vms = 2")),
+    )
+    .await;
+    assert!(h.inserts().is_empty(), "{:?}", h.inserts());
+    assert_eq!(h.fake.instances().len(), 2);
+    assert_eq!(phases(&driver).len(), 2);
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn replacing_a_lost_vm_never_holds_more_than_max_vms_instances() {
+    let mut h = Harness::with(long_grace()).await;
+    let config = GcpVmConfig {
+        vms: 2,
+        max_vms: 2,
+        ..default_intervals(h.config())
+    };
+    let driver = h.driver(config);
+    driver.start().await.expect("starts");
+    while h.events.try_recv().is_ok() {}
+    h.fake.preempt("pool-0");
+    h.event(
+        Duration::from_secs(2),
+        |e| matches!(e, DriverEvent::Changed { note } if note.contains("preempted")),
+    )
+    .await;
+    // A start phase asks for the pool while the replacement runs; the instances the fake
+    // holds are counted all along.
+    let mut start = Box::pin(driver.start());
+    let mut started = None;
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        most = most.max(h.fake.instances().len());
+        if started.is_some() && phases(&driver).values().all(|p| *p == Phase::Ready) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not replaced: {:?}",
+            phases(&driver)
+        );
+        tokio::select! {
+            result = &mut start, if started.is_none() => started = Some(result),
+            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
+    started.expect("done").expect("the start succeeds");
+    assert_eq!(most, 2, "never more than max_vms");
+    assert_eq!(h.inserts().len(), 3, "two, then one replacement");
+    assert_eq!(h.fake.instances().len(), 2);
     h.assert_no_rejections();
 }
 
