@@ -305,12 +305,30 @@ async fn sigkilled_while_creating_vms_cascade_restarts_and_loses_no_vm() {
             .wait_exit(SHORT)
             .await
             .unwrap_or_else(|| panic!("round {round}: cascade survived SIGKILL"));
-        if checkpoint.exists() {
+        let listed = if checkpoint.exists() {
             // Whatever moment the kill hit, the file is a whole state.
             let listed = checkpoint_vms(&checkpoint);
             assert!(listed.len() <= 2, "round {round}: {listed:?}");
-        }
+            listed
+        } else {
+            Vec::new()
+        };
         cascade.respawn().await;
+        if !listed.is_empty() {
+            // The new run starts from the file, before the API confirms it.
+            let found = poll(SHORT, async || {
+                let gcp_vm = tier(&cascade.status().await, "gcp_vm");
+                let said = gcp_vm["details"]["checkpoint"].as_str().unwrap_or("");
+                let wanted = format!("restored {} VMs from", listed.len());
+                if said.starts_with(&wanted) {
+                    Ok(())
+                } else {
+                    Err(format!("round {round}: {gcp_vm}"))
+                }
+            })
+            .await;
+            cascade.or_fail(found, "the pool restored from its checkpoint", SHORT);
+        }
     }
 
     wait_active(&cascade, "gcp_vm", SHORT).await;
