@@ -32,7 +32,7 @@ use nix::time::{ClockId, clock_gettime};
 /// Probes measured for the CPU figure.
 const PROBES: usize = 2000;
 /// Preemptions measured for the latency figure.
-const PREEMPTIONS: usize = 10;
+const PREEMPTIONS: usize = 20;
 
 fn main() {
     let fake_runtime = tokio::runtime::Builder::new_multi_thread()
@@ -187,6 +187,10 @@ async fn preemption(fake: &FakeGcp) {
                 && s.tiers.iter().all(|t| t.status.state == TierState::Healthy)
         })
         .await;
+        // A random moment, so the preemption lands anywhere in the pool's
+        // 500 ms watch cycle rather than always at the same phase.
+        let phase = Duration::from_millis(rand::random_range(0..1000));
+        tokio::time::sleep(phase).await;
         let preempted = Instant::now();
         fake.preempt("bench-0");
         wait_until(&mut snapshots, Duration::from_secs(30), |s| {
