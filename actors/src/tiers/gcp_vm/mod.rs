@@ -14,8 +14,11 @@
 //! `details["checkpoint"]` says which (`restored N VMs from PATH`, `none yet (PATH)`,
 //! `set aside as ...`).
 //!
-//! Layout: `pool.rs` (state and steps), `client.rs` (the only file doing I/O besides the
-//! checkpoint), `checkpoint.rs` (atomic file), `retry.rs` (retries with the shared budget).
+//! Layout: `pool/` — `mod.rs` (the pool's state, checkpoint writes, lifecycle), `driver.rs` (what
+//! the driver calls), `watch.rs` (the watch loop, health rounds), `reconcile.rs` (reconcile,
+//! merge), `slot.rs` (bringing a slot up, deleting its VM), `jobs.rs` (background replacements and
+//! deletions), `idle.rs` (idle clock, idle deletion); `client.rs` (the only file doing I/O besides
+//! the checkpoint), `checkpoint.rs` (atomic file), `retry.rs` (retries with the shared budget).
 //!
 //! Invariant: probing never creates or deletes a VM; only `start`, `restart`, replacement of a
 //! lost VM in a pool the start phase asked for, and idle deletion do.

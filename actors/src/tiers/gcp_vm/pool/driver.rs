@@ -1,0 +1,284 @@
+//! What the driver calls: start, probe, endpoint, restart, details.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures_util::future::join_all;
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::{Pool, PoolError, format_duration};
+use crate::contract::{ProbeOutcome, RestartReport, RestartRequest, TierId};
+use crate::resilience::Deadline;
+use crate::tiers::gcp_vm::checkpoint::{Phase, VmEntry};
+
+/// Claims slots for a start or restart until dropped (cancelled or not).
+struct Claim {
+    pool: Arc<Pool>,
+    slots: Vec<u32>,
+}
+
+impl Claim {
+    fn new(pool: &Arc<Pool>, slots: impl IntoIterator<Item = u32>) -> Self {
+        let slots: Vec<u32> = slots.into_iter().collect();
+        let mut state = pool.lock_state();
+        for slot in &slots {
+            *state.claimed.entry(*slot).or_default() += 1;
+        }
+        drop(state);
+        Claim {
+            pool: pool.clone(),
+            slots,
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock_state();
+        for slot in &self.slots {
+            if let Some(n) = state.claimed.get_mut(slot) {
+                *n -= 1;
+                if *n == 0 {
+                    state.claimed.remove(slot);
+                }
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// The start phase wants `vms` ready VMs.
+    pub async fn start(self: &Arc<Self>) -> Result<(), PoolError> {
+        self.ensure_watching();
+        self.update(|s| {
+            s.wanted = true;
+            if !s.active {
+                // Being asked for counts as use: the idle clock starts again.
+                s.idle_since = Some(SystemTime::now());
+            }
+        });
+        if !self.read(|s| s.reconciled)
+            && let Err(error) = self.reconcile().await
+        {
+            // Inserts adopt what exists (409), so starting without a reconcile is safe.
+            warn!(backend.tier = "gcp_vm", %error, "Reconcile before start failed; starting anyway.");
+        }
+        let deadline = Deadline::after(Instant::now(), self.config.start_timeout);
+        let slots: Vec<u32> = (0..self.config.vms).collect();
+        let _claim = Claim::new(self, slots.iter().copied());
+        let results = join_all(slots.iter().map(|&slot| self.ensure_slot(slot, deadline))).await;
+        let mut errors = Vec::new();
+        for (slot, result) in slots.iter().zip(results) {
+            if let Err(error) = result {
+                warn!(backend.tier = "gcp_vm", vm = %self.vm_name(*slot), %error, "VM did not start.");
+                errors.push((*slot, error));
+            }
+        }
+        let ready = self.read(|s| s.vms.values().filter(|vm| vm.phase == Phase::Ready).count());
+        if errors.is_empty() {
+            return Ok(());
+        }
+        if ready > 0 {
+            // Serving with fewer VMs than asked; the watch keeps trying the others.
+            self.update(|s| s.refill.extend(errors.iter().map(|(slot, _)| *slot)));
+            return Ok(());
+        }
+        Err(errors.swap_remove(0).1)
+    }
+
+    pub async fn probe(&self) -> ProbeOutcome {
+        let (entries, last_lost) = self.read(|s| {
+            (
+                s.vms.values().cloned().collect::<Vec<_>>(),
+                s.last_lost.clone(),
+            )
+        });
+        if entries.is_empty() {
+            return ProbeOutcome::Idle {
+                reason: match last_lost {
+                    Some(lost) => format!("no VMs ({lost}; the start phase creates new ones)"),
+                    None => "no VMs (the start phase creates them)".into(),
+                },
+            };
+        }
+        let candidates = entries
+            .iter()
+            .filter(|vm| matches!(vm.phase, Phase::Ready | Phase::Unhealthy) && vm.ip.is_some())
+            .count();
+        if candidates == 0 {
+            // Nothing runs that could serve: say so at once, so the waterfall moves on without
+            // waiting for the breaker.
+            let mut reason = describe(&entries);
+            if let Some(lost) = last_lost.filter(|lost| !reason.contains(lost.as_str())) {
+                reason.push_str(&format!(" (last lost: {lost})"));
+            }
+            return ProbeOutcome::Idle { reason };
+        }
+        let changes = self.health_round(true).await;
+        if changes.iter().any(|c| c.failed) {
+            self.wake.notify_one();
+        }
+        let entries = self.read(|s| s.vms.values().cloned().collect::<Vec<_>>());
+        let ready: Vec<&VmEntry> = entries
+            .iter()
+            .filter(|vm| vm.phase == Phase::Ready)
+            .collect();
+        if ready.is_empty() {
+            self.wake.notify_one();
+            return ProbeOutcome::Down {
+                error: format!("no VM passes its health check: {}", describe(&entries)),
+            };
+        }
+        let list: Vec<String> = ready
+            .iter()
+            .map(|vm| format!("{} {}", vm.name, vm.ip.as_deref().unwrap_or("?")))
+            .collect();
+        ProbeOutcome::Up {
+            note: format!(
+                "{}/{} VMs ready: {}",
+                ready.len(),
+                entries.len(),
+                list.join(", ")
+            ),
+        }
+    }
+
+    /// The first ready VM by slot.
+    pub fn endpoint(&self) -> Option<String> {
+        self.read(|s| {
+            s.vms
+                .values()
+                .find(|vm| vm.phase == Phase::Ready)
+                .and_then(|vm| vm.ip.as_ref())
+                .map(|ip| format!("http://{ip}:{}", self.config.service_port))
+        })
+    }
+
+    pub async fn restart(
+        self: &Arc<Self>,
+        request: RestartRequest,
+    ) -> Result<RestartReport, PoolError> {
+        let entries = self.read(|s| s.vms.values().cloned().collect::<Vec<_>>());
+        let mut slots: BTreeSet<u32> = (0..self.config.vms).collect();
+        let mut plan = Vec::new();
+        for vm in &entries {
+            slots.insert(vm.slot);
+            let at = vm
+                .ip
+                .clone()
+                .or_else(|| vm.gce_status.clone())
+                .unwrap_or_else(|| vm.phase.as_str().into());
+            plan.push(format!(
+                "delete VM {} ({at}) and wait for the operation",
+                vm.name
+            ));
+        }
+        for slot in &slots {
+            plan.push(format!(
+                "insert {}: {} spot VM from {}",
+                self.vm_name(*slot),
+                self.config.machine_type,
+                self.config.image
+            ));
+        }
+        plan.push(format!(
+            "wait for RUNNING, an IP and GET http://IP:{}{}",
+            self.config.service_port, self.config.health_path
+        ));
+        let report = RestartReport {
+            tier: TierId::GcpVm,
+            dry_run: request.dry_run,
+            plan,
+        };
+        if request.dry_run {
+            return Ok(report);
+        }
+        self.ensure_watching();
+        let _claim = Claim::new(self, slots.iter().copied());
+        self.update(|s| {
+            s.wanted = true;
+            for slot in &slots {
+                s.mark_lost(*slot, "replaced on request".into());
+            }
+        });
+        let deadline = Deadline::after(Instant::now(), self.config.start_timeout);
+        let results = join_all(slots.iter().map(|&slot| self.ensure_slot(slot, deadline))).await;
+        for result in results {
+            result?;
+        }
+        Ok(report)
+    }
+
+    pub fn details(&self) -> BTreeMap<String, String> {
+        let mut details = BTreeMap::new();
+        self.read(|s| {
+            let ready = s.vms.values().filter(|vm| vm.phase == Phase::Ready).count();
+            details.insert(
+                "pool".into(),
+                format!(
+                    "{}: {ready}/{} VMs ready ({} wanted, max {})",
+                    self.config.pool,
+                    s.vms.len(),
+                    self.config.vms,
+                    self.config.max_vms
+                ),
+            );
+            for vm in s.vms.values() {
+                details.insert(format!("vm.{}", vm.name), describe_vm(vm));
+            }
+            details.insert("checkpoint".into(), s.restore_note.clone());
+            if let Some(error) = &s.save_error {
+                details.insert("checkpoint_error".into(), error.clone());
+            }
+            if let Some(lost) = &s.last_lost {
+                details.insert("last_lost".into(), lost.clone());
+            }
+            if !s.active
+                && !s.vms.is_empty()
+                && let Some(since) = s.idle_since
+            {
+                let idle = SystemTime::now().duration_since(since).unwrap_or_default();
+                details.insert(
+                    "idle".into(),
+                    format!(
+                        "{} of {} (VMs are deleted after idle_ttl)",
+                        format_duration(idle),
+                        format_duration(self.config.idle_ttl)
+                    ),
+                );
+            }
+        });
+        details.insert("api_retries".into(), self.retrier.retries().to_string());
+        details
+    }
+}
+
+fn describe_vm(vm: &VmEntry) -> String {
+    let mut text = vm.phase.as_str().to_owned();
+    if let Some(ip) = &vm.ip {
+        text.push_str(&format!(" {ip}"));
+    }
+    if let Some(status) = &vm.gce_status {
+        text.push_str(&format!(" ({status})"));
+    }
+    if let (Phase::Lost, Some(reason)) = (vm.phase, &vm.lost_reason) {
+        text.push_str(&format!(": {reason}"));
+    }
+    if let (Phase::Creating | Phase::Deleting, Some(op)) = (vm.phase, &vm.last_operation) {
+        text.push_str(&format!(" (operation {})", op.name));
+    }
+    text
+}
+
+fn describe(entries: &[VmEntry]) -> String {
+    entries
+        .iter()
+        .map(|vm| match (vm.phase, &vm.lost_reason) {
+            (Phase::Lost, Some(reason)) => format!("{} {reason}", vm.name),
+            (phase, _) => format!("{} {}", vm.name, phase.as_str()),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

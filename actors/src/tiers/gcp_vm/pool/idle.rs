@@ -1,0 +1,69 @@
+//! The idle clock and idle deletion.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tracing::info;
+
+use super::jobs::Job;
+use super::{Pool, PoolState, format_duration};
+use crate::tiers::gcp_vm::checkpoint::{Phase, VmEntry};
+
+impl Pool {
+    /// Deletes VMs idle for `idle_ttl`: the tier is not active, counted from the later of when it
+    /// stopped being active and when the VM became ready. Choosing them and releasing the pool
+    /// (`wanted = false`) is one update, so a start in between is never overwritten; each delete
+    /// checks again under the slot's lock. Nothing before the first successful reconcile.
+    pub(crate) fn collect_idle(self: &Arc<Self>) {
+        let now = SystemTime::now();
+        let ttl = self.config.idle_ttl;
+        let idle: Vec<(u32, String)> = self.update(|s| {
+            if !s.reconciled {
+                return Vec::new();
+            }
+            let idle: Vec<(u32, String)> = s
+                .vms
+                .values()
+                .filter(|vm| vm.phase != Phase::Deleting && !s.busy.contains(&vm.slot))
+                .filter(|vm| idle_for(s, vm, now, ttl))
+                .map(|vm| (vm.slot, vm.name.clone()))
+                .collect();
+            if !idle.is_empty() {
+                s.wanted = false;
+                s.refill.clear();
+            }
+            idle
+        });
+        for (slot, name) in idle {
+            info!(backend.tier = "gcp_vm", vm = %name, idle_ttl = %format_duration(ttl), "VM idle too long; deleting it.");
+            self.spawn_job(
+                slot,
+                Job::Delete {
+                    why: format!("idle for {}", format_duration(ttl)),
+                    idle: true,
+                },
+            );
+        }
+    }
+
+    pub fn set_active(&self, active: bool) {
+        self.update(|s| {
+            if s.active == active {
+                return;
+            }
+            s.active = active;
+            s.idle_since = (!active).then(SystemTime::now);
+        });
+    }
+}
+
+/// Whether `vm` has been idle for `ttl`: the tier is not active and no start or restart claims
+/// its slot, since the later of when the tier stopped being active and when the VM became ready.
+pub(super) fn idle_for(s: &PoolState, vm: &VmEntry, now: SystemTime, ttl: Duration) -> bool {
+    if s.active || s.claimed.contains_key(&vm.slot) {
+        return false;
+    }
+    let since = s.idle_since.unwrap_or(now);
+    let from = since.max(vm.ready_at.unwrap_or(vm.created_at));
+    now.duration_since(from).is_ok_and(|idle| idle >= ttl)
+}

@@ -1,0 +1,494 @@
+//! The pool of spot VMs: its state, the steps that change it, and the watch that keeps it true.
+//!
+//! Slots `0..max_vms` each hold at most one VM named `{pool}-{slot}`, so every insert is
+//! idempotent (a 409 adopts the existing VM). Work on one slot (create, replace, delete) holds that
+//! slot's lock; the reconcile never waits for a busy slot, it leaves it alone. Every change is
+//! written to the checkpoint before the next step, so a crash or a cancelled start leaves a state
+//! the next reconcile can finish. Background work (the watch, replacements, idle deletions) runs
+//! in the pool's `TaskTracker` under the current generation's `CancellationToken`; `stop` cancels
+//! the generation and waits (briefly) for the tracked tasks to end; dropping the driver cancels
+//! everything and stops every later checkpoint write, so an old pool never overwrites the file a
+//! new one has loaded.
+//!
+//! Preemption is learnt from the API, never from a failing health check: a preempted VM keeps
+//! answering during its ~30 s shutdown (STOPPING). While the pool holds VMs, every watch tick
+//! (`watch_interval`) sends one `instances.list` filtered by the pool's label (one attempt, no
+//! retries and no budget deposit: the next tick is the retry; a `Retry-After` pauses these looks)
+//! and marks any VM seen STOPPING, TERMINATED or SUSPENDED lost at once. API cost: with the default
+//! 500 ms tick, 2 reads/s (120/min) per pool while it holds VMs, none while it is empty, plus the
+//! full reconcile (`instances.list` and `zoneOperations.list` of preemptions) every
+//! `reconcile_interval`. A VM the quick look does not list at all triggers that reconcile at once.
+//!
+//! Ownership: a name alone never gets a VM deleted. Background work (replacements, idle
+//! deletion, deletions of lost VMs) waits for the first successful reconcile since start, so
+//! restored entries are confirmed by the label list first; and every `instances.delete` is
+//! preceded by an `instances.get` that checks the pool's label (and the instance id, if known).
+//!
+//! Invariants: probing never creates or deletes anything; no awaited call (nor a wait for a
+//! slot's lock) runs without a deadline; the pool never holds more than `max_vms` instances it
+//! created.
+
+mod driver;
+mod idle;
+mod jobs;
+mod reconcile;
+mod slot;
+mod watch;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::checkpoint::{self, Checkpoint, Loaded, Phase, VmEntry};
+use super::client::{self, ApiError, ComputeApi, GceCompute, Vm};
+use super::retry::{CallError, Retrier};
+use super::{GcpEnv, GcpVmConfig, POOL_LABEL};
+use crate::contract::DriverEvent;
+use crate::resilience::{Backoff, with_deadline};
+
+#[cfg(test)]
+pub(super) use reconcile::{Merge, merge};
+
+/// How the pool tells the tier actor that something changed.
+pub type Notify = Arc<dyn Fn(DriverEvent) + Send + Sync>;
+
+/// How long `stop` waits for cancelled background tasks to end.
+pub const STOP_WAIT: Duration = Duration::from_secs(5);
+/// Preemption operations remembered as handled.
+const HANDLED_KEPT: usize = 64;
+/// Instance statuses of a VM that serves nothing and will not by itself.
+const LOST_STATUSES: [&str; 5] = [
+    "STOPPING",
+    "STOPPED",
+    "TERMINATED",
+    "SUSPENDING",
+    "SUSPENDED",
+];
+
+fn is_lost_status(status: &str) -> bool {
+    LOST_STATUSES.contains(&status)
+}
+
+/// Why a step on the pool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error("cannot use Compute Engine: {0}")]
+    Connect(ApiError),
+    #[error(
+        "operation {op} ({kind} of VM {vm}) did not finish within {after}; abandoned — the VM will be reconciled"
+    )]
+    OperationTimeout {
+        op: String,
+        kind: &'static str,
+        vm: String,
+        after: String,
+    },
+    #[error("operation {op} ({kind} of VM {vm}) failed: {error}")]
+    OperationFailed {
+        op: String,
+        kind: &'static str,
+        vm: String,
+        error: String,
+    },
+    #[error("VM {vm} did not become ready within {after}: {last}")]
+    NotReady {
+        vm: String,
+        after: String,
+        last: String,
+    },
+    #[error("an instance named {vm} exists without the label {POOL_LABEL}={pool}; not adopting it")]
+    Foreign { vm: String, pool: String },
+    #[error("the pool already holds {held} instances (max_vms = {max}); not creating {vm}")]
+    Full { vm: String, held: usize, max: u32 },
+    #[error("VM {vm} kept changing while being brought up; giving up for now")]
+    Unsettled { vm: String },
+    #[error(
+        "VM {vm} stayed busy with other work (a start, replacement or deletion) until the deadline"
+    )]
+    Busy { vm: String },
+}
+
+/// `details["checkpoint"]` once an unusable checkpoint is out of the way.
+fn set_aside_note(aside: &Path, error: &str) -> String {
+    format!(
+        "set aside as {} ({error}); rebuilt from instances.list",
+        aside.display()
+    )
+}
+
+fn format_duration(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(
+        d.as_millis().try_into().unwrap_or(u64::MAX),
+    ))
+    .to_string()
+}
+
+/// Everything mutable about the pool.
+#[derive(Debug, Default)]
+pub struct PoolState {
+    pub vms: BTreeMap<u32, VmEntry>,
+    /// The start phase asked for the pool and idle deletion has not released it since.
+    pub wanted: bool,
+    pub active: bool,
+    /// The idle clock: when the tier stopped being active (None while active).
+    pub idle_since: Option<SystemTime>,
+    pub handled_preemptions: VecDeque<String>,
+    /// Empty slots to fill again (a lost VM vanished, a partial start).
+    pub refill: BTreeSet<u32>,
+    /// Slots with a background job in flight.
+    pub busy: BTreeSet<u32>,
+    /// Slots a start or restart is bringing up; background jobs leave them alone.
+    pub claimed: BTreeMap<u32, usize>,
+    /// Slots whose last background job failed: not before this instant, with this backoff.
+    pub retry_at: BTreeMap<u32, (Instant, Backoff)>,
+    /// The last VM lost and why, for operators.
+    pub last_lost: Option<String>,
+    /// What loading the checkpoint found (`details["checkpoint"]`).
+    pub restore_note: String,
+    /// A reconcile succeeded since the pool was built: restored entries are confirmed.
+    pub reconciled: bool,
+    pub watching: bool,
+    /// What is on disk, to skip writes that change nothing.
+    saved: Option<Checkpoint>,
+    save_error: Option<String>,
+    /// The unusable checkpoint could not be moved aside (why it was unusable): nothing is written
+    /// over it until it is.
+    blocked: Option<String>,
+    /// The driver is gone: nothing is written any more.
+    closed: bool,
+}
+
+impl PoolState {
+    fn checkpoint(&self, config: &GcpVmConfig) -> Checkpoint {
+        Checkpoint {
+            wanted: self.wanted,
+            idle_since: if self.active { None } else { self.idle_since },
+            vms: self.vms.values().cloned().collect(),
+            handled_preemptions: self.handled_preemptions.iter().cloned().collect(),
+            ..Checkpoint::empty(&config.pool, &config.project, &config.zone)
+        }
+    }
+
+    fn remember_handled(&mut self, op: &str) {
+        if !self.handled_preemptions.iter().any(|h| h == op) {
+            self.handled_preemptions.push_back(op.to_owned());
+            while self.handled_preemptions.len() > HANDLED_KEPT {
+                self.handled_preemptions.pop_front();
+            }
+        }
+    }
+
+    fn mark_lost(&mut self, slot: u32, reason: String) -> Option<String> {
+        let entry = self.vms.get_mut(&slot)?;
+        if matches!(entry.phase, Phase::Lost | Phase::Deleting) {
+            return None;
+        }
+        entry.phase = Phase::Lost;
+        entry.ready_at = None;
+        entry.lost_reason = Some(reason.clone());
+        let note = format!("{} {reason}", entry.name);
+        self.last_lost = Some(note.clone());
+        Some(note)
+    }
+}
+
+/// Clears `watching` when the watch task ends, so a later start spawns a new one.
+struct WatchGuard(Arc<Pool>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.lock_state().watching = false;
+    }
+}
+
+pub struct Pool {
+    config: Arc<GcpVmConfig>,
+    env: GcpEnv,
+    /// Built on first use: building needs async, and `Driver` construction is sync.
+    api: OnceCell<Arc<dyn ComputeApi>>,
+    http: reqwest::Client,
+    pub(super) retrier: Retrier,
+    path: PathBuf,
+    state: Mutex<PoolState>,
+    slot_locks: Mutex<BTreeMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+    notify: Notify,
+    /// Asks the watch to reconcile now (a probe saw every VM fail).
+    wake: tokio::sync::Notify,
+    tasks: TaskTracker,
+    /// Cancelled when the pool is dropped.
+    root: CancellationToken,
+    /// The current generation of background work; `stop` cancels it and starts a new one.
+    generation: Mutex<CancellationToken>,
+}
+
+impl Pool {
+    /// A pool restored from the checkpoint at `path` (or empty, see [`checkpoint::load`]).
+    pub fn new(
+        config: GcpVmConfig,
+        path: PathBuf,
+        env: GcpEnv,
+        retrier: Retrier,
+        notify: Notify,
+    ) -> Result<Self, String> {
+        let http = client::http_client()?;
+        let mut state = PoolState {
+            idle_since: Some(SystemTime::now()),
+            ..PoolState::default()
+        };
+        match checkpoint::load(&path, &config.pool, &config.project, &config.zone) {
+            Loaded::Missing => state.restore_note = format!("none yet ({})", path.display()),
+            Loaded::Restored(c) => {
+                state.restore_note =
+                    format!("restored {} VMs from {}", c.vms.len(), path.display());
+                info!(backend.tier = "gcp_vm", path = %path.display(), vms = c.vms.len(), "Checkpoint restored.");
+                state.wanted = c.wanted;
+                state.idle_since = c.idle_since.or(state.idle_since);
+                state.vms = c.vms.iter().map(|vm| (vm.slot, vm.clone())).collect();
+                state.handled_preemptions = c.handled_preemptions.iter().cloned().collect();
+                state.saved = Some(c);
+            }
+            Loaded::SetAside {
+                moved_to: Some(aside),
+                error,
+            } => state.restore_note = set_aside_note(&aside, &error),
+            Loaded::SetAside {
+                moved_to: None,
+                error,
+            } => {
+                state.restore_note = format!(
+                    "unusable ({error}) and could not be moved aside; running from instances.list, nothing written to {} until it is moved away",
+                    path.display()
+                );
+                state.blocked = Some(error);
+            }
+        }
+        let root = CancellationToken::new();
+        Ok(Pool {
+            generation: Mutex::new(root.child_token()),
+            config: Arc::new(config),
+            env,
+            api: OnceCell::new(),
+            http,
+            retrier,
+            path,
+            state: Mutex::new(state),
+            slot_locks: Mutex::new(BTreeMap::new()),
+            notify,
+            wake: tokio::sync::Notify::new(),
+            tasks: TaskTracker::new(),
+            root,
+        })
+    }
+
+    // === state ===
+
+    pub(super) fn lock_state(&self) -> MutexGuard<'_, PoolState> {
+        // No code panics while holding the lock; if one did, the state is still the last whole
+        // update, which is what the checkpoint holds too.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn read<R>(&self, f: impl FnOnce(&PoolState) -> R) -> R {
+        f(&self.lock_state())
+    }
+
+    /// Applies `f` and writes the checkpoint if what it holds changed. The write happens under
+    /// the lock, so saves are never reordered; it is a few small synchronous writes.
+    pub(super) fn update<R>(&self, f: impl FnOnce(&mut PoolState) -> R) -> R {
+        let mut state = self.lock_state();
+        let result = f(&mut state);
+        if state.closed {
+            return result;
+        }
+        let current = state.checkpoint(&self.config);
+        if state.saved.as_ref() != Some(&current) {
+            if let Some(error) = state.blocked.clone() {
+                // Written only once the unusable file is out of the way.
+                match checkpoint::move_aside(&self.path) {
+                    Ok(aside) => {
+                        info!(backend.tier = "gcp_vm", path = %self.path.display(), moved_to = %aside.display(), "The unusable checkpoint is set aside now.");
+                        state.restore_note = set_aside_note(&aside, &error);
+                        state.blocked = None;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => state.blocked = None,
+                    Err(e) => {
+                        state.save_error = Some(format!(
+                            "not written: the unusable file could not be moved aside: {e}"
+                        ));
+                        return result;
+                    }
+                }
+            }
+            match checkpoint::save(&self.path, &current) {
+                Ok(()) => {
+                    state.saved = Some(current);
+                    state.save_error = None;
+                }
+                Err(e) => {
+                    warn!(backend.tier = "gcp_vm", path = %self.path.display(), error = %e, "Cannot write the checkpoint.");
+                    state.save_error = Some(e.to_string());
+                }
+            }
+        }
+        result
+    }
+
+    fn entry(&self, slot: u32) -> Option<VmEntry> {
+        self.read(|s| s.vms.get(&slot).cloned())
+    }
+
+    fn update_entry(&self, slot: u32, f: impl FnOnce(&mut VmEntry)) {
+        self.update(|s| {
+            if let Some(entry) = s.vms.get_mut(&slot) {
+                f(entry);
+            }
+        });
+    }
+
+    fn remove_entry(&self, slot: u32) {
+        self.update(|s| s.vms.remove(&slot));
+    }
+
+    pub fn vm_name(&self, slot: u32) -> String {
+        format!("{}-{slot}", self.config.pool)
+    }
+
+    /// The slot a VM name stands for, if it is exactly `{pool}-{slot}`.
+    fn slot_of(&self, name: &str) -> Option<u32> {
+        let rest = name.strip_prefix(&self.config.pool)?.strip_prefix('-')?;
+        let slot: u32 = rest.parse().ok()?;
+        (slot.to_string() == rest).then_some(slot)
+    }
+
+    fn health_url(&self, ip: &str) -> String {
+        format!(
+            "http://{ip}:{}{}",
+            self.config.service_port, self.config.health_path
+        )
+    }
+
+    /// A health check's own timeout: a little under the probe's, so a probe whose checks all
+    /// time out still reports why rather than hitting the tier's deadline.
+    fn health_timeout(&self) -> Duration {
+        let t = self.config.probe.timeout;
+        t.saturating_sub((t / 10).min(Duration::from_millis(100)))
+    }
+
+    pub(super) fn slot_lock(&self, slot: u32) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .slot_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(slot).or_default().clone()
+    }
+
+    async fn api(&self) -> Result<Arc<dyn ComputeApi>, PoolError> {
+        self.api
+            .get_or_try_init(|| async {
+                let connect = GceCompute::connect(&self.config, &self.env);
+                match with_deadline(
+                    self.config.api_timeout,
+                    "connecting to Compute Engine",
+                    connect,
+                )
+                .await
+                {
+                    Ok(Ok(api)) => Ok(Arc::new(api) as Arc<dyn ComputeApi>),
+                    Ok(Err(e)) => Err(PoolError::Connect(e)),
+                    Err(e) => Err(PoolError::Connect(ApiError::timeout(e.after))),
+                }
+            })
+            .await
+            .cloned()
+    }
+
+    // === background work ===
+
+    fn job_token(&self) -> CancellationToken {
+        self.generation
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_else(|_| self.root.child_token())
+    }
+
+    /// Starts the watch unless it runs. Needs a tokio runtime; without one it is started by the
+    /// next `start`.
+    pub fn ensure_watching(self: &Arc<Self>) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let start = {
+            let mut state = self.lock_state();
+            !std::mem::replace(&mut state.watching, true)
+        };
+        if start {
+            let pool = self.clone();
+            let token = self.job_token();
+            self.tasks.spawn(async move {
+                let guard = WatchGuard(pool.clone());
+                token.run_until_cancelled(pool.watch()).await;
+                drop(guard);
+            });
+        }
+    }
+
+    /// Stops the watch and background jobs and waits (at most [`STOP_WAIT`]) until every
+    /// tracked task has ended, so none writes the checkpoint afterwards; VMs stay as they are.
+    pub async fn stop(&self) {
+        let old = match self.generation.lock() {
+            Ok(mut g) => std::mem::replace(&mut *g, self.root.child_token()),
+            Err(_) => {
+                self.root.cancel();
+                self.root.child_token()
+            }
+        };
+        old.cancel();
+        // Cancelled tasks end at their next await. `close` lets `wait` return once the tracker is
+        // empty; `reopen` lets a later start track new tasks again.
+        self.tasks.close();
+        let ended = tokio::time::timeout(STOP_WAIT, self.tasks.wait()).await;
+        self.tasks.reopen();
+        if ended.is_err() {
+            warn!(backend.tier = "gcp_vm", tasks = self.tasks.len(), wait = %format_duration(STOP_WAIT), "Background tasks still running after stop.");
+        }
+    }
+
+    /// Background tasks still tracked (the watch, replacements, deletions).
+    #[cfg(test)]
+    pub(super) fn tracked_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Cancels everything and writes no checkpoint any more (the driver is going away; a new
+    /// driver may load the file at once).
+    pub fn shutdown(&self) {
+        self.lock_state().closed = true;
+        self.root.cancel();
+        self.tasks.close();
+    }
+}
+
+/// Takes what Compute Engine says about `vm` into `entry`.
+fn adopt(entry: &mut VmEntry, vm: &Vm) {
+    entry.gce_status = Some(vm.status.clone());
+    entry.ip = vm.ip.clone();
+    entry.instance_id = vm.id.or(entry.instance_id);
+    entry.last_operation = None;
+    if is_lost_status(&vm.status) {
+        entry.phase = Phase::Lost;
+        entry.lost_reason = Some(vm.status.clone());
+    } else if entry.phase != Phase::Ready {
+        entry.phase = Phase::Booting;
+    }
+}
