@@ -164,6 +164,10 @@ async fn a_cloud_run_503_storm_fails_over_to_local_and_back() {
     let status = wait_active(&cascade, "local", SHORT).await;
     let cloud_run = tier(&status, "cloud_run");
     assert_eq!(cloud_run["state"], "unhealthy", "{cloud_run}");
+    assert_ne!(
+        cloud_run["breaker"], "closed",
+        "the move follows the breaker opening: {cloud_run}"
+    );
     assert!(
         cloud_run["last_error"]
             .as_str()
@@ -171,6 +175,8 @@ async fn a_cloud_run_503_storm_fails_over_to_local_and_back() {
         "the error names the status: {cloud_run}"
     );
 
+    // Recovery goes through a half-open trial probe; once it passes, the
+    // breaker closes and cascade fails back after `failback_after`.
     fake.set_service_fault(None);
     let status = wait_active(&cascade, "cloud_run", SHORT).await;
     assert_eq!(tier(&status, "cloud_run")["breaker"], "closed", "{status}");
