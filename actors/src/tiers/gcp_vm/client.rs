@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use google_cloud_compute_v1::client::{Instances, ZoneOperations};
@@ -19,6 +19,7 @@ use google_cloud_gax::retry_policy::NeverRetry;
 
 use super::{GcpEnv, GcpVmConfig, POOL_LABEL, TerminationAction};
 use crate::resilience::with_deadline;
+use crate::tiers::gcp::parse_retry_after;
 
 /// The scope VMs' service accounts and cascade's own credentials ask for.
 pub const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -65,7 +66,7 @@ pub struct ApiError {
     /// Compute Engine's `error.errors[].reason` (`alreadyExists`, `rateLimitExceeded`, ...).
     pub reason: Option<String>,
     pub message: String,
-    /// The server's `Retry-After`, in seconds form.
+    /// The server's `Retry-After` (delay-seconds or an HTTP-date).
     pub retry_after: Option<Duration>,
     /// The call did not answer within its deadline.
     pub timed_out: bool,
@@ -125,7 +126,7 @@ impl ApiError {
         self.status == Some(404) || self.reason.as_deref() == Some("notFound")
     }
 
-    fn from_gax(error: &google_cloud_gax::error::Error) -> Self {
+    pub(super) fn from_gax(error: &google_cloud_gax::error::Error) -> Self {
         if error.is_timeout() {
             return ApiError {
                 timed_out: true,
@@ -137,8 +138,7 @@ impl ApiError {
             .http_headers()
             .and_then(|h| h.get("retry-after"))
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         // A Compute error body parses as a Status whose details carry each `errors[].reason`;
         // a body that does not parse is kept as the raw payload.
         let (reason, message) = match (error.status(), error.http_payload()) {

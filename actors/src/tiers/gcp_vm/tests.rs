@@ -1388,3 +1388,22 @@ fn the_checkpoint_is_always_a_whole_state_when_sigkilled_mid_write() {
     }
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[test]
+fn retry_after_is_read_in_both_of_its_forms() {
+    let error = |value: &str| {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("retry-after", value.parse().expect("a header value"));
+        google_cloud_gax::error::Error::http(429, headers, Vec::new().into())
+    };
+    let seconds = ApiError::from_gax(&error("7"));
+    assert_eq!(seconds.retry_after, Some(Duration::from_secs(7)));
+    let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+    let date = ApiError::from_gax(&error(&later));
+    let wait = date.retry_after.expect("an HTTP-date is read");
+    assert!(
+        wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
+        "{wait:?}"
+    );
+    assert_eq!(ApiError::from_gax(&error("soon")).retry_after, None);
+}
