@@ -261,6 +261,46 @@ impl EventSink {
     }
 }
 
+#[cfg(test)]
+impl EventSink {
+    /// A sink whose events are logged at debug and otherwise dropped, for
+    /// driver tests that do not look at events.
+    pub(crate) async fn discarding() -> EventSink {
+        struct Discard;
+
+        impl ractor::Actor for Discard {
+            type Msg = TierMsg;
+            type State = ();
+            type Arguments = ();
+
+            async fn pre_start(
+                &self,
+                _myself: ActorRef<TierMsg>,
+                _args: (),
+            ) -> Result<(), ractor::ActorProcessingErr> {
+                Ok(())
+            }
+
+            async fn handle(
+                &self,
+                _myself: ActorRef<TierMsg>,
+                msg: TierMsg,
+                _state: &mut (),
+            ) -> Result<(), ractor::ActorProcessingErr> {
+                if let TierMsg::Internal(Internal::Driver(event)) = msg {
+                    tracing::debug!(?event, "Driver event.");
+                }
+                Ok(())
+            }
+        }
+
+        let (actor, _) = ractor::Actor::spawn(None, Discard, ())
+            .await
+            .expect("the discarding sink starts");
+        EventSink::new(actor)
+    }
+}
+
 /// Builds a tier's driver when its actor (re)starts.
 pub type DriverFactory = Arc<dyn Fn(EventSink) -> Result<Arc<dyn Driver>, TierError> + Send + Sync>;
 

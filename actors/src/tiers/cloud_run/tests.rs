@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cascade_gcp_fake::{FakeGcp, FakeOptions, ServiceFault};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::auth::{TokenTimes, b64_decode, b64_encode, redact, refresh_slack, token_times};
 use super::*;
-use crate::contract::{DriverFactory, TierMsg, TierState};
+use crate::contract::{DriverFactory, TierState};
 use crate::resilience::BreakerState;
 use crate::supervisor::{self, Snapshot, SupervisorConfig};
 use crate::tier::TierSpec;
@@ -20,35 +19,8 @@ use crate::waterfall::WaterfallConfig;
 
 // === helpers ===
 
-/// Stands in for the tier actor; this driver emits nothing.
-struct Ignore;
-
-impl Actor for Ignore {
-    type Msg = TierMsg;
-    type State = ();
-    type Arguments = ();
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<TierMsg>,
-        _args: (),
-    ) -> Result<(), ActorProcessingErr> {
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<TierMsg>,
-        _msg: TierMsg,
-        _state: &mut (),
-    ) -> Result<(), ActorProcessingErr> {
-        Ok(())
-    }
-}
-
 async fn sink() -> EventSink {
-    let (actor, _) = Actor::spawn(None, Ignore, ()).await.expect("sink starts");
-    EventSink::new(actor)
+    EventSink::discarding().await
 }
 
 async fn fake() -> FakeGcp {

@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
 use super::config::{ContainerConfig, DockerConfig, HASH_LABEL, MANAGED_LABEL};
@@ -17,40 +16,10 @@ use super::testing::{
     Cleanup, TEST_LABEL, demo_image, docker, docker_available, eventually, free_port, inspect,
     unique,
 };
-use crate::contract::{Driver, EventSink, Internal, ProbeOutcome, RestartRequest, TierMsg};
-
-/// Stands in for the tier actor; the driver's events are not under test here.
-struct Sink;
-
-impl Actor for Sink {
-    type Msg = TierMsg;
-    type State = ();
-    type Arguments = ();
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<TierMsg>,
-        _args: (),
-    ) -> Result<(), ActorProcessingErr> {
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<TierMsg>,
-        msg: TierMsg,
-        _state: &mut (),
-    ) -> Result<(), ActorProcessingErr> {
-        if let TierMsg::Internal(Internal::Driver(event)) = msg {
-            tracing::debug!(?event, "driver event");
-        }
-        Ok(())
-    }
-}
+use crate::contract::{Driver, EventSink, ProbeOutcome, RestartRequest};
 
 async fn driver(config: DockerConfig) -> DockerDriver {
-    let (sink, _) = Actor::spawn(None, Sink, ()).await.expect("sink starts");
-    DockerDriver::new(config, EventSink::new(sink)).expect("driver builds")
+    DockerDriver::new(config, EventSink::discarding().await).expect("driver builds")
 }
 
 /// A demo-backend container on host port `port`, labelled for cleanup.
