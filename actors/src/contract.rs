@@ -18,6 +18,7 @@ use ractor::{ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::resilience::BreakerState;
+use crate::routing::{Endpoint, RequestOutcome, RouteInfo};
 
 /// The four kinds of backend, named as in configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -116,6 +117,9 @@ pub struct TierStatus {
     pub reason: String,
     /// Base URL applications use when this tier is active.
     pub endpoint: Option<String>,
+    /// Every address that serves this tier's traffic (the router spreads
+    /// requests over them); empty while nothing serves.
+    pub endpoints: Vec<Endpoint>,
     pub breaker: BreakerState,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
@@ -137,6 +141,7 @@ impl TierStatus {
             state: TierState::Unknown,
             reason: "not probed yet".to_owned(),
             endpoint: None,
+            endpoints: Vec::new(),
             breaker: BreakerState::Closed,
             consecutive_failures: 0,
             last_error: None,
@@ -196,6 +201,13 @@ pub enum ProbeOutcome {
         error: String,
         retry_after: std::time::Duration,
     },
+    /// Serving, but something around it is slow or off (a slow Docker API):
+    /// the tier is degraded, and the breaker counts no failure.
+    Degraded { note: String },
+    /// The backend is definitively gone (its container was removed, its
+    /// process exited): not serving at once, without waiting for the
+    /// breaker's threshold.
+    Gone { reason: String },
     /// Nothing runs to be probed (not started, stopped); the breaker is untouched.
     Idle { reason: String },
     /// The tier cannot serve until an operator acts.
@@ -209,6 +221,18 @@ pub enum ProbeOutcome {
 pub trait Driver: Send + Sync + 'static {
     /// Base URL applications use, when known.
     fn endpoint(&self) -> Option<String>;
+    /// Every address serving traffic now. By default the one `endpoint`,
+    /// named by its URL; a tier with several (containers, VMs) lists each.
+    fn endpoints(&self) -> Vec<Endpoint> {
+        self.endpoint()
+            .map(|url| vec![Endpoint::new(url.clone(), url)])
+            .unwrap_or_default()
+    }
+    /// How routed requests reach this tier (credentials, cold starts).
+    /// Called once per driver.
+    fn route_info(&self) -> RouteInfo {
+        RouteInfo::default()
+    }
     /// Whether `start` can do anything.
     fn startable(&self) -> bool;
     /// Checks health. Never starts, creates or restarts anything.
@@ -321,6 +345,9 @@ pub enum TierMsg {
     ),
     /// The root tells the tier whether it is the active one.
     SetActive(bool),
+    /// The router's report of one proxied request (passive health): a
+    /// failure counts in the tier's breaker and triggers a probe.
+    RequestOutcome(RequestOutcome),
     /// Sent by the tier's own tasks and driver; not part of the public contract.
     Internal(Internal),
 }

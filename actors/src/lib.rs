@@ -11,6 +11,7 @@ pub mod contract;
 pub mod metrics;
 pub mod notify;
 pub mod resilience;
+pub mod routing;
 pub mod supervisor;
 pub mod tier;
 pub mod tiers;

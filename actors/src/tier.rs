@@ -28,6 +28,7 @@ use crate::contract::{
 };
 use crate::metrics::metrics;
 use crate::resilience::{Admission, BreakerConfig, BreakerState, CircuitBreaker, with_deadline};
+use crate::routing::RequestOutcome;
 use crate::supervisor::RootMsg;
 
 /// Probe settings shared by every tier (`[tiers.NAME.probe]`).
@@ -179,6 +180,7 @@ impl Actor for TierActor {
             }
             TierMsg::Restart(request, reply) => restart(&myself, state, request, reply),
             TierMsg::SetActive(active) => state.driver.set_active(active),
+            TierMsg::RequestOutcome(outcome) => request_outcome(&myself, state, outcome),
             TierMsg::Internal(Internal::ProbeDone(outcome)) => probe_done(state, outcome),
             TierMsg::Internal(Internal::StartDone(result)) => start_done(&myself, state, result),
             TierMsg::Internal(Internal::RestartDone(result)) => {
@@ -226,6 +228,7 @@ impl State {
         self.status.breaker = self.breaker.state(now);
         self.status.consecutive_failures = self.breaker.consecutive_failures();
         self.status.endpoint = self.driver.endpoint();
+        self.status.endpoints = self.driver.endpoints();
         self.status.details = self.driver.details();
     }
 
@@ -365,6 +368,8 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
             ProbeOutcome::Up { .. } => ("up", None),
             ProbeOutcome::Down { error } => ("down", Some(error.as_str())),
             ProbeOutcome::Throttled { error, .. } => ("throttled", Some(error.as_str())),
+            ProbeOutcome::Degraded { note } => ("degraded", Some(note.as_str())),
+            ProbeOutcome::Gone { reason } => ("gone", Some(reason.as_str())),
             ProbeOutcome::Idle { reason } => ("idle", Some(reason.as_str())),
             ProbeOutcome::Unavailable { reason } => ("unavailable", Some(reason.as_str())),
         };
@@ -410,6 +415,16 @@ fn probe_done(state: &mut State, outcome: ProbeOutcome) {
             state.status.last_error = Some(error);
             state.set(TierState::Unhealthy, breaker_reason(state));
         }
+        ProbeOutcome::Degraded { note } => {
+            state.breaker.record_success(now);
+            state.status.last_error = None;
+            state.set(TierState::Degraded, note);
+        }
+        ProbeOutcome::Gone { reason } => {
+            state.breaker.record_failure(now);
+            state.status.last_error = Some(reason.clone());
+            state.set(TierState::Unhealthy, reason);
+        }
         ProbeOutcome::Idle { reason } => state.set(TierState::Unhealthy, reason),
         ProbeOutcome::Unavailable { reason } => {
             state.status.last_error = Some(reason.clone());
@@ -424,6 +439,22 @@ fn probe_done(state: &mut State, outcome: ProbeOutcome) {
     {
         state.publish();
     }
+}
+
+/// The router's report of a proxied request: a failure counts in the one
+/// breaker and brings the next probe forward.
+fn request_outcome(myself: &ActorRef<TierMsg>, state: &mut State, outcome: RequestOutcome) {
+    let Some(error) = outcome.error else {
+        return;
+    };
+    let now = state.now();
+    state.breaker.record_failure(now);
+    state.status.last_error = Some(format!("request to {} failed: {error}", outcome.endpoint));
+    if state.status.state.is_serving() && state.breaker.state(now) != BreakerState::Closed {
+        state.set(TierState::Unhealthy, breaker_reason(state));
+        state.publish();
+    }
+    probe(myself, state, Admit::ThroughBreaker);
 }
 
 fn breaker_reason(state: &State) -> String {
