@@ -114,7 +114,7 @@ impl Client {
     fn unreachable(&self, e: &reqwest::Error) -> ClientError {
         ClientError::Unreachable {
             addr: self.addr,
-            cause: cascade_actors::tiers::local::root_cause(e),
+            cause: cascade_actors::text::root_cause(e),
         }
     }
 }

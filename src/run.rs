@@ -131,7 +131,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
             if !matches!(stopped, Ok(CallResult::Success(()))) {
                 warn!(
                     "Tiers did not all stop within {}.",
-                    humantime::format_duration(shutdown_budget)
+                    cascade_actors::text::duration(shutdown_budget)
                 );
             }
             force.abort();
@@ -249,7 +249,7 @@ async fn reload(root: &ActorRef<RootMsg>, source: &Source, current: &mut Config)
         Ok(CallResult::Success(summary)) => info!("{summary}"),
         Ok(CallResult::Timeout) => warn!(
             "Reload not confirmed within {}; it may still be in progress.",
-            humantime::format_duration(budget)
+            cascade_actors::text::duration(budget)
         ),
         Ok(CallResult::SenderError) => warn!("Reload not applied: cascade is stopping."),
         Err(e) => warn!(error = %e, "Reload could not be delivered."),

@@ -248,7 +248,7 @@ impl Telemetry {
             Ok(Err(_)) => warn!("Telemetry shutdown thread failed."),
             Err(_) => warn!(
                 "Telemetry was not flushed within {}; the rest is dropped.",
-                humantime::format_duration(within)
+                cascade_actors::text::duration(within)
             ),
         }
     }

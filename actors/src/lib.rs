@@ -13,6 +13,7 @@ pub mod notify;
 pub mod resilience;
 pub mod routing;
 pub mod supervisor;
+pub mod text;
 pub mod tier;
 pub mod tiers;
 pub mod waterfall;

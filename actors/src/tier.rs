@@ -338,7 +338,7 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
             state
                 .status
                 .details
-                .insert("breaker_retry_in".into(), format_duration(left));
+                .insert("breaker_retry_in".into(), crate::text::duration(left));
             return;
         }
         Admission::Allowed | Admission::Trial => {}
@@ -410,7 +410,7 @@ fn probe_done(state: &mut State, outcome: ProbeOutcome) {
         }
         ProbeOutcome::Throttled { error, retry_after } => {
             state.breaker.record_failure(now);
-            let asked = format!("Retry-After {}", format_duration(retry_after));
+            let asked = format!("Retry-After {}", crate::text::duration(retry_after));
             state.breaker.force_open(now, retry_after, asked);
             state.status.last_error = Some(error);
             state.set(TierState::Unhealthy, breaker_reason(state));
@@ -644,11 +644,4 @@ fn record_result<T>(span: &Span, result: &Result<T, TierError>) {
         Ok(_) => record_outcome(span, "ok", None),
         Err(e) => record_outcome(span, "error", Some(&e.0)),
     }
-}
-
-fn format_duration(d: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(
-        d.as_millis().try_into().unwrap_or(u64::MAX),
-    ))
-    .to_string()
 }

@@ -62,7 +62,7 @@ impl BackoffConfig {
                 "cap".into(),
                 format!(
                     "must be at least base ({})",
-                    humantime::format_duration(self.base)
+                    crate::text::duration(self.base)
                 ),
             ));
         }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::backoff::doubled_capped;
-use super::clock::saturating_add;
+use super::deadline::saturating_add;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -81,7 +81,7 @@ impl BreakerConfig {
                 "open_max",
                 format!(
                     "must be at least open_base ({})",
-                    humantime::format_duration(self.open_base)
+                    crate::text::duration(self.open_base)
                 ),
             );
         }

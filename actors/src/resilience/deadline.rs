@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::clock::saturating_add;
-
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("{what} did not finish within {}", humantime::format_duration(*.after))]
+#[error("{what} did not finish within {}", crate::text::duration(*.after))]
 pub struct DeadlineExceeded {
     pub what: String,
     pub after: Duration,
@@ -33,6 +31,47 @@ pub async fn with_deadline<F: Future>(
             what: what.into(),
             after,
         })
+}
+
+/// Calls `check` every `every` until it returns `Some`, for at most
+/// `within` in all: the one way to wait for something to become true. A
+/// `check` that hangs is cut off by the same deadline.
+pub async fn poll_until<T, F, Fut>(
+    within: Duration,
+    every: Duration,
+    what: impl Into<String>,
+    mut check: F,
+) -> Result<T, DeadlineExceeded>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    with_deadline(within, what, async {
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+    .await
+}
+
+/// `at + d`, clamped to the latest representable instant instead of
+/// panicking, so absurd configured durations ("open for 10 000 years")
+/// degrade to "as long as possible".
+pub fn saturating_add(at: Instant, d: Duration) -> Instant {
+    let mut d = d;
+    loop {
+        if let Some(t) = at.checked_add(d) {
+            return t;
+        }
+        // Halving converges on the largest addable duration within ~100 steps.
+        d /= 2;
+        if d.is_zero() {
+            return at;
+        }
+    }
 }
 
 /// An overall deadline across several attempts, e.g. "daemon ready within 60 s, one ping per
@@ -133,6 +172,47 @@ mod tests {
             d.attempt_timeout(t0 + Duration::from_secs(70), per),
             Duration::ZERO
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn poll_until_returns_the_first_answer_or_gives_up_at_the_deadline() {
+        let start = Instant::now();
+        let mut calls = 0;
+        let found = poll_until(
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            "three",
+            || {
+                calls += 1;
+                let n = calls;
+                async move { (n == 3).then_some(n) }
+            },
+        )
+        .await;
+        assert_eq!(found, Ok(3));
+        assert_eq!(Instant::now() - start, Duration::from_secs(2));
+        let never = poll_until(
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            "never",
+            || async { None::<()> },
+        )
+        .await;
+        assert_eq!(
+            never.expect_err("gives up").to_string(),
+            "never did not finish within 5s"
+        );
+    }
+
+    #[test]
+    fn saturating_add_clamps_instead_of_panicking() {
+        let now = Instant::now();
+        assert_eq!(
+            saturating_add(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        let far = saturating_add(now, Duration::MAX);
+        assert!(far > now + Duration::from_secs(1_000_000));
     }
 
     #[test]

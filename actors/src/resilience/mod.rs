@@ -2,11 +2,11 @@
 //!
 //! - [`CircuitBreaker`]: stops calling a backend that keeps failing, probes it again later.
 //! - [`Backoff`]: capped exponential delays (with full jitter) between restarts or retries.
-//! - [`with_deadline`] / [`Deadline`]: every awaited outside call is bounded in time.
+//! - [`with_deadline`] / [`Deadline`]: every awaited outside call is bounded in time;
+//!   [`poll_until`]: every wait for a condition too.
 //! - [`RetryBudget`] / [`SharedRetryBudget`]: bounds what retries add to first attempts across a
 //!   group of callers (Finagle-style token budget).
 //! - [`RestartIntensity`]: OTP-style "too many restarts in too short a time".
-//! - [`Clock`]: a source of "now" for actors that do not want to thread it through.
 //!
 //! Invariants shared by all of them: the breaker, backoff, retry budget, deadline arithmetic and
 //! restart intensity do no I/O and never read the clock themselves; every method that needs time
@@ -17,13 +17,11 @@
 pub mod backoff;
 pub mod breaker;
 pub mod budget;
-pub mod clock;
 pub mod deadline;
 pub mod intensity;
 
 pub use backoff::{Backoff, BackoffConfig, Jitter};
 pub use breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker, TripReason};
 pub use budget::{RetryBudget, RetryBudgetConfig, SharedRetryBudget};
-pub use clock::{Clock, SharedClock, TokioClock};
-pub use deadline::{Deadline, DeadlineExceeded, with_deadline};
+pub use deadline::{Deadline, DeadlineExceeded, poll_until, saturating_add, with_deadline};
 pub use intensity::RestartIntensity;

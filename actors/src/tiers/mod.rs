@@ -6,4 +6,5 @@ pub mod cloud_run;
 pub mod docker;
 pub mod gcp;
 pub mod gcp_vm;
+pub mod health;
 pub mod local;

@@ -282,7 +282,7 @@ fn active_line(
         line.push_str(&format!(
             " (failback from {}: healthy for {})",
             previous.map(|p| p.as_str()).unwrap_or("none"),
-            humantime::format_duration(round_to_millis(healthy_for))
+            crate::text::duration(healthy_for)
         ));
         return line;
     }
@@ -305,8 +305,4 @@ fn outage_line(views: &[TierView<'_>]) -> String {
         .map(|v| format!("{}: {}", v.tier, v.reason))
         .collect();
     format!("no tier is healthy: {}", reasons.join("; "))
-}
-
-fn round_to_millis(d: Duration) -> Duration {
-    Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
 }

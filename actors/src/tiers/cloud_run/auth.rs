@@ -39,7 +39,7 @@ use super::Credentials;
 use super::client;
 use crate::contract::{ProbeOutcome, TierError};
 use crate::resilience::with_deadline;
-use crate::tiers::local::root_cause;
+use crate::text::root_cause;
 
 /// Where a key without `token_uri` exchanges its assertions.
 const GOOGLE_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
@@ -174,7 +174,7 @@ impl IdTokens {
             Err(_) => Err(TokenError::Fetch(format!(
                 "{} did not answer within {}",
                 self.source_name(),
-                super::format_ms(timeout)
+                crate::text::duration(timeout)
             ))),
         };
         match fetched {

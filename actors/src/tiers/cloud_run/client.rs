@@ -19,10 +19,10 @@ use reqwest::Url;
 use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
 
 use super::auth::redact;
-use super::{AdminConfig, Credentials, format_ms};
+use super::{AdminConfig, Credentials};
 use crate::contract::TierError;
 use crate::resilience::with_deadline;
-use crate::tiers::local::root_cause;
+use crate::text::root_cause;
 
 /// Bytes of a 2xx body read so the connection can go back to the pool.
 const DRAIN_LIMIT: usize = 64 * 1024;
@@ -102,7 +102,7 @@ pub(super) async fn health(
         Ok(Err(e)) => Err(format!("health check {url} failed: {}", root_cause(&e))),
         Err(_) => Err(format!(
             "health check {url} did not answer within {}",
-            format_ms(timeout)
+            crate::text::duration(timeout)
         )),
     }
 }
@@ -315,7 +315,7 @@ impl AdminApi {
             Err(_) => Err(format!(
                 "services.get {} did not answer within {}",
                 self.name,
-                format_ms(timeout)
+                crate::text::duration(timeout)
             )),
         }
     }

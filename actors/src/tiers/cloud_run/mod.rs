@@ -635,7 +635,7 @@ impl Driver for CloudRunDriver {
         plan.push(format!(
             "probe {} allowing for a cold start ({})",
             self.health_url,
-            humantime::format_duration(self.config.cold_start_timeout)
+            crate::text::duration(self.config.cold_start_timeout)
         ));
         plan.push("the service itself is left to Cloud Run, which restarts and scales it".into());
         if !request.dry_run {
@@ -683,12 +683,6 @@ impl Driver for CloudRunDriver {
         }
         details
     }
-}
-
-/// A timeout for a message, to the millisecond (`150ms`, not `149ms 995us`).
-fn format_ms(d: Duration) -> String {
-    let ms = (d.as_micros() + 500) / 1000;
-    humantime::format_duration(Duration::from_millis(ms as u64)).to_string()
 }
 
 fn not_ready(message: &str) -> ProbeOutcome {

@@ -31,7 +31,6 @@ use super::plan::{
     Desired, HealthState, ImageFacts, Observed, PortHolder, RunState, parse_bindings,
 };
 use crate::resilience::with_deadline;
-use crate::tiers::local::root_cause;
 
 /// Longest health check output quoted in a status line.
 const OUTPUT_QUOTED: usize = 200;
@@ -281,19 +280,7 @@ impl Client {
 
     /// One GET of a health endpoint: Ok on 2xx within `timeout`.
     pub async fn health(&self, url: &str, timeout: Duration) -> Result<(), String> {
-        let sent = with_deadline(timeout, "health check", self.http.get(url).send()).await;
-        match sent {
-            Err(_) => Err(format!(
-                "health check {url} took longer than {}",
-                humantime::format_duration(timeout)
-            )),
-            Ok(Err(e)) => Err(format!("health check {url} failed: {}", root_cause(&e))),
-            Ok(Ok(response)) if response.status().is_success() => Ok(()),
-            Ok(Ok(response)) => Err(format!(
-                "health check {url} answered HTTP {}",
-                response.status()
-            )),
-        }
+        crate::tiers::health::check(&self.http, url, timeout).await
     }
 }
 

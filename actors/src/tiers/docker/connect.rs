@@ -24,7 +24,7 @@ pub enum DockerError {
     NotInstalled { socket: String },
     #[error("daemon not running ({cause})")]
     NotRunning { cause: String },
-    #[error("daemon not responding ({what} took longer than {})", humantime::format_duration(*after))]
+    #[error("daemon not responding ({what} took longer than {})", crate::text::duration(*after))]
     NotResponding { what: String, after: Duration },
     /// The daemon answered with an error status.
     #[error("{what}: HTTP {status}: {message}")]
@@ -268,7 +268,7 @@ pub fn classify(what: &str, error: bollard::errors::Error) -> DockerError {
             after: Duration::ZERO,
         },
         other => {
-            let cause = crate::tiers::local::root_cause(&other);
+            let cause = crate::text::root_cause(&other);
             let lower = cause.to_lowercase();
             if lower.contains("connection refused")
                 || lower.contains("no such file")

@@ -45,7 +45,7 @@ pub enum DaemonError {
     Spawn { command: String, cause: String },
     #[error("docker daemon {how}{}", quote(stderr))]
     Exited { how: String, stderr: Vec<String> },
-    #[error("docker daemon not ready after {} ({attempts} attempts; last: {last})", humantime::format_duration(*after))]
+    #[error("docker daemon not ready after {} ({attempts} attempts; last: {last})", crate::text::duration(*after))]
     Timeout {
         after: Duration,
         attempts: u32,

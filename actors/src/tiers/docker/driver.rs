@@ -86,7 +86,7 @@ pub enum LifecycleError {
     },
     #[error("container {container} stopped while starting ({state})")]
     Died { container: String, state: RunState },
-    #[error("containers not ready after {}: {last}", humantime::format_duration(*after))]
+    #[error("containers not ready after {}: {last}", crate::text::duration(*after))]
     NotReady { after: Duration, last: String },
     #[error("{0} was cancelled (the tier is stopping)")]
     Cancelled(&'static str),

@@ -111,7 +111,7 @@ async fn post(target: &Target, notice: &Notice) -> Result<(), String> {
         .json(notice)
         .send()
         .await
-        .map_err(|e| crate::tiers::local::root_cause(&e))?;
+        .map_err(|e| crate::text::root_cause(&e))?;
     let status = response.status();
     if status.is_success() {
         Ok(())

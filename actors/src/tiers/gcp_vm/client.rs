@@ -87,7 +87,7 @@ impl ApiError {
         ApiError {
             status: None,
             reason: None,
-            message: format!("no answer within {}", humantime::format_duration(after)),
+            message: format!("no answer within {}", crate::text::duration(after)),
             retry_after: None,
             timed_out: true,
         }
@@ -416,41 +416,12 @@ impl ComputeApi for GceCompute {
     }
 }
 
-/// The service's health check on one VM: GET `url`, Ok on a 2xx within `timeout`.
-pub async fn health(http: &reqwest::Client, url: &str, timeout: Duration) -> Result<(), String> {
-    let response = http
-        .get(url)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| format!("GET {url}: {}", root_cause(&e)))?;
-    let status = response.status();
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("GET {url}: HTTP {}", status.as_u16()))
-    }
-}
-
 /// An HTTP client for health checks: no proxy (VM addresses are internal).
 pub fn http_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .no_proxy()
         .build()
         .map_err(|e| format!("cannot build an HTTP client: {e}"))
-}
-
-/// The innermost error of a chain: "connection refused" rather than "error sending request".
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    if std::ptr::addr_eq(cause, error) {
-        error.to_string()
-    } else {
-        format!("{error}: {cause}")
-    }
 }
 
 /// Credentials for the Compute clients: a key file (service account or authorized user), a given

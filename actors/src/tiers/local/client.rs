@@ -194,29 +194,6 @@ pub fn describe_exit(status: io::Result<ExitStatus>) -> String {
     }
 }
 
-/// One GET of the health endpoint: Ok on 2xx within `timeout`.
-pub async fn health(http: &reqwest::Client, url: &str, timeout: Duration) -> Result<(), String> {
-    let sent = with_deadline(timeout, format!("health check {url}"), http.get(url).send()).await;
-    match sent {
-        Err(e) => Err(e.to_string()),
-        Ok(Err(e)) => Err(format!("health check {url} failed: {}", root_cause(&e))),
-        Ok(Ok(response)) if response.status().is_success() => Ok(()),
-        Ok(Ok(response)) => Err(format!(
-            "health check {url} answered HTTP {}",
-            response.status()
-        )),
-    }
-}
-
-/// The innermost cause, which is the part worth reading ("Connection refused").
-pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
-}
-
 /// Memory the host can give a new process without swapping.
 pub fn available_memory() -> u64 {
     let mut system = sysinfo::System::new();

@@ -35,7 +35,7 @@ use crate::contract::{
 use crate::resilience::{Backoff, BackoffConfig, BreakerConfig, Jitter};
 use crate::tier::{ProbeConfig, TierSpec};
 
-pub use client::{available_memory, root_cause};
+pub use client::available_memory;
 
 /// Stands for the cascade executable in `command`, so the shipped default
 /// configuration can run the built-in demo backend on any machine.
@@ -315,7 +315,7 @@ impl LocalDriver {
             if let Phase::GaveUp { reason } = &view.borrow().phase {
                 return Err(TierError::new(reason.clone()));
             }
-            if client::health(&self.http, &self.health_url, self.config.probe.timeout)
+            if crate::tiers::health::check(&self.http, &self.health_url, self.config.probe.timeout)
                 .await
                 .is_ok()
             {
@@ -353,11 +353,16 @@ impl Driver for LocalDriver {
             Phase::BackingOff { last_exit, delay } => ProbeOutcome::Down {
                 error: format!(
                     "process exited ({last_exit}); restarting in {}",
-                    humantime::format_duration(delay)
+                    crate::text::duration(delay)
                 ),
             },
             Phase::Running { pid, .. } => {
-                match client::health(&self.http, &self.health_url, self.config.probe.timeout).await
+                match crate::tiers::health::check(
+                    &self.http,
+                    &self.health_url,
+                    self.config.probe.timeout,
+                )
+                .await
                 {
                     Ok(()) => ProbeOutcome::Up {
                         note: format!("ready (pid {pid})"),
@@ -381,8 +386,12 @@ impl Driver for LocalDriver {
             if running
                 && let Phase::Running { pid, since } = phase
                 && since.elapsed() >= self.config.start_timeout
-                && let Err(error) =
-                    client::health(&self.http, &self.health_url, self.config.probe.timeout).await
+                && let Err(error) = crate::tiers::health::check(
+                    &self.http,
+                    &self.health_url,
+                    self.config.probe.timeout,
+                )
+                .await
             {
                 warn!(backend.tier = "local", pid, %error, "Process runs but is unhealthy; restarting it.");
                 Self::stop_locked(&mut run, self.config.stop_grace).await;
@@ -406,7 +415,7 @@ impl Driver for LocalDriver {
             } else {
                 format!(
                     "stop process group {pid} (SIGTERM, SIGKILL after {})",
-                    humantime::format_duration(self.config.stop_grace)
+                    crate::text::duration(self.config.stop_grace)
                 )
             });
         }
@@ -562,7 +571,7 @@ impl Supervision {
         let mut reason = format!(
             "crash loop: exited {} times without running {} (exits: {})",
             self.backoff.attempt(),
-            humantime::format_duration(self.backoff_reset_after()),
+            crate::text::duration(self.backoff_reset_after()),
             exits.join(", ")
         );
         if !stderr.is_empty() {

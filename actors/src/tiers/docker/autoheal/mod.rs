@@ -447,7 +447,7 @@ async fn run(
                     let delay = reconnect.ended(Instant::now());
                     match broken {
                         Some(Err(e)) => {
-                            let error = crate::tiers::local::root_cause(&e);
+                            let error = crate::text::root_cause(&e);
                             warn!(%error, retry_in = ?delay, "Docker event stream broke; reconnecting.");
                         }
                         _ => warn!(retry_in = ?delay, "Docker event stream ended; reconnecting."),
@@ -697,7 +697,7 @@ impl Healer {
             let why = format!(
                 "more than {} restarts within {}; last failure: {reason}",
                 self.settings.max_restarts,
-                humantime::format_duration(self.settings.window)
+                crate::text::duration(self.settings.window)
             );
             warn!(container = %t.name, id = %id, restarts = t.restarts, %reason, "Autoheal gives up on this container.");
             crate::metrics::metrics().autoheal_give_up(&t.name);

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::{Pool, PoolError, format_duration};
+use super::{Pool, PoolError};
 use crate::contract::{ProbeOutcome, RestartReport, RestartRequest, TierId};
 use crate::resilience::Deadline;
 use crate::tiers::gcp_vm::checkpoint::{Phase, VmEntry};
@@ -244,8 +244,8 @@ impl Pool {
                     "idle".into(),
                     format!(
                         "{} of {} (VMs are deleted after idle_ttl)",
-                        format_duration(idle),
-                        format_duration(self.config.idle_ttl)
+                        crate::text::duration(idle),
+                        crate::text::duration(self.config.idle_ttl)
                     ),
                 );
             }

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use tracing::info;
 
 use super::jobs::Job;
-use super::{Pool, PoolState, format_duration};
+use super::{Pool, PoolState};
 use crate::tiers::gcp_vm::checkpoint::{Phase, VmEntry};
 
 impl Pool {
@@ -35,11 +35,11 @@ impl Pool {
             idle
         });
         for (slot, name) in idle {
-            info!(backend.tier = "gcp_vm", vm = %name, idle_ttl = %format_duration(ttl), "VM idle too long; deleting it.");
+            info!(backend.tier = "gcp_vm", vm = %name, idle_ttl = %crate::text::duration(ttl), "VM idle too long; deleting it.");
             self.spawn_job(
                 slot,
                 Job::Delete {
-                    why: format!("idle for {}", format_duration(ttl)),
+                    why: format!("idle for {}", crate::text::duration(ttl)),
                     idle: true,
                 },
             );

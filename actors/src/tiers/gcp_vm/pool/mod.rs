@@ -125,13 +125,6 @@ fn set_aside_note(aside: &Path, error: &str) -> String {
     )
 }
 
-fn format_duration(d: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(
-        d.as_millis().try_into().unwrap_or(u64::MAX),
-    ))
-    .to_string()
-}
-
 /// Everything mutable about the pool.
 #[derive(Debug, Default)]
 pub struct PoolState {
@@ -460,7 +453,7 @@ impl Pool {
         let ended = tokio::time::timeout(STOP_WAIT, self.tasks.wait()).await;
         self.tasks.reopen();
         if ended.is_err() {
-            warn!(backend.tier = "gcp_vm", tasks = self.tasks.len(), wait = %format_duration(STOP_WAIT), "Background tasks still running after stop.");
+            warn!(backend.tier = "gcp_vm", tasks = self.tasks.len(), wait = %crate::text::duration(STOP_WAIT), "Background tasks still running after stop.");
         }
     }
 

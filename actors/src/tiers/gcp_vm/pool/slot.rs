@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::idle::idle_for;
-use super::{Pool, PoolError, adopt, format_duration, is_lost_status};
+use super::{Pool, PoolError, adopt, is_lost_status};
 use crate::resilience::{Backoff, BackoffConfig, Deadline, Jitter};
 use crate::tiers::gcp_vm::POOL_LABEL;
 use crate::tiers::gcp_vm::checkpoint::{OpKind, OpRef, Phase, VmEntry};
@@ -85,7 +85,7 @@ impl Pool {
             return false;
         };
         let url = self.health_url(ip);
-        match client::health(&self.http, &url, self.health_timeout()).await {
+        match crate::tiers::health::check(&self.http, &url, self.health_timeout()).await {
             Ok(()) => true,
             Err(_) => {
                 self.update_entry(slot, |e| e.phase = Phase::Unhealthy);
@@ -243,12 +243,12 @@ impl Pool {
                 break;
             }
         }
-        warn!(backend.tier = "gcp_vm", vm = %vm, operation = %op.name, after = %format_duration(bound), "Operation did not finish; abandoned.");
+        warn!(backend.tier = "gcp_vm", vm = %vm, operation = %op.name, after = %crate::text::duration(bound), "Operation did not finish; abandoned.");
         Err(PoolError::OperationTimeout {
             op: op.name.clone(),
             kind: op.kind.as_str(),
             vm: vm.to_owned(),
-            after: format_duration(bound),
+            after: crate::text::duration(bound),
         })
     }
 
@@ -287,7 +287,13 @@ impl Pool {
                     match (&vm.ip, vm.status.as_str()) {
                         (Some(ip), "RUNNING") => {
                             let url = self.health_url(ip);
-                            match client::health(&self.http, &url, self.health_timeout()).await {
+                            match crate::tiers::health::check(
+                                &self.http,
+                                &url,
+                                self.health_timeout(),
+                            )
+                            .await
+                            {
                                 Ok(()) => {
                                     info!(backend.tier = "gcp_vm", vm = %name, %ip, "VM ready.");
                                     self.update_entry(slot, |e| {
@@ -314,7 +320,7 @@ impl Pool {
             if deadline.is_expired(Instant::now()) {
                 return Err(PoolError::NotReady {
                     vm: name,
-                    after: format_duration(started.elapsed()),
+                    after: crate::text::duration(started.elapsed()),
                     last,
                 });
             }

@@ -13,7 +13,6 @@ use crate::contract::DriverEvent;
 use crate::resilience::{Backoff, BackoffConfig, Jitter, with_deadline};
 use crate::tiers::gcp_vm::POOL_LABEL;
 use crate::tiers::gcp_vm::checkpoint::Phase;
-use crate::tiers::gcp_vm::client;
 
 impl Pool {
     pub(super) async fn watch(self: Arc<Self>) {
@@ -193,7 +192,7 @@ impl Pool {
         let timeout = self.health_timeout();
         let checks = targets.iter().map(|(_, _, ip)| {
             let url = self.health_url(ip);
-            async move { client::health(&self.http, &url, timeout).await }
+            async move { crate::tiers::health::check(&self.http, &url, timeout).await }
         });
         let results = join_all(checks).await;
         let now = SystemTime::now();
