@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cascade_actors::contract::{
-    Driver, DriverFactory, ProbeOutcome, RestartReport, RestartRequest, TierError,
+    Driver, DriverFactory, ProbeOutcome, RestartReport, RestartRequest, StopReason, TierError,
 };
 use cascade_actors::notify::NoNotify;
 use cascade_actors::supervisor::{self, SupervisorConfig};
@@ -256,7 +256,7 @@ impl Driver for Fallback {
     async fn start(&self) -> Result<(), TierError> {
         Err(TierError::new("the fallback does not start"))
     }
-    async fn stop(&self) -> Result<(), TierError> {
+    async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {
         Ok(())
     }
     async fn restart(&self, request: RestartRequest) -> Result<RestartReport, TierError> {

@@ -239,8 +239,9 @@ pub trait Driver: Send + Sync + 'static {
     async fn probe(&self) -> ProbeOutcome;
     /// Brings the backend up and returns once it is ready.
     async fn start(&self) -> Result<(), TierError>;
-    /// Stops the backend gracefully.
-    async fn stop(&self) -> Result<(), TierError>;
+    /// Stops the backend gracefully, or leaves it for a successor: see
+    /// [`StopReason`].
+    async fn stop(&self, reason: StopReason) -> Result<(), TierError>;
     /// Restarts the backend, or with `dry_run` only says how it would.
     async fn restart(&self, request: RestartRequest) -> Result<RestartReport, TierError>;
     /// Tier-specific facts for the status reply.
@@ -250,6 +251,38 @@ pub trait Driver: Send + Sync + 'static {
     /// The tier is (or stops being) the active one; a tier holding costly
     /// resources may release them after a while when it is not.
     fn set_active(&self, _active: bool) {}
+}
+
+/// Why a tier actor is told to stop, so a driver can tell "cascade is
+/// going away" from "a new instance of this tier takes over".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// cascade is exiting: the tier's exit policy applies (e.g. the docker
+    /// tier's `stop_on_exit`).
+    Exiting,
+    /// The tier left the configuration (a reload): nobody takes over, so
+    /// the tier's exit policy applies as for [`StopReason::Exiting`].
+    Removed,
+    /// A new actor for the same tier takes over (a reload changed its
+    /// section): leave running what the successor can adopt, so a
+    /// replacement causes no outage.
+    Replaced,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Exiting => "exiting",
+            StopReason::Removed => "removed",
+            StopReason::Replaced => "replaced",
+        }
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Something a driver noticed on its own (a process exited, a container died).
@@ -337,8 +370,9 @@ pub enum TierMsg {
     /// Start the backend; used only by the waterfall's start phase. The
     /// outcome is pushed to the root as [`crate::supervisor::RootMsg::StartFinished`].
     EnsureStarted,
-    /// Stop the backend and stop probing; replies when done.
-    Stop(RpcReplyPort<()>),
+    /// Stop probing and stop (or, when replaced, hand over) the backend;
+    /// replies when done.
+    Stop(StopReason, RpcReplyPort<()>),
     Restart(
         RestartRequest,
         RpcReplyPort<Result<RestartReport, TierError>>,

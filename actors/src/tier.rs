@@ -24,7 +24,7 @@ use tracing::{Instrument, Span, info, info_span, warn};
 
 use crate::contract::{
     Driver, DriverEvent, DriverFactory, EventSink, Internal, ProbeOutcome, RestartReport,
-    RestartRequest, TierError, TierId, TierMsg, TierState, TierStatus,
+    RestartRequest, StopReason, TierError, TierId, TierMsg, TierState, TierStatus,
 };
 use crate::metrics::metrics;
 use crate::resilience::{Admission, BreakerConfig, BreakerState, CircuitBreaker, with_deadline};
@@ -174,8 +174,8 @@ impl Actor for TierActor {
                 }
             }
             TierMsg::EnsureStarted => ensure_started(&myself, state),
-            TierMsg::Stop(reply) => {
-                stop(state).await;
+            TierMsg::Stop(reason, reply) => {
+                stop(state, reason).await;
                 reply_or_log(reply, ());
             }
             TierMsg::Restart(request, reply) => restart(&myself, state, request, reply),
@@ -538,17 +538,21 @@ fn finish_start(state: &State, result: Result<(), TierError>) {
     }
 }
 
-async fn stop(state: &mut State) {
+async fn stop(state: &mut State, reason: StopReason) {
     state.stopped = true;
     if let Some(ticker) = state.ticker.take() {
         ticker.abort();
     }
     let grace = state.spec.stop_grace;
     let tier = state.spec.id;
-    match with_deadline(grace, "stop", state.driver.stop()).await {
-        Ok(Ok(())) => info!(backend.tier = %tier, "Tier stopped."),
-        Ok(Err(e)) => warn!(backend.tier = %tier, error = %e, "Tier stop failed."),
-        Err(e) => warn!(backend.tier = %tier, error = %e, "Tier stop ran out of time."),
+    match with_deadline(grace, "stop", state.driver.stop(reason)).await {
+        Ok(Ok(())) => info!(backend.tier = %tier, reason = reason.as_str(), "Tier stopped."),
+        Ok(Err(e)) => {
+            warn!(backend.tier = %tier, reason = reason.as_str(), error = %e, "Tier stop failed.")
+        }
+        Err(e) => {
+            warn!(backend.tier = %tier, reason = reason.as_str(), error = %e, "Tier stop ran out of time.")
+        }
     }
     state.set(TierState::Unavailable, "stopped".into());
     state.publish();

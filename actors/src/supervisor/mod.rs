@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::contract::{
-    RestartReport, RestartRequest, TierError, TierId, TierMsg, TierState, TierStatus,
+    RestartReport, RestartRequest, StopReason, TierError, TierId, TierMsg, TierState, TierStatus,
 };
 use crate::notify::ServiceNotify;
 use crate::resilience::{Backoff, BackoffConfig, Jitter, RestartIntensity};
@@ -533,7 +533,7 @@ async fn stop_all(state: &mut RootState) {
     state.shutting_down = true;
     for child in state.children.iter_mut().rev() {
         if let Some(actor) = child.actor.take() {
-            stop_tier(actor, &child.spec).await;
+            stop_tier(actor, &child.spec, StopReason::Exiting).await;
         }
     }
 }
@@ -541,10 +541,13 @@ async fn stop_all(state: &mut RootState) {
 /// Stops a tier's backend within its grace, then its actor. Whoever calls
 /// this has already taken the actor out of its child, so the exit this
 /// causes is not mistaken for a failure.
-async fn stop_tier(actor: ActorRef<TierMsg>, spec: &TierSpec) {
+async fn stop_tier(actor: ActorRef<TierMsg>, spec: &TierSpec, reason: StopReason) {
     let tier = spec.id;
     let grace = spec.stop_grace + Duration::from_secs(1);
-    match actor.call(TierMsg::Stop, Some(grace)).await {
+    match actor
+        .call(|reply| TierMsg::Stop(reason, reply), Some(grace))
+        .await
+    {
         Ok(ractor::rpc::CallResult::Success(())) => {}
         Ok(_) => warn!(backend.tier = %tier, "Tier did not confirm its stop in time."),
         Err(e) => warn!(backend.tier = %tier, error = %e, "Tier could not be asked to stop."),
@@ -606,12 +609,15 @@ async fn reload(
     // Whatever is left in `old` is replaced or removed. Those children are
     // out of `state.children` now, so their actors' exits find no child.
     for child in old.into_iter().rev().flatten() {
-        if !state.children.iter().any(|c| c.spec.id == child.spec.id) {
+        let reason = if state.children.iter().any(|c| c.spec.id == child.spec.id) {
+            StopReason::Replaced
+        } else {
             summary.removed.push(child.spec.id);
-        }
+            StopReason::Removed
+        };
         if let Some(actor) = child.actor {
-            info!(backend.tier = %child.spec.id, "Reload: stopping the tier.");
-            stop_tier(actor, &child.spec).await;
+            info!(backend.tier = %child.spec.id, reason = reason.as_str(), "Reload: stopping the tier.");
+            stop_tier(actor, &child.spec, reason).await;
         }
     }
     summary.removed.reverse();

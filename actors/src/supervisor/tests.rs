@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::contract::{
-    Driver, DriverFactory, ProbeOutcome, RestartReport, RestartRequest, TierError,
+    Driver, DriverFactory, ProbeOutcome, RestartReport, RestartRequest, StopReason, TierError,
 };
 use crate::resilience::BreakerConfig;
 use crate::tier::ProbeConfig;
@@ -19,7 +19,7 @@ struct Fake {
     id: TierId,
     healthy: Arc<AtomicBool>,
     panics: bool,
-    stops: Arc<Mutex<Vec<TierId>>>,
+    stops: Arc<Mutex<Vec<(TierId, StopReason)>>>,
 }
 
 #[async_trait]
@@ -44,8 +44,8 @@ impl Driver for Fake {
     async fn start(&self) -> Result<(), TierError> {
         Err(TierError::new("fakes do not start"))
     }
-    async fn stop(&self) -> Result<(), TierError> {
-        self.stops.lock().unwrap().push(self.id);
+    async fn stop(&self, reason: StopReason) -> Result<(), TierError> {
+        self.stops.lock().unwrap().push((self.id, reason));
         Ok(())
     }
     async fn restart(&self, r: RestartRequest) -> Result<RestartReport, TierError> {
@@ -68,7 +68,7 @@ impl Driver for Fake {
 struct Tiers {
     specs: Vec<TierSpec>,
     health: Vec<Arc<AtomicBool>>,
-    stops: Arc<Mutex<Vec<TierId>>>,
+    stops: Arc<Mutex<Vec<(TierId, StopReason)>>>,
     /// How many drivers tier i's factory has built.
     builds: Vec<Arc<AtomicU32>>,
 }
@@ -233,7 +233,10 @@ async fn too_many_restarts_escalate_and_stop_the_others_in_reverse_order() {
         .expect("root joined");
     assert_eq!(
         *t.stops.lock().unwrap(),
-        vec![TierId::Local, TierId::Docker]
+        vec![
+            (TierId::Local, StopReason::Exiting),
+            (TierId::Docker, StopReason::Exiting)
+        ]
     );
 }
 
@@ -516,7 +519,11 @@ async fn reload_rebuilds_only_the_tier_whose_fingerprint_changed() {
         summary.to_string(),
         "configuration reloaded: local restarted (changed)"
     );
-    assert_eq!(*t.stops.lock().unwrap(), vec![TierId::Local]);
+    assert_eq!(
+        *t.stops.lock().unwrap(),
+        vec![(TierId::Local, StopReason::Replaced)],
+        "a changed tier is replaced, not shut down"
+    );
     let snap = wait_for(&mut running.snapshots, "local healthy again", |s| {
         s.tiers[1].status.state == TierState::Healthy
     })
@@ -596,7 +603,10 @@ async fn reload_adds_and_removes_tiers_in_the_new_order() {
     )
     .await;
     assert_eq!(summary.removed, vec![TierId::Local]);
-    assert_eq!(*all.stops.lock().unwrap(), vec![TierId::Local]);
+    assert_eq!(
+        *all.stops.lock().unwrap(),
+        vec![(TierId::Local, StopReason::Removed)]
+    );
     assert_eq!(order(&running.snapshots.borrow()), vec![TierId::Docker]);
     // With local gone, docker is the only tier left to serve.
     wait_for(&mut running.snapshots, "docker active", |s| {

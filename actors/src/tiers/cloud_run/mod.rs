@@ -41,8 +41,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::contract::{
-    Driver, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError,
-    TierId,
+    Driver, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest, StopReason,
+    TierError, TierId,
 };
 use crate::resilience::{BreakerConfig, Deadline};
 use crate::tier::{ProbeConfig, TierSpec};
@@ -611,7 +611,7 @@ impl Driver for CloudRunDriver {
     }
 
     /// Nothing to stop: the service belongs to Cloud Run.
-    async fn stop(&self) -> Result<(), TierError> {
+    async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use cascade_gcp_fake::{FakeGcp, FakeOptions, ServiceFault};
 
 use super::auth::{TokenTimes, b64_decode, b64_encode, redact, refresh_slack, token_times};
 use super::*;
-use crate::contract::{DriverFactory, TierState};
+use crate::contract::{DriverFactory, StopReason, TierState};
 use crate::resilience::BreakerState;
 use crate::supervisor::{self, Snapshot, SupervisorConfig};
 use crate::tier::TierSpec;
@@ -415,7 +415,10 @@ async fn cannot_be_started_and_restart_drops_the_caches() {
             .to_string()
             .contains("Cloud Run starts and scales the service itself")
     );
-    driver.stop().await.expect("stop is a no-op");
+    driver
+        .stop(StopReason::Exiting)
+        .await
+        .expect("stop is a no-op");
     let report = driver
         .restart(RestartRequest {
             force: false,
@@ -1089,7 +1092,7 @@ impl Driver for Healthy {
     async fn start(&self) -> Result<(), TierError> {
         Err(TierError::new("not startable"))
     }
-    async fn stop(&self) -> Result<(), TierError> {
+    async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {
         Ok(())
     }
     async fn restart(&self, r: RestartRequest) -> Result<RestartReport, TierError> {

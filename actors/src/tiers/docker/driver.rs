@@ -38,7 +38,8 @@ use super::plan::{
     self, Action, Desired, ImageFacts, Mode, Observed, Readiness, Recreate, RunState, Step, Verdict,
 };
 use crate::contract::{
-    Driver, DriverEvent, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError, TierId,
+    Driver, DriverEvent, EventSink, ProbeOutcome, RestartReport, RestartRequest, StopReason,
+    TierError, TierId,
 };
 use crate::resilience::Deadline;
 
@@ -736,7 +737,7 @@ impl Driver for DockerDriver {
         }
     }
 
-    async fn stop(&self) -> Result<(), TierError> {
+    async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {
         self.cancel_in_flight();
         let _serial = self.lifecycle.lock().await;
         self.stop_inner().await

@@ -16,7 +16,7 @@ use super::testing::{
     Cleanup, TEST_LABEL, demo_image, docker, docker_available, eventually, free_port, inspect,
     unique,
 };
-use crate::contract::{Driver, EventSink, ProbeOutcome, RestartRequest};
+use crate::contract::{Driver, EventSink, ProbeOutcome, RestartRequest, StopReason};
 
 async fn driver(config: DockerConfig) -> DockerDriver {
     DockerDriver::new(config, EventSink::discarding().await).expect("driver builds")
@@ -143,7 +143,7 @@ async fn start_from_nothing_creates_a_labelled_healthy_container_and_probes_up()
 
     // stop_on_exit off: the container is left to Docker ...
     let before = id(&name);
-    d.stop().await.expect("stops");
+    d.stop(StopReason::Exiting).await.expect("stops");
     assert_eq!(
         inspect(&name, "{{.State.Running}}").as_deref(),
         Some("true")
@@ -160,7 +160,7 @@ async fn start_from_nothing_creates_a_labelled_healthy_container_and_probes_up()
         before,
         "a consistent container is adopted, not recreated"
     );
-    d.stop().await.expect("stops");
+    d.stop(StopReason::Exiting).await.expect("stops");
     assert_eq!(
         inspect(&name, "{{.State.Running}}").as_deref(),
         Some("false")
@@ -585,7 +585,7 @@ async fn stop_cancels_a_start_that_waits_for_health_and_stops_the_container() {
             inspect(&name, "{{.State.Running}}").as_deref() == Some("true")
         })
         .await;
-        d.stop().await
+        d.stop(StopReason::Exiting).await
     });
 
     assert!(

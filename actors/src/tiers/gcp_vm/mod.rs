@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::contract::{
-    Driver, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest, TierError,
-    TierId,
+    Driver, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest, StopReason,
+    TierError, TierId,
 };
 use crate::resilience::BreakerConfig;
 use crate::tier::{ProbeConfig, TierSpec};
@@ -411,7 +411,7 @@ impl Driver for GcpVmDriver {
 
     /// Stops watching and waits (briefly) for the pool's background tasks to end; the VMs stay
     /// (idle deletion or `cascade restart` removes them).
-    async fn stop(&self) -> Result<(), TierError> {
+    async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {
         self.pool.stop().await;
         Ok(())
     }

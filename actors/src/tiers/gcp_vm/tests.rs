@@ -18,7 +18,7 @@ use super::client::{self, ApiError, Op, Vm};
 use super::pool::{self, Merge, Pool, PoolState};
 use super::retry::{Retrier, RetryWait};
 use super::*;
-use crate::contract::DriverEvent;
+use crate::contract::{DriverEvent, StopReason};
 use crate::resilience::{Deadline, RetryBudgetConfig};
 
 const POOL: &str = "pool";
@@ -1126,7 +1126,7 @@ async fn stop_waits_until_no_background_task_runs() {
     let driver = h.driver(h.config());
     driver.start().await.expect("starts");
     assert!(driver.pool.tracked_tasks() > 0, "the watch runs");
-    driver.stop().await.expect("stops");
+    driver.stop(StopReason::Exiting).await.expect("stops");
     assert_eq!(driver.pool.tracked_tasks(), 0);
     let before = std::fs::read(h.checkpoint()).expect("written");
     let requests = h.fake.compute_requests().len();

@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use crate::contract::{
     Driver, DriverEvent, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest,
-    TierError, TierId,
+    StopReason, TierError, TierId,
 };
 use crate::resilience::{Backoff, BackoffConfig, BreakerConfig, Jitter};
 use crate::tier::{ProbeConfig, TierSpec};
@@ -401,7 +401,7 @@ impl Driver for LocalDriver {
         self.wait_ready().await
     }
 
-    async fn stop(&self) -> Result<(), TierError> {
+    async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {
         self.stop_with(self.config.stop_grace).await;
         Ok(())
     }

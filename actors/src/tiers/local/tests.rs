@@ -10,7 +10,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::contract::{Internal, TierMsg};
+use crate::contract::{Internal, StopReason, TierMsg};
 
 /// Stands in for the tier actor: collects the driver's events.
 struct Collector;
@@ -163,7 +163,7 @@ async fn stop_terminates_the_whole_group_and_kills_what_ignores_sigterm() {
     }
     assert!(group_alive(pid));
     let started = tokio::time::Instant::now();
-    driver.stop().await.expect("stops");
+    driver.stop(StopReason::Exiting).await.expect("stops");
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "SIGKILL came before the grace period"
@@ -200,7 +200,7 @@ async fn a_process_that_exits_is_restarted_and_reported() {
     let second = running_pid(&driver).await;
     assert_ne!(first, second);
     assert!(driver.details()["recent_exits"].contains("exit code 0"));
-    driver.stop().await.expect("stops");
+    driver.stop(StopReason::Exiting).await.expect("stops");
 }
 
 #[tokio::test]
@@ -214,7 +214,7 @@ async fn a_running_process_without_health_endpoint_probes_down() {
         }
         other => panic!("expected Down, got {other:?}"),
     }
-    driver.stop().await.expect("stops");
+    driver.stop(StopReason::Exiting).await.expect("stops");
 }
 
 #[tokio::test]
@@ -236,5 +236,5 @@ async fn dry_run_restart_changes_nothing() {
     );
     assert_eq!(running_pid(&driver).await, pid);
     assert!(group_alive(pid));
-    driver.stop().await.expect("stops");
+    driver.stop(StopReason::Exiting).await.expect("stops");
 }
