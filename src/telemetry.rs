@@ -476,6 +476,6 @@ mod tests {
             .insert("authorization".into(), "Bearer hunter2".into());
         let text = crate::settings::render_redacted(&config).expect("renders");
         assert!(!text.contains("hunter2"), "{text}");
-        assert!(text.contains("secret_headers = \"<redacted>\""), "{text}");
+        assert!(text.contains("authorization = \"<redacted>\""), "{text}");
     }
 }

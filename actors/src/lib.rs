@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod notify;
 pub mod resilience;
 pub mod routing;
+pub mod secrets;
 pub mod supervisor;
 pub mod text;
 pub mod tier;

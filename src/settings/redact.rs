@@ -3,54 +3,21 @@
 use serde_json::Value as Json;
 use toml_edit::{Array, ArrayOfTables, DocumentMut, InlineTable, Item, Table, Value};
 
-const SECRET_WORDS: [&str; 4] = ["token", "secret", "password", "credential"];
-const REDACTED: &str = "<redacted>";
-
-/// Renders `value` as TOML, replacing the value of every non-empty key whose
-/// name contains "token", "secret", "password" or "credential" (any case)
-/// with `"<redacted>"`. Unset optional values (`None`) are left out, since
-/// TOML has no null.
+/// Renders `value` as TOML with every secret hidden as
+/// `cascade_actors::secrets` decides (keys named like secrets, every `env`
+/// value, webhook URLs, secret arguments, passwords inside URLs), keeping
+/// the shape so the output is itself a configuration. Unset optional values
+/// (`None`) are left out, since TOML has no null.
 pub fn render_redacted<T: serde::Serialize>(value: &T) -> Result<String, String> {
     let mut json =
         serde_json::to_value(value).map_err(|e| format!("cannot serialize configuration: {e}"))?;
-    redact(&mut json);
+    cascade_actors::secrets::redact_config(&mut json);
     let Json::Object(map) = json else {
         return Err("configuration does not serialize to a table".to_owned());
     };
     let mut doc = DocumentMut::new();
     fill_table(doc.as_table_mut(), &map);
     Ok(doc.to_string())
-}
-
-fn is_secret(key: &str) -> bool {
-    let key = key.to_lowercase();
-    SECRET_WORDS.iter().any(|w| key.contains(w))
-}
-
-fn is_empty(value: &Json) -> bool {
-    match value {
-        Json::Null => true,
-        Json::String(s) => s.is_empty(),
-        Json::Array(a) => a.is_empty(),
-        Json::Object(o) => o.is_empty(),
-        Json::Bool(_) | Json::Number(_) => false,
-    }
-}
-
-fn redact(value: &mut Json) {
-    match value {
-        Json::Object(map) => {
-            for (key, child) in map.iter_mut() {
-                if is_secret(key) && !is_empty(child) {
-                    *child = Json::String(REDACTED.to_owned());
-                } else {
-                    redact(child);
-                }
-            }
-        }
-        Json::Array(items) => items.iter_mut().for_each(redact),
-        _ => {}
-    }
 }
 
 fn fill_table(table: &mut Table, map: &serde_json::Map<String, Json>) {

@@ -617,7 +617,8 @@ fn render_redacted_hides_secrets_and_keeps_the_rest() {
     };
     assert!(!text.contains("s3cr3t-value"), "{text}");
     assert!(text.contains("token = \"<redacted>\""), "{text}");
-    assert!(text.contains("user = \"cascade\""), "{text}");
+    // Everything in a table named like a secret is hidden.
+    assert!(text.contains("user = \"<redacted>\""), "{text}");
     assert!(text.contains("port = 9000"), "{text}");
     assert!(text.contains("failback_after = \"30s\""), "{text}");
     assert!(text.contains("order = [\"local\", \"docker\"]"), "{text}");
@@ -633,6 +634,7 @@ fn render_redacted_hides_secrets_and_keeps_the_rest() {
     .value;
     assert_eq!(back.tiers, c.tiers);
     assert_eq!(back.auth.token.as_deref(), Some("<redacted>"));
+    assert_eq!(back.auth.user, "<redacted>");
 
     // Unset and empty secrets have nothing to hide.
     c.auth.token = Some(String::new());
@@ -656,8 +658,8 @@ fn render_redacted_hides_secrets_and_keeps_the_rest() {
     .unwrap_or_default();
     assert!(text.contains("DB_Password = \"<redacted>\""), "{text}");
     assert!(text.contains("api_secret = \"<redacted>\""), "{text}");
-    assert!(text.contains("credentials = \"<redacted>\""), "{text}");
-    assert!(text.contains("keyring = \"visible\""), "{text}");
+    assert!(text.contains("user = \"<redacted>\""), "{text}");
+    assert!(!text.contains("visible"), "{text}");
 }
 
 #[test]
