@@ -8,3 +8,4 @@ pub mod gcp;
 pub mod gcp_vm;
 pub mod health;
 pub mod local;
+pub mod ports;

@@ -1,6 +1,6 @@
 //! The docker tier's outside world: Docker Engine calls (through
-//! [`Connector`]), the HTTP health probe, and the host's ports (a bind test,
-//! and `/proc` to name the process that holds a port).
+//! [`Connector`]) and the HTTP health probe. Who holds a host port is
+//! `tiers::ports`, shared with the local tier.
 //!
 //! Invariants: this is the only file of the tier's driver that talks to
 //! Docker or HTTP; every call has a deadline (the connector's per-call one,
@@ -9,8 +9,7 @@
 //! translates bollard's models into `plan`'s types and back.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use bollard::models::{
@@ -403,115 +402,9 @@ fn one_line(text: &str) -> String {
     }
 }
 
-// === host ports ===
-
-/// Whether cascade could bind host port `port` on 127.0.0.1, which is where
-/// Docker publishes it. A listener on 0.0.0.0 or a dual-stack `[::]` holds
-/// 127.0.0.1 too, so this one bind sees them; a listener on some other
-/// specific address does not collide with Docker's loopback binding and is
-/// rightly not reported.
-pub fn bind_error(port: PortMapping) -> Option<io::Error> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port.host));
-    let bound = if port.udp {
-        UdpSocket::bind(addr).map(drop)
-    } else {
-        TcpListener::bind(addr).map(drop)
-    };
-    bound.err()
-}
-
-/// `pid 4242 (nginx)` for the process listening on `port`, when Linux's
-/// `/proc` says so and we may read it. Best effort: `None` on any obstacle.
-pub fn port_owner(port: PortMapping) -> Option<String> {
-    let tables: [&str; 2] = if port.udp {
-        ["/proc/net/udp", "/proc/net/udp6"]
-    } else {
-        ["/proc/net/tcp", "/proc/net/tcp6"]
-    };
-    let inodes: Vec<u64> = tables
-        .iter()
-        .filter_map(|table| std::fs::read_to_string(table).ok())
-        .flat_map(|text| listening_inodes(&text, port.host, port.udp))
-        .collect();
-    if inodes.is_empty() {
-        return None;
-    }
-    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        let holds = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
-        });
-        if holds {
-            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-            return Some(format!("pid {pid} ({})", comm.trim()));
-        }
-    }
-    None
-}
-
-/// Socket inodes in a `/proc/net/{tcp,udp}[6]` table bound to local `port`:
-/// listening (state 0A) for TCP, any state for UDP.
-pub fn listening_inodes(table: &str, port: u16, udp: bool) -> Vec<u64> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let local = fields.get(1)?;
-            let state = fields.get(3)?;
-            let inode = fields.get(9)?.parse::<u64>().ok()?;
-            let (_, hex_port) = local.rsplit_once(':')?;
-            let local_port = u16::from_str_radix(hex_port, 16).ok()?;
-            let listening = udp || *state == "0A";
-            (local_port == port && listening && inode != 0).then_some(inode)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proc_net_tables_yield_the_listening_inode() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4242 1 0000000000000000 100 0 0 10 0\n\
-   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 4343 1 0000000000000000 20 4 30 10 -1\n\
-   2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0\n";
-        assert_eq!(listening_inodes(table, 8080, false), vec![4242]);
-        assert_eq!(listening_inodes(table, 22, false), vec![99]);
-        assert!(listening_inodes(table, 9, false).is_empty());
-        assert_eq!(listening_inodes(table, 8080, true), vec![4242, 4343]);
-    }
-
-    #[test]
-    fn our_own_listener_is_found_and_named() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = PortMapping {
-            host: listener.local_addr().expect("addr").port(),
-            container: 1,
-            udp: false,
-        };
-        assert!(bind_error(port).is_some());
-        let owner = port_owner(port).expect("this process is found");
-        assert!(
-            owner.starts_with(&format!("pid {} (", std::process::id())),
-            "{owner}"
-        );
-        drop(listener);
-        assert!(bind_error(port).is_none());
-    }
 
     #[test]
     fn create_body_publishes_on_loopback_with_cascades_labels() {

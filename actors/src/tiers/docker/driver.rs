@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::autoheal::{self, AutohealHandle};
-use super::client::{self, Client};
+use super::client::Client;
 use super::config::{DockerConfig, PortMapping};
 use super::connect::{Connector, DockerError};
 use super::daemon::{self, DaemonError};
@@ -42,6 +42,7 @@ use crate::contract::{
     TierError, TierId,
 };
 use crate::resilience::Deadline;
+use crate::tiers::ports::{self, Protocol};
 
 /// Time between readiness checks while waiting for containers.
 const READY_POLL: Duration = Duration::from_millis(250);
@@ -429,9 +430,9 @@ impl DockerDriver {
     async fn wait_ports_free(&self, d: &Desired) -> Result<(), LifecycleError> {
         for port in &d.ports {
             let deadline = Deadline::after(Instant::now(), PORT_RELEASE);
-            while let Some(e) = client::bind_error(*port) {
+            while let Some(e) = ports::bind_error(port.host, Protocol::udp(port.udp)) {
                 if deadline.is_expired(Instant::now()) {
-                    return Err(port_in_use(d, *port, &e));
+                    return Err(port_in_use(d, *port, &e).await);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -466,11 +467,13 @@ impl DockerDriver {
                     }
                     held_by_docker |= h.running;
                 }
-                if !held_by_docker && let Some(e) = client::bind_error(*port) {
+                if !held_by_docker
+                    && let Some(e) = ports::bind_error(port.host, Protocol::udp(port.udp))
+                {
                     lines.push(format!(
                         "cannot create {}: {}",
                         d.name,
-                        port_in_use(d, *port, &e)
+                        port_in_use(d, *port, &e).await
                     ));
                 }
             }
@@ -697,11 +700,15 @@ pub(super) fn daemon_outcome(e: DockerError) -> ProbeOutcome {
     }
 }
 
-fn port_in_use(d: &Desired, port: PortMapping, cause: &std::io::Error) -> LifecycleError {
+/// How long naming the process that holds a port may take.
+const OWNER_LOOKUP: Duration = Duration::from_secs(2);
+
+async fn port_in_use(d: &Desired, port: PortMapping, cause: &std::io::Error) -> LifecycleError {
+    let owner = ports::owner(port.host, Protocol::udp(port.udp), OWNER_LOOKUP).await;
     LifecycleError::PortInUse {
         port: plan::format_port(&port),
         container: d.name.clone(),
-        owner: client::port_owner(port),
+        owner: owner.map(|o| o.to_string()),
         cause: cause.to_string(),
     }
 }
