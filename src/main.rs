@@ -141,22 +141,23 @@ fn install_unit(
     output: Option<std::path::PathBuf>,
     config_path: &std::path::Path,
 ) -> ExitCode {
+    // A unit for a configuration that cannot run would only fail later,
+    // under the service manager, with the problems in its journal.
+    let config_arg = ConfigArg {
+        config: Some(config_path.to_owned()),
+        state_dir: None,
+    };
+    let Some(loaded) = load(&config_arg, &Overrides::default()) else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let facts = units::ServiceFacts::of(&loaded);
     let result = (|| {
         let exe = units::current_exe()?;
         let config_file = units::absolute_config(config_path)?;
         let text = if systemd {
-            units::systemd_unit(&exe, &config_file)?
+            units::systemd_unit(&exe, &config_file, &facts)?
         } else {
-            let logs = load(
-                &ConfigArg {
-                    config: Some(config_file.clone()),
-                    state_dir: None,
-                },
-                &Overrides::default(),
-            )
-            .map(|c| config::state_dir(&c))
-            .unwrap_or_else(std::env::temp_dir);
-            units::launchd_plist(&exe, &config_file, &logs)?
+            units::launchd_plist(&exe, &config_file, &config::state_dir(&loaded), &facts)?
         };
         let path = output.unwrap_or_else(|| units::default_path(systemd));
         if path.as_os_str() == "-" {

@@ -175,7 +175,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
 }
 
 /// How long stopping `specs` may take: each tier's grace and a margin.
-fn stop_budget(specs: &[TierSpec]) -> Duration {
+pub fn stop_budget(specs: &[TierSpec]) -> Duration {
     specs
         .iter()
         .map(|s| s.stop_grace + Duration::from_secs(2))

@@ -2,7 +2,11 @@
 //! and configuration.
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::Config;
 
 /// The unit template, shipped as `config/cascade.service`.
 const SYSTEMD_TEMPLATE: &str = include_str!("../config/cascade.service");
@@ -30,11 +34,54 @@ pub enum UnitError {
     },
 }
 
-/// The systemd unit with `{exe}` and `{config}` filled in.
-pub fn systemd_unit(exe: &Path, config: &Path) -> Result<String, UnitError> {
+/// What a unit needs to know about the configuration it runs.
+pub struct ServiceFacts {
+    /// How long a clean stop may take; the service manager must wait longer.
+    pub stop_within: Duration,
+    /// Where the status API listens.
+    pub listen: SocketAddr,
+}
+
+impl ServiceFacts {
+    pub fn of(config: &Config) -> ServiceFacts {
+        // The tiers' stop budget, then the telemetry flush, and the status
+        // API and root each waited for at most 5 s (`run.rs`), plus a margin.
+        let stop_within = crate::run::stop_budget(&crate::config::tier_specs(config))
+            .saturating_add(config.telemetry.shutdown_timeout)
+            .saturating_add(Duration::from_secs(15));
+        ServiceFacts {
+            stop_within,
+            listen: config.api.listen,
+        }
+    }
+
+    /// The status page's URL, reachable from the host itself.
+    fn status_page(&self) -> String {
+        let mut addr = self.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("http://{addr}/")
+    }
+
+    /// Whole seconds, rounded up.
+    fn stop_secs(&self) -> u64 {
+        let d = self.stop_within;
+        d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    }
+}
+
+/// The systemd unit with `{exe}`, `{config}`, `{status_page}` and
+/// `{timeout_stop}` filled in.
+pub fn systemd_unit(exe: &Path, config: &Path, facts: &ServiceFacts) -> Result<String, UnitError> {
     Ok(SYSTEMD_TEMPLATE
         .replace("{exe}", &unit_path(exe)?)
-        .replace("{config}", &unit_path(config)?))
+        .replace("{config}", &unit_path(config)?)
+        .replace("{status_page}", &facts.status_page())
+        .replace("{timeout_stop}", &format!("{}s", facts.stop_secs())))
 }
 
 /// Paths go into ExecStart unquoted, so refuse what would split or escape them.
@@ -52,7 +99,12 @@ fn unit_path(path: &Path) -> Result<String, UnitError> {
 }
 
 /// A launchd agent: kept alive, restarts throttled, logs to the state directory.
-pub fn launchd_plist(exe: &Path, config: &Path, log_dir: &Path) -> Result<String, UnitError> {
+pub fn launchd_plist(
+    exe: &Path,
+    config: &Path,
+    log_dir: &Path,
+    facts: &ServiceFacts,
+) -> Result<String, UnitError> {
     use plist::Value;
     let text = |p: &Path| Value::String(p.display().to_string());
     let mut dict = plist::Dictionary::new();
@@ -76,7 +128,10 @@ pub fn launchd_plist(exe: &Path, config: &Path, log_dir: &Path) -> Result<String
     // At most one restart every 10 s, launchd's own crash-loop guard.
     dict.insert("ThrottleInterval".into(), Value::Integer(10.into()));
     // cascade stops its tiers within their grace periods before SIGKILL.
-    dict.insert("ExitTimeOut".into(), Value::Integer(90.into()));
+    dict.insert(
+        "ExitTimeOut".into(),
+        Value::Integer(facts.stop_secs().into()),
+    );
     dict.insert("ProcessType".into(), Value::String("Background".into()));
     dict.insert(
         "StandardErrorPath".into(),
@@ -145,18 +200,50 @@ mod tests {
 
     #[test]
     fn the_systemd_unit_is_filled_in_and_refuses_unsafe_paths() {
+        let facts = ServiceFacts {
+            stop_within: Duration::from_millis(95_500),
+            listen: "0.0.0.0:7373".parse().unwrap(),
+        };
         let unit = systemd_unit(
             Path::new("/usr/bin/cascade"),
             Path::new("/etc/cascade.toml"),
+            &facts,
         )
         .unwrap();
+        assert!(unit.contains("TimeoutStopSec=96s"), "{unit}");
+        assert!(
+            unit.contains("Documentation=http://127.0.0.1:7373/"),
+            "{unit}"
+        );
         assert!(unit.contains(
             "ExecStart=/usr/bin/cascade run --config /etc/cascade.toml --log-format json"
         ));
         assert!(unit.contains("Type=notify"));
         assert!(unit.contains("WatchdogSec="));
         assert!(!unit.contains('{'), "a placeholder was left: {unit}");
-        assert!(systemd_unit(Path::new("/opt/my apps/cascade"), Path::new("/etc/c.toml")).is_err());
+        assert!(
+            systemd_unit(
+                Path::new("/opt/my apps/cascade"),
+                Path::new("/etc/c.toml"),
+                &facts
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_stop_timeout_covers_the_configured_stop_budget() {
+        let mut config = Config::default();
+        let mut local = cascade_actors::tiers::local::LocalConfig::default();
+        local.stop_grace = Duration::from_secs(600);
+        config.tiers.local = Some(local);
+        config.waterfall.order = vec![cascade_actors::TierId::Local];
+        let facts = ServiceFacts::of(&config);
+        assert!(
+            facts.stop_within > Duration::from_secs(600),
+            "{:?}",
+            facts.stop_within
+        );
     }
 
     #[test]
@@ -165,6 +252,7 @@ mod tests {
             Path::new("/usr/local/bin/cascade"),
             Path::new("/etc/c.toml"),
             Path::new("/tmp/logs"),
+            &ServiceFacts::of(&Config::default()),
         )
         .unwrap();
         let value: plist::Value = plist::from_bytes(xml.as_bytes()).expect("valid plist");
