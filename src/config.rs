@@ -179,9 +179,13 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, LoadEr
         base: serde_json::to_value(Config::layering_base()).ok(),
     };
     let (Loaded { value, provenance }, mut problems) = settings::load_collecting::<Config>(layers)?;
-    problems.extend(validate(&value, |key, message| {
-        provenance.problem(key, message)
-    }));
+    // A key refused while parsing fell back to its default; what the checks
+    // below find wrong with that default is not the user's problem.
+    let refused: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+    let semantic = validate(&value, |key, message| provenance.problem(key, message))
+        .into_iter()
+        .filter(|p| !refused.iter().any(|r| settings::covers(r, &p.key)));
+    problems.extend(semantic);
     if problems.is_empty() {
         Ok(value)
     } else {
@@ -232,30 +236,24 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
             ));
         }
     }
-    if order.contains(&TierId::Local)
-        && let Some(local) = &config.tiers.local
-    {
+    // Every configured tier, in the order or not: a tier left out of the
+    // order today is put back by a reload tomorrow.
+    if let Some(local) = &config.tiers.local {
         for (key, message) in local.validate() {
             problems.push(problem(format!("tiers.local.{key}"), message));
         }
     }
-    if order.contains(&TierId::Docker)
-        && let Some(docker) = &config.tiers.docker
-    {
+    if let Some(docker) = &config.tiers.docker {
         for (key, message) in docker.validate() {
             problems.push(problem(format!("tiers.docker.{key}"), message));
         }
     }
-    if order.contains(&TierId::CloudRun)
-        && let Some(cloud_run) = &config.tiers.cloud_run
-    {
+    if let Some(cloud_run) = &config.tiers.cloud_run {
         for (key, message) in cloud_run.validate() {
             problems.push(problem(format!("tiers.cloud_run.{key}"), message));
         }
     }
-    if order.contains(&TierId::GcpVm)
-        && let Some(gcp_vm) = &config.tiers.gcp_vm
-    {
+    if let Some(gcp_vm) = &config.tiers.gcp_vm {
         for (key, message) in gcp_vm.validate() {
             problems.push(problem(format!("tiers.gcp_vm.{key}"), message));
         }
@@ -266,6 +264,9 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
             "waterfall.failback_after".into(),
             "must be above zero".into(),
         ));
+    }
+    for (key, message) in duration_bounds(config) {
+        problems.push(problem(key, message));
     }
     for (key, message) in config.waterfall.start_retry.validate() {
         problems.push(problem(format!("waterfall.start_retry.{key}"), message));
@@ -283,6 +284,69 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
         ));
     }
     problems
+}
+
+/// The longest a timeout or grace period may be: stop and start budgets are
+/// sums of these, and a service manager's own stop timeout must cover them.
+const MAX_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// The longest any other duration (interval, window, backoff, idle time,
+/// failback) may be.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// Every duration of the configuration within a sane ceiling, so no sum or
+/// `Instant + duration` downstream can overflow. Durations are found in the
+/// serialized configuration (humantime strings), so a key any section adds
+/// is bounded too; tables of free-form values (`env`, `labels`, `args`, …)
+/// are not durations and are skipped.
+fn duration_bounds(config: &Config) -> Vec<(String, String)> {
+    fn walk(value: &serde_json::Value, key: &str, out: &mut Vec<(String, String)>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (name, child) in map {
+                    if matches!(
+                        name.as_str(),
+                        "env" | "labels" | "args" | "command" | "secret_headers"
+                    ) {
+                        continue;
+                    }
+                    let key = if key.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{key}.{name}")
+                    };
+                    walk(child, &key, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{key}[{i}]"), out);
+                }
+            }
+            serde_json::Value::String(text) => {
+                let Ok(duration) = humantime::parse_duration(text) else {
+                    return;
+                };
+                let name = key.rsplit('.').next().unwrap_or(key);
+                let max = if name.ends_with("timeout") || name.ends_with("grace") {
+                    MAX_TIMEOUT
+                } else {
+                    MAX_DURATION
+                };
+                if duration > max {
+                    out.push((
+                        key.to_owned(),
+                        format!("must be at most {}", humantime::format_duration(max)),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(value) = serde_json::to_value(config) {
+        walk(&value, "", &mut out);
+    }
+    out
 }
 
 /// The tiers to run, in waterfall order.

@@ -234,9 +234,10 @@ mod tests {
     #[test]
     fn the_stop_timeout_covers_the_configured_stop_budget() {
         let mut config = Config::default();
-        let mut local = cascade_actors::tiers::local::LocalConfig::default();
-        local.stop_grace = Duration::from_secs(600);
-        config.tiers.local = Some(local);
+        config.tiers.local = Some(cascade_actors::tiers::local::LocalConfig {
+            stop_grace: Duration::from_secs(600),
+            ..Default::default()
+        });
         config.waterfall.order = vec![cascade_actors::TierId::Local];
         let facts = ServiceFacts::of(&config);
         assert!(

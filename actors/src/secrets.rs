@@ -61,6 +61,29 @@ pub fn is_secret_name(name: &str) -> bool {
     SECRET_WORDS.iter().any(|w| lower.contains(w))
 }
 
+/// Whether the configuration value at `path` (key names from the root, array
+/// indices left out) is secret or may hold secrets beneath it: a key named
+/// like a secret, anything in an `env` table, command arguments, a webhook
+/// URL. Problems about such a value never quote it; unlike
+/// [`redact_config`], no key is exempt here (a mode named `auth` holds no
+/// secret when valid, but a wrong value there may well be a token).
+pub fn is_secret_key<S: AsRef<str>>(path: &[S]) -> bool {
+    let mut parent = "";
+    for name in path {
+        let name = name.as_ref();
+        let secret = match name {
+            "env" | "args" | "command" => true,
+            "url" => parent == "webhook",
+            _ => is_secret_name(name),
+        };
+        if secret {
+            return true;
+        }
+        parent = name;
+    }
+    false
+}
+
 /// A backend environment value as it may be shown: never the value.
 pub fn env_value(value: &str) -> &'static str {
     if value.is_empty() { "" } else { REDACTED }
@@ -345,6 +368,16 @@ mod tests {
         ] {
             assert!(is_secret_name(name), "{name} should be secret");
         }
+        assert!(is_secret_key(&[
+            "telemetry",
+            "secret_headers",
+            "authorization"
+        ]));
+        assert!(is_secret_key(&["tiers", "local", "env", "LOG_LEVEL"]));
+        assert!(is_secret_key(&["tiers", "docker", "webhook", "url"]));
+        assert!(is_secret_key(&["tiers", "cloud_run", "auth"]));
+        assert!(!is_secret_key(&["tiers", "cloud_run", "url"]));
+        assert!(!is_secret_key(&["tiers", "local", "port"]));
         for name in [
             "LOG_LEVEL",
             "USER_ID",

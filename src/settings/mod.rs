@@ -73,22 +73,53 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let message = printable(&self.message);
+        let source = self.source.to_string();
+        let source = printable(&source);
         if self.key.is_empty() {
-            write!(f, "{} ({})", self.message, self.source)
+            write!(f, "{message} ({source})")
         } else {
-            write!(f, "{}: {} ({})", self.key, self.message, self.source)
+            write!(f, "{}: {message} ({source})", printable(&self.key))
         }
     }
 }
 
+/// Whether the dotted key `outer` is `inner` or one of its ancestors
+/// (`waterfall.order` covers `waterfall.order[2]` and `waterfall.order.x`).
+pub fn covers(outer: &str, inner: &str) -> bool {
+    !outer.is_empty()
+        && inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// Text from the user's input as it may reach a terminal or a log: control
+/// characters (an escape sequence in a key, a NUL) written as escapes.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}: {source}", printable(&path.display().to_string()))]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}:{line}: not valid TOML: {message}", path.display())]
+    #[error("{}:{line}: not valid TOML: {}", printable(&path.display().to_string()), printable(message))]
     Syntax {
         path: PathBuf,
         line: usize,
@@ -99,12 +130,16 @@ pub enum LoadError {
 }
 
 fn render_problems(problems: &[Problem]) -> String {
-    let noun = if problems.len() == 1 {
-        "problem"
+    let stopped = problems
+        .last()
+        .is_some_and(|p| p.message == validate::STOPPED);
+    let found = problems.len() - usize::from(stopped);
+    let noun = if found == 1 { "problem" } else { "problems" };
+    let mut out = if stopped {
+        format!("configuration has at least {found} {noun}:")
     } else {
-        "problems"
+        format!("configuration has {found} {noun}:")
     };
-    let mut out = format!("configuration has {} {noun}:", problems.len());
     for problem in problems {
         out.push_str("\n  ");
         out.push_str(&problem.to_string());
@@ -169,10 +204,7 @@ pub fn load_collecting<T: DeserializeOwned>(
     build(&builder, Path::new(DEFAULTS_NAME))?;
 
     if let Some(path) = layers.file {
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_file(path)?;
         let doc = check_syntax(&text, path)?;
         provenance.set_file(path.to_path_buf(), &doc);
         builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
@@ -273,15 +305,85 @@ fn fill_leaves(merged: &mut Json, base: &Json) {
     }
 }
 
+/// The largest configuration file read; anything bigger is a mistake (or
+/// `/dev/zero`), and reading it would only use memory.
+const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Reads the user's file: a regular file only (a FIFO or a device would
+/// block or never end), at most [`MAX_FILE_BYTES`], and UTF-8, with the line
+/// of the first byte that is not.
+fn read_file(path: &Path) -> Result<String, LoadError> {
+    use std::io::Read as _;
+    let read_error = |source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let metadata = std::fs::metadata(path).map_err(read_error)?;
+    if !metadata.is_file() {
+        let kind = metadata.file_type();
+        let what = if kind.is_dir() {
+            "a directory"
+        } else {
+            use std::os::unix::fs::FileTypeExt as _;
+            if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_socket() {
+                "a socket"
+            } else if kind.is_char_device() || kind.is_block_device() {
+                "a device"
+            } else {
+                "not a regular file"
+            }
+        };
+        return Err(read_error(std::io::Error::other(format!(
+            "{what}; a configuration must be a regular file"
+        ))));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(read_error(std::io::Error::other(format!(
+            "larger than {} MiB",
+            MAX_FILE_BYTES / 1024 / 1024
+        ))));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let text = std::str::from_utf8(valid).unwrap_or_default();
+        let line = text.matches('\n').count() + 1;
+        let column = text.len() - text.rfind('\n').map_or(0, |at| at + 1) + 1;
+        LoadError::Syntax {
+            path: path.to_path_buf(),
+            line,
+            message: format!("not UTF-8 (the byte at column {column})"),
+        }
+    })
+}
+
 /// Parses with toml_edit first because its errors carry a byte span, which
 /// becomes the line number in the message.
 fn check_syntax<'t>(text: &'t str, path: &Path) -> Result<ImDocument<&'t str>, LoadError> {
-    ImDocument::parse(text).map_err(|e| LoadError::Syntax {
-        path: path.to_path_buf(),
-        line: e
-            .span()
-            .map_or(1, |span| provenance::line_of(text, span.start)),
-        message: one_line(e.message()),
+    ImDocument::parse(text).map_err(|e| {
+        let at = e.span().map(|span| span.start);
+        let mut message = one_line(e.message());
+        if message.is_empty() {
+            // toml_edit gives no words for some characters it refuses (a
+            // NUL in a comment); name the character instead.
+            let found = at
+                .and_then(|at| text.get(at..))
+                .and_then(|rest| rest.chars().next());
+            message = match found {
+                Some(c) => format!("character U+{:04X} is not allowed here", u32::from(c)),
+                None => "unexpected end of file".to_owned(),
+            };
+        }
+        LoadError::Syntax {
+            path: path.to_path_buf(),
+            line: at.map_or(1, |at| provenance::Lines::new(text).of(at)),
+            message,
+        }
     })
 }
 

@@ -1,6 +1,7 @@
 //! Which layer set which key, so problems can point at the file line, env var
 //! or flag a bad value came from.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use toml_edit::{ImDocument, InlineTable, Item, Table, Value};
@@ -9,17 +10,21 @@ use super::keys::{KeyPath, Seg, is_prefix, split_key};
 use super::{Problem, Source};
 
 /// Where every key of the effective configuration came from.
+///
+/// Lookups cost the depth of the key times a map lookup, never the size of
+/// the file: a configuration with tens of thousands of keys (and as many
+/// problems) is still described at once.
 #[derive(Debug, Clone, Default)]
 pub struct Provenance {
     file: Option<PathBuf>,
-    file_keys: Vec<FileKey>,
+    /// Ordered, so the keys beneath a table are one contiguous range.
+    file_keys: BTreeMap<KeyPath, FileKey>,
     env: Vec<(KeyPath, String)>,
     flags: Vec<(KeyPath, String)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct FileKey {
-    path: KeyPath,
     line: usize,
     /// Leaves replace whatever lower layers had; tables only merge into them,
     /// so a table entry says nothing about keys beneath it that it lacks.
@@ -67,9 +72,9 @@ impl Provenance {
         }
         if let Some(line) = self
             .file_keys
-            .iter()
-            .filter(|k| is_prefix(path, &k.path))
-            .map(|k| k.line)
+            .range(path.to_vec()..)
+            .take_while(|(k, _)| is_prefix(path, k))
+            .map(|(_, k)| k.line)
             .min()
         {
             return self.file_source(line);
@@ -77,11 +82,16 @@ impl Provenance {
         Source::Default
     }
 
+    /// The line of `path` itself, else of the deepest leaf above it (a
+    /// value that replaced the whole subtree).
     fn file_line_covering(&self, path: &[Seg]) -> Option<usize> {
-        self.file_keys
-            .iter()
-            .filter(|k| k.path == path || (k.leaf && is_prefix(&k.path, path)))
-            .max_by_key(|k| (k.path.len(), std::cmp::Reverse(k.line)))
+        if let Some(key) = self.file_keys.get(path) {
+            return Some(key.line);
+        }
+        (0..path.len())
+            .rev()
+            .filter_map(|len| self.file_keys.get(&path[..len]))
+            .find(|k| k.leaf)
             .map(|k| k.line)
     }
 
@@ -96,9 +106,9 @@ impl Provenance {
     }
 
     pub(crate) fn set_file(&mut self, path: PathBuf, doc: &ImDocument<&str>) {
-        let text = doc.raw();
-        let mut keys = Vec::new();
-        walk_table(doc.as_table(), &mut Vec::new(), text, &mut keys);
+        let lines = Lines::new(doc.raw());
+        let mut keys = BTreeMap::new();
+        walk_table(doc.as_table(), &mut Vec::new(), &lines, &mut keys);
         self.file = Some(path);
         self.file_keys = keys;
     }
@@ -124,23 +134,49 @@ fn deepest_covering<'a>(entries: &'a [(KeyPath, String)], path: &[Seg]) -> Optio
         .map(|(_, (_, name))| name)
 }
 
-pub(crate) fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+/// Byte offset → line number, by binary search over where lines start.
+pub(crate) struct Lines {
+    starts: Vec<usize>,
 }
 
-fn walk_table(table: &Table, path: &mut KeyPath, text: &str, out: &mut Vec<FileKey>) {
+impl Lines {
+    pub(crate) fn new(text: &str) -> Lines {
+        let starts = std::iter::once(0)
+            .chain(
+                text.bytes()
+                    .enumerate()
+                    .filter(|(_, b)| *b == b'\n')
+                    .map(|(i, _)| i + 1),
+            )
+            .collect();
+        Lines { starts }
+    }
+
+    /// The 1-based line holding `offset`.
+    pub(crate) fn of(&self, offset: usize) -> usize {
+        self.starts.partition_point(|&start| start <= offset).max(1)
+    }
+}
+
+/// Records `path` at `line`; the first entry for a path wins (TOML forbids
+/// defining a key twice, so a second one is a table header seen again).
+fn record(out: &mut BTreeMap<KeyPath, FileKey>, path: &KeyPath, line: usize, leaf: bool) {
+    out.entry(path.clone()).or_insert(FileKey { line, leaf });
+}
+
+fn walk_table(
+    table: &Table,
+    path: &mut KeyPath,
+    lines: &Lines,
+    out: &mut BTreeMap<KeyPath, FileKey>,
+) {
     for (name, item) in table.iter() {
         path.push(Seg::Key(name.to_owned()));
         let key_line = table
             .key(name)
             .and_then(|k| k.span())
-            .map(|s| line_of(text, s.start));
-        walk_item(item, key_line, path, text, out);
+            .map(|s| lines.of(s.start));
+        walk_item(item, key_line, path, lines, out);
         path.pop();
     }
 }
@@ -149,12 +185,12 @@ fn walk_item(
     item: &Item,
     key_line: Option<usize>,
     path: &mut KeyPath,
-    text: &str,
-    out: &mut Vec<FileKey>,
+    lines: &Lines,
+    out: &mut BTreeMap<KeyPath, FileKey>,
 ) {
     match item {
         Item::None => {}
-        Item::Value(value) => walk_value(value, key_line, path, text, out),
+        Item::Value(value) => walk_value(value, key_line, path, lines, out),
         Item::Table(table) => {
             // Implicit and dotted tables have no header line of their own;
             // their keys carry the lines.
@@ -162,25 +198,17 @@ fn walk_item(
                 .span()
                 .filter(|_| !table.is_implicit() && !table.is_dotted());
             if let Some(span) = header {
-                out.push(FileKey {
-                    path: path.clone(),
-                    line: line_of(text, span.start),
-                    leaf: false,
-                });
+                record(out, path, lines.of(span.start), false);
             }
-            walk_table(table, path, text, out);
+            walk_table(table, path, lines, out);
         }
         Item::ArrayOfTables(array) => {
             for (index, table) in array.iter().enumerate() {
                 path.push(Seg::Index(index));
                 if let Some(span) = table.span() {
-                    out.push(FileKey {
-                        path: path.clone(),
-                        line: line_of(text, span.start),
-                        leaf: false,
-                    });
+                    record(out, path, lines.of(span.start), false);
                 }
-                walk_table(table, path, text, out);
+                walk_table(table, path, lines, out);
                 path.pop();
             }
         }
@@ -191,55 +219,48 @@ fn walk_value(
     value: &Value,
     key_line: Option<usize>,
     path: &mut KeyPath,
-    text: &str,
-    out: &mut Vec<FileKey>,
+    lines: &Lines,
+    out: &mut BTreeMap<KeyPath, FileKey>,
 ) {
-    let line = key_line.or_else(|| value.span().map(|s| line_of(text, s.start)));
+    let line = key_line.or_else(|| value.span().map(|s| lines.of(s.start)));
     match value {
         Value::InlineTable(table) => {
             if let Some(line) = line {
-                out.push(FileKey {
-                    path: path.clone(),
-                    line,
-                    leaf: false,
-                });
+                record(out, path, line, false);
             }
-            walk_inline(table, path, text, out);
+            walk_inline(table, path, lines, out);
         }
         Value::Array(array) => {
             if let Some(line) = line {
-                out.push(FileKey {
-                    path: path.clone(),
-                    line,
-                    leaf: true,
-                });
+                record(out, path, line, true);
             }
             for (index, element) in array.iter().enumerate() {
                 path.push(Seg::Index(index));
-                walk_value(element, None, path, text, out);
+                walk_value(element, None, path, lines, out);
                 path.pop();
             }
         }
         _ => {
             if let Some(line) = line {
-                out.push(FileKey {
-                    path: path.clone(),
-                    line,
-                    leaf: true,
-                });
+                record(out, path, line, true);
             }
         }
     }
 }
 
-fn walk_inline(table: &InlineTable, path: &mut KeyPath, text: &str, out: &mut Vec<FileKey>) {
+fn walk_inline(
+    table: &InlineTable,
+    path: &mut KeyPath,
+    lines: &Lines,
+    out: &mut BTreeMap<KeyPath, FileKey>,
+) {
     for (name, value) in table.iter() {
         path.push(Seg::Key(name.to_owned()));
         let key_line = table
             .key(name)
             .and_then(|k| k.span())
-            .map(|s| line_of(text, s.start));
-        walk_value(value, key_line, path, text, out);
+            .map(|s| lines.of(s.start));
+        walk_value(value, key_line, path, lines, out);
         path.pop();
     }
 }

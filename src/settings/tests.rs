@@ -296,7 +296,7 @@ fn all_problems_in_one_error() {
         .iter()
         .find(|p| p.key == "tiers.local.port")
         .map(|p| p.message.clone());
-    assert_eq!(port.as_deref(), Some("expected u16, found \"abc\""));
+    assert_eq!(port.as_deref(), Some("expected u16, found a string"));
     let text = err.map(|e| e.to_string()).unwrap_or_default();
     assert!(
         text.starts_with("configuration has 4 problems:\n  "),
@@ -325,13 +325,13 @@ fn type_error_from_env_names_the_variable() {
         found,
         [Problem {
             key: "tiers.local.port".into(),
-            message: "expected u16, found \"abc\"".into(),
+            message: "expected u16, found a string".into(),
             source: env_source("CASCADE_TIERS__LOCAL__PORT"),
         }]
     );
     assert_eq!(
         found[0].to_string(),
-        "tiers.local.port: expected u16, found \"abc\" \
+        "tiers.local.port: expected u16, found a string \
          (environment variable CASCADE_TIERS__LOCAL__PORT)"
     );
 }

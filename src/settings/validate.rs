@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use cascade_actors::secrets;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 use serde_path_to_error::Segment;
@@ -14,11 +15,16 @@ use serde_path_to_error::Segment;
 use super::Problem;
 use super::keys::{KeyPath, Seg, format_key};
 use super::provenance::Provenance;
-use super::tree::{Shadow, get_mut, remove};
+use super::tree::{Shadow, get, get_mut, remove};
 
-/// Generous: every round removes a key or tries one alternate reading, and a
-/// config with this many problems is better reported in part than slowly.
-const MAX_ROUNDS: usize = 500;
+/// Every round deserializes the whole tree once. Unknown keys are removed a
+/// section at a time and cost one round per section, so this bounds only
+/// configurations with thousands of *type* errors; past it the report says
+/// that checking stopped.
+const MAX_ROUNDS: usize = 2_000;
+
+/// The message of the problem added when checking stopped at [`MAX_ROUNDS`].
+pub(crate) const STOPPED: &str = "checking stopped here: too many problems to check the rest at once; fix these and run it again";
 
 /// Deserializes `json`, collecting every problem. The value is what remains
 /// after the offending keys were removed (their defaults apply), so later
@@ -35,13 +41,34 @@ pub(crate) fn deserialize_all<T: DeserializeOwned>(
     let mut first_message: BTreeMap<KeyPath, String> = BTreeMap::new();
 
     for _ in 0..MAX_ROUNDS {
-        let error = match serde_path_to_error::deserialize::<_, T>(json.clone()) {
+        let error = match serde_path_to_error::deserialize::<_, T>(&json) {
             Ok(value) => return (Some(value), problems),
             Err(error) => error,
         };
         let current = convert_path(error.path());
         let original = shadow.original(&current);
         let message = error.inner().to_string();
+
+        if message.starts_with("unknown field `")
+            && let Some(unknown) = unknown_siblings(&json, &current, &message)
+        {
+            // Every unknown key of this table at once: one round per table
+            // however many there are.
+            let parent = &current[..current.len() - 1];
+            for name in unknown {
+                let mut at = parent.to_vec();
+                at.push(Seg::Key(name.clone()));
+                let key = shadow.original(&at);
+                problems.push(Problem {
+                    key: format_key(&key),
+                    message: unknown_key(&name, &message),
+                    source: provenance.source_of_path(&key),
+                });
+                remove(&mut json, &at);
+                shadow.remove(&at);
+            }
+            continue;
+        }
 
         let alternate = if message.starts_with("unknown field") {
             None
@@ -55,7 +82,8 @@ pub(crate) fn deserialize_all<T: DeserializeOwned>(
         }
         let message = first_message.remove(&original).unwrap_or(message);
 
-        let (key, text, removal) = describe(&message, original, current);
+        let found = get(&json, &current);
+        let (key, text, removal) = describe(&message, original, current.clone(), found);
         problems.push(Problem {
             key: format_key(&key),
             message: text,
@@ -66,14 +94,34 @@ pub(crate) fn deserialize_all<T: DeserializeOwned>(
         }
         shadow.remove(&removal);
     }
-    if problems.is_empty() {
-        problems.push(Problem {
-            key: String::new(),
-            message: "configuration could not be checked completely".to_owned(),
-            source: super::Source::Default,
-        });
-    }
+    problems.push(Problem {
+        key: String::new(),
+        message: STOPPED.to_owned(),
+        source: super::Source::Default,
+    });
     (None, problems)
+}
+
+/// The keys of the table holding the unknown key at `path` that the
+/// message does not list as valid; `None` when the message does not say
+/// which keys are valid.
+fn unknown_siblings(json: &Json, path: &[Seg], message: &str) -> Option<Vec<String>> {
+    let (Seg::Key(_), parent) = path.split_last()? else {
+        return None;
+    };
+    let Json::Object(map) = get(json, parent)? else {
+        return None;
+    };
+    let valid = if message.ends_with("there are no fields") {
+        Vec::new()
+    } else {
+        let names = expected_names(message);
+        if names.is_empty() {
+            return None;
+        }
+        names
+    };
+    Some(map.keys().filter(|k| !valid.contains(k)).cloned().collect())
 }
 
 fn next_alternate(alternates: &mut BTreeMap<KeyPath, Vec<Json>>, path: &[Seg]) -> Option<Json> {
@@ -102,26 +150,46 @@ fn convert_path(path: &serde_path_to_error::Path) -> KeyPath {
 }
 
 /// Turns a serde message into (problem key, user-facing text, path to
-/// remove before retrying).
-fn describe(message: &str, original: KeyPath, current: KeyPath) -> (KeyPath, String, KeyPath) {
+/// remove before retrying). `found` is the offending value, if the error
+/// points at one. A value is quoted only when it is not a string and its key
+/// is not secret (`cascade_actors::secrets`): the message names the line
+/// where it is, and a mistyped secret must not reach a log.
+fn describe(
+    message: &str,
+    original: KeyPath,
+    current: KeyPath,
+    found: Option<&Json>,
+) -> (KeyPath, String, KeyPath) {
     if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.strip_suffix('`').unwrap_or(rest);
         let mut key = original;
         key.push(Seg::Key(field.to_owned()));
         return (key, "missing required key".to_owned(), current);
     }
+    let names: Vec<&str> = original
+        .iter()
+        .filter_map(|seg| match seg {
+            Seg::Key(name) => Some(name.as_str()),
+            Seg::Index(_) => None,
+        })
+        .collect();
+    let secret = secrets::is_secret_key(&names);
     let text = if message.starts_with("unknown field `") {
-        let name = match original.last() {
-            Some(Seg::Key(name)) => name.as_str(),
-            _ => "",
-        };
+        let name = names.last().copied().unwrap_or_default();
         unknown_key(name, message)
     } else if let Some(rest) = message.strip_prefix("unknown variant `") {
-        unknown_variant(rest)
+        unknown_variant(rest, secret)
     } else {
-        humanize_type_error(message)
+        let text = humanize_type_error(message, secret);
+        match found {
+            // A custom message (a parser's) may quote the value itself.
+            Some(Json::String(value)) if secret && !value.is_empty() => {
+                text.replace(value.as_str(), secrets::REDACTED)
+            }
+            _ => text,
+        }
     };
-    (original, text, current)
+    (original, secrets::scrub(&text).into_owned(), current)
 }
 
 fn unknown_key(name: &str, message: &str) -> String {
@@ -135,10 +203,16 @@ fn unknown_key(name: &str, message: &str) -> String {
     }
 }
 
-fn unknown_variant(rest: &str) -> String {
+fn unknown_variant(rest: &str, secret: bool) -> String {
     // rest is "value`, expected ..." (or "value`, there are no variants").
     let (value, tail) = rest.split_once("`, ").unwrap_or((rest, ""));
     let candidates = expected_names(tail);
+    if secret {
+        return match candidates.is_empty() {
+            true => "unknown value".to_owned(),
+            false => format!("unknown value; expected {}", quote_list(&candidates)),
+        };
+    }
     match closest(value, &candidates) {
         Some(best) => format!("unknown value `{value}`; did you mean `{best}`?"),
         None if candidates.is_empty() => format!("unknown value `{value}`"),
@@ -180,8 +254,9 @@ fn quote_list(names: &[String]) -> String {
         .join(", ")
 }
 
-/// `invalid type: string "abc", expected u16` → `expected u16, found "abc"`.
-fn humanize_type_error(message: &str) -> String {
+/// `invalid value: integer `70000`, expected u16` → `expected u16, found
+/// 70000`; strings (and, for secret keys, every value) only by their kind.
+fn humanize_type_error(message: &str, secret: bool) -> String {
     let body = message
         .strip_prefix("invalid type: ")
         .or_else(|| message.strip_prefix("invalid value: "));
@@ -194,18 +269,21 @@ fn humanize_type_error(message: &str) -> String {
     };
     let found = &body[..at];
     let expected = &body[at + ", expected ".len()..];
-    format!("expected {expected}, found {}", found_phrase(found))
+    format!("expected {expected}, found {}", found_phrase(found, secret))
 }
 
-fn found_phrase(found: &str) -> String {
-    for prefix in [
-        "string ",
-        "integer ",
-        "floating point ",
-        "boolean ",
-        "character ",
+fn found_phrase(found: &str, secret: bool) -> String {
+    for (prefix, kind) in [
+        ("string ", "a string"),
+        ("character ", "a string"),
+        ("integer ", "an integer"),
+        ("floating point ", "a number"),
+        ("boolean ", "a boolean"),
     ] {
         if let Some(rest) = found.strip_prefix(prefix) {
+            if secret || kind == "a string" {
+                return kind.to_owned();
+            }
             let rest = rest
                 .strip_prefix('`')
                 .and_then(|r| r.strip_suffix('`'))
@@ -228,18 +306,25 @@ mod unit {
     #[test]
     fn type_errors_read_expected_then_found() {
         assert_eq!(
-            humanize_type_error(r#"invalid type: string "abc", expected u16"#),
-            r#"expected u16, found "abc""#
+            humanize_type_error(r#"invalid type: string "abc", expected u16"#, false),
+            "expected u16, found a string"
         );
         assert_eq!(
-            humanize_type_error("invalid value: integer `70000`, expected u16"),
+            humanize_type_error("invalid value: integer `70000`, expected u16", false),
             "expected u16, found 70000"
         );
         assert_eq!(
-            humanize_type_error("invalid type: sequence, expected a string"),
+            humanize_type_error("invalid value: integer `70000`, expected u16", true),
+            "expected u16, found an integer"
+        );
+        assert_eq!(
+            humanize_type_error("invalid type: sequence, expected a string", false),
             "expected a string, found an array"
         );
-        assert_eq!(humanize_type_error("something else"), "something else");
+        assert_eq!(
+            humanize_type_error("something else", false),
+            "something else"
+        );
     }
 
     #[test]
@@ -263,8 +348,12 @@ mod unit {
     #[test]
     fn unknown_variants_get_a_suggestion() {
         assert_eq!(
-            unknown_variant("fsat`, expected `fast` or `slow`"),
+            unknown_variant("fsat`, expected `fast` or `slow`", false),
             "unknown value `fsat`; did you mean `fast`?"
+        );
+        assert_eq!(
+            unknown_variant("Bearer x`, expected `id_token` or `none`", true),
+            "unknown value; expected `id_token`, `none`"
         );
     }
 }

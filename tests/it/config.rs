@@ -59,7 +59,7 @@ jitter = \"ful\"
     let file = config.path_str();
     for (key, message, needle) in [
         ("tiers.local.prot", "did you mean `port`?", "prot"),
-        ("tiers.local.port", "expected u16, found \"abc\"", "port ="),
+        ("tiers.local.port", "expected u16, found a string", "port ="),
         (
             "tiers.local.crash_loop_cap",
             "expected u32, found -1",
@@ -148,7 +148,14 @@ async fn env_var_type_error_names_the_variable() {
         "{}",
         out.describe()
     );
-    assert!(out.stderr.contains("\"abc\""), "{}", out.describe());
+    // The value is not quoted (it could be a secret in the wrong place);
+    // the variable's name says where it is.
+    assert!(
+        out.stderr.contains("expected u16, found a string"),
+        "{}",
+        out.describe()
+    );
+    assert!(!out.stderr.contains("abc"), "{}", out.describe());
 }
 
 #[tokio::test]
@@ -308,4 +315,266 @@ async fn setting_one_restart_key_keeps_the_other_defaults() {
         restart_table(&partial.stdout),
         restart_table(&defaults.stdout)
     );
+}
+
+#[tokio::test]
+async fn problems_never_quote_a_secret() {
+    let text = "\
+[telemetry]
+secret_headers = \"Bearer hdr-s3cr3t\"
+otlp_endpoint = 4318
+
+[tiers.local]
+env = { A = 1, B = [\"env-s3cr3t\"] }
+
+[tiers.cloud_run]
+url = \"https://run.example\"
+auth = \"Bearer auth-s3cr3t\"
+";
+    let config = ConfigFile::new(text);
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(!out.stderr.contains("s3cr3t"), "{}", out.describe());
+    for key in [
+        "telemetry.secret_headers:",
+        "tiers.local.env.B:",
+        "tiers.cloud_run.auth:",
+    ] {
+        assert!(out.stderr.contains(key), "{key}: {}", out.describe());
+    }
+    assert!(
+        out.stderr
+            .contains("tiers.cloud_run.auth: unknown value; expected `id_token`, `none`"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[tokio::test]
+async fn thousands_of_problems_are_all_counted_and_reported() {
+    let mut text = String::from("[tiers.local]\n");
+    for i in 0..3_000 {
+        text.push_str(&format!("unknown{i} = 1\n"));
+    }
+    text.push_str("[tiers.local.probe]\nbogus = 1\n");
+    let config = ConfigFile::new(&text);
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(
+        out.stderr.contains("configuration has 3001 problems:"),
+        "{}",
+        &out.stderr[..out.stderr.len().min(500)]
+    );
+    let file = config.path_str();
+    assert!(
+        out.stderr.contains("tiers.local.unknown2999: unknown key;"),
+        "the last one is reported too"
+    );
+    assert!(
+        out.stderr.contains(&format!("({file}:3001)")),
+        "lines are kept"
+    );
+    assert!(
+        out.stderr.contains("tiers.local.probe.bogus"),
+        "other tables too"
+    );
+}
+
+#[tokio::test]
+async fn a_wrongly_typed_key_reports_one_problem_not_its_default_s() {
+    let config = ConfigFile::new("[waterfall]\norder = \"local\"\n");
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(
+        out.stderr.contains("configuration has 1 problem:"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr
+            .contains("waterfall.order: expected a sequence, found a string"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[tokio::test]
+async fn tiers_outside_the_order_are_validated_too() {
+    let config = ConfigFile::new(
+        "[waterfall]\norder = [\"local\"]\n\n[tiers.cloud_run]\nurl = \"ftp://nope\"\n",
+    );
+    let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(
+        out.stderr.contains("tiers.cloud_run.url:"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_toml_are_named_with_their_line() {
+    let config = ConfigFile::new("");
+    let cases: [(&[u8], &str); 3] = [
+        (
+            b"[api]\n# a comment \0 here\n",
+            ":2: not valid TOML: character U+0000",
+        ),
+        (
+            b"[api]\nlisten = \"127.0.0.1:0\"\n# \xff\xfe\n",
+            ":3: not valid TOML: not UTF-8",
+        ),
+        (
+            b"[api]\n\"lis\\u001b[2Jten\" = 1\n",
+            "api.lis\\u{1b}[2Jten: unknown key",
+        ),
+    ];
+    for (bytes, expected) in cases {
+        std::fs::write(&config.path, bytes).expect("write the config");
+        let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+        assert_eq!(out.code, Some(78), "{}", out.describe());
+        assert!(
+            out.stderr.contains(expected),
+            "{expected}: {}",
+            out.describe()
+        );
+        assert!(
+            !out.stderr.contains('\u{1b}') && !out.stderr.contains('\0'),
+            "a control character reached the terminal: {}",
+            out.describe()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_fifo_as_the_configuration_is_refused_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fifo = dir.path().join("cascade.toml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success());
+    let out = cli(
+        &["check-config", "--config", fifo.to_str().expect("UTF-8")],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(out.stderr.contains("a FIFO"), "{}", out.describe());
+}
+
+#[tokio::test]
+async fn install_unit_refuses_an_invalid_configuration() {
+    let config = ConfigFile::new("[tiers.local]\nprot = 1\n");
+    let unit = config.dir.path().join("cascade.service");
+    let out = cli(
+        &[
+            "install-unit",
+            "--systemd",
+            "--config",
+            config.path_str(),
+            "--output",
+            unit.to_str().expect("UTF-8"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, Some(78), "{}", out.describe());
+    assert!(
+        out.stderr.contains("tiers.local.prot"),
+        "{}",
+        out.describe()
+    );
+    assert!(!unit.exists(), "a unit was written for an invalid config");
+}
+
+#[tokio::test]
+async fn every_kind_of_duration_has_a_ceiling() {
+    let huge = "\"18446744073709551615s\"";
+    for (key, line, limit) in [
+        (
+            "waterfall.failback_after",
+            format!("[waterfall]\nfailback_after = {huge}\n"),
+            "7days",
+        ),
+        (
+            "tiers.local.stop_grace",
+            format!("[tiers.local]\nstop_grace = {huge}\n"),
+            "1h",
+        ),
+        (
+            "tiers.local.start_timeout",
+            "[tiers.local]\nstart_timeout = \"2h\"\n".to_owned(),
+            "1h",
+        ),
+        (
+            "tiers.local.probe.interval",
+            format!("[tiers.local.probe]\ninterval = {huge}\n"),
+            "7days",
+        ),
+        (
+            "supervisor.restart_backoff.cap",
+            "[supervisor.restart_backoff]\ncap = \"8d\"\n".to_owned(),
+            "7days",
+        ),
+        (
+            "tiers.docker.containers[0].stop_timeout",
+            format!(
+                "[[tiers.docker.containers]]\nname = \"a\"\nimage = \"i\"\nstop_timeout = {huge}\n"
+            ),
+            "1h",
+        ),
+    ] {
+        let config = ConfigFile::new(&line);
+        let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
+        assert_eq!(out.code, Some(78), "{key}: {}", out.describe());
+        let expected = format!("{key}: must be at most {limit}");
+        assert!(
+            out.stderr.contains(&expected),
+            "{expected}: {}",
+            out.describe()
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_unit_waits_longer_than_cascade_takes_to_stop() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/gcp-waterfall.toml"
+    );
+    let out = cli(
+        &[
+            "install-unit",
+            "--systemd",
+            "--config",
+            example,
+            "--output",
+            "-",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let secs: u64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .and_then(|v| v.strip_suffix('s'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no TimeoutStopSec in seconds:\n{}", out.stdout));
+    // The example's tiers stop within 15s + 5s + 10s + 2m of grace, one
+    // after another, and cascade adds its own margins on top.
+    assert!(
+        secs > 150,
+        "TimeoutStopSec={secs}s would cut a clean stop short"
+    );
+    assert!(
+        out.stdout
+            .contains("\nDocumentation=http://127.0.0.1:7373/\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("github.com"), "{}", out.stdout);
 }
