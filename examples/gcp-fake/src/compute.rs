@@ -852,18 +852,26 @@ fn start_server(shared: &Arc<Shared>, name: &str, id: u64) {
             return;
         }
     };
-    let path = shared.options.vm_health_path.clone();
-    let router = Router::new().fallback(move |method: Method, uri: Uri| {
-        let healthy = method == Method::GET && uri.path() == path;
-        async move {
-            if healthy {
-                Json(json!({ "status": "ok" })).into_response()
-            } else {
-                (axum::http::StatusCode::NOT_FOUND, "Not Found\n").into_response()
-            }
-        }
-    });
-    instance.server = Some(shared.spawn(crate::server::serve(listener, router)));
+    instance.server = Some(shared.spawn(crate::server::serve(
+        listener,
+        vm_router(name, &shared.options.vm_health_path),
+    )));
+}
+
+/// What a fake VM serves: the demo backend (`GET /health`, `POST /embed`, as the ECAPA stand-in
+/// answers them), and its health answer at `health_path` too when that is another path.
+fn vm_router(name: &str, health_path: &str) -> Router {
+    // The demo backend's state cannot fail to build without its failure knob.
+    let state = cascade_demo::AppState::new(name, None, Duration::ZERO)
+        .expect("the demo backend's state builds");
+    let demo = cascade_demo::router(state);
+    if health_path == crate::service::HEALTH_PATH {
+        return demo;
+    }
+    demo.route(
+        health_path,
+        axum::routing::get(|| async { Json(json!({ "status": "ok" })) }),
+    )
 }
 
 /// The next free loopback address (127.0.0.2, 127.0.0.3, ...) with `port` bound but not yet

@@ -102,9 +102,16 @@ pub struct ServiceFault {
 #[derive(Debug, Clone)]
 pub struct ServiceRequest {
     pub at: Instant,
+    pub method: String,
     pub path: String,
-    /// The bearer token sent, if any.
+    /// The ID token checked, if any: from `X-Serverless-Authorization` when sent, else from
+    /// `Authorization`.
     pub bearer: Option<String>,
+    /// The ID token came in `X-Serverless-Authorization`.
+    pub serverless_authorization: bool,
+    /// The `Authorization` header as sent (the application's own, when the ID token came in
+    /// `X-Serverless-Authorization`).
+    pub authorization: Option<String>,
     /// The status the service answered.
     pub status: u16,
 }
@@ -170,6 +177,7 @@ struct State {
     access_tokens: u32,
     fail_token_requests: Option<u16>,
     service_fault: Option<ServiceFault>,
+    request_fault: Option<ServiceFault>,
     service_requests: Vec<ServiceRequest>,
     run: run::RunState,
     compute: compute::ComputeState,
@@ -238,6 +246,7 @@ impl FakeGcp {
                 access_tokens: 0,
                 fail_token_requests: None,
                 service_fault: None,
+                request_fault: None,
                 service_requests: Vec::new(),
                 run: run::RunState::default(),
                 compute: compute_state,
@@ -355,6 +364,12 @@ impl FakeGcp {
     /// `Some(fault)`: the Cloud Run service answers every request with it until cleared.
     pub fn set_service_fault(&self, fault: Option<ServiceFault>) {
         self.shared.lock().service_fault = fault;
+    }
+
+    /// `Some(fault)`: the Cloud Run service answers every request except its health check
+    /// (`GET /health`) with it until cleared: routed traffic fails while probes pass.
+    pub fn set_request_fault(&self, fault: Option<ServiceFault>) {
+        self.shared.lock().request_fault = fault;
     }
 
     pub fn service_requests(&self) -> Vec<ServiceRequest> {

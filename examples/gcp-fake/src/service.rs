@@ -1,63 +1,108 @@
-//! The Cloud Run service itself (its own listener, [`crate::FakeGcp::service_url`]): answers any
-//! path with 200 `{"status":"ok"}` when the caller presents a valid Google-signed ID token for
-//! its URL — 401 for a missing, malformed, badly signed or expired token, 403 for another
-//! audience, as Cloud Run's IAM front end does — or with the injected fault. Every request is
-//! recorded.
+//! The Cloud Run service itself ([`crate::FakeGcp::service_url`], its own listener): the demo
+//! backend's routes (`GET /health`, `POST /embed`, as the ECAPA stand-in answers them) behind
+//! Cloud Run's IAM front end. Every request must carry a valid Google-signed ID token for the
+//! service URL — in `X-Serverless-Authorization` when the caller sent one (so the application
+//! keeps `Authorization` for itself), else in `Authorization` — or it is answered 401 (missing,
+//! malformed, badly signed or expired) or 403 (another audience), as Cloud Run does for a private
+//! service. Faults: [`crate::FakeGcp::set_service_fault`] answers every request,
+//! [`crate::FakeGcp::set_request_fault`] every request but the health check (routed traffic).
+//! Every request is recorded.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
-use serde_json::json;
 
-use crate::{ServiceRequest, Shared};
+use crate::{ServiceFault, ServiceRequest, Shared};
+
+/// The path Cloud Run probes reach (the demo backend's health route).
+pub(crate) const HEALTH_PATH: &str = "/health";
+const SERVERLESS_AUTHORIZATION: &str = "x-serverless-authorization";
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new().fallback(handle).with_state(shared)
+    // The demo backend's state cannot fail to build without its failure knob.
+    let demo = cascade_demo::AppState::new("cloud-run-fake", None, Duration::ZERO)
+        .expect("the demo backend's state builds");
+    cascade_demo::router(demo).layer(middleware::from_fn_with_state(shared, front_end))
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+/// What the caller presented: the ID token checked, and where it came from.
+struct Presented {
+    bearer: Option<String>,
+    serverless: bool,
+    authorization: Option<String>,
+}
+
+fn presented(headers: &HeaderMap) -> Presented {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let bearer = |value: &str| value.strip_prefix("Bearer ").map(|t| t.trim().to_string());
+    let authorization = text(header::AUTHORIZATION.as_str());
+    match text(SERVERLESS_AUTHORIZATION) {
+        Some(serverless) => Presented {
+            bearer: bearer(&serverless),
+            serverless: true,
+            authorization,
+        },
+        None => Presented {
+            bearer: authorization.as_deref().and_then(bearer),
+            serverless: false,
+            authorization,
+        },
+    }
+}
+
+async fn front_end(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string());
-    let response = answer(&shared, bearer.as_deref());
+    let method = request.method().to_string();
+    let who = presented(request.headers());
+    let (fault, request_fault) = {
+        let state = shared.lock();
+        (state.service_fault, state.request_fault)
+    };
+    let fault = fault.or(request_fault.filter(|_| path != HEALTH_PATH));
+    let response = if let Some(fault) = fault {
+        faulted(fault)
+    } else if shared.options.service_requires_auth
+        && let Err(status) = authorize(&shared, who.bearer.as_deref())
+    {
+        denied(status)
+    } else {
+        next.run(request).await
+    };
     shared.lock().service_requests.push(ServiceRequest {
         at: Instant::now(),
+        method,
         path,
-        bearer,
+        bearer: who.bearer,
+        serverless_authorization: who.serverless,
+        authorization: who.authorization,
         status: response.status().as_u16(),
     });
     response
 }
 
-fn answer(shared: &Shared, bearer: Option<&str>) -> Response {
-    if let Some(fault) = shared.lock().service_fault {
-        let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        let mut response = (
-            status,
-            format!("{}\n", status.canonical_reason().unwrap_or("Error")),
-        )
-            .into_response();
-        if let Some(seconds) = fault.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        return response;
+fn faulted(fault: ServiceFault) -> Response {
+    let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let mut response = (
+        status,
+        format!("{}\n", status.canonical_reason().unwrap_or("Error")),
+    )
+        .into_response();
+    if let Some(seconds) = fault.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
-    if shared.options.service_requires_auth
-        && let Err(status) = authorize(shared, bearer)
-    {
-        return denied(status);
-    }
-    Json(json!({ "status": "ok" })).into_response()
+    response
 }
 
 /// Checks the ID token the way Cloud Run does for a private service.

@@ -1408,7 +1408,7 @@ async fn metadata_id_token_opens_the_service() -> TestResult {
         .send()
         .await?;
     assert_eq!(response.status(), 200);
-    assert_eq!(response.json::<Value>().await?, json!({"status": "ok"}));
+    assert_eq!(response.json::<Value>().await?["status"], "ok");
     let requests = fake.service_requests();
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].path, "/health");
@@ -1543,7 +1543,7 @@ async fn token_endpoint_issues_id_tokens_for_signed_assertions() -> TestResult {
     assert_eq!(claims["email"], key["client_email"]);
     assert_eq!(fake.id_tokens_issued().token_endpoint, 1);
     let response = reqwest::Client::new()
-        .get(fake.service_url())
+        .get(format!("{}/health", fake.service_url()))
         .bearer_auth(&id_token)
         .send()
         .await?;
@@ -1693,6 +1693,114 @@ async fn the_service_checks_id_tokens_like_cloud_run() -> TestResult {
     Ok(())
 }
 
+/// What the router needs of the service: the demo backend's `/embed` behind the token check, the
+/// token in `X-Serverless-Authorization` beside the application's own `Authorization`, and a
+/// fault on routed requests that leaves the health check alone.
+#[tokio::test]
+async fn the_service_embeds_like_the_demo_backend_and_takes_x_serverless_authorization()
+-> TestResult {
+    let fake = FakeGcp::start(fast()).await?;
+    let client = reqwest::Client::new();
+    let valid = fake.shared.keys.sign(&token::id_token_claims(
+        &fake.service_url(),
+        "someone@demo-project.iam.gserviceaccount.com",
+        Duration::from_secs(600),
+    ));
+    let wav = {
+        // 16-bit mono PCM at 16 kHz, 10 ms of a ramp.
+        let samples: Vec<i16> = (0..160).map(|i| i * 100).collect();
+        let data: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let mut wav = Vec::new();
+        wav.extend_from_slice(b"RIFF");
+        wav.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+        wav.extend_from_slice(b"WAVEfmt ");
+        wav.extend_from_slice(&16u32.to_le_bytes());
+        wav.extend_from_slice(&1u16.to_le_bytes());
+        wav.extend_from_slice(&1u16.to_le_bytes());
+        wav.extend_from_slice(&16_000u32.to_le_bytes());
+        wav.extend_from_slice(&32_000u32.to_le_bytes());
+        wav.extend_from_slice(&2u16.to_le_bytes());
+        wav.extend_from_slice(&16u16.to_le_bytes());
+        wav.extend_from_slice(b"data");
+        wav.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        wav.extend_from_slice(&data);
+        wav
+    };
+    let embed = |headers: Vec<(&'static str, String)>| {
+        let mut request = client
+            .post(format!("{}/embed", fake.service_url()))
+            .body(wav.clone());
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+
+    let response = embed(vec![("authorization", format!("Bearer {valid}"))]).await?;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await?;
+    assert_eq!(body["dim"], 192, "{body}");
+    assert_eq!(body["embedding"].as_array().map(Vec::len), Some(192));
+
+    // The application's own Authorization passes; the ID token rides beside it.
+    let response = embed(vec![
+        ("authorization", "Bearer the-application-s-own".into()),
+        ("x-serverless-authorization", format!("Bearer {valid}")),
+    ])
+    .await?;
+    assert_eq!(response.status(), 200);
+    // Without it, the application's token is what Cloud Run checks, and refuses.
+    let response = embed(vec![(
+        "authorization",
+        "Bearer the-application-s-own".into(),
+    )])
+    .await?;
+    assert_eq!(response.status(), 401);
+
+    fake.set_request_fault(Some(ServiceFault {
+        status: 503,
+        retry_after: None,
+    }));
+    let response = embed(vec![("authorization", format!("Bearer {valid}"))]).await?;
+    assert_eq!(response.status(), 503);
+    let health = client
+        .get(format!("{}/health", fake.service_url()))
+        .bearer_auth(&valid)
+        .send()
+        .await?;
+    assert_eq!(health.status(), 200, "probes pass during a request fault");
+    fake.set_request_fault(None);
+
+    let requests = fake.service_requests();
+    let seen: Vec<(&str, &str, bool, u16)> = requests
+        .iter()
+        .map(|r| {
+            (
+                r.method.as_str(),
+                r.path.as_str(),
+                r.serverless_authorization,
+                r.status,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("POST", "/embed", false, 200),
+            ("POST", "/embed", true, 200),
+            ("POST", "/embed", false, 401),
+            ("POST", "/embed", false, 503),
+            ("GET", "/health", false, 200),
+        ]
+    );
+    assert_eq!(
+        requests[1].authorization.as_deref(),
+        Some("Bearer the-application-s-own")
+    );
+    assert_eq!(requests[1].bearer.as_deref(), Some(valid.as_str()));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_public_service_needs_no_token() -> TestResult {
     let fake = FakeGcp::start(FakeOptions {
@@ -1700,7 +1808,7 @@ async fn a_public_service_needs_no_token() -> TestResult {
         ..fast()
     })
     .await?;
-    let response = reqwest::get(format!("{}/anything", fake.service_url())).await?;
+    let response = reqwest::get(format!("{}/health", fake.service_url())).await?;
     assert_eq!(response.status(), 200);
     Ok(())
 }
@@ -1715,7 +1823,7 @@ async fn dropping_the_fake_closes_even_pooled_connections() -> TestResult {
     fake.add_instance("vm-drop", &[]);
     let ip = fake.instances()[0].ip.clone().unwrap_or_default();
     let port = fake.vm_service_port();
-    let url = fake.service_url();
+    let url = format!("{}/health", fake.service_url());
     let client = reqwest::Client::new();
     assert_eq!(client.get(&url).send().await?.status(), 200);
     assert_eq!(
@@ -1788,7 +1896,7 @@ async fn an_assertion_signed_by_google_cloud_auth_gets_an_id_token() -> TestResu
     let (status, body) = post_token(&fake, JWT_BEARER, &jwt).await?;
     assert_eq!(status, 200, "{body}");
     let response = reqwest::Client::new()
-        .get(fake.service_url())
+        .get(format!("{}/health", fake.service_url()))
         .bearer_auth(body["id_token"].as_str().unwrap_or_default())
         .send()
         .await?;

@@ -39,6 +39,7 @@ use super::Credentials;
 use super::client;
 use crate::contract::{ProbeOutcome, TierError};
 use crate::resilience::with_deadline;
+use crate::routing::RequestCredentials;
 use crate::text::root_cause;
 
 /// Where a key without `token_uri` exchanges its assertions.
@@ -99,6 +100,7 @@ struct Key {
     signer: Signer,
 }
 
+#[derive(Clone)]
 struct Cached {
     /// `Bearer <token>`, marked sensitive so no debug output shows it.
     bearer: HeaderValue,
@@ -122,12 +124,18 @@ struct View {
     refresh_error: Option<String>,
 }
 
-/// ID tokens for one audience from one source, cached.
+/// ID tokens for one audience from one source, cached. Probes and routed
+/// requests share one instance (the tier's one cache).
 pub(super) struct IdTokens {
     source: Source,
     audience: String,
     /// Held across a refresh, so two callers never fetch at once.
     cache: tokio::sync::Mutex<Cache>,
+    /// A copy of the cached token, read without waiting: a caller finds a
+    /// token that needs no refresh here, and while another caller refreshes
+    /// it uses this one as long as it is valid, so routed requests never
+    /// queue behind a refresh.
+    current: Mutex<Option<Cached>>,
     view: Mutex<View>,
 }
 
@@ -144,8 +152,21 @@ impl IdTokens {
             source,
             audience,
             cache: tokio::sync::Mutex::new(Cache::default()),
+            current: Mutex::new(None),
             view: Mutex::new(View::default()),
         })
+    }
+
+    fn current(&self) -> Option<Cached> {
+        self.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// Sets the cached token (under the cache lock) and its copy.
+    fn set_token(&self, cache: &mut Cache, token: Option<Cached>) {
+        if let Ok(mut current) = self.current.lock() {
+            current.clone_from(&token);
+        }
+        cache.token = token;
     }
 
     pub(super) fn audience(&self) -> &str {
@@ -162,7 +183,21 @@ impl IdTokens {
         timeout: Duration,
         refresh_timeout: Duration,
     ) -> Result<HeaderValue, TokenError> {
-        let mut cache = self.cache.lock().await;
+        let now = Instant::now();
+        let current = self.current();
+        if let Some(token) = &current
+            && now < token.refresh_at
+        {
+            return Ok(token.bearer.clone());
+        }
+        let mut cache = match self.cache.try_lock() {
+            Ok(cache) => cache,
+            // Someone is refreshing: a still-valid token serves meanwhile.
+            Err(_) => match current {
+                Some(token) if now < token.expires_at => return Ok(token.bearer.clone()),
+                _ => self.cache.lock().await,
+            },
+        };
         let now = Instant::now();
         let timeout = match &cache.token {
             Some(token) if now < token.refresh_at => return Ok(token.bearer.clone()),
@@ -189,7 +224,7 @@ impl IdTokens {
                         refresh_error: None,
                     };
                 }
-                cache.token = Some(fresh);
+                self.set_token(&mut cache, Some(fresh));
                 Ok(bearer)
             }
             Err(error) => {
@@ -208,11 +243,17 @@ impl IdTokens {
     }
 
     /// Drops the cached token if it is still `rejected` (the service refused
-    /// it), so the next call fetches a new one; the key stays parsed.
+    /// it: revoked, or expired early), so the next call fetches a new one;
+    /// the key stays parsed. Logged once per token, however many requests
+    /// carried it.
     pub(super) async fn reject(&self, rejected: &HeaderValue) {
         let mut cache = self.cache.lock().await;
         if cache.token.as_ref().is_some_and(|t| t.bearer == *rejected) {
-            cache.token = None;
+            warn!(
+                backend.tier = "cloud_run",
+                "The service rejected the ID token (HTTP 401); fetching a new one."
+            );
+            self.set_token(&mut cache, None);
             if let Ok(mut view) = self.view.lock() {
                 view.expires = None;
             }
@@ -223,6 +264,9 @@ impl IdTokens {
     pub(super) async fn forget(&self) {
         let mut cache = self.cache.lock().await;
         *cache = Cache::default();
+        if let Ok(mut current) = self.current.lock() {
+            *current = None;
+        }
         if let Ok(mut view) = self.view.lock() {
             *view = View::default();
         }
@@ -297,6 +341,31 @@ impl IdTokens {
             expires_at: times.usable_until(now),
         };
         Ok((cached, times))
+    }
+}
+
+/// The tier's token cache as the router uses it: routed requests carry the
+/// same ID token the probes do, and a 401 from the service drops it for both.
+pub(super) struct RequestTokens {
+    pub(super) tokens: Arc<IdTokens>,
+    /// The probes' pooled client (token exchanges at a key's `token_uri`).
+    pub(super) http: reqwest::Client,
+    /// How long a request waits for a token when none is cached; a due
+    /// refresh of a still-valid one gets a quarter of it.
+    pub(super) timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl RequestCredentials for RequestTokens {
+    async fn authorization(&self) -> Result<HeaderValue, TierError> {
+        self.tokens
+            .bearer(&self.http, self.timeout, self.timeout / 4)
+            .await
+            .map_err(|e| TierError::new(e.to_string()))
+    }
+
+    async fn rejected(&self, value: &HeaderValue) {
+        self.tokens.reject(value).await;
     }
 }
 

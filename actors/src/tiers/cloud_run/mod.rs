@@ -50,7 +50,9 @@ use crate::tier::{ProbeConfig, TierSpec};
 pub use crate::tiers::gcp::GcpEnv;
 use crate::tiers::gcp::parse_retry_after;
 
-use auth::IdTokens;
+use crate::routing::{RequestAuth, RouteInfo};
+
+use auth::{IdTokens, RequestTokens};
 use client::{AdminApi, Answer, Readiness};
 
 /// The Admin API check gets at most this share (1/N) of a probe's budget ...
@@ -346,8 +348,9 @@ pub struct CloudRunDriver {
     health_url: Url,
     /// One pooled client for every probe, so a probe reuses a warm connection.
     http: reqwest::Client,
-    /// `None` with `auth = "none"`.
-    tokens: Option<IdTokens>,
+    /// `None` with `auth = "none"`. Shared with routed requests
+    /// ([`Driver::route_info`]): one cache for the tier.
+    tokens: Option<Arc<IdTokens>>,
     credentials: Credentials,
     admin: Option<AdminApi>,
     admin_view: Mutex<Option<AdminView>>,
@@ -373,7 +376,7 @@ impl CloudRunDriver {
         let http = client::http_client()?;
         let credentials = Credentials::pick(&config, &env);
         let tokens = match config.auth {
-            AuthMode::IdToken => Some(IdTokens::new(&credentials, config.audience())?),
+            AuthMode::IdToken => Some(Arc::new(IdTokens::new(&credentials, config.audience())?)),
             AuthMode::None => None,
         };
         let admin = config
@@ -526,6 +529,23 @@ impl Driver for CloudRunDriver {
         Some(self.config.base_url().to_owned())
     }
 
+    /// Routed requests carry an ID token from the probes' own cache, and the
+    /// first request after the service sat idle may take a cold start.
+    fn route_info(&self) -> RouteInfo {
+        let auth = match &self.tokens {
+            Some(tokens) => RequestAuth::IdToken(Arc::new(RequestTokens {
+                tokens: tokens.clone(),
+                http: self.http.clone(),
+                timeout: self.config.probe.timeout,
+            })),
+            None => RequestAuth::None,
+        };
+        RouteInfo {
+            auth,
+            cold_start_timeout: Some(self.config.cold_start_timeout),
+        }
+    }
+
     /// Cloud Run starts and scales the service on demand; there is nothing
     /// for cascade to start, so the waterfall's start phase skips this tier.
     fn startable(&self) -> bool {
@@ -577,10 +597,6 @@ impl Driver for CloudRunDriver {
         {
             // Revoked, or expired early: a cached token would be refused
             // until its refresh time, so fetch a new one next probe.
-            warn!(
-                backend.tier = "cloud_run",
-                "The service rejected the ID token (HTTP 401); fetching a new one at the next probe."
-            );
             tokens.reject(sent).await;
         }
         let outcome = self.outcome_of(answer, self.tokens.is_some());

@@ -600,6 +600,80 @@ async fn a_token_for_another_audience_is_reported_as_rejected() {
     }
 }
 
+// === routed requests: the tier's one token cache ===
+
+/// The credentials the router attaches: the probes' cached token (no second fetch), valid at the
+/// service for any path, dropped on a 401 so the next request (or probe) fetches a new one.
+#[tokio::test]
+async fn routed_requests_share_the_probes_token_and_a_401_drops_it() {
+    let fake = fake().await;
+    let driver = driver(config(&fake), metadata_env(&fake)).await;
+    let info = driver.route_info();
+    assert_eq!(info.cold_start_timeout, Some(Duration::from_secs(3)));
+    let RequestAuth::IdToken(credentials) = info.auth else {
+        panic!("a private service's requests carry ID tokens: {info:?}");
+    };
+    expect_up(&driver.probe().await);
+    assert_eq!(fake.id_tokens_issued().metadata, 1);
+
+    let value = credentials.authorization().await.expect("a token");
+    assert!(
+        value.is_sensitive(),
+        "marked sensitive, so no debug output shows it"
+    );
+    assert_eq!(
+        fake.id_tokens_issued().metadata,
+        1,
+        "the probes' cached token, not a second fetch"
+    );
+    let response = reqwest::Client::new()
+        .get(format!("{}/health", fake.service_url()))
+        .header(reqwest::header::AUTHORIZATION, value.clone())
+        .send()
+        .await
+        .expect("the service answers");
+    assert_eq!(response.status(), 200);
+
+    // Many requests at once: still one token, still no fetch.
+    let all = futures_util::future::join_all((0..50).map(|_| credentials.authorization())).await;
+    assert!(all.iter().all(|v| v.as_ref().ok() == Some(&value)));
+    assert_eq!(fake.id_tokens_issued().metadata, 1);
+
+    // Another lifetime, so the next token differs from this one even within the same second.
+    fake.set_token_lifetime(Duration::from_secs(1800));
+    credentials.rejected(&value).await;
+    let fresh = credentials.authorization().await.expect("a new token");
+    assert_ne!(fresh, value, "a rejected token is never handed out again");
+    assert_eq!(fake.id_tokens_issued().metadata, 2);
+    // A late 401 for the old token does not drop the new one.
+    credentials.rejected(&value).await;
+    assert_eq!(credentials.authorization().await.expect("cached"), fresh);
+    expect_up(&driver.probe().await);
+    assert_eq!(fake.id_tokens_issued().metadata, 2, "the probe uses it too");
+
+    // An unreachable token source is an error naming it, never a token.
+    fake.fail_token_requests(Some(503));
+    driver
+        .restart(RestartRequest::default())
+        .await
+        .expect("restart");
+    let error = credentials.authorization().await.expect_err("no token");
+    assert!(error.0.starts_with("ID token: metadata server"), "{error}");
+    assert!(error.0.contains("503"), "{error}");
+    assert_no_token(&fake, &error.0);
+}
+
+#[tokio::test]
+async fn a_public_service_routes_without_credentials() {
+    let fake = fake().await;
+    let config = CloudRunConfig {
+        auth: AuthMode::None,
+        ..config(&fake)
+    };
+    let driver = driver(config, metadata_env(&fake)).await;
+    assert_eq!(driver.route_info().auth, RequestAuth::None);
+}
+
 // === ID tokens from a service-account key ===
 
 #[tokio::test]

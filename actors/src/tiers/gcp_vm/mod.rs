@@ -44,6 +44,7 @@ use crate::contract::{
     TierError, TierId,
 };
 use crate::resilience::BreakerConfig;
+use crate::routing::Endpoint;
 use crate::tier::{ProbeConfig, TierSpec};
 
 pub use crate::tiers::gcp::GcpEnv;
@@ -392,6 +393,10 @@ impl GcpVmDriver {
 impl Driver for GcpVmDriver {
     fn endpoint(&self) -> Option<String> {
         self.pool.endpoint()
+    }
+
+    fn endpoints(&self) -> Vec<Endpoint> {
+        self.pool.endpoints()
     }
 
     fn startable(&self) -> bool {

@@ -487,7 +487,9 @@ async fn an_insert_storm_of_429s_spreads_retries_and_stops_at_the_shared_budget(
     let driver = h.driver(config);
     let error = driver.start().await.expect_err("every insert is refused");
     assert!(error.0.contains("retry budget"), "{error}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once stop returns no background task runs, so the count below is final.
+    driver.stop(StopReason::Exiting).await.expect("stops");
+    assert_eq!(driver.pool.tracked_tasks(), 0);
 
     let inserts = h.inserts();
     assert_eq!(
@@ -580,6 +582,44 @@ async fn an_existing_vm_is_adopted_on_409() {
         "{error}"
     );
     assert!(pool.read(|s| !s.vms.contains_key(&1)));
+    h.assert_no_rejections();
+}
+
+/// The router's view of the pool: every ready VM, named by the VM, at its service port.
+#[tokio::test]
+async fn every_ready_vm_is_an_endpoint() {
+    let h = Harness::new().await;
+    let config = GcpVmConfig {
+        vms: 2,
+        max_vms: 2,
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    assert!(
+        driver.endpoints().is_empty(),
+        "nothing serves before a start"
+    );
+    driver.start().await.expect("starts");
+    let port = h.fake.vm_service_port();
+    let ips: BTreeMap<String, String> = h
+        .fake
+        .instances()
+        .into_iter()
+        .map(|vm| (vm.name, vm.ip.unwrap_or_default()))
+        .collect();
+    let endpoints = driver.endpoints();
+    let expected: Vec<Endpoint> = ["pool-0", "pool-1"]
+        .iter()
+        .map(|name| Endpoint::new(*name, format!("http://{}:{port}", ips[*name])))
+        .collect();
+    assert_eq!(endpoints, expected);
+    // A VM that stops being ready stops being an endpoint.
+    driver.pool.update(|s| {
+        if let Some(vm) = s.vms.get_mut(&1) {
+            vm.phase = Phase::Unhealthy;
+        }
+    });
+    assert_eq!(driver.endpoints(), expected[..1]);
     h.assert_no_rejections();
 }
 

@@ -11,6 +11,7 @@ use tracing::warn;
 use super::{Pool, PoolError};
 use crate::contract::{ProbeOutcome, RestartReport, RestartRequest, TierId};
 use crate::resilience::Deadline;
+use crate::routing::Endpoint;
 use crate::tiers::gcp_vm::checkpoint::{Phase, VmEntry};
 
 /// Claims slots for a start or restart until dropped (cancelled or not).
@@ -143,6 +144,23 @@ impl Pool {
                 list.join(", ")
             ),
         }
+    }
+
+    /// Every ready VM, by slot, named by the VM: the router spreads requests over them.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.read(|s| {
+            s.vms
+                .values()
+                .filter(|vm| vm.phase == Phase::Ready)
+                .filter_map(|vm| {
+                    let ip = vm.ip.as_ref()?;
+                    Some(Endpoint::new(
+                        vm.name.clone(),
+                        format!("http://{ip}:{}", self.config.service_port),
+                    ))
+                })
+                .collect()
+        })
     }
 
     /// The first ready VM by slot.
