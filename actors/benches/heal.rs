@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cascade_actors::tiers::docker::autoheal::{self, AutohealHandle};
+use cascade_actors::autoheal::{self, AutohealHandle};
 use cascade_actors::tiers::docker::config::{DockerConfig, MANAGED_LABEL};
 use cascade_actors::tiers::docker::connect::{Connector, DockerHost};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -7,6 +7,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod autoheal;
 pub mod contract;
 pub mod metrics;
 pub mod notify;

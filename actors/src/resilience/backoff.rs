@@ -124,6 +124,11 @@ impl Backoff {
         &self.config
     }
 
+    /// New settings for the attempts to come; the count so far stays.
+    pub fn set_config(&mut self, config: BackoffConfig) {
+        self.config = config;
+    }
+
     /// The ceiling for the next attempt: `min(cap, base * 2^attempt)`.
     pub fn ceiling(&self) -> Duration {
         doubled_capped(self.config.base, self.attempt, self.config.cap)

@@ -49,6 +49,12 @@ impl RestartIntensity {
         self.total
     }
 
+    /// New limits; the restarts recorded so far stay.
+    pub fn set_limits(&mut self, max_restarts: u32, window: Duration) {
+        self.max_restarts = max_restarts;
+        self.window = window;
+    }
+
     pub fn max_restarts(&self) -> u32 {
         self.max_restarts
     }

@@ -218,12 +218,16 @@ impl PortMapping {
 pub struct AutohealConfig {
     pub enabled: bool,
     /// Containers carrying this label with value `true` are healed (cascade's
-    /// own managed containers always are).
+    /// own managed containers always are); `all`: every container, on
+    /// `unhealthy` only (docker-autoheal's mode). `autoheal=false` opts out.
     pub label: String,
-    /// Wait before each restart of one container.
+    /// Wait between restarts of a container that keeps failing, counted
+    /// from the previous restart: the first failure after a run of
+    /// `reset_after` is healed at once.
     pub backoff: BackoffConfig,
-    /// More restarts than this within `window` and cascade gives up on the container.
-    pub max_restarts: u32,
+    /// Give up on a container after this many restarts within `window`
+    /// (unset: never give up; `backoff.cap` bounds the rate).
+    pub max_restarts: Option<u32>,
     #[serde(with = "humantime_serde")]
     pub window: Duration,
     /// Stop timeout when the container has no `autoheal.stop.timeout` label.
@@ -238,13 +242,15 @@ impl Default for AutohealConfig {
         AutohealConfig {
             enabled: true,
             label: "autoheal".into(),
+            // Docker's restart manager resets after 10 s up; Kubernetes caps
+            // CrashLoopBackOff at 5 min.
             backoff: BackoffConfig {
-                base: Duration::from_millis(500),
-                cap: Duration::from_secs(60),
-                reset_after: Duration::from_secs(60),
-                jitter: Jitter::Full,
+                base: Duration::from_secs(1),
+                cap: Duration::from_secs(300),
+                reset_after: Duration::from_secs(10),
+                jitter: Jitter::None,
             },
-            max_restarts: 5,
+            max_restarts: None,
             window: Duration::from_secs(600),
             stop_timeout: Duration::from_secs(10),
             reconnect: BackoffConfig {
@@ -361,6 +367,15 @@ impl DockerConfig {
         }
         for (k, p) in self.autoheal.reconnect.validate() {
             problems.push((format!("autoheal.reconnect.{k}"), p));
+        }
+        if self.autoheal.max_restarts == Some(0) {
+            problems.push((
+                "autoheal.max_restarts".into(),
+                "must be at least 1 (leave it unset never to give up)".into(),
+            ));
+        }
+        if self.autoheal.label.trim().is_empty() {
+            problems.push(("autoheal.label".into(), "must name a label".into()));
         }
         if let Some(url) = &self.webhook.url
             && !(url.starts_with("http://") || url.starts_with("https://"))

@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::autoheal::{self, AutohealHandle};
 use super::client::Client;
 use super::config::{DockerConfig, PortMapping};
 use super::connect::{Connector, DockerError};
@@ -37,6 +36,7 @@ use super::daemon::{self, DaemonError};
 use super::plan::{
     self, Action, Desired, ImageFacts, Mode, Observed, Readiness, Recreate, RunState, Step, Verdict,
 };
+use crate::autoheal::{self, AutohealHandle};
 use crate::contract::{
     Driver, DriverEvent, EventSink, ProbeOutcome, RestartReport, RestartRequest, StopReason,
     TierError, TierId,
@@ -776,12 +776,34 @@ impl Driver for DockerDriver {
             }
         }
         if let Some(autoheal) = &self.autoheal {
+            let summary = autoheal.summary();
+            let last_event = summary.last_event.map_or_else(
+                || "none yet".to_owned(),
+                |t| humantime::format_rfc3339_millis(t).to_string(),
+            );
+            details.insert(
+                "autoheal".into(),
+                format!(
+                    "{}, watching {}, heals {}, give-ups {}, last event {last_event}",
+                    if autoheal.connected() {
+                        "connected"
+                    } else {
+                        "not connected"
+                    },
+                    summary.watched,
+                    summary.heals,
+                    summary.give_ups,
+                ),
+            );
             for report in autoheal.report() {
-                let text = match (&report.gave_up, &report.last_heal) {
-                    (Some(why), _) => format!("gave up: {why}"),
+                let mut text = match (&report.gave_up, &report.last_heal) {
+                    (Some(why), _) => why.clone(),
                     (None, Some(last)) => format!("restarts {}, last: {last}", report.restarts),
                     (None, None) => format!("restarts {}", report.restarts),
                 };
+                if let Some(next) = &report.next_heal {
+                    text.push_str(&format!(", next heal at {next}"));
+                }
                 details.insert(format!("autoheal.{}", report.container), text);
             }
         }

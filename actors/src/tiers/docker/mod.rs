@@ -1,7 +1,6 @@
 //! The `docker` tier: the service in local containers, and event-driven
 //! autoheal of labelled containers.
 
-pub mod autoheal;
 mod client;
 pub mod config;
 pub mod connect;
@@ -12,7 +11,6 @@ mod plan;
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
-mod webhook;
 
 use std::sync::Arc;
 

@@ -17,10 +17,12 @@ use bollard::models::{ContainerSummaryHealthStatusEnum, ContainerSummaryStateEnu
 use bollard::query_parameters::{
     EventsOptions, InspectContainerOptions, ListContainersOptions, RestartContainerOptions,
 };
+use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
 
-use super::super::connect::{Connector, DockerError, classify};
+use super::event::{Listed, ListedState};
 use crate::resilience::with_deadline;
+use crate::tiers::docker::connect::{Connector, DockerError, classify};
 
 /// The container events autoheal decides on.
 const EVENTS: [&str; 7] = [
@@ -33,23 +35,56 @@ const EVENTS: [&str; 7] = [
     "destroy",
 ];
 
+/// The Docker calls autoheal's runner makes: a small seam, so the runner
+/// can be driven without an engine.
+pub(crate) trait Engine: Send + Sync + 'static {
+    /// See [`connect`].
+    fn connect(&self, query: Query) -> BoxFuture<'static, Result<Connected, DockerError>>;
+    /// See [`restart`].
+    fn restart(
+        &self,
+        id: String,
+        stop_timeout: Duration,
+    ) -> BoxFuture<'static, Result<(), DockerError>>;
+}
+
+/// The real daemon, through a [`Connector`].
+#[derive(Clone)]
+pub(crate) struct Daemon(pub Connector);
+
+impl Engine for Daemon {
+    fn connect(&self, query: Query) -> BoxFuture<'static, Result<Connected, DockerError>> {
+        Box::pin(connect(self.0.clone(), query))
+    }
+
+    fn restart(
+        &self,
+        id: String,
+        stop_timeout: Duration,
+    ) -> BoxFuture<'static, Result<(), DockerError>> {
+        let connector = self.0.clone();
+        Box::pin(async move { restart(&connector, &id, stop_timeout).await })
+    }
+}
+
 /// The live event stream: open for as long as the daemon keeps it open.
-pub(super) type EventStream =
+pub(crate) type EventStream =
     Pin<Box<dyn Stream<Item = Result<EventMessage, bollard::errors::Error>> + Send>>;
 
 /// What to ask the daemon for when (re)connecting.
-pub(super) struct Query {
+pub(crate) struct Query {
     /// Time (ns since the epoch) of the last event seen before the stream
     /// broke; `None` on the first connection.
     pub resume_from: Option<i64>,
-    /// Label filters (`key=value`) of the containers to list, one list each.
-    pub labels: Vec<String>,
+    /// Label filters (`key=value`) of the containers to list, one list
+    /// each; `None` lists every container.
+    pub lists: Vec<Option<String>>,
     /// A label (`key=value`) every considered container must also carry.
     pub scope: Option<String>,
 }
 
 /// A connection to the event stream, with what happened while there was none.
-pub(super) struct Connected {
+pub(crate) struct Connected {
     /// Events from `resume_from` up to `live_from`, oldest first.
     pub replay: Vec<EventMessage>,
     /// The labelled containers as they were around `live_from`.
@@ -59,33 +94,10 @@ pub(super) struct Connected {
     pub stream: EventStream,
 }
 
-/// One container from the reconnect's list.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct Listed {
-    pub id: String,
-    pub name: String,
-    pub image: String,
-    pub labels: HashMap<String, String>,
-    pub state: ListedState,
-    /// When an exited container stopped (ns since the epoch); inspected only
-    /// for exited containers on a reconnect.
-    pub finished_at: Option<i64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ListedState {
-    Running {
-        unhealthy: bool,
-    },
-    Exited,
-    /// Created, paused, restarting, being removed: nothing to heal.
-    Other,
-}
-
 /// Opens the event stream; on a reconnect, first collects the events missed
 /// since `resume_from` and the exit times of exited containers, so the
 /// caller can replay them and reconcile before going live.
-pub(super) async fn connect(connector: Connector, query: Query) -> Result<Connected, DockerError> {
+pub(crate) async fn connect(connector: Connector, query: Query) -> Result<Connected, DockerError> {
     let timeout = connector.call_timeout();
     if query.resume_from.is_some() {
         // The stream broke: the daemon may have restarted as another version.
@@ -126,8 +138,8 @@ pub(super) async fn connect(connector: Connector, query: Query) -> Result<Connec
     }
 
     let mut listing: Vec<Listed> = Vec::new();
-    for label in &query.labels {
-        let mut wanted = vec![label.clone()];
+    for label in &query.lists {
+        let mut wanted: Vec<String> = label.iter().cloned().collect();
         wanted.extend(query.scope.clone());
         for listed in list(&connector, wanted).await? {
             if !listing.iter().any(|l| l.id == listed.id) {
@@ -158,7 +170,7 @@ pub(super) async fn connect(connector: Connector, query: Query) -> Result<Connec
 }
 
 /// Restarts a container, giving it `stop_timeout` to stop before SIGKILL.
-pub(super) async fn restart(
+pub(crate) async fn restart(
     connector: &Connector,
     id: &str,
     stop_timeout: Duration,
@@ -177,9 +189,10 @@ pub(super) async fn restart(
 }
 
 async fn list(connector: &Connector, labels: Vec<String>) -> Result<Vec<Listed>, DockerError> {
+    let filters = (!labels.is_empty()).then(|| HashMap::from([("label".to_owned(), labels)]));
     let options = ListContainersOptions {
         all: true,
-        filters: Some(HashMap::from([("label".to_owned(), labels)])),
+        filters,
         ..ListContainersOptions::default()
     };
     let summaries = connector
@@ -268,7 +281,7 @@ fn timestamp(nanos: i64) -> String {
     )
 }
 
-pub(super) fn now_nanos() -> i64 {
+pub(crate) fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .ok()

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use super::*;
 use crate::resilience::{BackoffConfig, Jitter, with_deadline};
-use crate::tiers::docker::config::{AutohealConfig, DockerConfig, MANAGED_LABEL};
+use crate::tiers::docker::config::{AutohealConfig, DockerConfig};
 use crate::tiers::docker::connect::{Connector, DockerHost};
 use crate::tiers::docker::testing::{
     self, Cleanup, TEST_LABEL, docker, eventually, inspect, unique,
@@ -44,7 +44,7 @@ fn config(label: &str) -> DockerConfig {
             enabled: true,
             label: label.to_owned(),
             backoff: fast(50, 400),
-            max_restarts: 5,
+            max_restarts: None,
             window: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(1),
             reconnect: fast(50, 300),
@@ -145,6 +145,10 @@ impl Harness {
             .report()
             .into_iter()
             .find(|r| r.container == name)
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.notes.lock().expect("notes").clone()
     }
 
     fn restarts(&self, name: &str) -> u64 {
@@ -490,7 +494,7 @@ async fn labelled_container_created_later_is_healed_after_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_loop_gives_up_at_the_cap_and_notifies() {
+async fn with_max_restarts_a_crash_loop_is_given_up_and_notified() {
     if !testing::docker_available() {
         return;
     }
@@ -499,7 +503,7 @@ async fn crash_loop_gives_up_at_the_cap_and_notifies() {
     let mut h = Harness::start(
         |c| {
             c.webhook.url = Some(url);
-            c.autoheal.max_restarts = 2;
+            c.autoheal.max_restarts = Some(2);
             c.autoheal.backoff = fast(50, 200);
         },
         None,
@@ -517,7 +521,7 @@ async fn crash_loop_gives_up_at_the_cap_and_notifies() {
         report
             .gave_up
             .as_deref()
-            .is_some_and(|g| g.contains("more than 2 restarts")),
+            .is_some_and(|g| g.starts_with("gave up after 2 restarts within 1m")),
         "{report:?}"
     );
 
@@ -526,12 +530,16 @@ async fn crash_loop_gives_up_at_the_cap_and_notifies() {
     })
     .await;
     let last_start = started_at(&name);
-    let restart_count = inspect(&name, "{{.RestartCount}}");
-    // No further restarts: watch it for a while (bounded, not a sleep-and-hope:
-    // the loop restarted it within ~0.5 s each time before the cap).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A crash after that: once it is healed, the loop has handled every
+    // event of the given-up container too (one stream, in order).
+    let control = h.labelled("ah-control", &["DEMO_EXIT_AFTER=1"]);
+    eventually(
+        HEALED_WITHIN,
+        "the crashed control container healed",
+        || h.restarts(&control) >= 1,
+    )
+    .await;
     assert_eq!(started_at(&name), last_start, "restarted after giving up");
-    assert_eq!(inspect(&name, "{{.RestartCount}}"), restart_count);
     assert!(!running(&name));
     assert_eq!(h.restarts(&name), 2);
 
@@ -615,70 +623,89 @@ async fn expected_stop_is_not_healed_until_the_container_starts_again() {
     h.stop().await;
 }
 
-// === pure parts ===
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_stopping_a_container_cancels_its_scheduled_heal() {
+    if !testing::docker_available() {
+        return;
+    }
+    let mut h = Harness::start(
+        |c| {
+            c.autoheal.backoff = BackoffConfig {
+                base: Duration::from_secs(10),
+                cap: Duration::from_secs(60),
+                reset_after: Duration::from_secs(60),
+                jitter: Jitter::None,
+            };
+        },
+        None,
+    );
+    h.connected().await;
+    let name = h.labelled("ah-person", &["DEMO_FAIL_HEALTH_AFTER=1"]);
+    eventually(HEALED_WITHIN, "the first heal", || h.restarts(&name) >= 1).await;
+    // Unhealthy again a few seconds after that restart: the second heal
+    // waits out its backoff.
+    eventually(HEALED_WITHIN, "a heal scheduled after its backoff", || {
+        h.report(&name).is_some_and(|r| r.next_heal.is_some())
+    })
+    .await;
+    let due = h
+        .report(&name)
+        .and_then(|r| r.next_heal)
+        .and_then(|t| humantime::parse_rfc3339(&t).ok())
+        .expect("next_heal is a time");
 
-#[test]
-fn kinds_come_from_labels_and_scope() {
-    let config = config("autoheal");
-    let plain = Settings::new(&config, None);
-    let labels = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    };
-    assert_eq!(
-        plain.kind_of(&labels(&[(MANAGED_LABEL, "true")])),
-        Some(Kind::Managed)
+    docker(&["stop", "-t", "1", &name]);
+    eventually(Duration::from_secs(10), "the heal cancelled", || {
+        h.report(&name).is_some_and(|r| r.next_heal.is_none())
+            && h.notes().iter().any(|n| n.contains("a person stopped it"))
+    })
+    .await;
+    // Past the moment the heal was due, it is still stopped.
+    let past_due = due + Duration::from_secs(1);
+    eventually(Duration::from_secs(30), "the heal's due time", || {
+        std::time::SystemTime::now() > past_due
+    })
+    .await;
+    assert!(
+        !running(&name),
+        "a scheduled heal overrode the person's stop"
     );
-    assert_eq!(
-        plain.kind_of(&labels(&[("autoheal", "true")])),
-        Some(Kind::Labelled)
-    );
-    assert_eq!(plain.kind_of(&labels(&[("autoheal", "false")])), None);
-    assert_eq!(plain.kind_of(&labels(&[("other", "true")])), None);
-
-    let scoped = Settings::new(&config, Some("scope=a".into()));
-    assert_eq!(scoped.kind_of(&labels(&[("autoheal", "true")])), None);
-    assert_eq!(
-        scoped.kind_of(&labels(&[("autoheal", "true"), ("scope", "a")])),
-        Some(Kind::Labelled)
-    );
-
-    assert_eq!(
-        plain.stop_timeout("c", &labels(&[(STOP_TIMEOUT_LABEL, "7")])),
-        Duration::from_secs(7)
-    );
-    assert_eq!(
-        plain.stop_timeout("c", &labels(&[(STOP_TIMEOUT_LABEL, "soon")])),
-        config.autoheal.stop_timeout
-    );
-    assert_eq!(
-        plain.stop_timeout("c", &labels(&[])),
-        config.autoheal.stop_timeout
-    );
+    assert_eq!(h.restarts(&name), 1, "{:?}", h.report(&name));
+    h.stop().await;
 }
 
-#[test]
-fn events_parse_from_docker_json() {
-    let json = r#"{"status":"health_status: unhealthy","id":"8a50","from":"img","Type":"container",
-        "Action":"health_status: unhealthy","Actor":{"ID":"8a50","Attributes":{"autoheal":"true",
-        "image":"img","name":"svc"}},"scope":"local","time":1795356612,"timeNano":1795356612372261958}"#;
-    let message: EventMessage = serde_json::from_str(json).expect("event json");
-    let event = Event::parse(message).expect("parses");
-    assert_eq!(event.action, Action::Unhealthy);
-    assert_eq!(event.name, "svc");
-    assert_eq!(event.image, "img");
-    assert_eq!(event.time_nanos, 1_795_356_612_372_261_958);
-
-    let die = r#"{"Type":"container","Action":"die","Actor":{"ID":"x","Attributes":{"exitCode":"137"}},"time":5}"#;
-    let event = Event::parse(serde_json::from_str(die).expect("json")).expect("parses");
-    assert_eq!(
-        event.action,
-        Action::Die {
-            exit_code: Some("137".into())
-        }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_container_is_held_back_by_its_backoff_and_never_given_up() {
+    if !testing::docker_available() {
+        return;
+    }
+    let mut h = Harness::start(
+        |c| {
+            c.autoheal.backoff = BackoffConfig {
+                base: Duration::from_millis(1500),
+                cap: Duration::from_secs(3),
+                reset_after: Duration::from_secs(10),
+                jitter: Jitter::None,
+            };
+        },
+        None,
     );
-    assert_eq!(event.time_nanos, 5_000_000_000);
-    assert_eq!(event.name, "x");
+    h.connected().await;
+    let name = h.labelled("ah-loop", &["DEMO_EXIT_AFTER=0.1"]);
+    eventually(Duration::from_secs(60), "five heals", || {
+        h.restarts(&name) >= 5
+    })
+    .await;
+    let notes = h.notes();
+    let held_back = notes
+        .iter()
+        .filter(|n| n.starts_with(&format!("autoheal restarts {name} in ")))
+        .count();
+    // The first heal of the series goes out at once; the container dies
+    // well within 1.5 s of each restart, so the later ones wait (3 s from
+    // the previous restart at the cap).
+    assert!(held_back >= 2, "{notes:#?}");
+    let report = h.report(&name).expect("report");
+    assert!(report.gave_up.is_none(), "{report:?}");
+    h.stop().await;
 }

@@ -14,14 +14,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::config::WebhookConfig;
 use crate::contract::rfc3339;
+use crate::tiers::docker::config::WebhookConfig;
 
 /// What happened to a container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NoticeKind {
     Restart,
+    /// A restart request failed; autoheal tries again after its backoff.
+    RestartFailed,
     GiveUp,
 }
 
