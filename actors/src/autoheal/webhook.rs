@@ -5,7 +5,9 @@
 //! notification never delays healing (each one is sent from a task in the
 //! caller's `TaskTracker`, bounded by `webhook.timeout` and ended by its
 //! cancellation token); a failed POST is logged and dropped, never retried,
-//! because the next restart or give-up carries the up-to-date count anyway.
+//! because the next restart or give-up carries the up-to-date count anyway;
+//! the URL (for Slack or Discord, the credential itself) is never logged:
+//! logs show its scheme and host.
 
 use std::time::SystemTime;
 
@@ -74,6 +76,7 @@ impl Notifier {
                 target: Some(Target { url, client }),
             },
             Err(error) => {
+                let url = crate::secrets::url_for_logs(&url);
                 warn!(%error, %url, "Webhook disabled: cannot build its HTTP client.");
                 Notifier { target: None }
             }
@@ -98,7 +101,8 @@ impl Notifier {
             match cancel.run_until_cancelled(post(&target, &notice)).await {
                 Some(Ok(())) => debug!(%container, ?event, "Webhook delivered."),
                 Some(Err(error)) => {
-                    warn!(%error, %container, ?event, url = %target.url, "Webhook failed.");
+                    let url = crate::secrets::url_for_logs(&target.url);
+                    warn!(%error, %container, ?event, %url, "Webhook failed.");
                 }
                 None => debug!(%container, ?event, "Webhook abandoned: shutting down."),
             }
@@ -113,7 +117,8 @@ async fn post(target: &Target, notice: &Notice) -> Result<(), String> {
         .json(notice)
         .send()
         .await
-        .map_err(|e| crate::text::root_cause(&e))?;
+        // The URL is the credential (Slack, Discord): never in the error.
+        .map_err(|e| crate::text::root_cause(&e.without_url()))?;
     let status = response.status();
     if status.is_success() {
         Ok(())
@@ -154,6 +159,28 @@ mod tests {
         );
         let restart = serde_json::to_value(NoticeKind::Restart).expect("serializes");
         assert_eq!(restart, "restart");
+    }
+
+    #[tokio::test]
+    async fn a_failed_post_never_names_the_url() {
+        // Nothing listens on port 9 of loopback: the POST fails at once.
+        let config = WebhookConfig {
+            url: Some("http://127.0.0.1:9/services/T000/B000/XXXXSECRET".into()),
+            ..WebhookConfig::default()
+        };
+        let target = Notifier::new(&config).target.expect("enabled");
+        let notice = Notice {
+            event: NoticeKind::Restart,
+            container: "svc".into(),
+            id: "abc".into(),
+            image: "img:1".into(),
+            reason: "died".into(),
+            restarts: 1,
+            time: SystemTime::UNIX_EPOCH,
+        };
+        let error = post(&target, &notice).await.expect_err("nothing listens");
+        assert!(!error.contains("SECRET"), "{error}");
+        assert!(!error.contains("services"), "{error}");
     }
 
     #[test]
