@@ -1,5 +1,13 @@
 //! What the Google Cloud tiers (`cloud_run`, `gcp_vm`) share: where
-//! credentials come from, and how a `Retry-After` header is read.
+//! credentials come from, which endpoints may receive them, and how a
+//! `Retry-After` header is read.
+//!
+//! Credentials travel only over TLS or to loopback: every URL that receives
+//! one (the Cloud Run service, the Cloud Run Admin API, Compute Engine, a key
+//! file's `token_uri`) must be `https://`, or `http://` to a loopback
+//! address (the local fake). The metadata server is the exception Google
+//! makes itself: it is plain HTTP on a link-local address and receives no
+//! credential, it hands them out.
 //!
 //! Invariant: only the process reads the environment, in
 //! [`GcpEnv::from_env`] (when it builds tier specs: at start and on reload);
@@ -38,6 +46,59 @@ impl GcpEnv {
     }
 }
 
+/// Why `url` may not receive a credential, if it may not: not an http(s) URL
+/// with a host, credentials in the URL itself, or plain `http://` to a host
+/// that is not loopback. `what` names what is sent (`an ID token`, `an
+/// access token`, `a signed assertion`).
+pub fn credential_url_problem(url: &str, what: &str) -> Option<String> {
+    let parsed = match url::Url::parse(url) {
+        Ok(parsed) => parsed,
+        Err(e) => return Some(format!("is not a URL: {e}")),
+    };
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Some("must be an http(s) URL with a host".into());
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Some(format!(
+            "must not hold a user or password: requests carry {what}"
+        ));
+    }
+    if parsed.scheme() == "http" && !is_loopback(&parsed) {
+        return Some(format!(
+            "must use https: requests carry {what} (plain http is allowed only for loopback)"
+        ));
+    }
+    None
+}
+
+/// Whether the URL's host is `localhost` or a loopback address.
+pub fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// The key file's `token_uri`, if it has one, checked before any signed
+/// assertion is posted there.
+pub fn check_token_uri(key: &serde_json::Value) -> Result<(), String> {
+    match key.get("token_uri") {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(serde_json::Value::String(uri)) => {
+            match credential_url_problem(uri, "a signed assertion") {
+                None => Ok(()),
+                Some(problem) => Err(format!(
+                    "token_uri {} {problem}",
+                    crate::secrets::url_for_logs(uri)
+                )),
+            }
+        }
+        Some(_) => Err("token_uri is not a string".into()),
+    }
+}
+
 /// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3, all
 /// three date formats, years 1970 to 9999); a date in the past is zero.
 /// Anything else is a broken header and reads as absent.
@@ -53,6 +114,48 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_go_only_over_tls_or_to_loopback() {
+        for ok in [
+            "https://compute.googleapis.com",
+            "https://run.googleapis.com/",
+            "http://127.0.0.1:8080",
+            "http://127.0.0.53",
+            "http://localhost:9000",
+            "http://LOCALHOST",
+            "http://[::1]:8080/token",
+        ] {
+            assert_eq!(credential_url_problem(ok, "a token"), None, "{ok}");
+        }
+        for (bad, expected) in [
+            ("http://compute.googleapis.com", "must use https"),
+            ("http://10.0.0.5:8080", "must use https"),
+            ("http://localhost.evil.example", "must use https"),
+            ("http://127.0.0.1.nip.io", "must use https"),
+            ("ftp://127.0.0.1", "http(s) URL"),
+            ("compute.googleapis.com", "not a URL"),
+            ("https://user:pw@compute.googleapis.com", "user or password"),
+        ] {
+            let problem = credential_url_problem(bad, "a token").unwrap_or_default();
+            assert!(problem.contains(expected), "{bad}: {problem}");
+        }
+        assert_eq!(check_token_uri(&serde_json::json!({})), Ok(()));
+        assert_eq!(
+            check_token_uri(
+                &serde_json::json!({"token_uri": "https://oauth2.googleapis.com/token"})
+            ),
+            Ok(())
+        );
+        let error =
+            check_token_uri(&serde_json::json!({"token_uri": "http://tokens.example/token?x=1"}))
+                .expect_err("plain http elsewhere");
+        assert!(error.contains("must use https"), "{error}");
+        assert!(
+            !error.contains("x=1"),
+            "only scheme and host are shown: {error}"
+        );
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {

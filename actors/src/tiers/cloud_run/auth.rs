@@ -524,6 +524,8 @@ fn parse_key(path: &Path, text: &str) -> Result<Key, TokenError> {
             ));
         }
     }
+    // The signed assertion is a credential: never posted over plain HTTP to another host.
+    crate::tiers::gcp::check_token_uri(&value).map_err(|e| key_error(path, e))?;
     let signer = google_cloud_auth::credentials::service_account::Builder::new(value.clone())
         .build_signer()
         .map_err(|e| key_error(path, e))?;

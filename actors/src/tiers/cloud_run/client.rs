@@ -351,6 +351,7 @@ impl AdminApi {
                     .map_err(|e| format!("{}: cannot be read: {e}", what()))?;
                 let key: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| format!("{}: not valid JSON at line {}", what(), e.line()))?;
+                crate::tiers::gcp::check_token_uri(&key).map_err(|e| format!("{}: {e}", what()))?;
                 google_cloud_auth::credentials::service_account::Builder::new(key)
                     .build()
                     .map_err(|e| format!("{}: {e}", what()))?

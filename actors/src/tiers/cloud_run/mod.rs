@@ -48,7 +48,7 @@ use crate::resilience::{BreakerConfig, Deadline};
 use crate::tier::{ProbeConfig, TierSpec};
 
 pub use crate::tiers::gcp::GcpEnv;
-use crate::tiers::gcp::parse_retry_after;
+use crate::tiers::gcp::{credential_url_problem, parse_retry_after};
 
 use crate::routing::{RequestAuth, RouteInfo};
 
@@ -162,29 +162,28 @@ impl CloudRunConfig {
     /// Problems as (key relative to `[tiers.cloud_run]`, message).
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
-        match Url::parse(&self.url) {
-            Err(_) if self.url.is_empty() => {
-                problems.push((
-                    "url".into(),
-                    "is required: the Cloud Run service's URL, e.g. https://NAME-HASH-REGION.a.run.app".into(),
-                ));
+        if self.url.is_empty() {
+            problems.push((
+                "url".into(),
+                "is required: the Cloud Run service's URL, e.g. https://NAME-HASH-REGION.a.run.app"
+                    .into(),
+            ));
+        } else {
+            let problem = match self.auth {
+                AuthMode::IdToken => credential_url_problem(&self.url, "an ID token"),
+                AuthMode::None => match Url::parse(&self.url) {
+                    Err(e) => Some(format!("is not a URL: {e}")),
+                    Ok(url)
+                        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() =>
+                    {
+                        Some("must be an http(s) URL with a host".into())
+                    }
+                    Ok(_) => None,
+                },
+            };
+            if let Some(problem) = problem {
+                problems.push(("url".into(), problem));
             }
-            Err(e) => problems.push(("url".into(), format!("is not a URL: {e}"))),
-            Ok(url) if !matches!(url.scheme(), "http" | "https") || url.host().is_none() => {
-                problems.push(("url".into(), "must be an http(s) URL with a host".into()));
-            }
-            Ok(url)
-                if self.auth == AuthMode::IdToken
-                    && url.scheme() == "http"
-                    && !is_loopback(&url) =>
-            {
-                problems.push((
-                    "url".into(),
-                    "must use https: requests carry an ID token (plain http is allowed only for loopback)"
-                        .into(),
-                ));
-            }
-            Ok(_) => {}
         }
         if !self.health_path.starts_with('/') {
             problems.push(("health_path".into(), "must start with `/`".into()));
@@ -228,12 +227,11 @@ impl CloudRunConfig {
                     ));
                 }
             }
-            match Url::parse(&admin.endpoint) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-                _ => problems.push((
+            if let Some(problem) = credential_url_problem(&admin.endpoint, "an access token") {
+                problems.push((
                     "admin.endpoint".into(),
-                    "must be an http(s) URL, e.g. https://run.googleapis.com".into(),
-                )),
+                    format!("{problem}, e.g. https://run.googleapis.com"),
+                ));
             }
             if admin.interval.is_zero() {
                 problems.push(("admin.interval".into(), "must be above zero".into()));
@@ -263,18 +261,6 @@ impl CloudRunConfig {
             Some(audience) => audience.clone(),
             None => self.base_url().to_owned(),
         }
-    }
-}
-
-fn is_loopback(url: &Url) -> bool {
-    match url.host_str() {
-        Some("localhost") => true,
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
     }
 }
 

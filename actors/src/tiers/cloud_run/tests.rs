@@ -368,6 +368,23 @@ fn config_problems_name_their_key() {
         }),
         ["health_path", "admin.region", "admin.service"]
     );
+    // The Admin API gets an access token: TLS, or loopback only.
+    let admin = |endpoint: &str| CloudRunConfig {
+        admin: Some(AdminConfig {
+            project: "p".into(),
+            region: "r".into(),
+            service: "s".into(),
+            endpoint: endpoint.into(),
+            ..AdminConfig::default()
+        }),
+        ..ok.clone()
+    };
+    assert!(keys(admin("https://run.googleapis.com")).is_empty());
+    assert!(keys(admin("http://127.0.0.1:9000")).is_empty());
+    let problems = admin("http://run.internal.example").validate();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].0, "admin.endpoint");
+    assert!(problems[0].1.contains("must use https"), "{problems:?}");
     let config = CloudRunConfig {
         cold_start_timeout: Duration::from_secs(20),
         ..ok
@@ -742,6 +759,8 @@ async fn bad_key_files_are_unavailable_with_the_file_and_the_problem() {
         .remove("private_key");
     let mut user = good.clone();
     user["type"] = "authorized_user".into();
+    let mut plain_token_uri = good.clone();
+    plain_token_uri["token_uri"] = "http://tokens.example.com/token".into();
     let mut bad_pem = good.clone();
     bad_pem["private_key"] =
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into();
@@ -758,6 +777,10 @@ async fn bad_key_files_are_unavailable_with_the_file_and_the_problem() {
         (
             bad_pem.to_string(),
             "private_key is not a usable PKCS#8 RSA key",
+        ),
+        (
+            plain_token_uri.to_string(),
+            "token_uri http://tokens.example.com must use https",
         ),
     ];
     for (content, problem) in cases {

@@ -435,6 +435,8 @@ fn credentials(env: &GcpEnv) -> Result<google_cloud_auth::credentials::Credentia
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             ApiError::other(format!("credentials {} are not JSON: {e}", path.display()))
         })?;
+        crate::tiers::gcp::check_token_uri(&json)
+            .map_err(|e| ApiError::other(format!("credentials {}: {e}", path.display())))?;
         match json["type"].as_str() {
             Some("service_account") => credentials::service_account::Builder::new(json)
                 .with_access_specifier(credentials::service_account::AccessSpecifier::from_scopes(

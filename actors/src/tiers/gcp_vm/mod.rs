@@ -48,6 +48,7 @@ use crate::routing::Endpoint;
 use crate::tier::{ProbeConfig, TierSpec};
 
 pub use crate::tiers::gcp::GcpEnv;
+use crate::tiers::gcp::credential_url_problem;
 pub use checkpoint::{Checkpoint, OpKind, OpRef, Phase, VmEntry};
 pub use retry::RetryConfig;
 
@@ -284,8 +285,11 @@ impl GcpVmConfig {
                 problem(key, "must be above zero".into());
             }
         }
-        if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
-            problem("endpoint", "must be an http:// or https:// URL".into());
+        if let Some(problem_text) = credential_url_problem(&self.endpoint, "an access token") {
+            problem(
+                "endpoint",
+                format!("{problem_text}, e.g. https://compute.googleapis.com"),
+            );
         }
         for (key, value) in &self.labels {
             if key == POOL_LABEL {

@@ -258,6 +258,18 @@ fn validate_names_each_bad_key() {
         ..GcpVmConfig::default()
     };
     assert!(long.validate()[0].1.contains("63 characters"));
+    // Compute Engine calls carry an access token: TLS, or loopback only (the fake).
+    let endpoint = |endpoint: &str| GcpVmConfig {
+        project: "p".into(),
+        zone: "z".into(),
+        endpoint: endpoint.into(),
+        ..GcpVmConfig::default()
+    };
+    assert!(endpoint("http://127.0.0.1:9000").validate().is_empty());
+    let problems = endpoint("http://compute.internal.example").validate();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].0, "endpoint");
+    assert!(problems[0].1.contains("must use https"), "{problems:?}");
 }
 
 #[test]
