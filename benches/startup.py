@@ -83,6 +83,8 @@ def write_config(directory, api_port, backend_port):
 state_dir = "{directory}/state"
 [api]
 listen = "127.0.0.1:{api_port}"
+[router]
+listen = "127.0.0.1:0"
 [tiers.local]
 port = {backend_port}
 """)

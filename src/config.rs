@@ -19,6 +19,7 @@ use cascade_actors::tiers::gcp::GcpEnv;
 use cascade_actors::tiers::gcp_vm::{self, GcpVmConfig};
 use cascade_actors::tiers::local::{self, LocalConfig};
 use cascade_actors::waterfall::WaterfallConfig;
+use cascade_router::RouterConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::settings::{self, Layers, LoadError, Loaded, Problem};
@@ -35,6 +36,7 @@ pub struct Config {
     pub waterfall: WaterfallConfig,
     pub supervisor: SupervisorConfig,
     pub telemetry: Telemetry,
+    pub router: RouterConfig,
     pub tiers: Tiers,
 }
 
@@ -281,6 +283,21 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
         problems.push(problem(
             format!("supervisor.restart_backoff.{key}"),
             message,
+        ));
+    }
+    for (key, message) in config.router.validate() {
+        problems.push(problem(format!("router.{key}"), message));
+    }
+    if config.router.enabled
+        && config.router.listen == config.api.listen
+        && config.api.listen.port() != 0
+    {
+        problems.push(problem(
+            "router.listen".into(),
+            format!(
+                "{} is also api.listen; the router needs an address of its own",
+                config.router.listen
+            ),
         ));
     }
     problems

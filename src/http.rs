@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use cascade_actors::TierId;
 use cascade_actors::contract::{RestartRequest, TierError};
 use cascade_actors::supervisor::{RootMsg, Snapshot};
+use cascade_router::{RouterHandle, RouterStatus};
 use futures_util::Stream;
 use ractor::ActorRef;
 use ractor::rpc::CallResult;
@@ -29,6 +30,8 @@ use crate::telemetry::Scrape;
 #[derive(Clone)]
 pub struct ApiState {
     pub snapshots: watch::Receiver<Snapshot>,
+    /// The router's counters; `None` when `router.enabled = false`.
+    pub router: Option<RouterHandle>,
     pub root: ActorRef<RootMsg>,
     pub token: String,
     /// How long a restart may take before the API gives up waiting.
@@ -52,6 +55,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/router/history", get(router_history))
         .route("/metrics", get(prometheus_metrics))
         .route("/tiers/{tier}/restart", post(restart))
         .with_state(state)
@@ -115,8 +119,33 @@ async fn readyz(State(api): State<ApiState>) -> Response {
     }
 }
 
-async fn status(State(api): State<ApiState>) -> Json<Snapshot> {
-    Json(api.snapshots.borrow().clone())
+/// `GET /status`: the snapshot, and the router's counters under `router`
+/// (`null` when it is disabled).
+#[derive(serde::Serialize)]
+struct Status {
+    #[serde(flatten)]
+    snapshot: Snapshot,
+    router: Option<RouterStatus>,
+}
+
+async fn status(State(api): State<ApiState>) -> Json<Status> {
+    let snapshot = api.snapshots.borrow().clone();
+    Json(Status {
+        snapshot,
+        router: api.router.as_ref().map(RouterHandle::status),
+    })
+}
+
+/// `GET /router/history`: per tier, 15 minutes of request rate and p99
+/// latency and the tier's phases, for the status page's charts.
+async fn router_history(State(api): State<ApiState>) -> Response {
+    match &api.router {
+        Some(router) => Json(router.history()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "the router is disabled (router.enabled = false)",
+        ),
+    }
 }
 
 /// The Prometheus text exposition (format 0.0.4). Collecting reads the

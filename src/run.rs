@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use cascade_actors::routing::{RouteTier, RoutingTable};
 use cascade_actors::supervisor::{self, Exit, RootMsg};
 use cascade_actors::tier::TierSpec;
+use cascade_router::Router;
 use ractor::ActorRef;
 use ractor::rpc::CallResult;
 use tokio::net::TcpListener;
@@ -65,6 +67,15 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         .local_addr()
         .map_err(|e| format!("cannot read the API address: {e}"))?;
     state::write_api_addr(&dir, addr).map_err(|e| e.to_string())?;
+    // Bound before anything starts, so a taken port fails start-up at once.
+    let router_listener = match config.router.enabled {
+        true => Some(
+            cascade_router::bind(&config.router)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        false => None,
+    };
 
     let specs = config::tier_specs(&config);
     let restart_timeout = specs
@@ -82,7 +93,22 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
     .await
     .map_err(|e| format!("cannot start the supervisor: {e}"))?;
 
+    let stop_routes = tokio_util::sync::CancellationToken::new();
+    let mut route_task = None;
+    let router = match router_listener {
+        Some(listener) => {
+            let (routes, following) =
+                routes_from_snapshots(running.snapshots.clone(), stop_routes.clone());
+            route_task = Some(following);
+            Some(
+                Router::start(listener, config.router.clone(), routes)
+                    .map_err(|e| format!("cannot start the router: {e}"))?,
+            )
+        }
+        None => None,
+    };
     let api = ApiState {
+        router: router.as_ref().map(Router::handle),
         snapshots: running.snapshots.clone(),
         root: running.root.clone(),
         token,
@@ -95,7 +121,17 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
             .with_graceful_shutdown(stop_http.clone().cancelled_owned())
             .into_future(),
     );
-    info!(api = %addr, state_dir = %dir.display(), "cascade is running.");
+    match &router {
+        Some(router) => info!(
+            api = %addr,
+            router = %router.handle().address(),
+            state_dir = %dir.display(),
+            "cascade is running."
+        ),
+        None => {
+            info!(api = %addr, state_dir = %dir.display(), "cascade is running (router disabled).")
+        }
+    }
 
     // The configuration in effect: what a reload is compared against.
     let mut current = config;
@@ -103,7 +139,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         tokio::select! {
             _ = interrupt.recv() => break None,
             _ = terminate.recv() => break None,
-            _ = hangup.recv() => reload(&running.root, &source, &mut current).await,
+            _ = hangup.recv() => reload(&running.root, router.as_ref(), &source, &mut current).await,
             exit = &mut running.exit => break Some(exit.unwrap_or(Exit::Shutdown)),
         }
     };
@@ -124,6 +160,11 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
                 kill_process_groups(&snapshots.borrow());
                 std::process::exit(130);
             });
+            // Requests in flight finish on the tiers that serve them before
+            // any tier is stopped.
+            if let Some(router) = router {
+                drain_router(router).await;
+            }
             let stopped = running
                 .root
                 .call(RootMsg::Shutdown, Some(shutdown_budget))
@@ -147,6 +188,10 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         }
     };
 
+    stop_routes.cancel();
+    if let Some(task) = route_task {
+        let _ = task.await;
+    }
     stop_http.cancel();
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(Ok(()))) => {}
@@ -203,13 +248,25 @@ fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
     if new.telemetry != current.telemetry {
         keys.push("telemetry");
     }
+    // The router's listener is bound once; its other settings reload.
+    if new.router.enabled != current.router.enabled {
+        keys.push("router.enabled");
+    }
+    if new.router.listen != current.router.listen {
+        keys.push("router.listen");
+    }
     keys
 }
 
 /// SIGHUP: reads the configuration again and hands a valid one to the root.
 /// `current` becomes the new configuration, except the settings that need a
 /// restart, which keep their running values.
-async fn reload(root: &ActorRef<RootMsg>, source: &Source, current: &mut Config) {
+async fn reload(
+    root: &ActorRef<RootMsg>,
+    router: Option<&Router>,
+    source: &Source,
+    current: &mut Config,
+) {
     info!("SIGHUP received; reloading the configuration.");
     let mut new = match config::load(source.file.as_deref(), &source.overrides) {
         Ok(new) => new,
@@ -229,6 +286,11 @@ async fn reload(root: &ActorRef<RootMsg>, source: &Source, current: &mut Config)
     new.log = current.log.clone();
     new.supervisor = current.supervisor.clone();
     new.telemetry = current.telemetry.clone();
+    new.router.enabled = current.router.enabled;
+    new.router.listen = current.router.listen;
+    if let Some(router) = router {
+        router.reload(new.router.clone());
+    }
 
     // Stopping every old tier and spawning the new ones bounds the reload.
     let budget = stop_budget(&config::tier_specs(current)) + stop_budget(&config::tier_specs(&new));
@@ -254,6 +316,62 @@ async fn reload(root: &ActorRef<RootMsg>, source: &Source, current: &mut Config)
         Ok(CallResult::SenderError) => warn!("Reload not applied: cascade is stopping."),
         Err(e) => warn!(error = %e, "Reload could not be delivered."),
     }
+}
+
+/// Stops the router accepting and waits for its requests in flight, at
+/// most `router.drain_timeout` (and a margin).
+async fn drain_router(router: Router) {
+    let budget = router.drain_budget();
+    if tokio::time::timeout(budget, router.drain()).await.is_err() {
+        warn!(
+            "Router did not finish draining within {}.",
+            cascade_actors::text::duration(budget)
+        );
+    }
+}
+
+/// The routing table, derived from the published snapshots: each tier's
+/// state and endpoints (no credentials, no outcome reporting).
+fn routes_from_snapshots(
+    mut snapshots: tokio::sync::watch::Receiver<supervisor::Snapshot>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (
+    tokio::sync::watch::Receiver<RoutingTable>,
+    tokio::task::JoinHandle<()>,
+) {
+    let table = |s: &supervisor::Snapshot| RoutingTable {
+        active: s.active,
+        tiers: s
+            .tiers
+            .iter()
+            .map(|t| RouteTier {
+                tier: t.status.tier,
+                state: t.status.state,
+                reason: t.status.reason.clone(),
+                endpoints: t.status.endpoints.clone(),
+                info: Default::default(),
+                reporter: None,
+            })
+            .collect(),
+        starting: s
+            .tiers
+            .iter()
+            .find(|t| t.status.state == cascade_actors::TierState::Starting)
+            .map(|t| t.status.tier),
+        decision: s.decision.clone(),
+        stopping: false,
+    };
+    let (tx, rx) = tokio::sync::watch::channel(table(&snapshots.borrow_and_update()));
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = snapshots.changed() => if changed.is_err() { break },
+                () = stop.cancelled() => break,
+            }
+            tx.send_replace(table(&snapshots.borrow_and_update()));
+        }
+    });
+    (rx, task)
 }
 
 /// SIGKILLs every process group a tier reports (`details.pgid`).

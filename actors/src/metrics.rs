@@ -21,7 +21,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, UpDownCounter};
 
 use crate::contract::{TierId, TierState};
 use crate::resilience::BreakerState;
@@ -41,11 +41,25 @@ pub const NAMES: &[&str] = &[
     "cascade.autoheal.restarts",
     "cascade.autoheal.give_ups",
     "cascade.telemetry.export.failures",
+    "cascade.router.requests",
+    "cascade.router.attempts",
+    "cascade.router.retries",
+    "cascade.router.budget_exhausted",
+    "cascade.router.no_tier",
+    "cascade.router.in_flight",
+    "cascade.router.duration",
 ];
 
 /// Probe latencies in seconds: probes have deadlines of about a second.
 const PROBE_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Routed request latencies in seconds, to the response head: from well
+/// under a millisecond (the proxy itself) to a Cloud Run cold start.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// The instruments. Cloning is cheap (each instrument is an `Arc`).
@@ -61,6 +75,13 @@ pub struct Metrics {
     autoheal_restarts: Counter<u64>,
     autoheal_give_ups: Counter<u64>,
     export_failures: Counter<u64>,
+    router_requests: Counter<u64>,
+    router_attempts: Histogram<u64>,
+    router_retries: Counter<u64>,
+    router_budget_exhausted: Counter<u64>,
+    router_no_tier: Counter<u64>,
+    router_in_flight: UpDownCounter<i64>,
+    router_duration: Histogram<f64>,
 }
 
 static METRICS: LazyLock<Metrics> =
@@ -150,6 +171,40 @@ impl Metrics {
                 .u64_counter("cascade.telemetry.export.failures")
                 .with_description("OTLP exports that failed (the batch is dropped), by signal.")
                 .build(),
+            router_requests: meter
+                .u64_counter("cascade.router.requests")
+                .with_description(
+                    "Routed requests by the tier that answered (`none`: cascade did) \
+                     and status class (2xx ... 5xx).",
+                )
+                .build(),
+            router_attempts: meter
+                .u64_histogram("cascade.router.attempts")
+                .with_description("Tries per routed request.")
+                .with_boundaries(vec![1.0, 2.0, 3.0, 4.0, 5.0, 10.0])
+                .build(),
+            router_retries: meter
+                .u64_counter("cascade.router.retries")
+                .with_description("Retries of routed requests, by the tier the failed try went to.")
+                .build(),
+            router_budget_exhausted: meter
+                .u64_counter("cascade.router.budget_exhausted")
+                .with_description("Retries refused because the retry budget was spent.")
+                .build(),
+            router_no_tier: meter
+                .u64_counter("cascade.router.no_tier")
+                .with_description("Requests answered 503 because no tier was serving.")
+                .build(),
+            router_in_flight: meter
+                .i64_up_down_counter("cascade.router.in_flight")
+                .with_description("Routed requests whose response has not finished.")
+                .build(),
+            router_duration: meter
+                .f64_histogram("cascade.router.duration")
+                .with_unit("s")
+                .with_description("Routed request latency to the response head, by tier.")
+                .with_boundaries(REQUEST_BUCKETS.to_vec())
+                .build(),
         }
     }
 
@@ -215,6 +270,54 @@ impl Metrics {
     pub fn autoheal_give_up(&self, container: &str) {
         self.autoheal_give_ups
             .add(1, &[KeyValue::new("container", container.to_owned())]);
+    }
+
+    /// A routed request was answered (its head sent) by `tier` (`None`:
+    /// by cascade itself) after `attempts` tries.
+    pub fn router_request(
+        &self,
+        id: Option<TierId>,
+        status: u16,
+        attempts: u32,
+        latency: Duration,
+    ) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        let name = id.map_or("none", TierId::as_str);
+        self.router_requests.add(
+            1,
+            &[
+                KeyValue::new("backend.tier", name),
+                KeyValue::new("class", class),
+            ],
+        );
+        self.router_attempts.record(u64::from(attempts), &[]);
+        if let Some(id) = id {
+            self.router_duration
+                .record(latency.as_secs_f64(), &[tier(id)]);
+        }
+    }
+
+    /// A routed request is tried again after a failure on `id`.
+    pub fn router_retry(&self, id: TierId) {
+        self.router_retries.add(1, &[tier(id)]);
+    }
+
+    pub fn router_budget_exhausted(&self) {
+        self.router_budget_exhausted.add(1, &[]);
+    }
+
+    pub fn router_no_tier(&self) {
+        self.router_no_tier.add(1, &[]);
+    }
+
+    pub fn router_in_flight(&self, delta: i64) {
+        self.router_in_flight.add(delta, &[]);
     }
 
     /// An OTLP export failed; `signal` is `traces` or `metrics`.

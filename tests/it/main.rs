@@ -11,6 +11,7 @@ mod lifecycle;
 mod local;
 mod page;
 mod reload;
+mod router;
 mod service;
 mod support;
 mod telemetry;

@@ -392,6 +392,10 @@ fn spawn(setup: &Setup, config: &Path, root: &Path, stderr_path: &Path) -> Child
         .stdout(append(&root.join("stdout.log")))
         .stderr(append(stderr_path));
     clean_env(&mut cmd);
+    // The router's default port may be taken (another cascade, another
+    // test): every test cascade routes on a port of its own, which `/status`
+    // reports, unless the test says otherwise.
+    cmd.env("CASCADE_ROUTER__LISTEN", "127.0.0.1:0");
     cmd.envs(setup.env.iter().map(|(k, v)| (k, v)));
     cmd.spawn().expect("spawn `cascade run`")
 }
@@ -603,6 +607,15 @@ impl Cascade {
     pub async fn post_authorized(&self, path: &str) -> (u16, Value) {
         let header = format!("Bearer {}", self.token());
         self.post(path, Some(&header)).await
+    }
+
+    /// Where the router listens, as `/status` reports it.
+    pub async fn router_addr(&self) -> SocketAddr {
+        let status = self.status().await;
+        status["router"]["address"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no router address in status: {status}"))
     }
 
     /// `GET /status`, which must answer 200.

@@ -1,0 +1,210 @@
+//! # cascade-router: the address applications call
+//!
+//! Every HTTP request that reaches the router's listener is carried to the
+//! active tier, and across a failover: a try that fails (connection error,
+//! reset before the response head, 502/503/504, its per-try timeout) goes
+//! to another endpoint of the same tier, then to the next serving tier in
+//! waterfall order, within `max_attempts`, one overall deadline and the
+//! retry budget, for replay-safe requests only. While a tier is starting,
+//! requests wait (bounded) for it; when nothing can serve they get a 503
+//! that names every tier and its reason.
+//!
+//! The data path is apart from the control path: the router reads the
+//! [`RoutingTable`] the root publishes on a `watch` and reports request
+//! outcomes to the tiers' actors by message ([`RequestReporter`]); it never
+//! calls an actor per request, and keeps no breaker of its own.
+//!
+//! Built on hyper 1 (server: HTTP/1.1 and h2; client: hyper-util's pooled
+//! client with keep-alive, h2 to https upstreams through ALPN), on the
+//! process's own tokio runtime.
+//!
+//! [`RequestReporter`]: cascade_actors::routing::RequestReporter
+
+#![forbid(unsafe_code)]
+
+mod body;
+pub mod config;
+mod headers;
+mod plan;
+mod proxy;
+mod server;
+pub mod stats;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use cascade_actors::routing::RoutingTable;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::RouterConfig;
+pub use stats::{History, RouterStatus};
+
+use crate::plan::Plan;
+use crate::proxy::{Settings, Shared};
+use crate::stats::Stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr} (router.listen): {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up TLS for https upstreams: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Binds the router's listener (done before anything starts, so a taken
+/// port fails start-up at once).
+pub async fn bind(config: &RouterConfig) -> Result<TcpListener, Error> {
+    TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })
+}
+
+/// The running router: its tasks, and the handles to reload and stop it.
+pub struct Router {
+    settings: watch::Sender<Arc<Settings>>,
+    handle: RouterHandle,
+    /// Stops accepting and starts the drain.
+    stop: CancellationToken,
+    /// Stops following the table (after the drain).
+    follow_stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// What the status API reads: copies of counters, never a wait.
+#[derive(Clone)]
+pub struct RouterHandle {
+    stats: Arc<Stats>,
+    address: SocketAddr,
+}
+
+impl RouterHandle {
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn status(&self) -> RouterStatus {
+        self.stats
+            .status(self.address.to_string(), tokio::time::Instant::now())
+    }
+
+    pub fn history(&self) -> History {
+        self.stats.history(tokio::time::Instant::now())
+    }
+}
+
+impl Router {
+    /// Starts serving `listener` with `config`, routing by the tables
+    /// published on `routes`.
+    pub fn start(
+        listener: TcpListener,
+        config: RouterConfig,
+        routes: watch::Receiver<RoutingTable>,
+    ) -> Result<Router, Error> {
+        let address = listener.local_addr().map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let client = client()?;
+        let stats = Arc::new(Stats::new());
+        let (settings_tx, settings) = watch::channel(Arc::new(Settings::new(config, None)));
+        let (plans_tx, plans) = watch::channel(Arc::new(Plan::default()));
+        let tasks = TaskTracker::new();
+        let follow_stop = CancellationToken::new();
+        tasks.spawn(plan::follow(
+            routes,
+            plans_tx,
+            Arc::clone(&stats),
+            follow_stop.clone(),
+        ));
+        let shared = Arc::new(Shared {
+            plans,
+            settings,
+            client,
+            stats: Arc::clone(&stats),
+            pending: AtomicUsize::new(0),
+            turn: AtomicUsize::new(0),
+        });
+        let stop = CancellationToken::new();
+        let serving = server::serve(listener, shared, stop.clone());
+        let follow = follow_stop.clone();
+        tasks.spawn(async move {
+            serving.await;
+            follow.cancel();
+        });
+        tasks.close();
+        Ok(Router {
+            settings: settings_tx,
+            handle: RouterHandle { stats, address },
+            stop,
+            follow_stop,
+            tasks,
+        })
+    }
+
+    pub fn handle(&self) -> RouterHandle {
+        self.handle.clone()
+    }
+
+    /// Applies reloaded settings to the requests that start from now on.
+    pub fn reload(&self, config: RouterConfig) {
+        self.settings.send_modify(|current| {
+            *current = Arc::new(Settings::new(config, Some(current)));
+        });
+    }
+
+    /// How long [`Router::drain`] may take.
+    pub fn drain_budget(&self) -> Duration {
+        self.settings.borrow().config.drain_timeout + Duration::from_secs(2)
+    }
+
+    /// Stops accepting, lets requests in flight finish within
+    /// `drain_timeout`, and returns when the router's tasks are done.
+    pub fn drain(self) -> impl Future<Output = ()> + Send + 'static {
+        self.stop.cancel();
+        let tasks = self.tasks;
+        let follow_stop = self.follow_stop;
+        async move {
+            tasks.wait().await;
+            follow_stop.cancel();
+        }
+    }
+}
+
+/// The pooled upstream client: keep-alive, HTTP/1.1 to http upstreams, h2
+/// or HTTP/1.1 by ALPN to https ones, Mozilla's roots through rustls.
+fn client() -> Result<proxy::HttpClient, Error> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(https))
+}

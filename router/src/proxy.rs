@@ -1,0 +1,639 @@
+//! One routed request, start to finish: checks, the body made ready for
+//! its tries, the tries themselves (endpoint, credentials, per-try timeout),
+//! failover to the next endpoint, and the answer with its `x-cascade-*`
+//! headers.
+//!
+//! Invariant: nothing here awaits an actor or holds a lock across an
+//! await. The plan and settings are `Arc` snapshots read from `watch`es;
+//! outcomes go to the tiers by message.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cascade_actors::TierId;
+use cascade_actors::resilience::SharedRetryBudget;
+use cascade_actors::routing::RequestAuth;
+use cascade_actors::text::{duration, root_cause};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, field};
+
+use crate::body::{self, BoxError, ProxyBody, Tracked};
+use crate::config::{Route, RouterConfig};
+use crate::headers;
+use crate::plan::{EndpointState, Plan, PlanTier};
+use crate::stats::{InFlight, Stats};
+
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// The settings a request reads, rebuilt on reload.
+pub struct Settings {
+    pub config: RouterConfig,
+    pub routes: Vec<Route>,
+    pub budget: SharedRetryBudget,
+}
+
+impl Settings {
+    /// Settings for `config`, keeping `previous`'s budget when its
+    /// configuration did not change (a reload must not refill it).
+    pub fn new(config: RouterConfig, previous: Option<&Settings>) -> Settings {
+        let budget = match previous {
+            Some(p) if p.config.retry_budget == config.retry_budget => p.budget.clone(),
+            _ => SharedRetryBudget::new(config.retry_budget.clone(), Instant::now()),
+        };
+        Settings {
+            routes: config.replay_routes(),
+            config,
+            budget,
+        }
+    }
+
+    fn replay_safe(&self, method: &Method, path: &str) -> bool {
+        matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+            || self
+                .routes
+                .iter()
+                .any(|r| r.method == method && r.path == path)
+    }
+}
+
+/// What every request shares.
+pub struct Shared {
+    pub plans: watch::Receiver<Arc<Plan>>,
+    pub settings: watch::Receiver<Arc<Settings>>,
+    pub client: HttpClient,
+    pub stats: Arc<Stats>,
+    /// Requests waiting for a tier now (bounded by `max_pending`).
+    pub pending: AtomicUsize,
+    /// Rotates ties between equally loaded endpoints.
+    pub turn: AtomicUsize,
+}
+
+/// An answer cascade makes itself, and why.
+struct Refusal {
+    status: StatusCode,
+    body: serde_json::Value,
+    retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            body: json!({ "error": message.into() }),
+            retry_after: None,
+        }
+    }
+}
+
+/// How a try failed, for the retry decision, the breaker and the client.
+struct Failure {
+    tier: TierId,
+    endpoint: String,
+    /// For the tier's breaker and the client: `HTTP 503`, `connection refused`.
+    error: String,
+    /// The upstream's own answer (a 502/503/504), forwarded if it is the last.
+    response: Option<Response<hyper::body::Incoming>>,
+    timed_out: bool,
+}
+
+/// The hyper service: never fails, every problem is an HTTP answer.
+pub async fn handle(
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let span = tracing::info_span!(
+        "request",
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = request.uri().path(),
+        backend.tier = field::Empty,
+        attempts = field::Empty,
+        http.response.status_code = field::Empty,
+    );
+    let started = Instant::now();
+    let in_flight = shared.stats.begin();
+    let (response, tier, attempts) = route(&shared, client, request, in_flight)
+        .instrument(span.clone())
+        .await;
+    let status = response.status().as_u16();
+    let tier_name = tier.map_or("none", TierId::as_str);
+    span.record("backend.tier", tier_name);
+    span.record("attempts", attempts);
+    span.record("http.response.status_code", status);
+    let latency = started.elapsed();
+    shared
+        .stats
+        .answered(Instant::now(), tier, latency, attempts);
+    cascade_actors::metrics::metrics().router_request(tier, status, attempts, latency);
+    Ok(response)
+}
+
+/// Routes one request: (the answer, the tier that gave it, tries made).
+async fn route(
+    shared: &Shared,
+    client: SocketAddr,
+    request: Request<hyper::body::Incoming>,
+    in_flight: InFlight,
+) -> (Response<ProxyBody>, Option<TierId>, u32) {
+    let settings = shared.settings.borrow().clone();
+    let config = &settings.config;
+    let deadline = Instant::now() + config.deadline;
+    let (mut parts, incoming) = request.into_parts();
+
+    if parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE) {
+        return refuse(
+            Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "cascade does not proxy CONNECT or protocol upgrades (WebSocket): \
+                 the service's API is plain request and response",
+            ),
+            None,
+            0,
+        );
+    }
+    let max_body = config.max_body.as_u64();
+    if let Some(length) = content_length(&parts.headers)
+        && length > max_body
+    {
+        return refuse(too_large(max_body), None, 0);
+    }
+    let path = parts.uri.path().to_owned();
+    let replay_safe = settings.replay_safe(&parts.method, &path);
+    let mut prepared = if replay_safe {
+        let reading = body::prepare(incoming, config.max_replay_body.as_u64(), max_body);
+        match tokio::time::timeout_at(deadline, reading).await {
+            Ok(Ok(prepared)) => prepared,
+            Ok(Err(error)) => {
+                if let Some(max) = body::too_large(error.as_ref()) {
+                    return refuse(too_large(max), None, 0);
+                }
+                let message = format!(
+                    "cannot read the request body: {}",
+                    root_cause(error.as_ref())
+                );
+                return refuse(Refusal::new(StatusCode::BAD_REQUEST, message), None, 0);
+            }
+            Err(_) => {
+                let message = format!(
+                    "the request body did not arrive within {} (router.deadline)",
+                    duration(config.deadline)
+                );
+                return refuse(Refusal::new(StatusCode::REQUEST_TIMEOUT, message), None, 0);
+            }
+        }
+    } else {
+        body::streaming(incoming, max_body)
+    };
+
+    let proto = if parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        "https"
+    } else {
+        "http"
+    };
+    headers::upstream_request(&mut parts.headers, client, proto);
+    let client_authorization = parts.headers.contains_key(header::AUTHORIZATION);
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+
+    settings.budget.deposit(Instant::now());
+    let mut tried: Vec<Arc<EndpointState>> = Vec::new();
+    let mut first_failure: Option<(TierId, String)> = None;
+    let mut last: Option<Failure> = None;
+    loop {
+        let attempts = tried.len() as u32;
+        let current = last.as_ref().map(|f| f.tier);
+        let plan = shared.plans.borrow().clone();
+        let turn = shared.turn.fetch_add(1, Ordering::Relaxed);
+        let chosen = plan
+            .choose(current, &tried, turn)
+            .map(|(t, e)| (t.clone(), e));
+        let (tier, endpoint) = match chosen {
+            Some(found) => found,
+            None => {
+                let wait_until = deadline.min(Instant::now() + config.start_wait);
+                let waited = if last.is_some() || plan.coming_up() {
+                    wait_for_endpoint(shared, config, current, &tried, wait_until).await
+                } else {
+                    Err(WaitEnd::Nothing)
+                };
+                match (waited, last) {
+                    (Ok(()), failure) => {
+                        last = failure;
+                        continue;
+                    }
+                    (Err(WaitEnd::Full), _) => {
+                        let message = format!(
+                            "{} requests are already waiting for a tier (router.max_pending)",
+                            config.max_pending
+                        );
+                        let refusal = Refusal::new(StatusCode::SERVICE_UNAVAILABLE, message)
+                            .with_retry_after(Duration::from_secs(1));
+                        return refuse(refusal, None, attempts);
+                    }
+                    (Err(end), Some(failure)) => {
+                        let why = match end {
+                            WaitEnd::TimedOut => format!(
+                                "no other endpoint served within {}",
+                                duration(config.start_wait.min(config.deadline))
+                            ),
+                            _ => "no other endpoint serves".to_owned(),
+                        };
+                        return fail(failure, attempts, &why);
+                    }
+                    (Err(_), None) => {
+                        cascade_actors::metrics::metrics().router_no_tier();
+                        let plan = shared.plans.borrow().clone();
+                        return refuse(no_tier(&plan, config), None, 0);
+                    }
+                }
+            }
+        };
+        if attempts >= config.max_attempts {
+            let failure = last.expect("a try was made before max_attempts is reached");
+            return fail(
+                failure,
+                attempts,
+                &format!("{attempts} tries made (router.max_attempts)"),
+            );
+        }
+        if let Some(failure) = &last {
+            cascade_actors::metrics::metrics().router_retry(failure.tier);
+            if !settings.budget.try_withdraw(Instant::now()) {
+                cascade_actors::metrics::metrics().router_budget_exhausted();
+                return fail(
+                    last.expect("checked"),
+                    attempts,
+                    "the retry budget is spent",
+                );
+            }
+        }
+        let Some(body) = prepared.take() else {
+            let failure = last.expect("a streamed body is gone only after a try");
+            return fail(failure, attempts, "its body was streamed to the first try");
+        };
+        tried.push(Arc::clone(&endpoint));
+        let attempts = attempts + 1;
+
+        let outcome = attempt(
+            &tier,
+            &endpoint,
+            &parts,
+            &path_and_query,
+            body,
+            client_authorization,
+            shared,
+            config,
+            deadline,
+        )
+        .await;
+        match outcome {
+            Ok((response, load)) => {
+                tier.runtime.answered(Instant::now());
+                if let Some((from, error)) = first_failure {
+                    shared
+                        .stats
+                        .retried_failover(from, tier.tier(), error, attempts);
+                }
+                let idle = config.request_timeout(tier.tier());
+                return (
+                    forward(response, tier.tier(), attempts, idle, (in_flight, load)),
+                    Some(tier.tier()),
+                    attempts,
+                );
+            }
+            Err(Attempt::TooLarge(max)) => {
+                return refuse(too_large(max), Some(tier.tier()), attempts);
+            }
+            Err(Attempt::Failed(failure)) => {
+                debug!(backend.tier = %failure.tier, endpoint = %failure.endpoint, error = %failure.error, attempts, "Try failed.");
+                if first_failure.is_none() {
+                    first_failure = Some((failure.tier, failure.error.clone()));
+                }
+                if !prepared.replayable() {
+                    let why = not_retried_because(replay_safe, &parts.method, &path);
+                    return fail(failure, attempts, &why);
+                }
+                last = Some(failure);
+            }
+        }
+    }
+}
+
+fn not_retried_because(replay_safe: bool, method: &Method, path: &str) -> String {
+    if replay_safe {
+        "its body was larger than router.max_replay_body, so it was not kept for a retry".into()
+    } else {
+        format!("{method} {path} is not replay-safe (router.replay_safe)")
+    }
+}
+
+enum WaitEnd {
+    /// Too many requests wait already.
+    Full,
+    /// Nothing is coming up: waiting would not help.
+    Nothing,
+    TimedOut,
+}
+
+/// Waits, holding one of `max_pending` places, until the plan offers an
+/// untried endpoint, at most until `until`.
+async fn wait_for_endpoint(
+    shared: &Shared,
+    config: &RouterConfig,
+    current: Option<TierId>,
+    tried: &[Arc<EndpointState>],
+    until: Instant,
+) -> Result<(), WaitEnd> {
+    if shared.plans.borrow().table.stopping {
+        return Err(WaitEnd::Nothing);
+    }
+    let waiting = shared.pending.fetch_add(1, Ordering::Relaxed);
+    let _place = Place(&shared.pending);
+    if waiting >= config.max_pending {
+        return Err(WaitEnd::Full);
+    }
+    let mut plans = shared.plans.clone();
+    let offered =
+        plans.wait_for(|plan| plan.table.stopping || plan.choose(current, tried, 0).is_some());
+    match tokio::time::timeout_at(until, offered).await {
+        Ok(Ok(plan)) if !plan.table.stopping => Ok(()),
+        Ok(_) => Err(WaitEnd::Nothing),
+        Err(_) => Err(WaitEnd::TimedOut),
+    }
+}
+
+/// Gives a waiting place back when dropped.
+struct Place<'a>(&'a AtomicUsize);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Attempt {
+    Failed(Failure),
+    TooLarge(u64),
+}
+
+/// Counts a request on an endpoint while its response lasts.
+pub struct Load(Arc<EndpointState>);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One try on `endpoint`: the response head, or why there is none.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    tier: &PlanTier,
+    endpoint: &Arc<EndpointState>,
+    parts: &http::request::Parts,
+    path_and_query: &str,
+    body: ProxyBody,
+    client_authorization: bool,
+    shared: &Shared,
+    config: &RouterConfig,
+    deadline: Instant,
+) -> Result<(Response<hyper::body::Incoming>, Load), Attempt> {
+    let id = tier.tier();
+    let failed = |error: String, timed_out: bool| {
+        Attempt::Failed(Failure {
+            tier: id,
+            endpoint: endpoint.endpoint.id.clone(),
+            error,
+            response: None,
+            timed_out,
+        })
+    };
+    let uri = Uri::builder()
+        .scheme(endpoint.scheme.clone())
+        .authority(endpoint.authority.clone())
+        .path_and_query(format!("{}{path_and_query}", endpoint.base_path))
+        .build()
+        .map_err(|e| failed(format!("cannot build the upstream URL: {e}"), false))?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = parts.headers.clone();
+
+    let now = Instant::now();
+    let per_try = match tier.info().cold_start_timeout {
+        Some(cold) if tier.runtime.cold(now) => cold,
+        _ => config.request_timeout(id),
+    };
+    let try_deadline = deadline.min(now + per_try);
+
+    let mut token: Option<HeaderValue> = None;
+    if let RequestAuth::IdToken(credentials) = &tier.info().auth {
+        let fetched = tokio::time::timeout_at(try_deadline, credentials.authorization()).await;
+        let value = match fetched {
+            Ok(Ok(value)) => value,
+            // Not the endpoint's fault: the tier's probes report token problems.
+            Ok(Err(e)) => return Err(failed(format!("ID token: {e}"), false)),
+            Err(_) => return Err(failed("ID token: not fetched in time".into(), true)),
+        };
+        let name = if client_authorization {
+            headers::X_SERVERLESS_AUTHORIZATION
+        } else {
+            header::AUTHORIZATION
+        };
+        request.headers_mut().insert(name, value.clone());
+        token = Some(value);
+    }
+
+    endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+    let load = Load(Arc::clone(endpoint));
+    let sent = tokio::time::timeout_at(try_deadline, shared.client.request(request)).await;
+    let response = match sent {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            if let Some(max) = body::too_large(&error) {
+                return Err(Attempt::TooLarge(max));
+            }
+            let error = describe_client_error(&error);
+            tier.report(endpoint, Some(error.clone()));
+            return Err(failed(error, false));
+        }
+        Err(_) => {
+            let error = format!(
+                "no response within {}",
+                duration(try_deadline.saturating_duration_since(now))
+            );
+            tier.report(endpoint, Some(error.clone()));
+            return Err(failed(error, true));
+        }
+    };
+    let status = response.status();
+    if matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    ) {
+        let error = format!("HTTP {}", status.as_u16());
+        tier.report(endpoint, Some(error.clone()));
+        return Err(Attempt::Failed(Failure {
+            tier: id,
+            endpoint: endpoint.endpoint.id.clone(),
+            error,
+            response: Some(response),
+            timed_out: false,
+        }));
+    }
+    if status == StatusCode::UNAUTHORIZED
+        && let (Some(value), RequestAuth::IdToken(credentials)) = (&token, &tier.info().auth)
+    {
+        // Dropping a cached token is local work; bounded all the same.
+        let _ = tokio::time::timeout(Duration::from_secs(1), credentials.rejected(value)).await;
+    }
+    tier.report(endpoint, None);
+    Ok((response, load))
+}
+
+/// The error of a client call, as the breaker and the client read it.
+fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
+    let cause = root_cause(error);
+    if error.is_connect() {
+        format!("cannot connect: {cause}")
+    } else {
+        format!("no response: {cause}")
+    }
+}
+
+/// The upstream's response on its way to the client.
+fn forward(
+    response: Response<hyper::body::Incoming>,
+    tier: TierId,
+    attempts: u32,
+    idle: Duration,
+    guard: (InFlight, Load),
+) -> Response<ProxyBody> {
+    let (mut parts, incoming) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::mark(&mut parts.headers, tier.as_str(), attempts);
+    let body = Tracked::new(incoming, idle, guard).boxed_unsync();
+    Response::from_parts(parts, body)
+}
+
+/// The answer when the last try failed and `why` there is no other: the
+/// upstream's own 502/503/504 if it sent one, else cascade's 502 (504 after
+/// a timeout) naming the tier.
+fn fail(failure: Failure, attempts: u32, why: &str) -> (Response<ProxyBody>, Option<TierId>, u32) {
+    let tier = failure.tier;
+    if let Some(response) = failure.response {
+        let (mut parts, incoming) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::mark(&mut parts.headers, tier.as_str(), attempts);
+        return (
+            Response::from_parts(parts, incoming.map_err(BoxError::from).boxed_unsync()),
+            Some(tier),
+            attempts,
+        );
+    }
+    let status = if failure.timed_out {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let message = format!(
+        "{tier} ({}): {}; not retried: {why}",
+        failure.endpoint, failure.error
+    );
+    let mut response = json_response(
+        status,
+        &json!({ "error": message, "tier": tier, "attempts": attempts }),
+    );
+    headers::mark(response.headers_mut(), tier.as_str(), attempts);
+    (response, Some(tier), attempts)
+}
+
+fn too_large(max: u64) -> Refusal {
+    Refusal::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body larger than {max} bytes (router.max_body)"),
+    )
+}
+
+/// 503 when no tier serves: every tier and why, and when to come back.
+fn no_tier(plan: &Plan, config: &RouterConfig) -> Refusal {
+    let tiers: Vec<serde_json::Value> = plan
+        .table
+        .tiers
+        .iter()
+        .map(|t| json!({ "tier": t.tier, "state": t.state, "reason": t.reason }))
+        .collect();
+    let retry_after = config.start_wait.max(Duration::from_secs(1));
+    let error = if plan.table.stopping {
+        "cascade is shutting down".to_owned()
+    } else if plan.coming_up() {
+        format!(
+            "no tier is serving yet; waited {} (router.start_wait)",
+            duration(config.start_wait)
+        )
+    } else {
+        "no tier is serving".to_owned()
+    };
+    Refusal {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        body: json!({ "error": error, "decision": plan.table.decision, "tiers": tiers }),
+        retry_after: Some(retry_after),
+    }
+}
+
+impl Refusal {
+    fn with_retry_after(mut self, after: Duration) -> Refusal {
+        self.retry_after = Some(after);
+        self
+    }
+}
+
+fn refuse(
+    refusal: Refusal,
+    tier: Option<TierId>,
+    attempts: u32,
+) -> (Response<ProxyBody>, Option<TierId>, u32) {
+    let mut response = json_response(refusal.status, &refusal.body);
+    if let Some(after) = refusal.retry_after {
+        let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    headers::mark(
+        response.headers_mut(),
+        tier.map_or("none", TierId::as_str),
+        attempts,
+    );
+    (response, None, attempts)
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut response = Response::new(body::full(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -1,0 +1,192 @@
+//! The router through the real binary: applications' requests reach the
+//! active tier through cascade, wait for a tier that is starting, get a 503
+//! naming every tier when nothing serves, and finish while cascade drains.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{Cascade, SHORT, Setup, Signal, wait_for};
+
+/// One second of 16 kHz mono 16-bit PCM, as a WAV file.
+pub fn wav() -> Vec<u8> {
+    let samples: Vec<i16> = (0..16_000)
+        .map(|i| ((i * 37) % 2000) as i16 - 1000)
+        .collect();
+    let data_len = (samples.len() * 2) as u32;
+    let mut out = Vec::with_capacity(44 + samples.len() * 2);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data_len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    out.extend_from_slice(&1u16.to_le_bytes()); // mono
+    out.extend_from_slice(&16_000u32.to_le_bytes());
+    out.extend_from_slice(&32_000u32.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("build an HTTP client")
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn health_and_embed_reach_the_demo_backend_through_cascade() {
+    let cascade = Cascade::start_ready(Setup::default()).await;
+    let router = cascade.router_addr().await;
+    let http = client();
+    let health = http
+        .get(format!("http://{router}/health"))
+        .send()
+        .await
+        .expect("GET /health through the router");
+    assert_eq!(health.status(), 200);
+    assert_eq!(header(&health, "x-cascade-tier"), "local");
+    assert_eq!(header(&health, "x-cascade-attempts"), "1");
+    let embed = http
+        .post(format!("http://{router}/embed"))
+        .body(wav())
+        .send()
+        .await
+        .expect("POST /embed through the router");
+    assert_eq!(embed.status(), 200);
+    let body: Value = embed.json().await.expect("JSON");
+    assert_eq!(body["embedding"].as_array().map(Vec::len), Some(192));
+    let status = cascade.status().await;
+    assert_eq!(status["router"]["address"], router.to_string());
+    assert_eq!(status["router"]["in_flight"], 0);
+    assert!(status["router"]["requests"].as_u64() >= Some(2), "{status}");
+    let (code, history) = cascade.get_json("/router/history").await;
+    assert_eq!(code, 200);
+    let local = history["tiers"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["tier"] == "local"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no local series: {history}"));
+    assert!(
+        !local["points"].as_array().expect("points").is_empty(),
+        "{local}"
+    );
+    assert_eq!(
+        local["phases"]
+            .as_array()
+            .and_then(|p| p.last())
+            .map(|p| p["phase"].clone()),
+        Some("active".into()),
+        "{local}"
+    );
+}
+
+#[tokio::test]
+async fn requests_sent_before_the_tier_is_up_wait_for_it() {
+    let cascade = Cascade::start(Setup::demo(&["--startup-delay-ms", "1500"])).await;
+    let router = cascade.router_addr().await;
+    let started = std::time::Instant::now();
+    let response = client()
+        .get(format!("http://{router}/health"))
+        .send()
+        .await
+        .expect("GET /health through the router");
+    assert_eq!(
+        response.status(),
+        200,
+        "waited {:?}: {}",
+        started.elapsed(),
+        response.text().await.unwrap_or_default()
+    );
+    assert_eq!(header(&response, "x-cascade-tier"), "local");
+}
+
+#[tokio::test]
+async fn with_nothing_serving_the_answer_is_503_naming_each_tier() {
+    // A backend that never listens: the local tier cannot become healthy.
+    let setup = Setup {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), "exec sleep 60".into()],
+        ..Setup::default()
+    }
+    .extra("[router]\nstart_wait = \"300ms\"\n");
+    let cascade = Cascade::start(setup).await;
+    let router = cascade.router_addr().await;
+    let response = client()
+        .get(format!("http://{router}/health"))
+        .send()
+        .await
+        .expect("GET through the router");
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "retry-after"), "1");
+    assert_eq!(header(&response, "x-cascade-tier"), "none");
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["tiers"][0]["tier"], "local", "{body}");
+    assert!(
+        body["tiers"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_slow_request_finish_before_the_tiers_stop() {
+    // A backend that dies at once on SIGTERM, cutting whatever it serves:
+    // the request survives only if the router drains before tiers stop.
+    let script = format!(
+        "trap 'kill -KILL $pid; exit 0' TERM; '{}' demo-backend --port {{port}} --latency-ms 300 & pid=$!; wait $pid",
+        crate::support::BIN
+    );
+    let setup = Setup {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), script],
+        ..Setup::default()
+    };
+    let cascade = Cascade::start_ready(setup).await;
+    let router = cascade.router_addr().await;
+    let http = client();
+    let slow = tokio::spawn(async move {
+        http.get(format!("http://{router}/health"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string())
+    });
+    wait_for(SHORT, "the request to be in flight", async || {
+        let status = cascade.status().await;
+        if status["router"]["in_flight"] == 1 {
+            Ok(())
+        } else {
+            Err(status["router"].to_string())
+        }
+    })
+    .await;
+    cascade.signal(Signal::Term);
+    let answered = slow.await.expect("the request task");
+    assert_eq!(
+        answered,
+        Ok(200),
+        "the request in flight was cut:\n{}",
+        cascade.log_tail()
+    );
+    let mut cascade = cascade;
+    let exit = cascade.wait_exit(SHORT).await.expect("cascade exits");
+    assert!(exit.success(), "{exit:?}");
+}
