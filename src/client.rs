@@ -176,5 +176,36 @@ pub fn render_status(status: &Value) -> String {
         out.push('\n');
     }
     out.push_str("\nRESTARTS = backend restarts / tier actor restarts\n");
+    out.push_str(&render_router(status.get("router")));
+    out
+}
+
+/// The router's lines of `cascade status`.
+fn render_router(router: Option<&Value>) -> String {
+    let Some(router) = router.filter(|r| !r.is_null()) else {
+        return "\nrouter: disabled\n".into();
+    };
+    let field = |key: &str| router.get(key).map(Value::to_string).unwrap_or_default();
+    let address = router.get("address").and_then(Value::as_str).unwrap_or("?");
+    let rate = router
+        .get("request_rate")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let mut out = format!(
+        "\nrouter: http://{address}  in flight {}  {rate:.1} req/s  {} requests, {} retried\n",
+        field("in_flight"),
+        field("requests"),
+        field("retried"),
+    );
+    if let Some(last) = router.get("last_retried_failover").filter(|l| !l.is_null()) {
+        let text = |key: &str| last.get(key).and_then(Value::as_str).unwrap_or("?");
+        out.push_str(&format!(
+            "last retried failover: {} → {} at {} ({})\n",
+            text("from"),
+            text("to"),
+            text("at"),
+            text("error"),
+        ));
+    }
     out
 }

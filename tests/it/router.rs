@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Cascade, SHORT, Setup, Signal, wait_for};
+use crate::support::{Cascade, SHORT, Setup, Signal, cli, wait_for};
 
 /// One second of 16 kHz mono 16-bit PCM, as a WAV file.
 pub fn wav() -> Vec<u8> {
@@ -95,6 +95,25 @@ async fn health_and_embed_reach_the_demo_backend_through_cascade() {
         Some("active".into()),
         "{local}"
     );
+
+    let out = cli(&["status", "--state-dir", cascade.state_dir_str()], &[]).await;
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains(&format!("router: http://{router}  in flight 0")),
+        "{}",
+        out.describe()
+    );
+
+    let (code, metrics) = cascade.get("/metrics").await;
+    assert_eq!(code, 200);
+    for line in [
+        "cascade_router_requests_total{backend_tier=\"local\",class=\"2xx\"",
+        "cascade_router_duration_seconds_bucket{backend_tier=\"local\"",
+        "cascade_router_attempts_bucket",
+        "cascade_router_in_flight",
+    ] {
+        assert!(metrics.contains(line), "no {line} in /metrics:\n{metrics}");
+    }
 }
 
 #[tokio::test]
