@@ -197,6 +197,53 @@ async fn browser_renders_the_tiers() {
 }
 
 #[tokio::test]
+async fn browser_draws_the_routers_rate_latency_and_state_strip() {
+    let Some(chromium) = tool("chromium") else {
+        return;
+    };
+    let cascade = Cascade::start_ready(Setup::default()).await;
+    let router = cascade.router_addr().await;
+    let http = http_client();
+    for _ in 0..20 {
+        let response = http
+            .get(format!("http://{router}/health"))
+            .send()
+            .await
+            .expect("GET through the router");
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    let mut browser = Browser::launch(&chromium).await;
+    browser.open(&cascade.url("/")).await;
+    let html = browser
+        .wait_dom("the router's charts to render", |html| {
+            html.contains(r#"data-tier="local" data-phase-now="active""#)
+                && !html.contains(r#"data-points="0""#)
+                && html.contains(&router.to_string())
+                && html.contains("now active")
+                && html.contains(" ms · max ")
+        })
+        .await;
+    assert!(html.contains("req/s"), "{html}");
+    // The canvases were drawn: the strip of an active tier is blue.
+    let colour = browser
+        .evaluate(
+            "(function () { var c = document.querySelector('[data-tier=local] canvas'); \
+             var p = c.getContext('2d').getImageData(c.width - 1, 2, 1, 1).data; \
+             return [p[0], p[1], p[2]]; })()",
+        )
+        .await;
+    let png = browser.screenshot().await;
+    if std::env::var("CI").as_deref() != Ok("true") {
+        let _ = std::fs::write("/tmp/cascade-status-page-router.png", &png);
+    }
+    assert_eq!(
+        colour,
+        json!([0x2f, 0x6f, 0xdb]),
+        "the state strip ends active"
+    );
+}
+
+#[tokio::test]
 async fn browser_page_follows_a_failure_without_reloading() {
     let Some(chromium) = tool("chromium") else {
         return;

@@ -99,7 +99,8 @@ async fn health_and_embed_reach_the_demo_backend_through_cascade() {
     let out = cli(&["status", "--state-dir", cascade.state_dir_str()], &[]).await;
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert!(
-        out.stdout.contains(&format!("router: http://{router}  in flight 0")),
+        out.stdout
+            .contains(&format!("router: http://{router}  in flight 0")),
         "{}",
         out.describe()
     );
