@@ -15,11 +15,11 @@ use tokio::sync::Mutex;
 use crate::support::{Cascade, Setup, cli, free_port, wait_for};
 use crate::telemetry::{has_span, otlp_env, receiver};
 
-const IMAGE: &str = "cascade-demo:it";
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+pub(crate) const IMAGE: &str = "cascade-demo:it";
+pub(crate) static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 /// Under CI=true a missing engine fails the test; elsewhere it is skipped.
-fn engine() -> bool {
+pub(crate) fn engine() -> bool {
     let ok = Command::new("docker")
         .args(["version"])
         .output()
@@ -37,11 +37,11 @@ fn engine() -> bool {
     ok
 }
 
-fn docker(args: &[&str]) -> String {
+pub(crate) fn docker(args: &[&str]) -> String {
     cascade_demo::image::docker_cli(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
-struct Removed(String);
+pub(crate) struct Removed(pub(crate) String);
 
 impl Drop for Removed {
     fn drop(&mut self) {
@@ -49,7 +49,7 @@ impl Drop for Removed {
     }
 }
 
-fn setup(name: &str, image: &str, host_port: u16, autoheal: bool) -> Setup {
+pub(crate) fn setup(name: &str, image: &str, host_port: u16, autoheal: bool) -> Setup {
     Setup {
         env: vec![("CASCADE_WATERFALL__ORDER".into(), "docker,local".into())],
         extra: format!(

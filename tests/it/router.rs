@@ -210,3 +210,107 @@ async fn sigterm_lets_a_slow_request_finish_before_the_tiers_stop() {
     let exit = cascade.wait_exit(SHORT).await.expect("cascade exits");
     assert!(exit.success(), "{exit:?}");
 }
+
+/// What a load client saw: (status, x-cascade-tier, x-cascade-attempts) per request.
+type Seen = Vec<(u16, String, String)>;
+
+/// Sends `POST /embed` back to back from `workers` clients until `stop`.
+fn embed_load(
+    router: std::net::SocketAddr,
+    workers: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<tokio::task::JoinHandle<Seen>> {
+    let body = wav();
+    (0..workers)
+        .map(|_| {
+            let (stop, body) = (stop.clone(), body.clone());
+            tokio::spawn(async move {
+                let http = client();
+                let mut seen = Vec::new();
+                while !stop.is_cancelled() {
+                    let answer = http
+                        .post(format!("http://{router}/embed"))
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    match answer {
+                        Ok(response) => seen.push((
+                            response.status().as_u16(),
+                            header(&response, "x-cascade-tier"),
+                            header(&response, "x-cascade-attempts"),
+                        )),
+                        Err(error) => seen.push((0, error.to_string(), String::new())),
+                    }
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn requests_survive_the_docker_tier_dying_under_load() {
+    use crate::docker::{IMAGE, ONE_AT_A_TIME, Removed, docker, engine, setup};
+    if !engine() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let name = format!("cascade-it-router-{}", std::process::id());
+    // A tag of its own, so removing it keeps the docker tier from coming back.
+    let image = format!("cascade-demo:it-router-{}", std::process::id());
+    docker(&["tag", IMAGE, &image]);
+    let _removed = Removed(name.clone());
+    let cascade = Cascade::start(setup(&name, &image, crate::support::free_port(), false)).await;
+    wait_for(Duration::from_secs(60), "docker active", async || {
+        let s = cascade.status().await;
+        if s["active"] == "docker" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    let router = cascade.router_addr().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = embed_load(router, 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Untagged first (the container runs on), so the tier cannot recreate
+    // it; then SIGKILL and gone: requests in flight on it are cut, new ones
+    // find it dead.
+    docker(&["rmi", &image]);
+    docker(&["rm", "-f", &name]);
+    wait_for(Duration::from_secs(60), "failover to local", async || {
+        let s = cascade.status().await;
+        if s["active"] == "local" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let mut seen = Seen::new();
+    for worker in load {
+        seen.extend(worker.await.expect("a load worker"));
+    }
+    let failed: Vec<_> = seen.iter().filter(|(code, _, _)| *code != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}\n{}",
+        failed.len(),
+        seen.len(),
+        cascade.log_tail()
+    );
+    assert!(seen.iter().any(|(_, tier, _)| tier == "docker"), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|(_, tier, attempts)| tier == "local" && attempts == "2"),
+        "no request was retried onto local: {seen:?}"
+    );
+    let status = cascade.status().await;
+    let last = &status["router"]["last_retried_failover"];
+    assert_eq!(last["from"], "docker", "{status}");
+    assert_eq!(last["to"], "local", "{status}");
+}
