@@ -4,7 +4,17 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use cascade_actors::TierId;
+
 use crate::config::LogFormat;
+
+/// Accepts exactly the tier names, so nothing else reaches the API's path.
+fn tier_parser() -> impl clap::builder::TypedValueParser<Value = TierId> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(TierId::ALL.map(TierId::as_str)).map(|name| {
+        TierId::parse(&name).unwrap_or_else(|| unreachable!("clap checked the possible values"))
+    })
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,7 +66,8 @@ pub enum Command {
     /// Restart a tier of a running cascade.
     Restart {
         /// docker, cloud_run, local or gcp_vm.
-        tier: String,
+        #[arg(value_parser = tier_parser())]
+        tier: TierId,
         /// Restart even what looks consistent, without a graceful stop.
         #[arg(long)]
         force: bool,

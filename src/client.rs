@@ -1,13 +1,31 @@
 //! The CLI's side of the status API: `cascade status` and `cascade restart`.
+//!
+//! Invariant: the CLI never waits long on a server that does not answer
+//! (connecting and a first `/healthz` reply each get a few seconds before
+//! any long request), sends the token only to an address it can trust
+//! (see `state::read_api_addr`), and reports every reply by its HTTP status
+//! and the server's own message.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use cascade_actors::TierId;
 use cascade_actors::contract::RestartReport;
+use reqwest::Url;
 use serde_json::Value;
 
 use crate::config::{self, Config};
-use crate::state;
+use crate::settings::printable;
+use crate::state::{self, ApiAddr};
+
+/// Connecting to a local API takes microseconds; a few seconds means
+/// nothing is going to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the server may take to answer `/healthz`, checked before a
+/// request that may legitimately take long (a restart).
+const FIRST_REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most of a reply the CLI reads; the API's replies are far smaller.
+const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -23,6 +41,10 @@ pub enum ClientError {
     },
     #[error("cascade at {addr} sent a reply that is not valid: {cause}")]
     BadReply { addr: SocketAddr, cause: String },
+    #[error(
+        "not sending the API token to {addr}: {why} (another user may have put their address there; remove the file or fix the state directory)"
+    )]
+    Untrusted { addr: SocketAddr, why: String },
     #[error(transparent)]
     State(#[from] state::StateError),
 }
@@ -30,93 +52,185 @@ pub enum ClientError {
 pub struct Client {
     http: reqwest::Client,
     addr: SocketAddr,
+    /// Why the token must not go to `addr`, if it must not.
+    untrusted: Option<String>,
     config: Config,
 }
 
 impl Client {
+    /// A client for the cascade running with `config`'s state directory;
+    /// `timeout` bounds each whole request.
     pub fn new(config: Config, timeout: Duration) -> Result<Client, ClientError> {
         let dir = config::state_dir(&config);
         // The running cascade wrote where it actually listens (it may differ
         // from the configuration when the port was 0).
-        let addr = state::read_api_addr(&dir).unwrap_or(config.api.listen);
+        let (addr, untrusted) = match state::read_api_addr(&dir) {
+            ApiAddr::Trusted(addr) => (addr, None),
+            ApiAddr::Untrusted { addr, why } => (
+                addr,
+                Some(format!(
+                    "{} says so, but {why}",
+                    dir.join(state::API_FILE).display()
+                )),
+            ),
+            ApiAddr::Missing => {
+                let addr = config.api.listen;
+                let untrusted = (!addr.ip().is_loopback()).then(|| {
+                    "it is not a loopback address and no API file of this user names it".to_owned()
+                });
+                (addr, untrusted)
+            }
+        };
         let http = reqwest::Client::builder()
             .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
             .timeout(timeout)
             .build()
             .map_err(|e| ClientError::Unreachable {
                 addr,
                 cause: e.to_string(),
             })?;
-        Ok(Client { http, addr, config })
+        Ok(Client {
+            http,
+            addr,
+            untrusted,
+            config,
+        })
     }
 
+    /// `GET /status`, with the token when there is one (an API off
+    /// loopback needs it for reads too).
     pub async fn status(&self) -> Result<Value, ClientError> {
-        self.get_json("/status").await
+        let mut request = self.http.get(self.url(&["status"]));
+        match self.token() {
+            Ok(token) => request = request.bearer_auth(token),
+            Err(ClientError::State(_)) => {}
+            Err(untrusted) => return Err(untrusted),
+        }
+        self.send(request).await
     }
 
     pub async fn restart(
         &self,
-        tier: &str,
+        tier: TierId,
         force: bool,
         dry_run: bool,
     ) -> Result<RestartReport, ClientError> {
-        let token = state::read_token(&config::state_dir(&self.config))?;
-        let url = format!(
-            "http://{}/tiers/{tier}/restart?force={force}&dry_run={dry_run}",
-            self.addr
-        );
-        let response = self
-            .http
-            .post(url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(&e))?;
-        let value = self.read(response).await?;
+        let token = self.token()?;
+        self.answers_at_all().await?;
+        let mut url = self.url(&["tiers", tier.as_str(), "restart"]);
+        url.query_pairs_mut()
+            .append_pair("force", if force { "true" } else { "false" })
+            .append_pair("dry_run", if dry_run { "true" } else { "false" });
+        let value = self.send(self.http.post(url).bearer_auth(token)).await?;
         serde_json::from_value(value).map_err(|e| ClientError::BadReply {
             addr: self.addr,
             cause: e.to_string(),
         })
     }
 
-    async fn get_json(&self, path: &str) -> Result<Value, ClientError> {
-        let url = format!("http://{}{path}", self.addr);
-        let response = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(&e))?;
-        self.read(response).await
-    }
-
-    async fn read(&self, response: reqwest::Response) -> Result<Value, ClientError> {
-        let status = response.status();
-        let value: Value = response.json().await.map_err(|e| ClientError::BadReply {
-            addr: self.addr,
-            cause: e.to_string(),
-        })?;
-        if !status.is_success() {
-            let message = value
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason given")
-                .to_owned();
-            return Err(ClientError::Refused {
+    /// The token, if it may go to this address.
+    fn token(&self) -> Result<String, ClientError> {
+        if let Some(why) = &self.untrusted {
+            return Err(ClientError::Untrusted {
                 addr: self.addr,
-                status: status.as_u16(),
-                message,
+                why: why.clone(),
             });
         }
-        Ok(value)
+        Ok(state::read_token(&config::state_dir(&self.config))?)
+    }
+
+    /// A quick `/healthz`, so a server that accepts and never answers is
+    /// reported in seconds rather than after a restart's long timeout.
+    async fn answers_at_all(&self) -> Result<(), ClientError> {
+        let request = self
+            .http
+            .get(self.url(&["healthz"]))
+            .timeout(FIRST_REPLY_TIMEOUT);
+        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.refused(response.status(), &read_body(response).await))
+        }
+    }
+
+    /// `http://ADDR/` with `segments` as the path, each percent-encoded.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = Url::parse(&format!("http://{}/", self.addr))
+            .unwrap_or_else(|_| unreachable!("a socket address makes a valid URL"));
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.clear().extend(segments);
+        }
+        url
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
+        let status = response.status();
+        let body = read_body(response).await;
+        if !status.is_success() {
+            return Err(self.refused(status, &body));
+        }
+        let body = body.map_err(|cause| ClientError::BadReply {
+            addr: self.addr,
+            cause,
+        })?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::BadReply {
+            addr: self.addr,
+            cause: format!("HTTP {status} with a body that is not JSON ({e})"),
+        })
+    }
+
+    /// A failure status, with the server's own words: the JSON `error`, else
+    /// the body's text, else the status's reason phrase.
+    fn refused(&self, status: reqwest::StatusCode, body: &Result<Vec<u8>, String>) -> ClientError {
+        let from_body = body.as_ref().ok().and_then(|bytes| {
+            if let Ok(value) = serde_json::from_slice::<Value>(bytes)
+                && let Some(message) = value.get("error").and_then(Value::as_str)
+            {
+                return Some(message.to_owned());
+            }
+            let text = String::from_utf8_lossy(bytes);
+            let text = text.trim();
+            (!text.is_empty()).then(|| text.chars().take(500).collect::<String>())
+        });
+        let message = from_body.unwrap_or_else(|| {
+            status
+                .canonical_reason()
+                .unwrap_or("no reason given")
+                .to_owned()
+        });
+        ClientError::Refused {
+            addr: self.addr,
+            status: status.as_u16(),
+            message: printable(&message).into_owned(),
+        }
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> ClientError {
+        let cause = if e.is_timeout() {
+            "no answer in time".to_owned()
+        } else {
+            cascade_actors::text::root_cause(e)
+        };
         ClientError::Unreachable {
             addr: self.addr,
-            cause: cascade_actors::text::root_cause(e),
+            cause,
         }
     }
+}
+
+/// The body, up to [`MAX_REPLY_BYTES`].
+async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_REPLY_BYTES {
+            return Err(format!("reply larger than {MAX_REPLY_BYTES} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// A table for humans, from the status API's JSON.

@@ -52,16 +52,92 @@ pub struct General {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Api {
-    /// Address of the status API. Loopback by default: it is not meant to be
-    /// exposed, and mutations need the token anyway.
+    /// Address of the status API. Loopback by default: anywhere else, every
+    /// endpoint but `/healthz` and `/readyz` needs the token.
     pub listen: SocketAddr,
+    /// Host names a request's `Host` header may carry besides IP addresses
+    /// and `localhost` (anything else is refused, so a web page cannot
+    /// reach the API through DNS rebinding). Needed only to reach the API
+    /// by name.
+    pub allowed_hosts: Vec<String>,
+    /// Open connections at most (and never more than the open-file limit
+    /// allows after what supervision needs); at the cap the longest idle
+    /// one is closed, and with none idle a new one gets 503.
+    pub max_connections: usize,
+    /// `GET /events` streams at most; more get 503.
+    pub max_event_streams: usize,
+    /// How long a client may take to send a request's head, counted from
+    /// when the connection is ready for one (also how long a kept-alive
+    /// connection may wait for its next request).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection on which no byte moved for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for Api {
     fn default() -> Self {
         Api {
             listen: SocketAddr::from(([127, 0, 0, 1], 7373)),
+            allowed_hosts: Vec::new(),
+            max_connections: 512,
+            max_event_streams: 64,
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
         }
+    }
+}
+
+impl Api {
+    /// Whether reads (`/status`, `/events`, `/metrics`, the page) are open
+    /// to anyone who can connect: only on a loopback address.
+    pub fn is_loopback(&self) -> bool {
+        self.listen.ip().is_loopback()
+    }
+
+    /// The warning for an API reachable from other hosts, if it is.
+    pub fn exposure_warning(&self) -> Option<String> {
+        (!self.is_loopback()).then(|| {
+            format!(
+                "api.listen {} is not a loopback address: the API is reachable from other hosts over plain HTTP; every endpoint but /healthz and /readyz requires the token",
+                self.listen
+            )
+        })
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if self.max_connections < 2 {
+            problems.push(("max_connections".into(), "must be at least 2".into()));
+        }
+        if self.max_event_streams == 0 || self.max_event_streams >= self.max_connections {
+            problems.push((
+                "max_event_streams".into(),
+                "must be at least 1 and below max_connections (event streams hold their connection)".into(),
+            ));
+        }
+        for (key, value) in [
+            ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                problems.push((key.into(), "must be above zero".into()));
+            }
+        }
+        for (i, host) in self.allowed_hosts.iter().enumerate() {
+            let valid = !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            if !valid {
+                problems.push((
+                    format!("allowed_hosts[{i}]"),
+                    "must be a host name (letters, digits, `.`, `-`), without a port".into(),
+                ));
+            }
+        }
+        problems
     }
 }
 
@@ -266,6 +342,9 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
             "waterfall.failback_after".into(),
             "must be above zero".into(),
         ));
+    }
+    for (key, message) in config.api.validate() {
+        problems.push(problem(format!("api.{key}"), message));
     }
     for (key, message) in duration_bounds(config) {
         problems.push(problem(key, message));

@@ -8,6 +8,7 @@ mod client;
 mod config;
 mod http;
 mod run;
+mod serve;
 mod settings;
 mod state;
 mod telemetry;
@@ -66,6 +67,9 @@ async fn dispatch(cli: Cli) -> ExitCode {
             match settings::render_redacted(&loaded) {
                 Ok(text) => {
                     println!("{text}");
+                    if let Some(warning) = loaded.api.exposure_warning() {
+                        eprintln!("warning: {warning}");
+                    }
                     eprintln!("configuration is valid");
                     ExitCode::SUCCESS
                 }
@@ -104,7 +108,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             force,
             dry_run,
             config,
-        } => match request_restart(&config, cli.log_format, &tier, force, dry_run).await {
+        } => match request_restart(&config, cli.log_format, tier, force, dry_run).await {
             Ok(report) => {
                 let verb = if report.dry_run { "would" } else { "did" };
                 println!("restart {} ({verb}):", report.tier);
@@ -117,7 +121,15 @@ async fn dispatch(cli: Cli) -> ExitCode {
             command: DockerCommand::Check { config },
         } => {
             // The consistency check is the docker tier's restart plan, unexecuted.
-            match request_restart(&config, cli.log_format, "docker", false, true).await {
+            match request_restart(
+                &config,
+                cli.log_format,
+                cascade_actors::TierId::Docker,
+                false,
+                true,
+            )
+            .await
+            {
                 Ok(report) => {
                     println!("docker containers against the configuration:");
                     print_plan(&report);
@@ -189,7 +201,7 @@ fn install_unit(
 async fn request_restart(
     config: &ConfigArg,
     log_format: Option<LogFormat>,
-    tier: &str,
+    tier: cascade_actors::TierId,
     force: bool,
     dry_run: bool,
 ) -> Result<cascade_actors::contract::RestartReport, ExitCode> {
@@ -246,9 +258,9 @@ fn client_error(e: client::ClientError) -> ExitCode {
     eprintln!("cascade: {e}");
     match e {
         // No token file: no cascade has run with this state directory.
-        client::ClientError::Unreachable { .. } | client::ClientError::State(_) => {
-            ExitCode::from(EXIT_UNAVAILABLE)
-        }
+        client::ClientError::Unreachable { .. }
+        | client::ClientError::State(_)
+        | client::ClientError::Untrusted { .. } => ExitCode::from(EXIT_UNAVAILABLE),
         _ => ExitCode::from(EXIT_FAILURE),
     }
 }

@@ -23,9 +23,9 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, Config, Overrides};
 use crate::http::{self, ApiState};
-use crate::state;
 use crate::telemetry::{Scrape, Telemetry};
 use crate::{EXIT_ESCALATED, EXIT_FAILURE};
+use crate::{serve, state};
 
 /// Where the running configuration came from, so SIGHUP reads it the same way.
 pub struct Source {
@@ -57,15 +57,24 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
     let mut hangup =
         signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
 
+    // Lock first, bind second, write last: a second cascade on this state
+    // directory stops at the lock and changes nothing of the first one's.
+    let nofile = serve::raise_open_file_limit();
+    if let Some(warning) = config.api.exposure_warning() {
+        warn!("{warning}");
+    }
     let dir = config::state_dir(&config);
-    state::ensure_dir(&dir).map_err(|e| e.to_string())?;
-    let token = state::write_token(&dir).map_err(|e| e.to_string())?;
+    if let Some(warning) = state::ensure_dir(&dir).map_err(|e| e.to_string())? {
+        warn!("{warning}");
+    }
+    let _lock = state::lock(&dir).map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(config.api.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (api.listen): {e}", config.api.listen))?;
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the API address: {e}"))?;
+    let token = state::write_token(&dir).map_err(|e| e.to_string())?;
     state::write_api_addr(&dir, addr).map_err(|e| e.to_string())?;
     // Bound before anything starts, so a taken port fails start-up at once.
     let router_listener = match config.router.enabled {
@@ -112,15 +121,40 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         snapshots: running.snapshots.clone(),
         root: running.root.clone(),
         token,
+        reads_need_token: !config.api.is_loopback(),
+        allowed_hosts: std::sync::Arc::new(
+            config
+                .api
+                .allowed_hosts
+                .iter()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+        ),
+        event_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(
+            config.api.max_event_streams,
+        )),
         restart_timeout,
         scrape,
     };
-    let stop_http = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(
-        axum::serve(listener, http::router(api))
-            .with_graceful_shutdown(stop_http.clone().cancelled_owned())
-            .into_future(),
+    let limits = serve::Limits::within(
+        config.api.max_connections,
+        nofile,
+        config.api.header_timeout,
+        config.api.idle_timeout,
     );
+    info!(
+        open_files = nofile,
+        api_connections = limits.max_connections,
+        "Open-file limit {nofile}; the status API takes at most {} connections.",
+        limits.max_connections
+    );
+    let stop_http = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(serve::serve(
+        listener,
+        http::router(api),
+        limits,
+        stop_http.clone(),
+    ));
     match &router {
         Some(router) => info!(
             api = %addr,
@@ -194,8 +228,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
     }
     stop_http.cancel();
     match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => warn!(error = %e, "Status API ended with an error."),
+        Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(error = %e, "Status API task failed."),
         Err(_) => warn!("Status API did not stop within 5s."),
     }
@@ -233,6 +266,8 @@ fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
     if new.api.listen != current.api.listen {
         keys.push("api.listen");
+    } else if new.api != current.api {
+        keys.push("api");
     }
     if new.general.state_dir != current.general.state_dir {
         keys.push("general.state_dir");

@@ -2,8 +2,12 @@
 //! /readyz, /status, `cascade status`, `cascade restart`, and the bearer token.
 
 use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
 
-use crate::support::{Cascade, SHORT, Setup, backend_pid, cli, process_gone};
+use crate::support::{
+    Cascade, FakeServer, SHORT, Setup, Signal, backend_pid, cli, process_gone, raw_http,
+    state_dir_for, status_of, wait_for,
+};
 
 #[tokio::test]
 async fn health_readiness_and_status_describe_the_active_tier() {
@@ -276,4 +280,387 @@ async fn listen_flag_overrides_the_configured_api_address() {
     );
     let (code, body) = cascade.get("/healthz").await;
     assert_eq!(code, 200, "{body}");
+}
+
+// === who may do what ===
+
+#[tokio::test]
+async fn a_second_cascade_on_the_same_state_directory_exits_naming_the_first() {
+    let cascade = Cascade::start_ready(Setup::default()).await;
+    let token = cascade.token();
+    let api = std::fs::read_to_string(cascade.state_dir.join("api")).expect("api file");
+
+    let other_port = crate::support::free_port();
+    let out = cli(
+        &[
+            "run",
+            "--config",
+            cascade.config_path.to_str().expect("UTF-8"),
+            "--listen",
+            &format!("127.0.0.1:{other_port}"),
+        ],
+        &[],
+    )
+    .await;
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.stderr.contains(&format!(
+            "another cascade (pid {}) is already running",
+            cascade.pid()
+        )),
+        "{}",
+        out.describe()
+    );
+    // The first one's token and address are untouched: its CLI still works.
+    assert_eq!(cascade.token(), token);
+    assert_eq!(
+        std::fs::read_to_string(cascade.state_dir.join("api")).expect("api file"),
+        api
+    );
+    let status = cli(&["status", "--state-dir", cascade.state_dir_str()], &[]).await;
+    assert_eq!(status.code, Some(0), "{}", status.describe());
+    let (code, _) = cascade
+        .post_authorized("/tiers/local/restart?dry_run=true")
+        .await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test]
+async fn a_loose_state_directory_is_made_private_at_start() {
+    let mut cascade = Cascade::start(Setup::default()).await;
+    cascade.signal(Signal::Term);
+    cascade.wait_exit(SHORT).await.expect("cascade stops");
+    std::fs::set_permissions(&cascade.state_dir, std::fs::Permissions::from_mode(0o777))
+        .expect("chmod");
+    cascade.respawn().await;
+    let mode = std::fs::metadata(&cascade.state_dir)
+        .expect("state dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "mode {:o}", mode & 0o777);
+    assert!(
+        cascade.logs().contains("had mode 0777; set it to 0700"),
+        "{}",
+        cascade.log_tail()
+    );
+}
+
+#[tokio::test]
+async fn the_cli_never_sends_the_token_to_an_address_another_user_could_have_written() {
+    let impostor = FakeServer::start(Some(
+        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+    ));
+    let root = tempfile::tempdir().expect("temp dir");
+    let state = state_dir_for(root.path(), impostor.addr, "t0ken-s3cr3t");
+    let state_str = state.to_str().expect("UTF-8");
+    for (path, mode) in [(state.join("api"), 0o666), (state.clone(), 0o777)] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = cli(
+            &["restart", "local", "--dry-run", "--state-dir", state_str],
+            &[],
+        )
+        .await;
+        assert_eq!(out.code, Some(69), "{}", out.describe());
+        assert!(
+            out.stderr.contains("not sending the API token"),
+            "{}",
+            out.describe()
+        );
+        let status = cli(&["status", "--state-dir", state_str], &[]).await;
+        assert_eq!(status.code, Some(69), "{}", status.describe());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    assert!(
+        !impostor.received().contains("s3cr3t"),
+        "the token was sent: {}",
+        impostor.received()
+    );
+}
+
+#[tokio::test]
+async fn off_loopback_every_endpoint_but_the_checks_needs_the_token() {
+    let setup = Setup {
+        run_args: vec!["--listen".into(), "0.0.0.0:0".into()],
+        ..Setup::default()
+    };
+    let cascade = Cascade::start(setup).await;
+    cascade.wait_readyz(200, SHORT).await;
+    assert!(
+        cascade.logs().contains("is not a loopback address"),
+        "{}",
+        cascade.log_tail()
+    );
+    let (code, _) = cascade.get("/healthz").await;
+    assert_eq!(code, 200);
+    let http = crate::support::http_client();
+    let token = cascade.token();
+    let basic = base64_of(&format!("anyone:{token}"));
+    for path in ["/status", "/metrics", "/", "/events"] {
+        let response = http.get(cascade.url(path)).send().await.expect("GET");
+        assert_eq!(response.status().as_u16(), 401, "{path}");
+        let challenges: Vec<_> = response
+            .headers()
+            .get_all("www-authenticate")
+            .iter()
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+            .collect();
+        assert!(
+            challenges.iter().any(|c| c.starts_with("Basic")),
+            "{path}: {challenges:?}"
+        );
+        for authorization in [format!("Bearer {token}"), format!("Basic {basic}")] {
+            let response = http
+                .get(cascade.url(path))
+                .header("Authorization", &authorization)
+                .send()
+                .await
+                .expect("GET");
+            assert_eq!(
+                response.status().as_u16(),
+                200,
+                "{path} with {authorization}"
+            );
+        }
+    }
+    // The CLI trusts the API file cascade wrote and sends the token.
+    let out = cli(&["status", "--state-dir", cascade.state_dir_str()], &[]).await;
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+
+    let check = cli(
+        &[
+            "check-config",
+            "--config",
+            cascade.config_path.to_str().expect("UTF-8"),
+        ],
+        &[("CASCADE_API__LISTEN", "0.0.0.0:7")],
+    )
+    .await;
+    assert_eq!(check.code, Some(0), "{}", check.describe());
+    assert!(
+        check
+            .stderr
+            .contains("warning: api.listen 0.0.0.0:7 is not a loopback address"),
+        "{}",
+        check.describe()
+    );
+}
+
+/// Standard base64, for a Basic credential.
+fn base64_of(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn requests_naming_another_host_are_refused() {
+    let setup = Setup {
+        api: vec!["allowed_hosts = [\"cascade.test\"]".into()],
+        ..Setup::default()
+    };
+    let cascade = Cascade::start(setup).await;
+    let request =
+        |host: &str| format!("GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let port = cascade.api.port();
+    for (host, expected) in [
+        (format!("rebound.example:{port}"), 403),
+        ("localhost.rebound.example".to_owned(), 403),
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("localhost:{port}"), 200),
+        (format!("cascade.test:{port}"), 200),
+    ] {
+        let reply = raw_http(cascade.api, &request(&host), SHORT).await;
+        assert_eq!(status_of(&reply), Some(expected), "Host {host}: {reply}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_parameters_and_bodies_are_refused_and_restart_nothing() {
+    let cascade = Cascade::start_ready(Setup::default()).await;
+    let pid = cascade.wait_backend_pid().await;
+    let token = cascade.token();
+    let post = |target: &str, body: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    for (target, body) in [
+        ("/tiers/local/restart?dryrun=true", ""),
+        ("/tiers/local/restart?dry-run=true", ""),
+        ("/tiers/local/restart?dry_run=true&dry_run=false", ""),
+        ("/tiers/local/restart?force=true&dry_run=true&x=1", ""),
+        ("/tiers/local/restart", "{\"dry_run\":true}"),
+    ] {
+        let reply = raw_http(cascade.api, &post(target, body), SHORT).await;
+        assert_eq!(status_of(&reply), Some(400), "{target} {body}: {reply}");
+    }
+    let reply = raw_http(
+        cascade.api,
+        "GET /status?verbose=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        SHORT,
+    )
+    .await;
+    assert_eq!(status_of(&reply), Some(400), "{reply}");
+    assert!(
+        !process_gone(pid),
+        "a refused request restarted the backend"
+    );
+    let tier = cascade.local().await;
+    assert_eq!(backend_pid(&tier), Some(pid), "{tier}");
+    assert_eq!(tier["backend_restarts"], 0, "{tier}");
+}
+
+#[tokio::test]
+async fn the_cli_accepts_only_tier_names() {
+    let cascade = Cascade::start_ready(Setup::default()).await;
+    let pid = cascade.wait_backend_pid().await;
+    let out = cli(
+        &[
+            "restart",
+            "local/restart?force=true&dry_run=false#",
+            "--dry-run",
+            "--state-dir",
+            cascade.state_dir_str(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("possible values"), "{}", out.describe());
+    assert!(!process_gone(pid));
+    assert_eq!(backend_pid(&cascade.local().await), Some(pid));
+}
+
+// === limits ===
+
+#[tokio::test]
+async fn event_streams_are_capped() {
+    let setup = Setup {
+        api: vec!["max_event_streams = 2".into()],
+        ..Setup::default()
+    };
+    let cascade = Cascade::start(setup).await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let open = async || {
+        http.get(cascade.url("/events"))
+            .send()
+            .await
+            .expect("GET /events")
+    };
+    let first = open().await;
+    let second = open().await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = open().await;
+    assert_eq!(third.status().as_u16(), 503);
+    assert!(third.headers().contains_key("retry-after"));
+    drop(first);
+    let again = wait_for(SHORT, "a stream slot to free up", async || {
+        let response = open().await;
+        match response.status().as_u16() {
+            200 => Ok(response),
+            other => Err(format!("HTTP {other}")),
+        }
+    })
+    .await;
+    drop((second, again));
+}
+
+#[tokio::test]
+async fn idle_and_slow_clients_cannot_starve_cascade() {
+    // 160 descriptors in all, soft and hard: more idle clients than that
+    // used to make every accept fail, and a crashed backend could not be
+    // respawned.
+    let setup = Setup {
+        ulimit: Some("-n 160".into()),
+        api: vec!["header_timeout = \"500ms\"".into()],
+        ..Setup::default()
+    };
+    let cascade = Cascade::start_ready(setup).await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(cascade.api).await {
+            idle.push(stream);
+        }
+    }
+    let reply = raw_http(
+        cascade.api,
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        SHORT,
+    )
+    .await;
+    assert_eq!(status_of(&reply), Some(200), "{reply}");
+    let pid = cascade.wait_backend_pid().await;
+    crate::support::send_signal(pid, Signal::Kill);
+    cascade
+        .wait_local("the backend respawned", SHORT, |t| {
+            backend_pid(t).is_some_and(|p| p != pid) && t["state"] == "healthy"
+        })
+        .await;
+
+    // A client trickling its request head is cut off at header_timeout.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut slow = tokio::net::TcpStream::connect(cascade.api)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .expect("write");
+    wait_for(SHORT, "the slow client to be disconnected", async || {
+        let _ = slow.write_all(b"X-Slow: 1\r\n").await;
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(200), slow.read(&mut buf)).await {
+            // Closed, or a last reply before closing.
+            Ok(_) => Ok(()),
+            Err(_) => Err("still open".to_owned()),
+        }
+    })
+    .await;
+    drop(idle);
+    assert!(
+        cascade.logs().contains("\"open_files\":160"),
+        "the limit is logged: {}",
+        cascade.log_tail()
+    );
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let setup = Setup {
+        ulimit: Some("-Sn 200".into()),
+        ..Setup::default()
+    };
+    let cascade = Cascade::start(setup).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", cascade.pid()))
+        .expect("read /proc/PID/limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3], fields[4], "soft limit not raised: {line}");
+    assert_ne!(fields[3], "200", "{line}");
 }

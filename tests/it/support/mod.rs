@@ -275,6 +275,11 @@ pub struct Setup {
     pub order: Vec<String>,
     /// Extra `key = value` lines for `[waterfall]`.
     pub waterfall: Vec<String>,
+    /// Extra `key = value` lines for `[api]` (besides `listen`).
+    pub api: Vec<String>,
+    /// Options for the shell's `ulimit` before cascade starts (e.g. `-n 160`
+    /// for an open-file limit of 160, `-Sn 200` for the soft one only).
+    pub ulimit: Option<String>,
 }
 
 impl Default for Setup {
@@ -292,6 +297,8 @@ impl Default for Setup {
             env: Vec::new(),
             order: vec!["local".into()],
             waterfall: Vec::new(),
+            api: Vec::new(),
+            ulimit: None,
         }
     }
 }
@@ -340,7 +347,7 @@ impl Setup {
              \n\
              [api]\n\
              listen = \"127.0.0.1:0\"\n\
-             \n\
+             {api}\n\
              [waterfall]\n\
              order = {order}\n\
              {waterfall}\n\
@@ -357,6 +364,11 @@ impl Setup {
             grace = toml_str(&self.stop_grace),
             interval = toml_str(&self.probe_interval),
             order = toml_array(&self.order),
+            api = self
+                .api
+                .iter()
+                .map(|line| format!("{line}\n"))
+                .collect::<String>(),
             waterfall = self
                 .waterfall
                 .iter()
@@ -382,7 +394,15 @@ fn spawn(setup: &Setup, config: &Path, root: &Path, stderr_path: &Path) -> Child
             .open(path)
             .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
     };
-    let mut cmd = Command::new(BIN);
+    let mut cmd = match &setup.ulimit {
+        // `exec`, so the pid is cascade's own.
+        Some(limit) => {
+            let mut cmd = Command::new("/bin/sh");
+            cmd.args(["-c", &format!("ulimit {limit} && exec \"$0\" \"$@\""), BIN]);
+            cmd
+        }
+        None => Command::new(BIN),
+    };
     cmd.arg("run")
         .arg("--config")
         .arg(config)
@@ -800,4 +820,87 @@ pub fn tool(name: &str) -> Option<std::path::PathBuf> {
         eprintln!("skipped: {name} is not installed");
     }
     found
+}
+
+// === raw HTTP and stand-in servers ===
+
+/// Sends `request` (raw HTTP/1.1 text) on a new connection to `addr` and
+/// returns everything the server sent until it closed, or until `timeout`.
+pub async fn raw_http(addr: SocketAddr, request: &str, timeout: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("write to {addr}: {e}"));
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(timeout, stream.read_to_end(&mut reply)).await;
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// The status code of a raw HTTP reply (`HTTP/1.1 403 Forbidden` → 403).
+pub fn status_of(reply: &str) -> Option<u16> {
+    reply.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A TCP server on 127.0.0.1 that answers every connection with `reply`
+/// (raw HTTP text), or never answers when `reply` is `None`, and records
+/// what it received. Stops with the test process.
+pub struct FakeServer {
+    pub addr: SocketAddr,
+    received: std::sync::Arc<Mutex<Vec<u8>>>,
+}
+
+impl FakeServer {
+    pub fn start(reply: Option<&'static str>) -> FakeServer {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a fake server");
+        let addr = listener.local_addr().expect("its address");
+        let received = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let seen = received.clone();
+        std::thread::spawn(move || {
+            // Held, so a silent server keeps its connections open.
+            let mut held = Vec::new();
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(300)));
+                let mut buf = [0u8; 8192];
+                if let Ok(n) = stream.read(&mut buf) {
+                    seen.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&buf[..n]);
+                }
+                match reply {
+                    Some(reply) => {
+                        let _ = stream.write_all(reply.as_bytes());
+                    }
+                    None => held.push(stream),
+                }
+            }
+        });
+        FakeServer { addr, received }
+    }
+
+    /// Everything the server has received so far, as text.
+    pub fn received(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_owned()
+    }
+}
+
+/// A state directory as a running cascade leaves it (mode 0700, `token` and
+/// `api` files of mode 0600) pointing the CLI at `api`.
+pub fn state_dir_for(root: &Path, api: SocketAddr, token: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = root.join("state");
+    fs::create_dir_all(&dir).expect("create the state dir");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod the state dir");
+    for (name, text) in [("token", token.to_owned()), ("api", api.to_string())] {
+        let path = dir.join(name);
+        fs::write(&path, text).expect("write a state file");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod a state file");
+    }
+    dir
 }
