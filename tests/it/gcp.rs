@@ -324,7 +324,9 @@ async fn sigkilled_while_creating_vms_cascade_restarts_and_loses_no_vm() {
             // The new run starts from the file, before the API confirms it.
             let found = poll(SHORT, async || {
                 let gcp_vm = tier(&cascade.status().await, "gcp_vm");
-                let said = gcp_vm["details"]["checkpoint"].as_str().unwrap_or("");
+                let said = gcp_vm["details"]["checkpoint_at_start"]
+                    .as_str()
+                    .unwrap_or("");
                 let wanted = format!("restored {} VMs from", listed.len());
                 if said.starts_with(&wanted) {
                     Ok(())

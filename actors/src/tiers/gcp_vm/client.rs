@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -70,14 +71,34 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
     /// The call did not answer within its deadline.
     pub timed_out: bool,
+    /// No call went out: the credentials failed for good (a revoked key, a deleted service
+    /// account, a refused token request). Not retried; the client is built again for the next.
+    pub credentials: bool,
+}
+
+/// Characters of an error message kept: a body that is not Google's error shape is quoted only so
+/// far (the library reads it whole, bounded by the call's deadline).
+const MESSAGE_CHARS: usize = 300;
+
+fn shorten(message: String) -> String {
+    if message.chars().count() <= MESSAGE_CHARS {
+        return message;
+    }
+    let mut short: String = message.chars().take(MESSAGE_CHARS).collect();
+    short.push('…');
+    short
 }
 
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.status, &self.reason) {
-            (Some(status), Some(reason)) => write!(f, "HTTP {status} {reason}: {}", self.message),
-            (Some(status), None) => write!(f, "HTTP {status}: {}", self.message),
-            (None, _) => f.write_str(&self.message),
+            (Some(status), Some(reason)) => write!(f, "HTTP {status} {reason}: {}", self.message)?,
+            (Some(status), None) => write!(f, "HTTP {status}: {}", self.message)?,
+            (None, _) => f.write_str(&self.message)?,
+        }
+        match self.hint() {
+            Some(hint) => write!(f, " ({hint})"),
+            None => Ok(()),
         }
     }
 }
@@ -90,6 +111,7 @@ impl ApiError {
             message: format!("no answer within {}", crate::text::duration(after)),
             retry_after: None,
             timed_out: true,
+            credentials: false,
         }
     }
 
@@ -97,15 +119,19 @@ impl ApiError {
         ApiError {
             status: None,
             reason: None,
-            message: message.into(),
+            message: shorten(message.into()),
             retry_after: None,
             timed_out: false,
+            credentials: false,
         }
     }
 
     /// 429, 500, 502, 503, 504, Compute's rate-limit and backend reasons, timeouts and transport
     /// failures are worth another attempt; other 4xx are not.
     pub fn is_retryable(&self) -> bool {
+        if self.credentials {
+            return false;
+        }
         if matches!(
             self.reason.as_deref(),
             Some("rateLimitExceeded" | "userRateLimitExceeded" | "backendError")
@@ -133,6 +159,12 @@ impl ApiError {
                 ..ApiError::other(error.to_string())
             };
         }
+        if let Some(credentials) = credentials_error(error) {
+            return ApiError {
+                credentials: !credentials.is_transient(),
+                ..ApiError::other(format!("credentials: {credentials}"))
+            };
+        }
         let status = error.http_status_code();
         let retry_after = error
             .http_headers()
@@ -157,11 +189,44 @@ impl ApiError {
         ApiError {
             status,
             reason,
-            message,
+            message: shorten(message),
             retry_after,
             timed_out: false,
+            credentials: false,
         }
     }
+
+    /// What to check when the API refuses the configured project or zone.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self.status {
+            Some(404)
+                if self.message.contains("'projects/")
+                    && !self.message.contains("/instances/")
+                    && !self.message.contains("/operations/") =>
+            {
+                Some("check tiers.gcp_vm.project")
+            }
+            Some(400) if self.message.contains("Unknown zone") => Some("check tiers.gcp_vm.zone"),
+            Some(403) => {
+                Some("check that the credentials may use Compute Engine in tiers.gcp_vm.project")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The credentials failure behind a failed call, if that is why it failed.
+fn credentials_error(
+    error: &google_cloud_gax::error::Error,
+) -> Option<&google_cloud_gax::error::CredentialsError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(current) = source {
+        if let Some(found) = current.downcast_ref::<google_cloud_gax::error::CredentialsError>() {
+            return Some(found);
+        }
+        source = current.source();
+    }
+    None
 }
 
 /// `(reason, message)` from a Compute error body `{"error": {"message", "errors": [{"reason"}]}}`.
@@ -198,6 +263,10 @@ pub trait ComputeApi: Send + Sync + 'static {
     async fn get_operation(&self, name: &str) -> Result<Op, ApiError>;
     /// `zoneOperations.list` of `compute.instances.preempted` operations, every page.
     async fn list_preempted_operations(&self) -> Result<Vec<Op>, ApiError>;
+    /// The client's credentials failed for good: build a new client for the next call.
+    fn credentials_failed(&self) -> bool {
+        false
+    }
 }
 
 /// [`ComputeApi`] over the real client library.
@@ -208,6 +277,9 @@ pub struct GceCompute {
     zone: String,
     api_timeout: Duration,
     external_ip: bool,
+    /// A call failed on a permanent credentials error: google-cloud-auth's token cache stops
+    /// refreshing after one, so this client is done.
+    credentials_failed: AtomicBool,
 }
 
 impl GceCompute {
@@ -236,6 +308,7 @@ impl GceCompute {
             zone: config.zone.clone(),
             api_timeout: config.api_timeout,
             external_ip: config.external_ip,
+            credentials_failed: AtomicBool::new(false),
         })
     }
 
@@ -246,7 +319,13 @@ impl GceCompute {
     ) -> Result<T, ApiError> {
         match with_deadline(self.api_timeout, call, fut).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(ApiError::from_gax(&error)),
+            Ok(Err(error)) => {
+                let error = ApiError::from_gax(&error);
+                if error.credentials {
+                    self.credentials_failed.store(true, Ordering::Relaxed);
+                }
+                Err(error)
+            }
             Err(timeout) => Err(ApiError::timeout(timeout.after)),
         }
     }
@@ -301,6 +380,10 @@ fn op(operation: model::Operation) -> Op {
 
 #[async_trait]
 impl ComputeApi for GceCompute {
+    fn credentials_failed(&self) -> bool {
+        self.credentials_failed.load(Ordering::Relaxed)
+    }
+
     async fn insert(&self, body: &model::Instance) -> Result<Op, ApiError> {
         let call = self
             .instances

@@ -114,6 +114,10 @@ pub struct GcpVmConfig {
     /// VMs are deleted after the tier has not been the active one for this long.
     #[serde(with = "humantime_serde")]
     pub idle_ttl: Duration,
+    /// A VM not answering its health check this long after it was created has failed: it is
+    /// reported so and replaced (or deleted), not left booting.
+    #[serde(with = "humantime_serde")]
+    pub boot_timeout: Duration,
     /// A zone operation (insert, delete) not done by then is abandoned and reconciled later.
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
@@ -162,6 +166,7 @@ impl Default for GcpVmConfig {
             on_preemption: OnPreemption::Replace,
             termination_action: TerminationAction::Stop,
             idle_ttl: Duration::from_secs(600),
+            boot_timeout: Duration::from_secs(300),
             operation_timeout: Duration::from_secs(300),
             api_timeout: Duration::from_secs(30),
             watch_interval: Duration::from_millis(500),
@@ -275,6 +280,7 @@ impl GcpVmConfig {
         }
         for (key, value) in [
             ("idle_ttl", self.idle_ttl),
+            ("boot_timeout", self.boot_timeout),
             ("operation_timeout", self.operation_timeout),
             ("api_timeout", self.api_timeout),
             ("watch_interval", self.watch_interval),

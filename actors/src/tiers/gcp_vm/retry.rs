@@ -14,12 +14,20 @@
 //! server asked for the cap or more (it wants clients away as long as cascade will wait). So no
 //! wait exceeds `cap`, `Retry-After` is honoured up to half the cap, and clients told the same
 //! thing never wait exactly as long.
+//!
+//! A `Retry-After` is a promise for the whole pool, not for one retry loop: it holds every caller
+//! sharing this retrier (the start phase, background replacements and deletions, polls, the
+//! watch's look) until `min(Retry-After, cap/2)` has passed — first attempts included, which the
+//! budget never stops. Callers held at once are let go over `random(0, min(base, cap/2))` after
+//! the hold, so they do not come back together; a caller whose deadline ends inside the hold
+//! gives up at once with "rate limited until …". The retrier also keeps the API's last error
+//! (until a call succeeds) for the tier's status.
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -106,6 +114,8 @@ pub enum GaveUp {
     Budget,
     /// The caller's overall deadline would pass before the next attempt.
     Deadline,
+    /// An earlier `Retry-After` holds the pool's calls past the caller's deadline.
+    Held { until: SystemTime },
 }
 
 /// A call that failed for good: its last error and why it was not retried again.
@@ -115,6 +125,13 @@ pub struct CallError {
     pub attempts: u32,
     pub gave_up: GaveUp,
     pub last: ApiError,
+}
+
+impl CallError {
+    /// Stopped by the caller's deadline (its own, or a hold past it), not by an answer.
+    pub fn out_of_time(&self) -> bool {
+        matches!(self.gave_up, GaveUp::Deadline | GaveUp::Held { .. })
+    }
 }
 
 impl fmt::Display for CallError {
@@ -133,17 +150,43 @@ impl fmt::Display for CallError {
                 " (gave up after {} attempts: out of time)",
                 self.attempts
             ),
+            GaveUp::Held { until } => write!(
+                f,
+                " (not sent again: rate limited until {}, past this call's deadline)",
+                humantime::format_rfc3339_seconds(until)
+            ),
         }
     }
 }
 
-/// Runs calls with retries; clones share the budget and the counters.
+/// Runs calls with retries; clones share the budget, the counters, the hold and the last error.
 #[derive(Clone)]
 pub struct Retrier {
     config: RetryConfig,
     budget: SharedRetryBudget,
     observer: Option<RetryObserver>,
     retries: Arc<AtomicU64>,
+    api: Arc<Mutex<ApiState>>,
+}
+
+/// What every caller of the API learns from the others.
+#[derive(Debug, Default)]
+struct ApiState {
+    /// No call goes out before this.
+    hold: Option<Hold>,
+    /// The last error a call got, cleared by the next success.
+    last_error: Option<String>,
+}
+
+/// A `Retry-After` in force.
+#[derive(Debug, Clone)]
+struct Hold {
+    until: Instant,
+    /// `until` on the wall clock, for people.
+    until_wall: SystemTime,
+    /// The call and the answer that asked for it.
+    call: String,
+    error: ApiError,
 }
 
 impl Retrier {
@@ -153,6 +196,96 @@ impl Retrier {
             config,
             observer: None,
             retries: Arc::new(AtomicU64::new(0)),
+            api: Arc::new(Mutex::new(ApiState::default())),
+        }
+    }
+
+    fn api_state(&self) -> std::sync::MutexGuard<'_, ApiState> {
+        self.api
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds every caller for `error`'s `Retry-After` (up to `cap/2`), unless a longer hold is in
+    /// force already.
+    pub fn hold_for(&self, call: &str, error: &ApiError) {
+        let Some(asked) = error.retry_after else {
+            return;
+        };
+        let hold = asked.min(self.config.cap / 2);
+        let now = Instant::now();
+        let until = now + hold;
+        let mut api = self.api_state();
+        if api.hold.as_ref().is_none_or(|h| h.until < until) {
+            api.hold = Some(Hold {
+                until,
+                until_wall: SystemTime::now() + hold,
+                call: call.to_owned(),
+                error: error.clone(),
+            });
+        }
+    }
+
+    /// When the hold in force ends, if one is.
+    pub fn held_until(&self, now: Instant) -> Option<Instant> {
+        let mut api = self.api_state();
+        match &api.hold {
+            Some(hold) if hold.until > now => Some(hold.until),
+            Some(_) => {
+                api.hold = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Records a call's failure for the status.
+    pub fn note_error(&self, call: &str, error: &ApiError) {
+        self.api_state().last_error = Some(format!("{call}: {error}"));
+    }
+
+    /// The API answered: its last error is history.
+    pub fn note_success(&self) {
+        self.api_state().last_error = None;
+    }
+
+    /// The API's state for the tier's reason: a hold in force (`rate limited until …`), else the
+    /// last error since the last success; `None` when calls succeed.
+    pub fn api_status(&self) -> Option<String> {
+        let now = Instant::now();
+        let api = self.api_state();
+        match (&api.hold, &api.last_error) {
+            (Some(hold), _) if hold.until > now => Some(format!(
+                "rate limited until {}: {}: {}",
+                humantime::format_rfc3339_seconds(hold.until_wall),
+                hold.call,
+                hold.error
+            )),
+            (_, Some(error)) => Some(error.clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits out the hold in force, if any, plus a little jitter; gives up at once if it lasts
+    /// past `deadline`.
+    async fn gate(&self, deadline: Deadline) -> Result<(), Hold> {
+        loop {
+            let now = Instant::now();
+            let hold = {
+                let api = self.api_state();
+                match &api.hold {
+                    Some(hold) if hold.until > now => hold.clone(),
+                    _ => return Ok(()),
+                }
+            };
+            if hold.until.saturating_duration_since(now) >= deadline.remaining(now) {
+                return Err(hold);
+            }
+            let spread = self.config.base.min(self.config.cap / 2);
+            let nanos = u64::try_from(spread.as_nanos()).unwrap_or(u64::MAX);
+            let jitter = Duration::from_nanos(rand::rng().random_range(0..=nanos));
+            let wake = (hold.until + jitter).min(now + deadline.remaining(now));
+            tokio::time::sleep_until(wake).await;
         }
     }
 
@@ -218,6 +351,16 @@ impl Retrier {
         let cap = self.config.cap;
         let mut attempt = 0u32;
         loop {
+            if let Err(hold) = self.gate(deadline).await {
+                return Err(CallError {
+                    call: call.to_owned(),
+                    attempts: attempt,
+                    gave_up: GaveUp::Held {
+                        until: hold.until_wall,
+                    },
+                    last: hold.error,
+                });
+            }
             attempt = attempt.saturating_add(1);
             let now = Instant::now();
             if attempt == 1 && deposit {
@@ -225,10 +368,15 @@ impl Retrier {
             }
             let remaining = deadline.remaining(now);
             let error = match with_deadline(remaining, call, op()).await {
-                Ok(Ok(value)) => return Ok(value),
+                Ok(Ok(value)) => {
+                    self.note_success();
+                    return Ok(value);
+                }
                 Ok(Err(error)) => error,
                 Err(timeout) => ApiError::timeout(timeout.after),
             };
+            self.note_error(call, &error);
+            self.hold_for(call, &error);
             let stop = |gave_up| CallError {
                 call: call.to_owned(),
                 attempts: attempt,
@@ -241,7 +389,15 @@ impl Retrier {
             if attempt >= self.config.max_attempts {
                 return Err(stop(GaveUp::Attempts));
             }
-            let wait = retry_wait(&mut backoff, cap, error.retry_after);
+            // Another caller's Retry-After counts as this one's.
+            let held = self
+                .held_until(Instant::now())
+                .map(|until| until.saturating_duration_since(Instant::now()));
+            let asked = match (error.retry_after, held) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            let wait = retry_wait(&mut backoff, cap, asked);
             let now = Instant::now();
             if wait >= deadline.remaining(now) {
                 return Err(stop(GaveUp::Deadline));
@@ -317,6 +473,7 @@ mod tests {
             message: "nope".into(),
             retry_after,
             timed_out: false,
+            credentials: false,
         }
     }
 

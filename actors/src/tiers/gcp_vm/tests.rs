@@ -341,6 +341,7 @@ fn api_errors_are_classified_for_retries() {
         message: String::new(),
         retry_after: None,
         timed_out: false,
+        credentials: false,
     };
     for status in [429, 500, 502, 503, 504] {
         assert!(error(Some(status), None).is_retryable(), "{status}");
@@ -734,10 +735,30 @@ async fn with_drop_a_preempted_vm_is_deleted_and_not_replaced() {
     })
     .await;
     match driver.probe().await {
-        ProbeOutcome::Idle { reason } => assert!(reason.contains("preempted"), "{reason}"),
+        ProbeOutcome::Idle { reason } => {
+            assert!(reason.contains("preempted"), "{reason}");
+            assert!(
+                !reason.contains("pool-0"),
+                "a reason never names a VM already deleted: {reason}"
+            );
+            assert!(
+                reason.contains("none are created until the waterfall starts this tier"),
+                "nor promises a start that will not run: {reason}"
+            );
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(h.inserts().len(), 1, "nothing re-created");
+    driver.pool.persist().await;
+    let details = driver.details();
+    assert!(
+        details["checkpoint"].contains(": 0 VMs, written "),
+        "the checkpoint's details follow the file: {details:?}"
+    );
+    assert!(
+        details["last_lost"].starts_with("pool-0 lost at "),
+        "{details:?}"
+    );
     h.assert_no_rejections();
 }
 
@@ -797,7 +818,7 @@ async fn a_corrupt_checkpoint_is_set_aside_and_the_pool_rebuilt() {
         phases(&driver).get("pool-0") == Some(&Phase::Ready)
     })
     .await;
-    let note = driver.details()["checkpoint"].clone();
+    let note = driver.details()["checkpoint_at_start"].clone();
     assert!(note.starts_with("set aside as "), "{note}");
     assert!(note.ends_with("; rebuilt from instances.list"), "{note}");
     let aside: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
@@ -806,6 +827,7 @@ async fn a_corrupt_checkpoint_is_set_aside_and_the_pool_rebuilt() {
         .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
         .collect();
     assert_eq!(aside.len(), 1);
+    driver.pool.persist().await;
     let Loaded::Restored(saved) =
         checkpoint::load(&path, POOL, &h.config().project, &h.config().zone)
     else {
@@ -843,6 +865,7 @@ async fn restore_then_reconcile_adopts_what_the_file_missed_and_drops_what_is_go
         },
     )
     .await;
+    driver.pool.persist().await;
     let Loaded::Restored(saved) =
         checkpoint::load(&h.checkpoint(), POOL, &file.project, &file.zone)
     else {
@@ -863,12 +886,23 @@ async fn a_restarted_driver_restores_and_reconciles_without_losing_or_inserting_
         ..h.config()
     };
     let driver = h.driver(config.clone());
+    let path = h.checkpoint().display().to_string();
+    assert_eq!(
+        driver.details()["checkpoint_at_start"],
+        format!("none yet ({path})")
+    );
     assert_eq!(
         driver.details()["checkpoint"],
-        format!("none yet ({})", h.checkpoint().display())
+        format!("{path}: not written yet (nothing to keep)")
     );
     driver.start().await.expect("starts");
     assert_eq!(phases(&driver).len(), 2);
+    driver.pool.persist().await;
+    let written = driver.details()["checkpoint"].clone();
+    assert!(
+        written.starts_with(&format!("{path}: 2 VMs, written ")),
+        "the details say what the file holds now: {written}"
+    );
     // A crash: the driver goes away without stopping anything; the checkpoint stays.
     drop(driver);
 
@@ -879,16 +913,16 @@ async fn a_restarted_driver_restores_and_reconciles_without_losing_or_inserting_
         2,
         "both VMs restored from the checkpoint"
     );
-    let restored = format!("restored 2 VMs from {}", h.checkpoint().display());
-    assert_eq!(driver.details()["checkpoint"], restored);
+    let restored = format!("restored 2 VMs from {path}");
+    assert_eq!(driver.details()["checkpoint_at_start"], restored);
     driver.start().await.expect("starts again");
     let p = phases(&driver);
     assert_eq!(p.len(), 2);
     assert!(p.values().all(|phase| *phase == Phase::Ready), "{p:?}");
     assert_eq!(
-        driver.details()["checkpoint"],
+        driver.details()["checkpoint_at_start"],
         restored,
-        "stable once the pool writes its own"
+        "what the start found stays what it found"
     );
     assert!(
         h.inserts().iter().all(|r| r.at < restarted_at),
@@ -1091,12 +1125,13 @@ async fn an_unmovable_corrupt_checkpoint_is_never_overwritten() {
     let path = h.dir.path().join(format!("{}.json", "p".repeat(232)));
     std::fs::write(&path, b"{corrupt").expect("write garbage");
     let pool = h.bare_pool_at(h.config(), path.clone());
-    let note = pool.details()["checkpoint"].clone();
+    let note = pool.details()["checkpoint_at_start"].clone();
     assert!(note.contains("could not be moved aside"), "{note}");
     let deadline = Deadline::after(Instant::now(), Duration::from_secs(10));
     pool.ensure_slot(0, deadline)
         .await
         .expect("runs from the API");
+    pool.persist().await;
     assert_eq!(std::fs::read(&path).expect("still there"), b"{corrupt");
     let details = pool.details();
     assert!(
@@ -1458,4 +1493,211 @@ fn retry_after_is_read_in_both_of_its_forms() {
         "{wait:?}"
     );
     assert_eq!(ApiError::from_gax(&error("soon")).retry_after, None);
+}
+
+// === what the pool says, and the API's promises ===
+
+/// Insert request times as the fake saw them.
+fn insert_times(h: &Harness) -> Vec<Instant> {
+    let mut times: Vec<Instant> = h.inserts().iter().map(|r| r.at.into()).collect();
+    times.sort();
+    times
+}
+
+/// A `Retry-After` holds every caller in the pool: the retries of one start, and the first
+/// attempt of the next start, which the budget never stops.
+#[tokio::test]
+async fn a_retry_after_holds_every_caller_of_the_api_in_the_pool() {
+    let h = Harness::new().await;
+    h.fake
+        .fail_compute("compute.instances.insert", 4, 429, Some(1));
+    let config = GcpVmConfig {
+        retry: RetryConfig {
+            base: Duration::from_millis(10),
+            cap: Duration::from_secs(4),
+            max_attempts: 2,
+            ..RetryConfig::default()
+        },
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    let error = driver.start().await.expect_err("two attempts, two 429s");
+    assert!(error.0.contains("429"), "{error}");
+    match driver.probe().await {
+        ProbeOutcome::Idle { reason } => {
+            assert!(
+                reason.contains("Compute Engine: rate limited until "),
+                "the reason says why nothing runs: {reason}"
+            );
+            assert!(
+                reason.contains("compute.instances.insert pool-0"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A new start at once: its first attempt waits for the Retry-After too.
+    driver
+        .start()
+        .await
+        .expect_err("two more attempts, two more 429s");
+    driver.start().await.expect("the fifth insert goes through");
+    let times = insert_times(&h);
+    assert_eq!(times.len(), 5, "{:?}", h.inserts());
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        // Times are taken as the fake answers; a few ms of latency on either side.
+        assert!(
+            gap >= Duration::from_millis(950),
+            "an insert went out {gap:?} after a Retry-After of 1 s: {times:?}"
+        );
+    }
+    h.assert_no_rejections();
+}
+
+/// A VM that runs but never passes its health check (here: the wrong `service_port`) says why
+/// while it boots, and past `boot_timeout` is reported failed and replaced, not left booting.
+#[tokio::test]
+async fn a_vm_that_never_passes_its_health_check_is_reported_failed_and_replaced() {
+    let h = Harness::new().await;
+    let port = h.fake.vm_service_port();
+    let config = GcpVmConfig {
+        service_port: if port < u16::MAX { port + 1 } else { port - 1 },
+        boot_timeout: Duration::from_secs(2),
+        start_timeout: Duration::from_secs(10),
+        ..h.config()
+    };
+    let driver = Arc::new(h.driver(config));
+    let starting = tokio::spawn({
+        let driver = driver.clone();
+        async move { driver.start().await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let reason = match driver.probe().await {
+            ProbeOutcome::Idle { reason } | ProbeOutcome::Down { error: reason } => reason,
+            other => panic!("{other:?}"),
+        };
+        if reason.contains("pool-0 booting") && reason.contains("health check failed") {
+            assert!(
+                reason.contains("Connection refused") || reason.contains("refused"),
+                "{reason}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reason never said why: {reason}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let error = starting
+        .await
+        .expect("the start task ends")
+        .expect_err("never ready");
+    assert!(
+        error.0.contains("did not become ready within 2s"),
+        "{error}"
+    );
+    assert!(error.0.contains("health check failed"), "{error}");
+    match driver.probe().await {
+        ProbeOutcome::Idle { reason } => {
+            assert!(
+                reason.contains("pool-0 lost"),
+                "reported as failed: {reason}"
+            );
+            assert!(
+                reason.contains("failed: not ready 2s after it was created"),
+                "{reason}"
+            );
+            assert!(!reason.contains("booting"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Replaced: deleted and created again by the pool itself.
+    eventually(Duration::from_secs(10), "the failed VM replaced", || {
+        !h.deletes().is_empty() && h.inserts().len() >= 2
+    })
+    .await;
+    driver.stop(StopReason::Exiting).await.expect("stops");
+    h.assert_no_rejections();
+}
+
+/// The API's answer to a wrong project reaches the reason, with what to check.
+#[tokio::test]
+async fn a_project_the_api_does_not_know_is_named_in_the_reason() {
+    let h = Harness::new().await;
+    let config = GcpVmConfig {
+        project: "no-such-project".into(),
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    let error = driver.start().await.expect_err("unknown project");
+    assert!(error.0.contains("check tiers.gcp_vm.project"), "{error}");
+    match driver.probe().await {
+        ProbeOutcome::Idle { reason } => {
+            assert!(reason.contains("Compute Engine: "), "{reason}");
+            assert!(reason.contains("projects/no-such-project"), "{reason}");
+            assert!(reason.contains("check tiers.gcp_vm.project"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        driver.details()["api"].contains("HTTP 404"),
+        "{:?}",
+        driver.details()
+    );
+}
+
+/// google-cloud-auth's token cache gives up for good after a permanent error; the pool builds a
+/// new client, so credentials fixed meanwhile work without a restart.
+#[tokio::test]
+async fn the_api_client_is_built_again_after_a_permanent_credentials_error() {
+    let h = Harness::new().await;
+    let pool = h.bare_pool(h.config());
+    h.fake.fail_token_requests(Some(403));
+    let error = pool.reconcile().await.expect_err("no access token");
+    assert!(error.to_string().contains("credentials"), "{error}");
+    h.fake.fail_token_requests(None);
+    pool.reconcile()
+        .await
+        .expect("a new client, with credentials that work now");
+    h.assert_no_rejections();
+}
+
+/// The checkpoint is written off the state lock: a write stuck on a slow disk holds up neither
+/// the tier actor (details, set_active) nor the pool's own steps.
+#[tokio::test]
+async fn a_stuck_checkpoint_write_holds_up_nothing_else() {
+    let h = Harness::new().await;
+    let driver = h.driver(h.config());
+    // A thread that holds the writer as a write stuck on the disk would, until told to let go.
+    let (stalled_tx, stalled) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let pool = driver.pool.clone();
+    let stuck = std::thread::spawn(move || {
+        let _write = pool.stall_writes();
+        stalled_tx.send(()).expect("the test waits");
+        let _ = release_rx.recv();
+    });
+    stalled.recv().expect("the writer is held");
+    let started = std::time::Instant::now();
+    driver.set_active(true);
+    let _ = driver.details();
+    driver.pool.update(|s| s.wanted = true);
+    let _ = driver.probe().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?} behind a stuck write",
+        started.elapsed()
+    );
+    release.send(()).expect("the thread waits");
+    stuck.join().expect("the thread ends");
+    driver.pool.persist().await;
+    let Loaded::Restored(saved) =
+        checkpoint::load(&h.checkpoint(), POOL, &h.config().project, &h.config().zone)
+    else {
+        panic!("written once the disk is back");
+    };
+    assert!(saved.wanted);
 }

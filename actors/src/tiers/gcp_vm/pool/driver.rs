@@ -12,6 +12,7 @@ use super::{Pool, PoolError};
 use crate::contract::{ProbeOutcome, RestartReport, RestartRequest, TierId};
 use crate::resilience::Deadline;
 use crate::routing::Endpoint;
+use crate::tiers::gcp_vm::OnPreemption;
 use crate::tiers::gcp_vm::checkpoint::{Phase, VmEntry};
 
 /// Claims slots for a start or restart until dropped (cancelled or not).
@@ -89,19 +90,42 @@ impl Pool {
         Err(errors.swap_remove(0).1)
     }
 
+    /// The pool's health as the tier sees it. Every reason names what each VM lacks (its last
+    /// health check, its boot, why it was lost) and the API's last error (`rate limited until …`,
+    /// a project that does not exist), and says nothing of VMs already gone nor promises a start
+    /// that will not run.
     pub async fn probe(&self) -> ProbeOutcome {
-        let (entries, last_lost) = self.read(|s| {
+        let (entries, errors, last_lost, replacing) = self.read(|s| {
             (
                 s.vms.values().cloned().collect::<Vec<_>>(),
+                s.vm_errors.clone(),
                 s.last_lost.clone(),
+                s.wanted
+                    && self.config.on_preemption == OnPreemption::Replace
+                    && (!s.refill.is_empty() || !s.busy.is_empty()),
             )
         });
+        let api = self.retrier.api_status();
+        let with_api = |text: String| match &api {
+            Some(api) => format!("{text}; Compute Engine: {api}"),
+            None => text,
+        };
         if entries.is_empty() {
+            let mut reason = "no VMs".to_owned();
+            if let Some(lost) = &last_lost {
+                reason.push_str(&format!(
+                    " (the last one was lost at {}: {})",
+                    humantime::format_rfc3339_seconds(lost.at),
+                    lost.why
+                ));
+            }
+            reason.push_str(if replacing {
+                "; a replacement is being created"
+            } else {
+                "; none are created until the waterfall starts this tier"
+            });
             return ProbeOutcome::Idle {
-                reason: match last_lost {
-                    Some(lost) => format!("no VMs ({lost}; the start phase creates new ones)"),
-                    None => "no VMs (the start phase creates them)".into(),
-                },
+                reason: with_api(reason),
             };
         }
         let candidates = entries
@@ -111,38 +135,48 @@ impl Pool {
         if candidates == 0 {
             // Nothing runs that could serve: say so at once, so the waterfall moves on without
             // waiting for the breaker.
-            let mut reason = describe(&entries);
-            if let Some(lost) = last_lost.filter(|lost| !reason.contains(lost.as_str())) {
-                reason.push_str(&format!(" (last lost: {lost})"));
-            }
-            return ProbeOutcome::Idle { reason };
+            return ProbeOutcome::Idle {
+                reason: with_api(describe(&entries, &errors)),
+            };
         }
         let changes = self.health_round(true).await;
         if changes.iter().any(|c| c.failed) {
             self.wake.notify_one();
         }
-        let entries = self.read(|s| s.vms.values().cloned().collect::<Vec<_>>());
-        let ready: Vec<&VmEntry> = entries
+        let (entries, errors) = self.read(|s| {
+            (
+                s.vms.values().cloned().collect::<Vec<_>>(),
+                s.vm_errors.clone(),
+            )
+        });
+        let (ready, others): (Vec<VmEntry>, Vec<VmEntry>) = entries
             .iter()
-            .filter(|vm| vm.phase == Phase::Ready)
-            .collect();
+            .cloned()
+            .partition(|vm| vm.phase == Phase::Ready);
         if ready.is_empty() {
             self.wake.notify_one();
             return ProbeOutcome::Down {
-                error: format!("no VM passes its health check: {}", describe(&entries)),
+                error: with_api(format!(
+                    "no VM passes its health check: {}",
+                    describe(&entries, &errors)
+                )),
             };
         }
         let list: Vec<String> = ready
             .iter()
             .map(|vm| format!("{} {}", vm.name, vm.ip.as_deref().unwrap_or("?")))
             .collect();
+        let mut note = format!(
+            "{}/{} VMs ready: {}",
+            ready.len(),
+            entries.len(),
+            list.join(", ")
+        );
+        if !others.is_empty() {
+            note.push_str(&format!("; {}", describe(&others, &errors)));
+        }
         ProbeOutcome::Up {
-            note: format!(
-                "{}/{} VMs ready: {}",
-                ready.len(),
-                entries.len(),
-                list.join(", ")
-            ),
+            note: with_api(note),
         }
     }
 
@@ -231,6 +265,7 @@ impl Pool {
 
     pub fn details(&self) -> BTreeMap<String, String> {
         let mut details = BTreeMap::new();
+        let now = SystemTime::now();
         self.read(|s| {
             let ready = s.vms.values().filter(|vm| vm.phase == Phase::Ready).count();
             details.insert(
@@ -244,20 +279,41 @@ impl Pool {
                 ),
             );
             for vm in s.vms.values() {
-                details.insert(format!("vm.{}", vm.name), describe_vm(vm));
+                let mut text = describe_vm(vm, s.vm_errors.get(&vm.slot));
+                if vm.phase == Phase::Booting {
+                    let booting = now.duration_since(vm.created_at).unwrap_or_default();
+                    text.push_str(&format!(
+                        " (for {} of boot_timeout {})",
+                        crate::text::duration(booting),
+                        crate::text::duration(self.config.boot_timeout)
+                    ));
+                }
+                details.insert(format!("vm.{}", vm.name), text);
             }
-            details.insert("checkpoint".into(), s.restore_note.clone());
+            let path = self.path.display();
+            let checkpoint = match (&s.written, &s.saved) {
+                (Some((at, vms)), _) => format!(
+                    "{path}: {vms} VMs, written {}",
+                    humantime::format_rfc3339_seconds(*at)
+                ),
+                (None, Some(saved)) => {
+                    format!("{path}: {} VMs, as found at start", saved.vms.len())
+                }
+                (None, None) => format!("{path}: not written yet (nothing to keep)"),
+            };
+            details.insert("checkpoint".into(), checkpoint);
+            details.insert("checkpoint_at_start".into(), s.restore_note.clone());
             if let Some(error) = &s.save_error {
                 details.insert("checkpoint_error".into(), error.clone());
             }
             if let Some(lost) = &s.last_lost {
-                details.insert("last_lost".into(), lost.clone());
+                details.insert("last_lost".into(), lost.describe());
             }
             if !s.active
                 && !s.vms.is_empty()
                 && let Some(since) = s.idle_since
             {
-                let idle = SystemTime::now().duration_since(since).unwrap_or_default();
+                let idle = now.duration_since(since).unwrap_or_default();
                 details.insert(
                     "idle".into(),
                     format!(
@@ -268,12 +324,16 @@ impl Pool {
                 );
             }
         });
+        if let Some(api) = self.retrier.api_status() {
+            details.insert("api".into(), api);
+        }
         details.insert("api_retries".into(), self.retrier.retries().to_string());
         details
     }
 }
 
-fn describe_vm(vm: &VmEntry) -> String {
+/// One VM for operators: phase, address, Compute Engine's status, and what it lacks.
+fn describe_vm(vm: &VmEntry, error: Option<&String>) -> String {
     let mut text = vm.phase.as_str().to_owned();
     if let Some(ip) = &vm.ip {
         text.push_str(&format!(" {ip}"));
@@ -283,6 +343,8 @@ fn describe_vm(vm: &VmEntry) -> String {
     }
     if let (Phase::Lost, Some(reason)) = (vm.phase, &vm.lost_reason) {
         text.push_str(&format!(": {reason}"));
+    } else if let Some(error) = error.filter(|_| vm.phase != Phase::Ready) {
+        text.push_str(&format!(": {error}"));
     }
     if let (Phase::Creating | Phase::Deleting, Some(op)) = (vm.phase, &vm.last_operation) {
         text.push_str(&format!(" (operation {})", op.name));
@@ -290,13 +352,11 @@ fn describe_vm(vm: &VmEntry) -> String {
     text
 }
 
-fn describe(entries: &[VmEntry]) -> String {
+/// The VMs for a reason: each with what it lacks; stable between probes (no elapsed times).
+fn describe(entries: &[VmEntry], errors: &BTreeMap<u32, String>) -> String {
     entries
         .iter()
-        .map(|vm| match (vm.phase, &vm.lost_reason) {
-            (Phase::Lost, Some(reason)) => format!("{} {reason}", vm.name),
-            (phase, _) => format!("{} {}", vm.name, phase.as_str()),
-        })
+        .map(|vm| format!("{} {}", vm.name, describe_vm(vm, errors.get(&vm.slot))))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -19,6 +19,12 @@
 //! full reconcile (`instances.list` and `zoneOperations.list` of preemptions) every
 //! `reconcile_interval`. A VM the quick look does not list at all triggers that reconcile at once.
 //!
+//! The checkpoint is written off the state lock and off the runtime's workers: `update` changes
+//! the state under its lock and queues a write on the blocking pool, where one writer at a time
+//! takes the newest state (so writes coalesce and never go back in time); steps that must be on
+//! disk before they go on (an insert or a delete about to be sent) wait for it with `persist`.
+//! A slow disk therefore never stalls the tier actor, whose handler reads the same state.
+//!
 //! Ownership: a name alone never gets a VM deleted. Background work (replacements, idle
 //! deletion, deletions of lost VMs) waits for the first successful reconcile since start, so
 //! restored entries are confirmed by the label list first; and every `instances.delete` is
@@ -37,10 +43,10 @@ mod watch;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -143,10 +149,15 @@ pub struct PoolState {
     pub claimed: BTreeMap<u32, usize>,
     /// Slots whose last background job failed: not before this instant, with this backoff.
     pub retry_at: BTreeMap<u32, (Instant, Backoff)>,
-    /// The last VM lost and why, for operators.
-    pub last_lost: Option<String>,
-    /// What loading the checkpoint found (`details["checkpoint"]`).
+    /// The last VM lost, why and when, for operators.
+    pub last_lost: Option<LostNote>,
+    /// Why a VM is not (yet) ready: its last health check, its boot, its insert. Shown only while
+    /// the slot holds an entry; cleared when it is ready.
+    pub vm_errors: BTreeMap<u32, String>,
+    /// What loading the checkpoint found (`details["checkpoint_at_start"]`).
     pub restore_note: String,
+    /// When the checkpoint was last written, and how many VMs it holds.
+    written: Option<(SystemTime, usize)>,
     /// A reconcile succeeded since the pool was built: restored entries are confirmed.
     pub reconciled: bool,
     pub watching: bool,
@@ -189,8 +200,32 @@ impl PoolState {
         entry.ready_at = None;
         entry.lost_reason = Some(reason.clone());
         let note = format!("{} {reason}", entry.name);
-        self.last_lost = Some(note.clone());
+        self.last_lost = Some(LostNote {
+            vm: entry.name.clone(),
+            why: reason,
+            at: SystemTime::now(),
+        });
         Some(note)
+    }
+}
+
+/// The last VM the pool lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostNote {
+    pub vm: String,
+    pub why: String,
+    pub at: SystemTime,
+}
+
+impl LostNote {
+    /// Past tense with the time, so it stays true after the VM is gone.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} lost at {}: {}",
+            self.vm,
+            humantime::format_rfc3339_seconds(self.at),
+            self.why
+        )
     }
 }
 
@@ -203,15 +238,99 @@ impl Drop for WatchGuard {
     }
 }
 
+/// Writes the checkpoint: one write at a time, always of the newest state, never after `close`.
+struct Writer {
+    path: PathBuf,
+    config: Arc<GcpVmConfig>,
+    state: Arc<Mutex<PoolState>>,
+    /// Held through a whole write, so writes never interleave and `close` waits for the one in
+    /// flight.
+    lock: Mutex<()>,
+    /// A write is queued and has not started: later changes ride along with it.
+    queued: AtomicBool,
+}
+
+impl Writer {
+    fn lock_state(&self) -> MutexGuard<'_, PoolState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes what the state holds now, unless the file holds it already. Blocks on the disk: runs
+    /// on the blocking pool.
+    fn persist(&self) {
+        let _write = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.queued.store(false, Ordering::SeqCst);
+        let (current, blocked) = {
+            let state = self.lock_state();
+            if state.closed {
+                return;
+            }
+            let current = state.checkpoint(&self.config);
+            if state.saved.as_ref() == Some(&current) {
+                return;
+            }
+            (current, state.blocked.clone())
+        };
+        if let Some(error) = blocked {
+            // Written only once the unusable file is out of the way.
+            match checkpoint::move_aside(&self.path) {
+                Ok(aside) => {
+                    info!(backend.tier = "gcp_vm", path = %self.path.display(), moved_to = %aside.display(), "The unusable checkpoint is set aside now.");
+                    let mut state = self.lock_state();
+                    state.restore_note = set_aside_note(&aside, &error);
+                    state.blocked = None;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.lock_state().blocked = None;
+                }
+                Err(e) => {
+                    self.lock_state().save_error = Some(format!(
+                        "not written: the unusable file could not be moved aside: {e}"
+                    ));
+                    return;
+                }
+            }
+        }
+        match checkpoint::save(&self.path, &current) {
+            Ok(()) => {
+                let mut state = self.lock_state();
+                state.written = Some((SystemTime::now(), current.vms.len()));
+                state.saved = Some(current);
+                state.save_error = None;
+            }
+            Err(e) => {
+                warn!(backend.tier = "gcp_vm", path = %self.path.display(), error = %e, "Cannot write the checkpoint.");
+                self.lock_state().save_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// No write after this one returns (waits for a write in flight).
+    fn close(&self) {
+        let _write = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.lock_state().closed = true;
+    }
+}
+
 pub struct Pool {
     config: Arc<GcpVmConfig>,
     env: GcpEnv,
-    /// Built on first use: building needs async, and `Driver` construction is sync.
-    api: OnceCell<Arc<dyn ComputeApi>>,
+    /// Built on first use (building needs async, and `Driver` construction is sync); built again
+    /// after a permanent credentials error, so fixed credentials need no restart.
+    api: tokio::sync::Mutex<Option<Arc<dyn ComputeApi>>>,
     http: reqwest::Client,
     pub(super) retrier: Retrier,
     path: PathBuf,
-    state: Mutex<PoolState>,
+    state: Arc<Mutex<PoolState>>,
+    writer: Arc<Writer>,
     slot_locks: Mutex<BTreeMap<u32, Arc<tokio::sync::Mutex<()>>>>,
     notify: Notify,
     /// Asks the watch to reconcile now (a probe saw every VM fail).
@@ -265,15 +384,25 @@ impl Pool {
             }
         }
         let root = CancellationToken::new();
+        let config = Arc::new(config);
+        let state = Arc::new(Mutex::new(state));
+        let writer = Arc::new(Writer {
+            path: path.clone(),
+            config: config.clone(),
+            state: state.clone(),
+            lock: Mutex::new(()),
+            queued: AtomicBool::new(false),
+        });
         Ok(Pool {
             generation: Mutex::new(root.child_token()),
-            config: Arc::new(config),
+            config,
             env,
-            api: OnceCell::new(),
+            api: tokio::sync::Mutex::new(None),
             http,
             retrier,
             path,
-            state: Mutex::new(state),
+            state,
+            writer,
             slot_locks: Mutex::new(BTreeMap::new()),
             notify,
             wake: tokio::sync::Notify::new(),
@@ -296,45 +425,36 @@ impl Pool {
         f(&self.lock_state())
     }
 
-    /// Applies `f` and writes the checkpoint if what it holds changed. The write happens under
-    /// the lock, so saves are never reordered; it is a few small synchronous writes.
+    /// Applies `f`; if what the checkpoint holds changed, queues a write (off this thread, see
+    /// the module doc). Callers that must not go on before it is on disk `persist` next.
     pub(super) fn update<R>(&self, f: impl FnOnce(&mut PoolState) -> R) -> R {
-        let mut state = self.lock_state();
-        let result = f(&mut state);
-        if state.closed {
-            return result;
-        }
-        let current = state.checkpoint(&self.config);
-        if state.saved.as_ref() != Some(&current) {
-            if let Some(error) = state.blocked.clone() {
-                // Written only once the unusable file is out of the way.
-                match checkpoint::move_aside(&self.path) {
-                    Ok(aside) => {
-                        info!(backend.tier = "gcp_vm", path = %self.path.display(), moved_to = %aside.display(), "The unusable checkpoint is set aside now.");
-                        state.restore_note = set_aside_note(&aside, &error);
-                        state.blocked = None;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => state.blocked = None,
-                    Err(e) => {
-                        state.save_error = Some(format!(
-                            "not written: the unusable file could not be moved aside: {e}"
-                        ));
-                        return result;
-                    }
-                }
-            }
-            match checkpoint::save(&self.path, &current) {
-                Ok(()) => {
-                    state.saved = Some(current);
-                    state.save_error = None;
-                }
-                Err(e) => {
-                    warn!(backend.tier = "gcp_vm", path = %self.path.display(), error = %e, "Cannot write the checkpoint.");
-                    state.save_error = Some(e.to_string());
-                }
+        let (result, dirty) = {
+            let mut state = self.lock_state();
+            let result = f(&mut state);
+            let dirty =
+                !state.closed && state.saved.as_ref() != Some(&state.checkpoint(&self.config));
+            (result, dirty)
+        };
+        if dirty && !self.writer.queued.swap(true, Ordering::SeqCst) {
+            let writer = self.writer.clone();
+            if tokio::runtime::Handle::try_current().is_ok() {
+                self.tasks.spawn_blocking(move || writer.persist());
+            } else {
+                writer.persist();
             }
         }
         result
+    }
+
+    /// Writes the checkpoint now, if it changed, and waits until it is on disk.
+    pub(super) async fn persist(&self) {
+        let writer = self.writer.clone();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // A write that panicked left the previous file whole; the next one tries again.
+            let _ = self.tasks.spawn_blocking(move || writer.persist()).await;
+        } else {
+            writer.persist();
+        }
     }
 
     fn entry(&self, slot: u32) -> Option<VmEntry> {
@@ -386,24 +506,38 @@ impl Pool {
         locks.entry(slot).or_default().clone()
     }
 
+    /// The Compute Engine client: built on first use, and again once its credentials failed for
+    /// good (a key file replaced, a service account fixed), which the old client would never get
+    /// over.
     async fn api(&self) -> Result<Arc<dyn ComputeApi>, PoolError> {
-        self.api
-            .get_or_try_init(|| async {
-                let connect = GceCompute::connect(&self.config, &self.env);
-                match with_deadline(
-                    self.config.api_timeout,
-                    "connecting to Compute Engine",
-                    connect,
-                )
-                .await
-                {
-                    Ok(Ok(api)) => Ok(Arc::new(api) as Arc<dyn ComputeApi>),
-                    Ok(Err(e)) => Err(PoolError::Connect(e)),
-                    Err(e) => Err(PoolError::Connect(ApiError::timeout(e.after))),
-                }
-            })
-            .await
-            .cloned()
+        let mut api = self.api.lock().await;
+        if let Some(current) = api.as_ref() {
+            if !current.credentials_failed() {
+                return Ok(current.clone());
+            }
+            info!(
+                backend.tier = "gcp_vm",
+                "Rebuilding the Compute Engine client after a credentials error."
+            );
+            *api = None;
+        }
+        let connect = GceCompute::connect(&self.config, &self.env);
+        let built = match with_deadline(
+            self.config.api_timeout,
+            "connecting to Compute Engine",
+            connect,
+        )
+        .await
+        {
+            Ok(Ok(built)) => Arc::new(built) as Arc<dyn ComputeApi>,
+            Ok(Err(e)) => {
+                self.retrier.note_error("connecting to Compute Engine", &e);
+                return Err(PoolError::Connect(e));
+            }
+            Err(e) => return Err(PoolError::Connect(ApiError::timeout(e.after))),
+        };
+        *api = Some(built.clone());
+        Ok(built)
     }
 
     // === background work ===
@@ -457,6 +591,15 @@ impl Pool {
         }
     }
 
+    /// Holds the writer as a write stuck on a slow disk would, until dropped.
+    #[cfg(test)]
+    pub(super) fn stall_writes(&self) -> MutexGuard<'_, ()> {
+        self.writer
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Background tasks still tracked (the watch, replacements, deletions).
     #[cfg(test)]
     pub(super) fn tracked_tasks(&self) -> usize {
@@ -466,7 +609,8 @@ impl Pool {
     /// Cancels everything and writes no checkpoint any more (the driver is going away; a new
     /// driver may load the file at once).
     pub fn shutdown(&self) {
-        self.lock_state().closed = true;
+        // Waits for a write in flight (one fsync), so none lands after this returns.
+        self.writer.close();
         self.root.cancel();
         self.tasks.close();
     }

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::{Pool, PoolError, PoolState, adopt, is_lost_status};
+use super::{LostNote, Pool, PoolError, PoolState, adopt, is_lost_status};
 use crate::resilience::Deadline;
 use crate::tiers::gcp_vm::checkpoint::{Phase, VmEntry};
 use crate::tiers::gcp_vm::client::{Op, Vm};
@@ -172,12 +172,13 @@ pub fn merge(s: &mut PoolState, m: &Merge<'_>) -> Vec<String> {
                 }
                 Phase::Booting | Phase::Ready | Phase::Unhealthy => {
                     s.vms.remove(&slot);
-                    let note = format!(
-                        "{} vanished (deleted outside cascade, or preempted)",
-                        entry.name
-                    );
-                    s.last_lost = Some(note.clone());
-                    notes.push(note);
+                    let why = "vanished (deleted outside cascade, or preempted)";
+                    s.last_lost = Some(LostNote {
+                        vm: entry.name.clone(),
+                        why: why.into(),
+                        at: m.now,
+                    });
+                    notes.push(format!("{} {why}", entry.name));
                     if s.wanted && m.replace {
                         s.refill.insert(slot);
                     }

@@ -12,7 +12,6 @@ use crate::resilience::{Backoff, BackoffConfig, Deadline, Jitter};
 use crate::tiers::gcp_vm::POOL_LABEL;
 use crate::tiers::gcp_vm::checkpoint::{OpKind, OpRef, Phase, VmEntry};
 use crate::tiers::gcp_vm::client::{self, ComputeApi, Op};
-use crate::tiers::gcp_vm::retry::GaveUp;
 
 /// Steps one slot may take in one `ensure_slot` before giving up (lost → deleted → created →
 /// ready is four).
@@ -87,8 +86,14 @@ impl Pool {
         let url = self.health_url(ip);
         match crate::tiers::health::check(&self.http, &url, self.health_timeout()).await {
             Ok(()) => true,
-            Err(_) => {
-                self.update_entry(slot, |e| e.phase = Phase::Unhealthy);
+            Err(error) => {
+                self.update(|s| {
+                    if let Some(e) = s.vms.get_mut(&slot) {
+                        e.phase = Phase::Unhealthy;
+                    }
+                    s.vm_errors
+                        .insert(slot, format!("health check failed: {error}"));
+                });
                 false
             }
         }
@@ -108,6 +113,7 @@ impl Pool {
                 slot,
                 VmEntry::new(name.clone(), slot, Phase::Creating, SystemTime::now()),
             );
+            s.vm_errors.remove(&slot);
             None
         });
         if let Some(held) = full {
@@ -117,6 +123,8 @@ impl Pool {
                 max,
             });
         }
+        // On disk before the insert goes out.
+        self.persist().await;
         let api = self.api().await?;
         let body = client::instance_body(&self.config, &name);
         let call = format!("compute.instances.insert {name}");
@@ -139,7 +147,7 @@ impl Pool {
             Err(e) => {
                 // An answer that says no means nothing was created; no answer might mean it was,
                 // and the entry stays for the reconcile to settle.
-                if e.last.status.is_some() && e.gave_up != GaveUp::Deadline {
+                if e.attempts == 0 || (e.last.status.is_some() && !e.out_of_time()) {
                     self.remove_entry(slot);
                 }
                 Err(e.into())
@@ -227,9 +235,7 @@ impl Pool {
                 Ok(found) if found.done => return Ok(Some(found)),
                 Ok(_) => {}
                 Err(e) if e.last.is_not_found() => return Ok(None),
-                Err(e)
-                    if e.gave_up == GaveUp::Deadline || op_deadline.is_expired(Instant::now()) =>
-                {
+                Err(e) if e.out_of_time() || op_deadline.is_expired(Instant::now()) => {
                     break;
                 }
                 Err(e) => return Err(e.into()),
@@ -253,13 +259,19 @@ impl Pool {
     }
 
     /// Waits for RUNNING, an IP and a passing health check; a VM lost meanwhile is marked so
-    /// (the caller replaces it), one that vanished is forgotten (the caller inserts it again).
+    /// (the caller replaces it), one that vanished is forgotten (the caller inserts it again). A
+    /// VM not ready `boot_timeout` after it was created has failed: it is marked lost with why,
+    /// so it is replaced rather than left booting.
     async fn wait_ready(&self, slot: u32, deadline: Deadline) -> Result<(), PoolError> {
         let name = self.vm_name(slot);
         let api = self.api().await?;
         let mut poll = poll_backoff();
         let call = format!("compute.instances.get {name}");
         let started = Instant::now();
+        let created = self
+            .entry(slot)
+            .map_or_else(SystemTime::now, |e| e.created_at);
+        let boot_ends = created + self.config.boot_timeout;
         let mut last = "not RUNNING yet".to_owned();
         loop {
             // Polls of an instance coming up follow its insert: no budget deposit.
@@ -296,22 +308,45 @@ impl Pool {
                             {
                                 Ok(()) => {
                                     info!(backend.tier = "gcp_vm", vm = %name, %ip, "VM ready.");
-                                    self.update_entry(slot, |e| {
-                                        e.phase = Phase::Ready;
-                                        e.ready_at = Some(SystemTime::now());
-                                        e.last_operation = None;
+                                    self.update(|s| {
+                                        if let Some(e) = s.vms.get_mut(&slot) {
+                                            e.phase = Phase::Ready;
+                                            e.ready_at = Some(SystemTime::now());
+                                            e.last_operation = None;
+                                        }
+                                        s.vm_errors.remove(&slot);
                                     });
                                     return Ok(());
                                 }
-                                Err(error) => last = error,
+                                Err(error) => last = format!("health check failed: {error}"),
                             }
                         }
                         (None, "RUNNING") => last = "RUNNING without an IP yet".into(),
                         (_, status) => last = format!("status {status}"),
                     }
+                    self.update(|s| {
+                        if s.vms.contains_key(&slot) {
+                            s.vm_errors.insert(slot, last.clone());
+                        }
+                    });
                 }
-                Err(e) if e.gave_up == GaveUp::Deadline => {}
+                Err(e) if e.out_of_time() => {}
                 Err(e) => return Err(e.into()),
+            }
+            if SystemTime::now() >= boot_ends {
+                let boot = crate::text::duration(self.config.boot_timeout);
+                warn!(backend.tier = "gcp_vm", vm = %name, %last, "VM not ready within boot_timeout; it has failed.");
+                self.update(|s| {
+                    s.mark_lost(
+                        slot,
+                        format!("failed: not ready {boot} after it was created ({last})"),
+                    )
+                });
+                return Err(PoolError::NotReady {
+                    vm: name,
+                    after: boot,
+                    last,
+                });
             }
             let remaining = deadline.remaining(Instant::now());
             if !remaining.is_zero() {
@@ -434,6 +469,8 @@ impl Pool {
                 if let Err(why) = cleared {
                     return Ok(Deleted::Kept(why));
                 }
+                // On disk before the delete goes out.
+                self.persist().await;
                 let call = format!("compute.instances.delete {name}");
                 match self
                     .retrier

@@ -27,7 +27,6 @@ impl Pool {
             jitter: Jitter::None,
         });
         let mut look_failures = 0u32;
-        let mut quiet_until: Option<Instant> = None;
         let mut woken = false;
         loop {
             // An empty pool nobody asked for has nothing to lose; after the first reconcile
@@ -40,8 +39,9 @@ impl Pool {
             });
             let mut reconcile_now =
                 first || woken || (Instant::now() >= next_reconcile && !idle_empty);
-            if holds && !reconcile_now && quiet_until.is_none_or(|at| Instant::now() >= at) {
-                quiet_until = None;
+            // A Retry-After in force pauses the looks too: it holds for every caller of the API.
+            let held = self.retrier.held_until(Instant::now()).is_some();
+            if holds && !reconcile_now && !held {
                 match self.look().await {
                     Ok(look) => {
                         look_failures = 0;
@@ -53,15 +53,12 @@ impl Pool {
                             });
                         }
                     }
-                    Err((error, retry_after)) => {
+                    Err(error) => {
                         look_failures += 1;
                         if look_failures == 1 {
                             warn!(backend.tier = "gcp_vm", %error, "instances.list failed; trying again next tick.");
                         } else {
                             debug!(backend.tier = "gcp_vm", %error, failures = look_failures, "instances.list failed again.");
-                        }
-                        if let Some(wait) = retry_after {
-                            quiet_until = Some(Instant::now() + wait.min(interval));
                         }
                     }
                 }
@@ -83,7 +80,8 @@ impl Pool {
                     }
                 }
             }
-            let notes: Vec<String> = changes.into_iter().map(|c| c.note).collect();
+            let mut notes: Vec<String> = changes.into_iter().map(|c| c.note).collect();
+            notes.extend(self.expire_boots());
             if !notes.is_empty() {
                 (self.notify)(DriverEvent::Changed {
                     note: notes.join("; "),
@@ -102,9 +100,9 @@ impl Pool {
     /// retries, no budget deposit; bounded by `api_timeout`). Marks every VM listed STOPPING,
     /// TERMINATED, SUSPENDED (...) lost at once; asks for a reconcile when a VM known to exist is
     /// not listed, or is another incarnation. Only slots nobody else works on are looked at.
-    /// Errors come with the server's `Retry-After`, if any.
-    async fn look(self: &Arc<Self>) -> Result<Look, (String, Option<Duration>)> {
-        let api = self.api().await.map_err(|e| (e.to_string(), None))?;
+    /// An error's `Retry-After` holds every caller of the API (see `retry.rs`).
+    async fn look(self: &Arc<Self>) -> Result<Look, String> {
+        let api = self.api().await.map_err(|e| e.to_string())?;
         let slots: Vec<u32> = self.read(|s| {
             s.vms
                 .values()
@@ -122,16 +120,24 @@ impl Pool {
             return Ok(Look::default());
         }
         let pool = self.config.pool.as_str();
+        const CALL: &str = "compute.instances.list";
         let listed = match with_deadline(
             self.config.api_timeout,
-            "compute.instances.list",
+            CALL,
             api.list_by_label(POOL_LABEL, pool),
         )
         .await
         {
-            Ok(Ok(listed)) => listed,
-            Ok(Err(e)) => return Err((format!("compute.instances.list: {e}"), e.retry_after)),
-            Err(e) => return Err((format!("compute.instances.list: {e}"), None)),
+            Ok(Ok(listed)) => {
+                self.retrier.note_success();
+                listed
+            }
+            Ok(Err(e)) => {
+                self.retrier.note_error(CALL, &e);
+                self.retrier.hold_for(CALL, &e);
+                return Err(format!("{CALL}: {e}"));
+            }
+            Err(e) => return Err(format!("{CALL}: {e}")),
         };
         let look = self.update(|s| {
             let mut look = Look::default();
@@ -210,19 +216,59 @@ impl Pool {
                     (Phase::Booting | Phase::Unhealthy, Ok(())) => {
                         entry.phase = Phase::Ready;
                         entry.ready_at = Some(now);
+                        s.vm_errors.remove(slot);
                         changes.push(HealthChange::note(format!("{name} ready ({ip})")));
                     }
                     (Phase::Ready, Err(error)) => {
                         entry.phase = Phase::Unhealthy;
+                        let error = format!("health check failed: {error}");
                         changes.push(HealthChange {
-                            note: format!("{name} failed its health check: {error}"),
+                            note: format!("{name} {error}"),
                             failed: true,
                         });
+                        s.vm_errors.insert(*slot, error);
+                    }
+                    (_, Err(error)) => {
+                        s.vm_errors
+                            .insert(*slot, format!("health check failed: {error}"));
                     }
                     _ => {}
                 }
             }
             changes
+        })
+    }
+
+    /// Marks failed every booting VM that nobody works on and that is not ready `boot_timeout`
+    /// after it was created, with what it lacked; the schedule then replaces or deletes it.
+    pub(super) fn expire_boots(&self) -> Vec<String> {
+        let now = SystemTime::now();
+        let boot = self.config.boot_timeout;
+        self.update(|s| {
+            let expired: Vec<u32> = s
+                .vms
+                .values()
+                .filter(|vm| vm.phase == Phase::Booting)
+                .filter(|vm| !s.busy.contains(&vm.slot) && !s.claimed.contains_key(&vm.slot))
+                .filter(|vm| now.duration_since(vm.created_at).is_ok_and(|t| t >= boot))
+                .map(|vm| vm.slot)
+                .collect();
+            let mut notes = Vec::new();
+            for slot in expired {
+                let last = s.vm_errors.get(&slot).cloned().unwrap_or_else(|| {
+                    let status = s.vms.get(&slot).and_then(|vm| vm.gce_status.clone());
+                    format!("status {}", status.as_deref().unwrap_or("unknown"))
+                });
+                let reason = format!(
+                    "failed: not ready {} after it was created ({last})",
+                    crate::text::duration(boot)
+                );
+                if let Some(note) = s.mark_lost(slot, reason) {
+                    warn!(backend.tier = "gcp_vm", %note, "VM not ready within boot_timeout.");
+                    notes.push(note);
+                }
+            }
+            notes
         })
     }
 }
