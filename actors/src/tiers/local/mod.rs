@@ -420,9 +420,8 @@ impl Driver for LocalDriver {
             });
         }
         plan.push(format!(
-            "start `{} {}`",
-            self.config.command,
-            self.config.args.join(" ")
+            "start `{}`",
+            crate::secrets::command_line(&self.config.command, &self.config.args)
         ));
         plan.push(format!("wait for {} to answer 2xx", self.health_url));
         let report = RestartReport {
