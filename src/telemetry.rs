@@ -195,8 +195,13 @@ pub fn init(format: LogFormat, config: &config::Telemetry) -> Telemetry {
         warn!("{problem}");
     }
     if let Some(export) = export.filter(|_| exporting) {
+        // Scheme and host only: an endpoint can carry `user:password@`.
+        let endpoint = export.endpoint.as_deref().map_or_else(
+            || "(from OTEL_EXPORTER_OTLP_ENDPOINT)".to_owned(),
+            cascade_actors::secrets::url_for_logs,
+        );
         info!(
-            endpoint = export.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_ENDPOINT)"),
+            endpoint,
             protocol = ?export.protocol,
             "OpenTelemetry export is on."
         );

@@ -664,3 +664,119 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit() {
     assert_eq!(fields[3], fields[4], "soft limit not raised: {line}");
     assert_ne!(fields[3], "200", "{line}");
 }
+
+// === secrets ===
+
+/// Secrets in every place a configuration can hold them; none may reach any
+/// output cascade produces.
+#[tokio::test]
+async fn no_secret_reaches_any_output() {
+    let secrets = [
+        "leak-env-1",
+        "leak-url-1",
+        "leak-arg-1",
+        "leak-hook-1",
+        "leak-hdr-1",
+        "leak-otlp-1",
+        "leak-envhdr-1",
+        "leak-reload-1",
+    ];
+    let script = format!(
+        "API_TOKEN=leak-arg-1 exec '{}' demo-backend --port {{port}}",
+        crate::support::BIN
+    );
+    let setup = Setup {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), script],
+        env: vec![
+            ("CASCADE_LOG".into(), "debug".into()),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS".into(),
+                "x-api-key=leak-envhdr-1".into(),
+            ),
+        ],
+        ..Setup::default()
+    }
+    .local("env = { API_KEY = \"leak-env-1\", DATABASE_URL = \"postgres://app:leak-url-1@db/x\" }")
+    .extra(
+        "[[tiers.docker.containers]]\n\
+         name = \"svc\"\n\
+         image = \"cascade-unused:1\"\n\
+         env = { HF_TOKEN = \"leak-env-1\" }\n\
+         command = [\"--api-key=leak-arg-1\"]\n\
+         [tiers.docker.webhook]\n\
+         url = \"https://hooks.example/services/leak-hook-1\"\n\
+         [telemetry]\n\
+         otlp_endpoint = \"http://user:leak-otlp-1@127.0.0.1:9\"\n\
+         export_timeout = \"200ms\"\n\
+         secret_headers = { authorization = \"Bearer leak-hdr-1\" }\n",
+    );
+    let cascade = Cascade::start_ready(setup).await;
+    let token = cascade.token();
+    let mut outputs: Vec<(String, String)> = Vec::new();
+
+    for path in ["/status", "/metrics", "/", "/readyz", "/healthz"] {
+        let (_, body) = cascade.get(path).await;
+        outputs.push((format!("GET {path}"), body));
+    }
+    let mut events = crate::support::http_client()
+        .get(cascade.url("/events"))
+        .send()
+        .await
+        .expect("GET /events");
+    let first = tokio::time::timeout(SHORT, events.chunk())
+        .await
+        .expect("an event in time")
+        .expect("a chunk")
+        .expect("not the end");
+    outputs.push(("GET /events".into(), String::from_utf8_lossy(&first).into()));
+    let state = cascade.state_dir_str();
+    let config = cascade.config_path.to_str().expect("UTF-8");
+    for args in [
+        vec!["check-config", "--config", config],
+        vec!["restart", "local", "--dry-run", "--state-dir", state],
+        vec!["status", "--json", "--state-dir", state],
+    ] {
+        let out = cli(&args, &[]).await;
+        outputs.push((args.join(" "), out.describe()));
+    }
+    // A reload refused for a mistyped secret logs the problem.
+    cascade.edit_config(|text| {
+        text.replace(
+            "secret_headers = { authorization = \"Bearer leak-hdr-1\" }",
+            "secret_headers = \"Bearer leak-reload-1\"",
+        )
+    });
+    cascade.signal(Signal::Hup);
+    wait_for(SHORT, "the refused reload in the log", async || {
+        if cascade.logs().contains("reload refused") {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    })
+    .await;
+    // Export to the dead collector has had time to fail and be logged.
+    wait_for(SHORT, "an export failure in the log", async || {
+        let (_, metrics) = cascade.get("/metrics").await;
+        if metrics.contains("cascade_telemetry_export_failures_total") {
+            Ok(())
+        } else {
+            Err("no failure counted yet".to_owned())
+        }
+    })
+    .await;
+    outputs.push(("cascade's log (debug)".into(), cascade.logs()));
+
+    for (what, text) in &outputs {
+        for secret in secrets.iter().copied().chain([token.as_str()]) {
+            if let Some(at) = text.find(secret) {
+                let from = at.saturating_sub(200);
+                panic!(
+                    "{secret} leaked into {what}: …{}…",
+                    &text[from..(at + secret.len() + 50).min(text.len())]
+                );
+            }
+        }
+    }
+}
