@@ -232,8 +232,20 @@ pub(super) enum Readiness {
     /// A deploy in progress: traffic still goes to the serving revision, so
     /// the health check decides.
     Pending(String),
+    /// The Admin API refused the question for good (HTTP 400, 401, 403 or 404: a wrong project,
+    /// region or service, or credentials without access): a configuration error, reported as a
+    /// failed check rather than ignored.
+    Misconfigured(String),
     /// No answer yet, or no Ready condition in it.
     Unknown,
+}
+
+/// Why `services.get` gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct AdminError {
+    pub message: String,
+    /// Asking again will not help until the configuration or the credentials change.
+    pub permanent: bool,
 }
 
 impl Readiness {
@@ -243,6 +255,7 @@ impl Readiness {
             Readiness::Failed(message) => format!("false: {message}"),
             Readiness::Pending(message) if message.is_empty() => "reconciling".into(),
             Readiness::Pending(message) => format!("reconciling: {message}"),
+            Readiness::Misconfigured(message) => format!("check failed: {message}"),
             Readiness::Unknown => "unknown".into(),
         }
     }
@@ -298,25 +311,61 @@ impl AdminApi {
         }
     }
 
-    /// Asks for the service within `timeout` (building the client included).
-    pub(super) async fn readiness(&self, timeout: Duration) -> Result<Readiness, String> {
+    /// Asks for the service within `timeout` (building the client included). A refusal for
+    /// good comes back as [`Readiness::Misconfigured`], saying what to check.
+    pub(super) async fn readiness(&self, timeout: Duration) -> Result<Readiness, AdminError> {
+        let transient = |message: String| AdminError {
+            message,
+            permanent: false,
+        };
         let ask = async {
-            let client = self.client().await?;
+            let client = self.client().await.map_err(transient)?;
             client
                 .get_service()
                 .set_name(&self.name)
                 .send()
                 .await
-                .map_err(|e| redact(&format!("services.get {}: {e}", self.name)))
+                .map_err(|e| self.refusal(&e))
         };
         match with_deadline(timeout, "services.get", ask).await {
             Ok(Ok(service)) => Ok(readiness_of(&service)),
+            Ok(Err(error)) if error.permanent => Ok(Readiness::Misconfigured(error.message)),
             Ok(Err(error)) => Err(error),
-            Err(_) => Err(format!(
+            Err(_) => Err(transient(format!(
                 "services.get {} did not answer within {}",
                 self.name,
                 crate::text::duration(timeout)
-            )),
+            ))),
+        }
+    }
+
+    /// A failed `services.get` as text (short, credential-free), and whether it is for good.
+    fn refusal(&self, error: &google_cloud_gax::error::Error) -> AdminError {
+        let status = error.http_status_code();
+        let hint = match status {
+            Some(404) => Some("check tiers.cloud_run.admin: project, region and service"),
+            Some(403) => Some(
+                "the credentials may not read the service: grant run.services.get, e.g. roles/run.viewer",
+            ),
+            Some(401) => Some("the Admin API refused the credentials"),
+            Some(400) => Some("check tiers.cloud_run.admin"),
+            _ => None,
+        };
+        let mut message = match status {
+            Some(status) => format!("services.get {}: HTTP {status}: {error}", self.name),
+            None => format!("services.get {}: {error}", self.name),
+        };
+        if message.chars().count() > EXCERPT_CHARS * 2 {
+            message = message.chars().take(EXCERPT_CHARS * 2).collect();
+            message.push('…');
+        }
+        let mut message = redact(&message);
+        if let Some(hint) = hint {
+            message.push_str(&format!(" ({hint})"));
+        }
+        AdminError {
+            message,
+            permanent: hint.is_some(),
         }
     }
 

@@ -400,13 +400,16 @@ impl CloudRunDriver {
             .map_or(Duration::ZERO, |a| a.interval);
         let now = Instant::now();
         let last = self.admin_view();
-        // A failed service is asked about every probe, so its recovery
-        // shows at once; any other answer (or a failure to get one) stands
-        // for `interval`.
+        // A failed service (or a refused question) is asked about every
+        // probe, so its recovery shows at once; any other answer (or a
+        // failure to get one) stands for `interval`.
         if let Some(view) = &last
             && !force
             && !view.stale
-            && !matches!(view.readiness, Readiness::Failed(_))
+            && !matches!(
+                view.readiness,
+                Readiness::Failed(_) | Readiness::Misconfigured(_)
+            )
             && now.duration_since(view.checked) < interval
         {
             return (Some(view.readiness.clone()), false);
@@ -417,14 +420,37 @@ impl CloudRunDriver {
         let (readiness, error) = match admin.readiness(timeout).await {
             Ok(readiness) => {
                 if last.as_ref().map(|v| &v.readiness) != Some(&readiness) {
-                    info!(backend.tier = "cloud_run", ready = %readiness.describe(), "Admin API answered.");
+                    match &readiness {
+                        Readiness::Misconfigured(error) => {
+                            warn!(backend.tier = "cloud_run", %error, "Admin API check failed: a configuration error.");
+                        }
+                        _ => {
+                            info!(backend.tier = "cloud_run", ready = %readiness.describe(), "Admin API answered.");
+                        }
+                    }
                 }
                 (readiness, None)
             }
-            Err(error) => {
-                warn!(backend.tier = "cloud_run", %error, "Admin API check failed; keeping its last answer.");
-                let readiness = last.map_or(Readiness::Unknown, |v| v.readiness);
-                (readiness, Some(error))
+            Err(failed) => {
+                let error = failed.message;
+                // Said once per new error, not every interval.
+                let repeated = last.as_ref().and_then(|v| v.error.as_ref()) == Some(&error);
+                let known = last
+                    .as_ref()
+                    .map(|v| v.readiness.clone())
+                    .filter(|r| !matches!(r, Readiness::Unknown | Readiness::Misconfigured(_)));
+                match (&known, repeated) {
+                    (_, true) => {
+                        tracing::debug!(backend.tier = "cloud_run", %error, "Admin API check failed again.")
+                    }
+                    (Some(_), false) => {
+                        warn!(backend.tier = "cloud_run", %error, "Admin API check failed; keeping its last answer.")
+                    }
+                    (None, false) => {
+                        warn!(backend.tier = "cloud_run", %error, "Admin API check failed; no answer yet, the health check decides.")
+                    }
+                }
+                (known.unwrap_or(Readiness::Unknown), Some(error))
             }
         };
         if let Ok(mut view) = self.admin_view.lock() {
@@ -499,6 +525,13 @@ fn classify(
                 error: format!("health check {url} answered HTTP {status}{excerpt}"),
                 retry_after: asked.min(cap),
             },
+            // The request reached Cloud Run and it said "unavailable" (no instance can serve, a
+            // revision that failed to start, or the service's own verdict): a definitive answer,
+            // not a flaky network, so the tier stops serving at once instead of after the
+            // breaker's threshold of probes.
+            None if status == 503 => ProbeOutcome::Gone {
+                reason: format!("health check {url} answered HTTP 503{excerpt}"),
+            },
             None => ProbeOutcome::Down {
                 error: format!("health check {url} answered HTTP {status}{excerpt}"),
             },
@@ -550,8 +583,10 @@ impl Driver for CloudRunDriver {
         let deadline = Deadline::after(now, budget);
 
         let (readiness, admin_asked) = self.check_admin(deadline, false).await;
-        if let Some(Readiness::Failed(message)) = readiness {
-            return not_ready(&message);
+        match readiness {
+            Some(Readiness::Failed(message)) => return not_ready(&message),
+            Some(Readiness::Misconfigured(message)) => return admin_refused(&message),
+            _ => {}
         }
 
         let bearer = match &self.tokens {
@@ -597,10 +632,14 @@ impl Driver for CloudRunDriver {
                 {
                     view.stale = true;
                 }
-            } else if let (Some(Readiness::Failed(message)), _) =
-                self.check_admin(deadline, true).await
-            {
-                return not_ready(&message);
+            } else {
+                match self.check_admin(deadline, true).await {
+                    (Some(Readiness::Failed(message)), _) => return not_ready(&message),
+                    (Some(Readiness::Misconfigured(message)), _) => {
+                        return admin_refused(&message);
+                    }
+                    _ => {}
+                }
             }
         }
         outcome
@@ -690,5 +729,13 @@ impl Driver for CloudRunDriver {
 fn not_ready(message: &str) -> ProbeOutcome {
     ProbeOutcome::Unavailable {
         reason: format!("Cloud Run reports the service not ready: {message}"),
+    }
+}
+
+/// The Admin API refused for good: the check cannot pass until the configuration (or the
+/// credentials' access) changes, so the tier waits for an operator.
+fn admin_refused(message: &str) -> ProbeOutcome {
+    ProbeOutcome::Unavailable {
+        reason: format!("Cloud Run Admin API check failed: {message}"),
     }
 }

@@ -167,8 +167,15 @@ fn answers_map_to_outcomes() {
         }
         other => panic!("expected Throttled, got {other:?}"),
     }
+    // Cloud Run's 503 is a definitive answer: not serving now, without waiting for the breaker.
+    match classify(&url, answer(503, None), true, cap) {
+        ProbeOutcome::Gone { reason } => {
+            assert!(reason.contains("answered HTTP 503: busy"), "{reason}")
+        }
+        other => panic!("expected Gone, got {other:?}"),
+    }
     assert!(matches!(
-        classify(&url, answer(503, None), true, cap),
+        classify(&url, answer(429, None), true, cap),
         ProbeOutcome::Down { .. }
     ));
     assert!(matches!(
@@ -839,9 +846,48 @@ async fn a_503_or_429_with_retry_after_is_throttled() {
         status: 503,
         retry_after: None,
     }));
-    assert!(matches!(driver.probe().await, ProbeOutcome::Down { .. }));
+    assert!(matches!(driver.probe().await, ProbeOutcome::Gone { .. }));
     fake.set_service_fault(None);
     expect_up(&driver.probe().await);
+}
+
+/// A 404 or 403 from the Admin API is a configuration error: a failed check, in the status,
+/// not a silently disabled one.
+#[tokio::test]
+async fn an_admin_api_that_does_not_know_the_service_fails_the_check() {
+    let fake = fake().await;
+    let mut config = admin_config(&fake);
+    if let Some(admin) = config.admin.as_mut() {
+        admin.service = "no-such-service".into();
+    }
+    let driver = driver(config, metadata_env(&fake)).await;
+    let reason = match driver.probe().await {
+        ProbeOutcome::Unavailable { reason } => reason,
+        other => panic!("a refused Admin check must fail the tier, got {other:?}"),
+    };
+    assert!(
+        reason.starts_with("Cloud Run Admin API check failed: services.get projects/"),
+        "{reason}"
+    );
+    assert!(reason.contains("no-such-service"), "{reason}");
+    assert!(reason.contains("404"), "{reason}");
+    assert!(
+        reason.contains("check tiers.cloud_run.admin: project, region and service"),
+        "{reason}"
+    );
+    let details = driver.details();
+    assert!(
+        details["admin_ready"].starts_with("check failed: "),
+        "{details:?}"
+    );
+    // Asked again at every probe, so a fix shows at once.
+    let asked = fake.admin_requests();
+    assert!(matches!(
+        driver.probe().await,
+        ProbeOutcome::Unavailable { .. }
+    ));
+    assert_eq!(fake.admin_requests(), asked + 1);
+    assert_no_token(&fake, &reason);
 }
 
 fn admin_config(fake: &FakeGcp) -> CloudRunConfig {
