@@ -314,3 +314,38 @@ async fn requests_survive_the_docker_tier_dying_under_load() {
     assert_eq!(last["from"], "docker", "{status}");
     assert_eq!(last["to"], "local", "{status}");
 }
+
+#[tokio::test]
+async fn sighup_applies_router_settings_and_names_those_that_need_a_restart() {
+    let cascade = Cascade::start_ready(Setup::default()).await;
+    let router = cascade.router_addr().await;
+    let http = client();
+    let embed = async || {
+        http.post(format!("http://{router}/embed"))
+            .body(wav())
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(embed().await, Ok(200));
+    cascade.edit_config(|text| {
+        format!(
+            "{text}\n[router]\nenabled = false\nmax_body = \"1 KiB\"\nmax_replay_body = \"1 KiB\"\n"
+        )
+    });
+    cascade.signal(Signal::Hup);
+    wait_for(SHORT, "the new max_body to apply", async || {
+        match embed().await {
+            Ok(413) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let logs = cascade.logs();
+    assert!(
+        logs.contains("router.enabled changed: needs a restart"),
+        "{}",
+        cascade.log_tail()
+    );
+}

@@ -1,0 +1,691 @@
+//! The router's benchmark: what routing through cascade costs, side by side
+//! with nginx on the same demo backend, and what a failover under load
+//! costs the clients. Prints numbers; asserts nothing.
+//!
+//! `cargo bench --bench router` (root: installs nginx and wrk with apt-get
+//! when they are missing; otherwise install them first). Parts:
+//! - overhead: wrk's requests/s and p50/p99 for `GET /health` and
+//!   `POST /embed` (1 s of 16 kHz audio), direct, through cascade, through
+//!   nginx (upstream keepalive); then a fixed 1,000 req/s (an open-loop
+//!   client that measures from each request's scheduled time, as wrk2 does)
+//!   with p50/p99, and cascade's CPU and RSS meanwhile;
+//! - failover: 200 req/s of `POST /embed` for 20 s, docker tier first and
+//!   local second, the container killed at 5 s: non-2xx and the p99 of the
+//!   failover second, through cascade and through nginx (`backup` upstream,
+//!   `proxy_next_upstream error timeout http_502 http_503 non_idempotent`).
+//!   Needs the Docker engine; skipped (with a note) without it.
+//!
+//! On a 2-core machine the load generator, the backend, cascade and nginx
+//! share the CPU: every throughput figure is printed with that caveat.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CASCADE: &str = env!("CARGO_BIN_EXE_cascade");
+const SHARED: &str = "(load generator, backend and proxy share this machine's CPU)";
+const IMAGE: &str = "cascade-demo:bench-router";
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(run());
+}
+
+/// A child process killed (with its group) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// nginx and wrk, installed from Debian when missing.
+fn tools() -> Result<(), String> {
+    let missing: Vec<&str> = [("nginx", "nginx-light"), ("wrk", "wrk")]
+        .into_iter()
+        .filter(|(tool, _)| !have(tool))
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing {} with apt-get", missing.join(", "));
+    let ok = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {} >/dev/null",
+                missing.join(" ")
+            ),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok && have("nginx") && have("wrk") {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot install {}: install them (apt-get install nginx-light wrk) and run again",
+            missing.join(" ")
+        ))
+    }
+}
+
+/// One second of 16 kHz mono 16-bit PCM as a WAV file.
+fn wav() -> Vec<u8> {
+    let samples: Vec<i16> = (0..16_000)
+        .map(|i| ((i * 37) % 2000) as i16 - 1000)
+        .collect();
+    let data_len = (samples.len() * 2) as u32;
+    let mut out = Vec::new();
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data_len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    for v in [1u16, 1] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [16_000u32, 32_000] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [2u16, 16] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out
+}
+
+async fn wait_ok(url: &str, within: Duration) -> Result<(), String> {
+    let http = client();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(r) = http.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{url} did not answer 200 within {within:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("a client")
+}
+
+// === cascade and nginx ===
+
+fn start_cascade(dir: &Path, router: u16, extra: &str) -> Proc {
+    let config = dir.join("cascade.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[general]\nstate_dir = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n\
+             [router]\nlisten = \"127.0.0.1:{router}\"\n{extra}",
+            dir.join("state").display()
+        ),
+    )
+    .expect("write the config");
+    let log = std::fs::File::create(dir.join("cascade.log")).expect("a log file");
+    Proc(
+        Command::new(CASCADE)
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--log-format", "json"])
+            .env("CASCADE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start cascade"),
+    )
+}
+
+fn start_nginx(dir: &Path, port: u16, upstream: &str, failover: bool) -> Proc {
+    let prefix = dir.join(format!("nginx-{port}"));
+    std::fs::create_dir_all(prefix.join("logs")).expect("nginx dir");
+    let user = if nix_is_root() { "user root;" } else { "" };
+    let next = if failover {
+        "proxy_next_upstream error timeout http_502 http_503 non_idempotent;"
+    } else {
+        ""
+    };
+    let conf = format!(
+        "{user}\nworker_processes 2;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {p}/body;\n proxy_temp_path {p}/proxy;\n\
+          fastcgi_temp_path {p}/fastcgi;\n uwsgi_temp_path {p}/uwsgi;\n scgi_temp_path {p}/scgi;\n\
+          client_max_body_size 64m;\n client_body_buffer_size 1m;\n\
+          upstream backend {{ {upstream} keepalive 256; }}\n\
+          server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   proxy_pass http://backend;\n\
+           proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n   proxy_connect_timeout 2s;\n   {next}\n  }}\n }}\n}}\n",
+        p = prefix.display()
+    );
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    Proc(
+        Command::new("nginx")
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx"),
+    )
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// User and system CPU time of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let read = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (read("VmRSS:"), read("VmHWM:"))
+}
+
+// === wrk ===
+
+struct WrkResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: String,
+}
+
+fn wrk(url: &str, lua: Option<&Path>) -> WrkResult {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", "-c32", "-d5s", "--latency"]);
+    if let Some(script) = lua {
+        cmd.arg("-s").arg(script);
+    }
+    let out = cmd.arg(url).output().expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let number = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .and_then(|l| l.trim_start()[prefix.len()..].split_whitespace().next())
+            .and_then(parse_duration_ms)
+    };
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let errors = text
+        .lines()
+        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    WrkResult {
+        rps,
+        p50_ms: number("50%").unwrap_or(f64::NAN),
+        p99_ms: number("99%").unwrap_or(f64::NAN),
+        errors,
+    }
+}
+
+/// `1.23ms`, `456.00us`, `1.01s` → milliseconds.
+fn parse_duration_ms(text: &str) -> Option<f64> {
+    let (number, factor) = if let Some(v) = text.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = text.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = text.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * factor)
+}
+
+// === the open-loop client ===
+
+#[derive(Clone)]
+enum Kind {
+    Health,
+    Embed(Arc<Vec<u8>>),
+}
+
+/// One request's (scheduled offset, latency from its scheduled time, 2xx?).
+type Sample = (Duration, Duration, bool);
+
+/// Sends `rate` requests a second for `length`, each at its scheduled time
+/// whatever happened to the others, and measures from that time.
+async fn fixed_rate(base: &str, kind: Kind, rate: u32, length: Duration) -> Vec<Sample> {
+    let http = client();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let total = (length.as_secs_f64() * f64::from(rate)) as u32;
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let at = start + interval * i;
+        tokio::time::sleep_until(at).await;
+        let (http, kind, base) = (http.clone(), kind.clone(), base.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let request = match kind {
+                Kind::Health => http.get(format!("{base}/health")),
+                Kind::Embed(body) => http.post(format!("{base}/embed")).body(body.to_vec()),
+            };
+            let ok = match request.send().await {
+                Ok(r) => {
+                    let ok = r.status().is_success();
+                    let _ = r.bytes().await;
+                    ok
+                }
+                Err(_) => false,
+            };
+            (at - start, at.elapsed(), ok)
+        }));
+    }
+    let mut samples = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        if let Ok(sample) = task.await {
+            samples.push(sample);
+        }
+    }
+    samples
+}
+
+fn percentile(latencies: &mut [Duration], p: f64) -> f64 {
+    if latencies.is_empty() {
+        return f64::NAN;
+    }
+    latencies.sort();
+    let rank = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len());
+    latencies[rank - 1].as_secs_f64() * 1000.0
+}
+
+fn summary(samples: &[Sample]) -> (f64, f64, usize) {
+    let mut latencies: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+    let failed = samples.iter().filter(|s| !s.2).count();
+    (
+        percentile(&mut latencies, 0.50),
+        percentile(&mut latencies, 0.99),
+        failed,
+    )
+}
+
+// === the run ===
+
+async fn run() {
+    if let Err(e) = tools() {
+        eprintln!("router bench: {e}");
+        std::process::exit(1);
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("cascade-bench-router-")
+        .tempdir()
+        .expect("a temp dir");
+    let body = Arc::new(wav());
+    let wav_path = dir.path().join("speech.wav");
+    std::fs::write(&wav_path, body.as_slice()).expect("write the wav");
+    let lua = dir.path().join("embed.lua");
+    std::fs::write(
+        &lua,
+        format!(
+            "wrk.method = \"POST\"\nlocal f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*all\")\nf:close()\n\
+             wrk.headers[\"Content-Type\"] = \"audio/wav\"\n",
+            wav_path.display()
+        ),
+    )
+    .expect("write the wrk script");
+
+    println!("# cascade router benchmark");
+    println!(
+        "# {} cores; {SHARED}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    overhead(dir.path(), &body, &lua).await;
+    failover(dir.path(), &body).await;
+}
+
+async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
+    let backend = free_port();
+    let router = free_port();
+    let nginx_port = free_port();
+    let cascade_dir = dir.join("overhead");
+    std::fs::create_dir_all(&cascade_dir).expect("dir");
+    let cascade = start_cascade(
+        &cascade_dir,
+        router,
+        &format!("[tiers.local]\nport = {backend}\n"),
+    );
+    let direct = format!("http://127.0.0.1:{backend}");
+    let through_cascade = format!("http://127.0.0.1:{router}");
+    let through_nginx = format!("http://127.0.0.1:{nginx_port}");
+    if let Err(e) = wait_ok(
+        &format!("{through_cascade}/health"),
+        Duration::from_secs(60),
+    )
+    .await
+    {
+        eprintln!(
+            "router bench: {e}; cascade's log is in {}",
+            cascade_dir.display()
+        );
+        std::process::exit(1);
+    }
+    let _nginx = start_nginx(
+        dir,
+        nginx_port,
+        &format!("server 127.0.0.1:{backend};"),
+        false,
+    );
+    if let Err(e) = wait_ok(&format!("{through_nginx}/health"), Duration::from_secs(10)).await {
+        eprintln!("router bench: nginx: {e}");
+        std::process::exit(1);
+    }
+    let targets = [
+        ("direct", direct.as_str()),
+        ("cascade", through_cascade.as_str()),
+        ("nginx", through_nginx.as_str()),
+    ];
+
+    println!("\n## overhead: wrk -t2 -c32 -d5s, max throughput {SHARED}");
+    println!(
+        "{:<14} {:<8} {:>10} {:>9} {:>9}  errors",
+        "request", "via", "req/s", "p50 ms", "p99 ms"
+    );
+    for (name, script) in [("GET /health", None), ("POST /embed", Some(lua))] {
+        let mut rps = std::collections::BTreeMap::new();
+        for (via, base) in targets {
+            let path = if script.is_some() {
+                "/embed"
+            } else {
+                "/health"
+            };
+            let r = wrk(&format!("{base}{path}"), script);
+            println!(
+                "{name:<14} {via:<8} {:>10.0} {:>9.3} {:>9.3}  {}",
+                r.rps, r.p50_ms, r.p99_ms, r.errors
+            );
+            rps.insert(via, r.rps);
+        }
+        println!(
+            "{name:<14} cascade/nginx throughput: {:.2} (target ≥ 0.90)",
+            rps["cascade"] / rps["nginx"]
+        );
+    }
+
+    println!(
+        "\n## overhead at a fixed 1000 req/s for 5 s (open loop, latency from the scheduled time)"
+    );
+    println!(
+        "{:<14} {:<8} {:>9} {:>9} {:>7}",
+        "request", "via", "p50 ms", "p99 ms", "failed"
+    );
+    let pid = cascade.0.id();
+    for (name, kind) in [
+        ("GET /health", Kind::Health),
+        ("POST /embed", Kind::Embed(body.clone())),
+    ] {
+        let mut p99 = std::collections::BTreeMap::new();
+        for (via, base) in targets {
+            let before = (cpu_ticks(pid), Instant::now());
+            let samples = fixed_rate(base, kind.clone(), 1000, Duration::from_secs(5)).await;
+            let (p50, p, failed) = summary(&samples);
+            println!("{name:<14} {via:<8} {p50:>9.3} {p:>9.3} {failed:>7}");
+            p99.insert(via, p);
+            if via == "cascade" {
+                let ticks = cpu_ticks(pid).saturating_sub(before.0) as f64;
+                let hz = 100.0;
+                let cpu = ticks / hz / before.1.elapsed().as_secs_f64() * 100.0;
+                let (rss, peak) = rss_kib(pid);
+                println!(
+                    "{name:<14} cascade at 1000 req/s: CPU {cpu:.0} % of one core, RSS {:.1} MiB (peak {:.1} MiB)",
+                    rss as f64 / 1024.0,
+                    peak as f64 / 1024.0
+                );
+            }
+        }
+        println!(
+            "{name:<14} cascade p99 − direct p99: {:.3} ms (target < 1 ms); nginx p99 − direct p99: {:.3} ms",
+            p99["cascade"] - p99["direct"],
+            p99["nginx"] - p99["direct"]
+        );
+    }
+    drop(cascade);
+}
+
+fn docker(args: &[&str]) -> Result<String, String> {
+    cascade_demo::image::docker_cli(args)
+}
+
+async fn failover(dir: &Path, body: &Arc<Vec<u8>>) {
+    println!(
+        "\n## failover under load: 200 req/s of POST /embed for 20 s, the docker container killed at 5 s"
+    );
+    if docker(&["version", "--format", "{{.Server.Version}}"]).is_err() {
+        println!("skipped: no Docker engine");
+        return;
+    }
+    if let Err(e) = cascade_demo::image::build(IMAGE) {
+        println!("skipped: cannot build the demo image: {e}");
+        return;
+    }
+    println!(
+        "{:<8} {:>8} {:>8} {:>22}  note",
+        "via", "requests", "non-2xx", "p99 of the 5–6 s second"
+    );
+
+    // cascade: docker first, local second (started by the failover).
+    let name = format!("cascade-bench-router-{}", std::process::id());
+    let tag = format!("{IMAGE}-{}", std::process::id());
+    let _ = docker(&["tag", IMAGE, &tag]);
+    let router = free_port();
+    let cascade_dir = dir.join("failover");
+    std::fs::create_dir_all(&cascade_dir).expect("dir");
+    let cascade = start_cascade(
+        &cascade_dir,
+        router,
+        &format!(
+            "[waterfall]\norder = [\"docker\", \"local\"]\n\
+             [tiers.local]\nport = {}\n\
+             [tiers.docker]\nstart_timeout = \"60s\"\nstop_on_exit = true\n\
+             probe = {{ interval = \"200ms\", timeout = \"1s\" }}\n\
+             autoheal = {{ enabled = false }}\n\
+             [[tiers.docker.containers]]\nname = \"{name}\"\nimage = \"{tag}\"\nports = [\"{}:8080\"]\n",
+            free_port(),
+            free_port()
+        ),
+    );
+    let base = format!("http://127.0.0.1:{router}");
+    let ready = async {
+        let http = client();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Ok(r) = http.get(format!("{base}/health")).send().await
+                && r.headers()
+                    .get("x-cascade-tier")
+                    .is_some_and(|t| t == "docker")
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    if ready.await {
+        let killer = {
+            let (tag, name) = (tag.clone(), name.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let _ = docker(&["rmi", &tag]);
+                let _ = docker(&["rm", "-f", &name]);
+            })
+        };
+        let samples = fixed_rate(
+            &base,
+            Kind::Embed(body.clone()),
+            200,
+            Duration::from_secs(20),
+        )
+        .await;
+        let _ = killer.await;
+        report("cascade", &samples, "local cold-started by the failover");
+    } else {
+        println!(
+            "cascade: docker never served; see {}",
+            cascade_dir.display()
+        );
+    }
+    drop(cascade);
+    let _ = docker(&["rm", "-f", &name]);
+    let _ = docker(&["rmi", &tag]);
+
+    // nginx: the same container as primary, a running demo backend as backup.
+    let primary = free_port();
+    let backup = free_port();
+    let nginx_port = free_port();
+    let container = format!("cascade-bench-router-nginx-{}", std::process::id());
+    let started = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &container,
+        "-p",
+        &format!("127.0.0.1:{primary}:8080"),
+        IMAGE,
+    ]);
+    let _local = Proc(
+        Command::new(CASCADE)
+            .args(["demo-backend", "--port", &backup.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the backup backend"),
+    );
+    let _nginx = start_nginx(
+        dir,
+        nginx_port,
+        &format!(
+            "server 127.0.0.1:{primary} max_fails=1 fail_timeout=10s; server 127.0.0.1:{backup} backup;"
+        ),
+        true,
+    );
+    let base = format!("http://127.0.0.1:{nginx_port}");
+    if started.is_ok()
+        && wait_ok(
+            &format!("http://127.0.0.1:{primary}/health"),
+            Duration::from_secs(30),
+        )
+        .await
+        .is_ok()
+        && wait_ok(
+            &format!("http://127.0.0.1:{backup}/health"),
+            Duration::from_secs(30),
+        )
+        .await
+        .is_ok()
+        && wait_ok(&format!("{base}/health"), Duration::from_secs(10))
+            .await
+            .is_ok()
+    {
+        let killer = {
+            let container = container.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let _ = docker(&["kill", &container]);
+            })
+        };
+        let samples = fixed_rate(
+            &base,
+            Kind::Embed(body.clone()),
+            200,
+            Duration::from_secs(20),
+        )
+        .await;
+        let _ = killer.await;
+        report("nginx", &samples, "backup already running");
+    } else {
+        println!("nginx: the primary, backup or nginx did not come up");
+    }
+    let _ = docker(&["rm", "-f", &container]);
+}
+
+fn report(via: &str, samples: &[Sample], note: &str) {
+    let failed = samples.iter().filter(|s| !s.2).count();
+    let mut second: Vec<Duration> = samples
+        .iter()
+        .filter(|s| s.0 >= Duration::from_secs(5) && s.0 < Duration::from_secs(6))
+        .map(|s| s.1)
+        .collect();
+    println!(
+        "{via:<8} {:>8} {failed:>8} {:>19.1} ms  {note}",
+        samples.len(),
+        percentile(&mut second, 0.99)
+    );
+}
