@@ -453,7 +453,11 @@ pub fn tier_specs(config: &Config) -> Vec<TierSpec> {
         .order
         .iter()
         .filter_map(|tier| match tier {
-            TierId::Local => config.tiers.local.clone().map(local::tier_spec),
+            TierId::Local => config
+                .tiers
+                .local
+                .clone()
+                .map(|local| local::tier_spec(local, &state_dir)),
             TierId::Docker => config.tiers.docker.clone().map(docker::tier_spec),
             TierId::CloudRun => config
                 .tiers

@@ -266,17 +266,15 @@ fn pids() -> Vec<u32> {
         .collect()
 }
 
-/// The processes of group `pgid`: its leader first when it still runs.
+/// The live processes of group `pgid` (zombies hold nothing and only wait
+/// to be reaped): its leader first when it still runs.
 pub(crate) fn group_members(pgid: u32) -> Vec<u32> {
+    let member = |pid: u32| stat(pid).is_some_and(|s| s.pgrp == pgid && !s.is_zombie());
     let mut members: Vec<u32> = Vec::new();
-    if stat(pgid).is_some_and(|s| s.pgrp == pgid) {
+    if member(pgid) {
         members.push(pgid);
     }
-    members.extend(
-        pids()
-            .into_iter()
-            .filter(|&pid| pid != pgid && stat(pid).is_some_and(|s| s.pgrp == pgid)),
-    );
+    members.extend(pids().into_iter().filter(|&pid| pid != pgid && member(pid)));
     members
 }
 
@@ -331,6 +329,12 @@ pub(crate) struct Stat {
     /// Clock ticks after boot when it started: with the pid, what names
     /// one process for good (pids are reused).
     pub starttime: u64,
+}
+
+impl Stat {
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
 }
 
 /// `None` when the process does not exist (or this is not Linux).

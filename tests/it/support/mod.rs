@@ -280,6 +280,8 @@ pub struct Setup {
     /// Options for the shell's `ulimit` before cascade starts (e.g. `-n 160`
     /// for an open-file limit of 160, `-Sn 200` for the soft one only).
     pub ulimit: Option<String>,
+    /// `[tiers.local] port`; a free one when `None`.
+    pub port: Option<u16>,
 }
 
 impl Default for Setup {
@@ -299,6 +301,7 @@ impl Default for Setup {
             waterfall: Vec::new(),
             api: Vec::new(),
             ulimit: None,
+            port: None,
         }
     }
 }
@@ -446,7 +449,7 @@ impl Cascade {
             .tempdir()
             .expect("create a temp dir");
         let state_dir = root.path().join("state");
-        let port = free_port();
+        let port = setup.port.unwrap_or_else(free_port);
         let config_path = root.path().join("cascade.toml");
         fs::write(&config_path, setup.render(&state_dir, port)).expect("write the config file");
         let stderr_path = root.path().join("stderr.log");
