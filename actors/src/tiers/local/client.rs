@@ -533,12 +533,16 @@ pub async fn end_recorded_group(path: PathBuf, grace: Duration) -> Option<String
     let pgid = record.pgid;
     let members = blocking(move || Ok::<_, String>(ports::group_members(pgid)))
         .await
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
     let group = Pid::from_raw(i32::try_from(pgid).ok()?);
     warn!(
         backend.tier = "local",
         pgid,
-        ?members,
+        %members,
         "A process group from an earlier run is still alive; ending it."
     );
     let _ = killpg(group, Signal::SIGTERM);
