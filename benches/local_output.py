@@ -83,6 +83,8 @@ def run_case(binary, name, script, settle):
 state_dir = {json.dumps(state)}
 [api]
 listen = "127.0.0.1:0"
+[router]
+enabled = false
 [waterfall]
 order = ["local"]
 [tiers.local]
