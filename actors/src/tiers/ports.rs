@@ -160,9 +160,13 @@ fn serving(port: u16, pgid: u32) -> Serving {
     if wanted.is_empty() {
         return Serving::Nobody;
     }
-    // The group's own processes first (usually one: the leader, which exec'd
-    // the service), so the common case reads a handful of fds.
-    for pid in group_members(pgid) {
+    // The leader first: as a rule it exec'd the service and holds the
+    // socket, so the common case reads one process's fds and no more.
+    let member = |pid: u32| stat(pid).is_some_and(|s| s.pgrp == pgid && !s.is_zombie());
+    let leader = std::iter::once(pgid).filter(|&pid| member(pid));
+    let others = || pids().into_iter().filter(|&pid| pid != pgid && member(pid));
+    // `flat_map` is lazy: /proc is listed only if the leader is not enough.
+    for pid in leader.chain(std::iter::once(()).flat_map(|()| others())) {
         for inode in fd_inodes(pid) {
             wanted.remove(&inode);
         }

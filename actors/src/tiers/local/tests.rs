@@ -245,13 +245,26 @@ async fn past_the_cap_the_process_is_retried_at_the_ceiling_not_given_up() {
         report.contains("4 failed starts without running 10s (last: exit code 3, exit code 3, exit code 3, exit code 3)"),
         "{report}"
     );
-    running_pid(&driver).await;
-    assert_eq!(
+    let pid = running_pid(&driver).await;
+    // The shell counts itself just after it is spawned.
+    let runs = || {
         std::fs::read_to_string(&count)
-            .expect("count")
-            .lines()
-            .count(),
-        5
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    crate::resilience::poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        "the fifth run",
+        || std::future::ready((runs() >= 5).then_some(())),
+    )
+    .await
+    .expect("a fifth run");
+    assert_eq!(runs(), 5);
+    assert_eq!(
+        running_pid(&driver).await,
+        pid,
+        "the fifth run keeps running"
     );
     driver.stop(StopReason::Exiting).await.expect("stops");
 }
