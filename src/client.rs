@@ -250,6 +250,13 @@ pub fn render_status(status: &Value) -> String {
     if !decision.is_empty() {
         out.push_str(&format!("last decision: {decision}\n"));
     }
+    if let Some(instance) = status.get("instance") {
+        out.push_str(&format!(
+            "instance: {} ({})\n",
+            text(instance, "id"),
+            text(instance, "state_dir")
+        ));
+    }
     out.push('\n');
     let header = [
         "", "TIER", "STATE", "BREAKER", "FAILS", "RESTARTS", "SINCE", "REASON",

@@ -10,15 +10,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cascade_actors::TierId;
 use cascade_actors::supervisor::SupervisorConfig;
 use cascade_actors::tier::TierSpec;
 use cascade_actors::tiers::cloud_run::{self, CloudRunConfig};
-use cascade_actors::tiers::docker::{self, DockerConfig};
+use cascade_actors::tiers::docker::{self, DockerConfig, DockerEnv};
 use cascade_actors::tiers::gcp::GcpEnv;
 use cascade_actors::tiers::gcp_vm::{self, GcpVmConfig};
 use cascade_actors::tiers::local::{self, LocalConfig};
 use cascade_actors::waterfall::WaterfallConfig;
+use cascade_actors::{Instance, TierId};
 use cascade_router::RouterConfig;
 use serde::{Deserialize, Serialize};
 
@@ -445,8 +445,8 @@ fn duration_bounds(config: &Config) -> Vec<(String, String)> {
     out
 }
 
-/// The tiers to run, in waterfall order.
-pub fn tier_specs(config: &Config) -> Vec<TierSpec> {
+/// The tiers to run, in waterfall order, as cascade `instance` runs them.
+pub fn tier_specs(config: &Config, instance: &Instance) -> Vec<TierSpec> {
     let state_dir = state_dir(config);
     config
         .waterfall
@@ -458,7 +458,11 @@ pub fn tier_specs(config: &Config) -> Vec<TierSpec> {
                 .local
                 .clone()
                 .map(|local| local::tier_spec(local, &state_dir)),
-            TierId::Docker => config.tiers.docker.clone().map(docker::tier_spec),
+            TierId::Docker => {
+                config.tiers.docker.clone().map(|docker| {
+                    docker::tier_spec(docker, DockerEnv::from_env(), instance.clone())
+                })
+            }
             TierId::CloudRun => config
                 .tiers
                 .cloud_run
@@ -508,7 +512,8 @@ mod tests {
         let config = load(None, &Overrides::default()).expect("default config loads");
         assert_eq!(config.waterfall.order, vec![TierId::Local]);
         assert!(config.tiers.local.is_some());
-        assert_eq!(tier_specs(&config).len(), 1);
+        let instance = Instance::from_state_dir(&state_dir(&config));
+        assert_eq!(tier_specs(&config, &instance).len(), 1);
     }
 
     #[test]

@@ -245,7 +245,8 @@ fn load(config: &ConfigArg, overrides: &Overrides) -> Option<Config> {
 }
 
 fn restart_timeout(config: &Config) -> Duration {
-    let tiers = config::tier_specs(config);
+    let instance = cascade_actors::Instance::from_state_dir(&config::state_dir(config));
+    let tiers = config::tier_specs(config, &instance);
     tiers
         .iter()
         .map(|s| s.stop_grace + s.start_timeout)

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use cascade_actors::Instance;
 use cascade_actors::routing::{RouteTier, RoutingTable};
 use cascade_actors::supervisor::{self, Exit, RootMsg};
 use cascade_actors::tier::TierSpec;
@@ -86,7 +87,10 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         false => None,
     };
 
-    let specs = config::tier_specs(&config);
+    // Computed once: what this cascade creates on a shared platform is
+    // labelled with it, and only what carries it is stopped or removed.
+    let instance = Instance::from_state_dir(&dir);
+    let specs = config::tier_specs(&config, &instance);
     let restart_timeout = specs
         .iter()
         .map(|s| s.stop_grace + s.start_timeout)
@@ -98,6 +102,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         config.waterfall.clone(),
         config.supervisor.clone(),
         std::sync::Arc::new(cascade_actors::notify::Systemd::from_env()),
+        instance.clone(),
     )
     .await
     .map_err(|e| format!("cannot start the supervisor: {e}"))?;
@@ -160,10 +165,11 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
             api = %addr,
             router = %router.handle().address(),
             state_dir = %dir.display(),
+            %instance,
             "cascade is running."
         ),
         None => {
-            info!(api = %addr, state_dir = %dir.display(), "cascade is running (router disabled).")
+            info!(api = %addr, state_dir = %dir.display(), %instance, "cascade is running (router disabled).")
         }
     }
 
@@ -173,11 +179,13 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         tokio::select! {
             _ = interrupt.recv() => break None,
             _ = terminate.recv() => break None,
-            _ = hangup.recv() => reload(&running.root, router.as_ref(), &source, &mut current).await,
+            _ = hangup.recv() => {
+                reload(&running.root, router.as_ref(), &source, &instance, &mut current).await
+            }
             exit = &mut running.exit => break Some(exit.unwrap_or(Exit::Shutdown)),
         }
     };
-    let shutdown_budget = stop_budget(&config::tier_specs(&current));
+    let shutdown_budget = stop_budget(&config::tier_specs(&current, &instance));
     let exit = match exit {
         Some(exit) => exit,
         None => {
@@ -300,6 +308,7 @@ async fn reload(
     root: &ActorRef<RootMsg>,
     router: Option<&Router>,
     source: &Source,
+    instance: &Instance,
     current: &mut Config,
 ) {
     info!("SIGHUP received; reloading the configuration.");
@@ -328,8 +337,9 @@ async fn reload(
     }
 
     // Stopping every old tier and spawning the new ones bounds the reload.
-    let budget = stop_budget(&config::tier_specs(current)) + stop_budget(&config::tier_specs(&new));
-    let tiers = config::tier_specs(&new);
+    let budget = stop_budget(&config::tier_specs(current, instance))
+        + stop_budget(&config::tier_specs(&new, instance));
+    let tiers = config::tier_specs(&new, instance);
     let waterfall = new.waterfall.clone();
     *current = new;
     let answer = root

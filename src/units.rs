@@ -46,7 +46,8 @@ impl ServiceFacts {
     pub fn of(config: &Config) -> ServiceFacts {
         // The tiers' stop budget, then the telemetry flush, and the status
         // API and root each waited for at most 5 s (`run.rs`), plus a margin.
-        let stop_within = crate::run::stop_budget(&crate::config::tier_specs(config))
+        let instance = cascade_actors::Instance::from_state_dir(&crate::config::state_dir(config));
+        let stop_within = crate::run::stop_budget(&crate::config::tier_specs(config, &instance))
             .saturating_add(config.telemetry.shutdown_timeout)
             .saturating_add(Duration::from_secs(15));
         ServiceFacts {

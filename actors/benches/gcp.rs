@@ -94,6 +94,7 @@ async fn probe_cpu(fake: &FakeGcp) {
         },
         SupervisorConfig::default(),
         Arc::new(NoNotify),
+        cascade_actors::Instance::from_state_dir("/nonexistent/cascade-bench".as_ref()),
     )
     .await
     .expect("start the root");
@@ -165,6 +166,7 @@ async fn preemption(fake: &FakeGcp) {
         },
         SupervisorConfig::default(),
         Arc::new(NoNotify),
+        cascade_actors::Instance::from_state_dir("/nonexistent/cascade-bench".as_ref()),
     )
     .await
     .expect("start the root");

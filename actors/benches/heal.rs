@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use cascade_actors::autoheal::{self, AutohealHandle};
 use cascade_actors::tiers::docker::config::{DockerConfig, MANAGED_LABEL};
-use cascade_actors::tiers::docker::connect::{Connector, DockerHost};
+use cascade_actors::tiers::docker::connect::{Connector, DockerEnv, DockerHost};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -354,7 +354,7 @@ struct Relay {
 
 impl Relay {
     fn start(path: PathBuf) -> Relay {
-        let DockerHost::Unix(upstream) = DockerHost::resolve(None) else {
+        let DockerHost::Unix(upstream) = DockerHost::resolve(None, &DockerEnv::from_env()) else {
             panic!("the bench needs the daemon on a unix socket");
         };
         let _ = std::fs::remove_file(&path);

@@ -9,6 +9,7 @@
 
 pub mod autoheal;
 pub mod contract;
+pub mod instance;
 pub mod metrics;
 pub mod notify;
 pub mod resilience;
@@ -21,3 +22,4 @@ pub mod tiers;
 pub mod waterfall;
 
 pub use contract::{TierId, TierState, TierStatus};
+pub use instance::Instance;

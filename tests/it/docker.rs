@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::support::{Cascade, Setup, cli, free_port, wait_for};
+use crate::support::{Cascade, Setup, Signal, cli, free_port, wait_for};
 use crate::telemetry::{has_span, otlp_env, receiver};
 
 pub(crate) const IMAGE: &str = "cascade-demo:it";
@@ -253,4 +253,174 @@ async fn a_docker_tier_that_cannot_start_fails_over_to_local() {
     })
     .await;
     collector.abort();
+}
+
+/// `[tiers.docker]` for one cascade of several on the engine: autoheal off
+/// (one cascade's autoheal would otherwise act on another's stops).
+fn containers(stop_on_exit: bool, containers: &[(&str, u16)]) -> String {
+    let mut text = format!(
+        "[tiers.docker]\n\
+         start_timeout = \"30s\"\n\
+         stop_on_exit = {stop_on_exit}\n\
+         probe = {{ interval = \"200ms\", timeout = \"1s\" }}\n\
+         autoheal = {{ enabled = false }}\n"
+    );
+    for (name, port) in containers {
+        text.push_str(&format!(
+            "\n[[tiers.docker.containers]]\n\
+             name = \"{name}\"\n\
+             image = \"{IMAGE}\"\n\
+             ports = [\"{port}:8080\"]\n\
+             labels = {{ \"cascade.test\" = \"it\" }}\n"
+        ));
+    }
+    text
+}
+
+fn docker_first(extra: String) -> Setup {
+    Setup {
+        order: vec!["docker".into(), "local".into()],
+        extra,
+        ..Setup::default()
+    }
+}
+
+fn running(name: &str) -> String {
+    docker(&["inspect", "-f", "{{.Id}} {{.State.Running}}", name])
+}
+
+#[tokio::test]
+async fn two_cascades_on_one_engine_touch_only_their_own_containers() {
+    if !engine() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let pid = std::process::id();
+    let (a_name, b_name, user) = (
+        format!("cascade-it-a-{pid}"),
+        format!("cascade-it-b-{pid}"),
+        format!("cascade-it-user-{pid}"),
+    );
+    let _removed = [&a_name, &b_name, &user].map(|n| Removed(n.clone()));
+    let a_port = free_port();
+
+    // A person's own container, named like a service container and not labelled.
+    let user_port = free_port();
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &user,
+        "-p",
+        &format!("127.0.0.1:{user_port}:8080"),
+        IMAGE,
+    ]);
+    let user_before = running(&user);
+
+    let a = Cascade::start(docker_first(containers(true, &[(&a_name, a_port)]))).await;
+    let a_status = wait_for(
+        Duration::from_secs(60),
+        "A's docker tier active",
+        async || {
+            let s = a.status().await;
+            if s["active"] == "docker" {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    let a_instance = a_status["instance"]["id"]
+        .as_str()
+        .expect("instance id")
+        .to_owned();
+    assert_eq!(a_instance.len(), 12, "{a_status}");
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"cascade.instance\"}}",
+            &a_name
+        ]),
+        a_instance,
+        "A's container carries A's instance"
+    );
+    let a_before = running(&a_name);
+
+    // B wants A's host port for a container of its own, and the person's
+    // container's name for another; it may stop its containers on exit.
+    let b = Cascade::start(docker_first(containers(
+        true,
+        &[(&b_name, a_port), (&user, free_port())],
+    )))
+    .await;
+    let b_status = wait_for(
+        Duration::from_secs(60),
+        "B to fall back to local",
+        async || {
+            let s = b.status().await;
+            let error = tier(&s, "docker")["last_error"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            if s["active"] == "local" && error.contains("is published by container") {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    let b_instance = b_status["instance"]["id"].as_str().unwrap_or("");
+    assert_ne!(
+        b_instance, a_instance,
+        "two state directories, two instances"
+    );
+    let error = tier(&b_status, "docker")["last_error"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        error.contains(&a_name)
+            && error.contains(&format!(
+                "managed by another cascade (instance {a_instance})"
+            )),
+        "B names A's container and instance: {error}"
+    );
+    assert_eq!(running(&a_name), a_before, "A's container is untouched");
+    assert_eq!(a.status().await["active"], "docker");
+
+    // B exits: it stops nothing that is not its own.
+    b.signal(Signal::Term);
+    let mut b = b;
+    assert!(
+        b.wait_exit(Duration::from_secs(30)).await.is_some(),
+        "B exits"
+    );
+    assert_eq!(
+        running(&user),
+        user_before,
+        "the person's container still runs"
+    );
+    assert_eq!(running(&a_name), a_before, "A's container still runs");
+    assert!(
+        b.logs()
+            .contains("Not stopping a container this cascade does not own"),
+        "{}",
+        b.log_tail()
+    );
+
+    // A exits: with stop_on_exit it stops its own container, by id.
+    let mut a = a;
+    a.signal(Signal::Term);
+    assert!(
+        a.wait_exit(Duration::from_secs(30)).await.is_some(),
+        "A exits"
+    );
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Running}}", &a_name]),
+        "false",
+        "A stopped its own container"
+    );
+    assert_eq!(running(&user), user_before);
 }

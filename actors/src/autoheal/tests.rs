@@ -72,7 +72,9 @@ impl Harness {
         let scope = format!("cascade.test.scope={}", unique("scope"));
         let mut config = config(&label);
         tune(&mut config);
-        let connector = connector.unwrap_or_else(|| Connector::new(&config));
+        let connector = connector.unwrap_or_else(|| {
+            Connector::new(&config, &crate::tiers::docker::DockerEnv::default())
+        });
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
         let notes = Arc::new(Mutex::new(Vec::new()));
@@ -278,7 +280,9 @@ struct Relay {
 
 impl Relay {
     fn start() -> Relay {
-        let DockerHost::Unix(upstream) = DockerHost::resolve(None) else {
+        let DockerHost::Unix(upstream) =
+            DockerHost::resolve(None, &crate::tiers::docker::DockerEnv::from_env())
+        else {
             panic!("the relay test needs the daemon on a unix socket");
         };
         let path = std::env::temp_dir().join(format!("{}.sock", unique("cascade-relay")));

@@ -33,6 +33,7 @@ use tracing::{error, info, warn};
 use crate::contract::{
     RestartReport, RestartRequest, StopReason, TierError, TierId, TierMsg, TierState, TierStatus,
 };
+use crate::instance::Instance;
 use crate::notify::ServiceNotify;
 use crate::resilience::{Backoff, BackoffConfig, Jitter, RestartIntensity};
 use crate::tier::{TierActor, TierArgs, TierSpec};
@@ -71,6 +72,8 @@ impl Default for SupervisorConfig {
 /// What readers see. Published after every change.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Snapshot {
+    /// Which cascade this is: the identity its resources are labelled with.
+    pub instance: Instance,
     pub active: Option<TierId>,
     /// The last decision line logged.
     pub decision: String,
@@ -208,6 +211,7 @@ pub struct RootArgs {
     pub waterfall: WaterfallConfig,
     pub supervisor: SupervisorConfig,
     pub snapshots: watch::Sender<Snapshot>,
+    pub instance: Instance,
     /// Receives why the root stopped.
     pub exit: oneshot::Sender<Exit>,
     pub notify: Arc<dyn ServiceNotify>,
@@ -236,6 +240,7 @@ pub struct RootState {
     /// Restart policy for children spawned later (by a reload).
     supervisor: SupervisorConfig,
     snapshots: watch::Sender<Snapshot>,
+    instance: Instance,
     exit: Option<oneshot::Sender<Exit>>,
     last_decision: String,
     shutting_down: bool,
@@ -278,6 +283,7 @@ impl Actor for RootSupervisor {
             waterfall_config: args.waterfall,
             supervisor: args.supervisor,
             snapshots: args.snapshots,
+            instance: args.instance,
             exit: Some(args.exit),
             last_decision: String::new(),
             shutting_down: false,
@@ -820,6 +826,7 @@ fn schedule_recheck(myself: &ActorRef<RootMsg>, state: &mut RootState, at: Insta
 fn publish(state: &RootState) {
     let active = state.waterfall.active();
     let snapshot = Snapshot {
+        instance: state.instance.clone(),
         active,
         decision: state.last_decision.clone(),
         tiers: state
@@ -855,8 +862,10 @@ pub async fn start(
     waterfall: WaterfallConfig,
     supervisor: SupervisorConfig,
     notify: Arc<dyn ServiceNotify>,
+    instance: Instance,
 ) -> Result<Running, ractor::SpawnErr> {
     let initial = Snapshot {
+        instance: instance.clone(),
         active: None,
         decision: "starting".into(),
         tiers: tiers
@@ -875,6 +884,7 @@ pub async fn start(
         waterfall,
         supervisor,
         snapshots: snap_tx,
+        instance,
         exit: exit_tx,
         notify,
     };

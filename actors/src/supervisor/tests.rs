@@ -179,6 +179,7 @@ async fn a_panicking_tier_actor_is_restarted_and_recovers() {
         waterfall(&[TierId::Local], Duration::from_secs(1)),
         supervisor_config(),
         Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");
@@ -201,6 +202,7 @@ async fn too_many_restarts_escalate_and_stop_the_others_in_reverse_order() {
         waterfall(&ids, Duration::from_secs(1)),
         supervisor_config(),
         Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");
@@ -250,6 +252,7 @@ async fn fails_over_at_once_and_fails_back_after_hysteresis() {
         waterfall(&ids, failback),
         supervisor_config(),
         Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");
@@ -348,6 +351,7 @@ async fn notifies_ready_status_watchdog_and_stopping_in_order() {
         waterfall(&[TierId::Local], Duration::from_secs(1)),
         supervisor_config(),
         recorder.clone(),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");
@@ -420,6 +424,7 @@ async fn a_wedged_root_stops_the_watchdog_pings() {
         waterfall(&[TierId::Local], Duration::from_secs(1)),
         supervisor_config(),
         recorder.clone(),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");
@@ -499,6 +504,7 @@ async fn reload_rebuilds_only_the_tier_whose_fingerprint_changed() {
         config.clone(),
         supervisor_config(),
         Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");
@@ -570,6 +576,7 @@ async fn reload_adds_and_removes_tiers_in_the_new_order() {
         waterfall(&[TierId::Local], Duration::from_secs(60)),
         supervisor_config(),
         Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");
@@ -626,6 +633,7 @@ async fn the_active_tier_stays_active_across_a_reload_that_does_not_touch_it() {
         waterfall(&ids, Duration::from_millis(100)),
         supervisor_config(),
         Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");

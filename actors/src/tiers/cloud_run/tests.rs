@@ -1338,6 +1338,7 @@ async fn failure_storms_open_the_breaker_and_the_waterfall_fails_over_and_back()
         },
         SupervisorConfig::default(),
         Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");
@@ -1457,6 +1458,7 @@ async fn token_trouble_shows_in_the_status_as_such_and_never_the_token() {
         },
         SupervisorConfig::default(),
         Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");

@@ -29,6 +29,7 @@ use super::connect::{Connector, DockerError, classify};
 use super::plan::{
     Desired, HealthState, ImageFacts, Observed, PortHolder, RunState, parse_bindings,
 };
+use crate::instance::Instance;
 use crate::resilience::with_deadline;
 
 /// Longest health check output quoted in a status line.
@@ -174,10 +175,15 @@ impl Client {
     }
 
     /// Containers that publish host port `port.host`: running ones from the
-    /// list (one call), stopped managed ones from their HostConfig (they hold
-    /// nothing now but would collide when started). Stopped foreign
-    /// containers are not inspected: they hold nothing and are not ours.
-    pub async fn port_holders(&self, port: PortMapping) -> Result<Vec<PortHolder>, DockerError> {
+    /// list (one call), stopped ones of instance `ours` from their
+    /// HostConfig (they hold nothing now but would collide when started).
+    /// Other stopped containers are not inspected: they hold nothing and are
+    /// not ours.
+    pub async fn port_holders(
+        &self,
+        port: PortMapping,
+        ours: &str,
+    ) -> Result<Vec<PortHolder>, DockerError> {
         let options = ListContainersOptionsBuilder::new().all(true).build();
         let summaries = self
             .connector
@@ -189,6 +195,7 @@ impl Client {
         for s in summaries {
             let labels = s.labels.unwrap_or_default();
             let managed = labels.get(MANAGED_LABEL).is_some_and(|v| v == "true");
+            let instance = labels.get(Instance::LABEL).cloned();
             let running = s.state == Some(ContainerSummaryStateEnum::RUNNING);
             let id = s.id.unwrap_or_default();
             let name = s
@@ -202,7 +209,7 @@ impl Client {
                     p.public_port == Some(port.host)
                         && (p.typ == Some(PortSummaryTypeEnum::UDP)) == port.udp
                 })
-            } else if managed {
+            } else if managed && instance.as_deref() == Some(ours) {
                 let within = self.connector.call_timeout();
                 match self.inspect_container(&id, within).await? {
                     Some(o) => o
@@ -220,6 +227,7 @@ impl Client {
                     name,
                     image: s.image.unwrap_or_default(),
                     managed,
+                    instance,
                     running,
                 });
             }
@@ -335,6 +343,7 @@ fn observed(r: ContainerInspectResponse) -> Observed {
             .map(|n| n.trim_start_matches('/').to_owned())
             .unwrap_or_default(),
         managed: labels.get(MANAGED_LABEL).is_some_and(|v| v == "true"),
+        instance: labels.get(Instance::LABEL).cloned(),
         hash: labels.get(HASH_LABEL).cloned(),
         image: config.image.unwrap_or_default(),
         image_id: r.image.unwrap_or_default(),
@@ -408,12 +417,16 @@ mod tests {
 
     #[test]
     fn create_body_publishes_on_loopback_with_cascades_labels() {
-        let d = Desired::from_config(&super::super::config::ContainerConfig {
-            name: "svc".into(),
-            image: "demo:1".into(),
-            ports: vec!["8701:8080".into(), "5353:53/udp".into()],
-            ..Default::default()
-        })
+        let instance = Instance::from_state_dir(std::path::Path::new("/nonexistent/me"));
+        let d = Desired::from_config(
+            &super::super::config::ContainerConfig {
+                name: "svc".into(),
+                image: "demo:1".into(),
+                ports: vec!["8701:8080".into(), "5353:53/udp".into()],
+                ..Default::default()
+            },
+            &instance,
+        )
         .expect("valid");
         let body = create_body(&d);
         let bindings = body
@@ -427,6 +440,7 @@ mod tests {
         let labels = body.labels.expect("labels");
         assert_eq!(labels[MANAGED_LABEL], "true");
         assert_eq!(labels[HASH_LABEL], d.hash);
+        assert_eq!(labels[Instance::LABEL], instance.id());
         assert_eq!(body.cmd, None, "an empty command keeps the image's");
     }
 

@@ -57,6 +57,25 @@ impl DockerError {
     }
 }
 
+/// What the docker CLI reads from the environment, read by the process when
+/// it builds tier specs (at start and on reload) and handed to the driver,
+/// so nothing in the tier reads environment variables and tests need not
+/// set them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DockerEnv {
+    /// `DOCKER_HOST`.
+    pub host: Option<String>,
+}
+
+impl DockerEnv {
+    pub fn from_env() -> DockerEnv {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        DockerEnv {
+            host: var("DOCKER_HOST"),
+        }
+    }
+}
+
 /// Where the daemon listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DockerHost {
@@ -65,10 +84,9 @@ pub enum DockerHost {
 }
 
 impl DockerHost {
-    /// From the configuration, else `$DOCKER_HOST`, else the default socket.
-    pub fn resolve(configured: Option<&str>) -> DockerHost {
-        let env = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
-        let host = configured.map(str::to_owned).or(env);
+    /// From the configuration, else `DOCKER_HOST`, else the default socket.
+    pub fn resolve(configured: Option<&str>, env: &DockerEnv) -> DockerHost {
+        let host = configured.or(env.host.as_deref()).map(str::to_owned);
         match host {
             Some(h) if h.starts_with("tcp://") || h.starts_with("http://") => DockerHost::Tcp(h),
             Some(h) => DockerHost::Unix(PathBuf::from(h.trim_start_matches("unix://"))),
@@ -98,9 +116,9 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub fn new(config: &DockerConfig) -> Connector {
+    pub fn new(config: &DockerConfig, env: &DockerEnv) -> Connector {
         Connector::with_host(
-            DockerHost::resolve(config.host.as_deref()),
+            DockerHost::resolve(config.host.as_deref(), env),
             config.ping_timeout,
             config.call_timeout,
         )

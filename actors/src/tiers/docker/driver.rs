@@ -11,9 +11,12 @@
 //! - `probe` never starts the daemon or any container, and costs one ping,
 //!   one inspect per container and one HTTP GET per container with a health
 //!   endpoint, all inside the probe's deadline.
-//! - Nothing cascade does not own is ever stopped, removed or recreated: a
-//!   container without `cascade.managed=true` that is in the way (same name,
-//!   same host port) is an error naming it.
+//! - Nothing this cascade instance does not own is ever stopped, removed or
+//!   recreated: a container without its `cascade.instance` label that is in
+//!   the way (same name, same host port) — a stranger's or another
+//!   cascade's — is an error naming it. Containers are inspected first and
+//!   acted on by id, so a container that replaced an inspected one under the
+//!   same name is never hit.
 //! - Autoheal is told (`expect_stop`) before cascade itself stops, restarts,
 //!   removes or recreates a managed container, so those are not healed.
 //! - Start, restart and stop are serialized; `stop` first cancels a start or
@@ -31,16 +34,18 @@ use tracing::{info, warn};
 
 use super::client::Client;
 use super::config::{DockerConfig, PortMapping};
-use super::connect::{Connector, DockerError};
+use super::connect::{Connector, DockerEnv, DockerError};
 use super::daemon::{self, DaemonError};
 use super::plan::{
-    self, Action, Desired, ImageFacts, Mode, Observed, Readiness, Recreate, RunState, Step, Verdict,
+    self, Action, Desired, ImageFacts, Mode, Observed, Owner, Readiness, Recreate, RunState, Step,
+    Verdict,
 };
 use crate::autoheal::{self, AutohealHandle};
 use crate::contract::{
     Driver, DriverEvent, EventSink, ProbeOutcome, RestartReport, RestartRequest, StopReason,
     TierError, TierId,
 };
+use crate::instance::Instance;
 use crate::resilience::Deadline;
 use crate::tiers::ports::{self, Protocol};
 
@@ -67,17 +72,22 @@ pub enum LifecycleError {
     )]
     ImageMissing { container: String, image: String },
     #[error(
-        "container {container} exists (image {image}) and is not managed by cascade; remove or rename it"
+        "container {container} exists (image {image}) and is {}; remove or rename it", owner.describe()
     )]
-    NameTaken { container: String, image: String },
+    NameTaken {
+        container: String,
+        image: String,
+        owner: Owner,
+    },
     #[error(
-        "host port {port} for container {container} is published by container {holder} (image {image}), which cascade does not manage; leaving it alone"
+        "host port {port} for container {container} is published by container {holder} (image {image}), which is {}; leaving it alone", owner.describe()
     )]
     ForeignContainer {
         port: String,
         container: String,
         holder: String,
         image: String,
+        owner: Owner,
     },
     #[error("host port {port} for container {container} is in use outside Docker{}: {cause}", owner.as_ref().map(|o| format!(" by {o}")).unwrap_or_default())]
     PortInUse {
@@ -122,6 +132,8 @@ enum Seen {
 
 pub struct DockerDriver {
     config: DockerConfig,
+    /// Whose containers this driver may touch: only those labelled with it.
+    instance: Instance,
     desired: Vec<Desired>,
     client: Client,
     /// Present when `autoheal.enabled`; told before cascade stops a container itself.
@@ -141,14 +153,19 @@ pub struct DockerDriver {
 impl DockerDriver {
     /// Builds the driver and, if enabled, starts autoheal. Must run inside a
     /// tokio runtime.
-    pub fn new(config: DockerConfig, events: EventSink) -> Result<DockerDriver, TierError> {
+    pub fn new(
+        config: DockerConfig,
+        env: &DockerEnv,
+        instance: Instance,
+        events: EventSink,
+    ) -> Result<DockerDriver, TierError> {
         let desired = config
             .containers
             .iter()
-            .map(Desired::from_config)
+            .map(|c| Desired::from_config(c, &instance))
             .collect::<Result<Vec<_>, _>>()
             .map_err(TierError::new)?;
-        let connector = Connector::new(&config);
+        let connector = Connector::new(&config, env);
         let client = Client::new(connector.clone()).map_err(TierError::new)?;
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
@@ -160,6 +177,7 @@ impl DockerDriver {
         Ok(DockerDriver {
             in_flight: Mutex::new(cancel.child_token()),
             config,
+            instance,
             desired,
             client,
             autoheal,
@@ -212,7 +230,8 @@ impl DockerDriver {
             let seen = match o {
                 None => Seen::Missing,
                 Some(o) => {
-                    if o.state == RunState::Running && o.managed {
+                    let ours = matches!(o.owner(&d.instance), Owner::This | Owner::Unlabelled);
+                    if o.state == RunState::Running && ours {
                         view.ran.insert(d.name.clone());
                     }
                     Seen::Present {
@@ -335,22 +354,23 @@ impl DockerDriver {
             info!(container = %d.name, step = %step, "Applying plan step.");
             match &step.action {
                 Action::Keep => {}
-                Action::Refuse { image } => {
+                Action::Refuse { image, owner } => {
                     return Err(LifecycleError::NameTaken {
                         container: d.name.clone(),
                         image: image.clone(),
+                        owner: owner.clone(),
                     });
                 }
                 Action::Restart => {
                     self.expect_stop(&d.name);
                     self.client
-                        .restart_container(&d.name, d.stop_timeout)
+                        .restart_container(step.target(), d.stop_timeout)
                         .await?;
                 }
                 Action::Start { .. } => {
                     self.clear_holders(d, step.id.as_deref(), lines).await?;
                     self.wait_ports_free(d).await?;
-                    self.client.start_container(&d.name).await?;
+                    self.client.start_container(step.target()).await?;
                 }
                 Action::Create => {
                     self.clear_holders(d, None, lines).await?;
@@ -362,11 +382,11 @@ impl DockerDriver {
                     self.expect_stop(&d.name);
                     // A forced restart does not wait politely: removal kills.
                     if *reason != Recreate::Forced {
-                        self.client.stop_container(&d.name, d.stop_timeout).await?;
+                        self.client
+                            .stop_container(step.target(), d.stop_timeout)
+                            .await?;
                     }
-                    self.client
-                        .remove_container(step.id.as_deref().unwrap_or(&d.name))
-                        .await?;
+                    self.client.remove_container(step.target()).await?;
                     self.wait_ports_free(d).await?;
                     self.create_and_start(d).await?;
                 }
@@ -380,14 +400,15 @@ impl DockerDriver {
 
     async fn create_and_start(&self, d: &Desired) -> Result<(), LifecycleError> {
         let id = self.client.create_container(d).await?;
-        info!(container = %d.name, id = %id.get(..12).unwrap_or(&id), image = %d.image, hash = %d.hash, "Container created.");
-        self.client.start_container(&d.name).await?;
+        info!(container = %d.name, id = %id.get(..12).unwrap_or(&id), image = %d.image, hash = %d.hash, instance = %d.instance, "Container created.");
+        self.client.start_container(&id).await?;
         Ok(())
     }
 
-    /// For each host port of `d`: removes stale containers cascade owns that
-    /// publish it and refuses if a running container it does not own does.
-    /// `own` (the container being started or replaced) is not in the way.
+    /// For each host port of `d`: removes stale containers of this instance
+    /// that publish it and refuses if a running container it does not own
+    /// (a stranger's, another cascade's) does. `own` (the container being
+    /// started or replaced) is not in the way.
     async fn clear_holders(
         &self,
         d: &Desired,
@@ -396,16 +417,18 @@ impl DockerDriver {
     ) -> Result<(), LifecycleError> {
         let mut stale = Vec::new();
         for port in &d.ports {
-            for h in self.client.port_holders(*port).await? {
-                match plan::judge(&h, own) {
+            for h in self.client.port_holders(*port, &d.instance).await? {
+                match plan::judge(&h, own, &d.instance) {
                     // Refuse before removing anything, so a refusal changes nothing.
                     Verdict::Foreign => {
-                        warn!(container = %d.name, port = %plan::format_port(port), holder = %h.name, image = %h.image, "Host port held by a container cascade does not manage.");
+                        let owner = h.owner(&d.instance);
+                        warn!(container = %d.name, port = %plan::format_port(port), holder = %h.name, image = %h.image, owner = %owner.describe(), "Host port held by a container this cascade does not own.");
                         return Err(LifecycleError::ForeignContainer {
                             port: plan::format_port(port),
                             container: d.name.clone(),
                             holder: h.name,
                             image: h.image,
+                            owner,
                         });
                     }
                     Verdict::Stale => stale.push((*port, h)),
@@ -414,11 +437,11 @@ impl DockerDriver {
             }
         }
         for (port, h) in stale {
-            info!(container = %d.name, port = %plan::format_port(&port), stale = %h.name, "Removing a stale managed container that holds the port.");
+            info!(container = %d.name, port = %plan::format_port(&port), stale = %h.name, id = %h.id, "Removing a stale container of this cascade that holds the port.");
             self.expect_stop(&h.name);
             self.client.remove_container(&h.id).await?;
             lines.push(format!(
-                "remove {} (stale, managed by cascade, publishes host port {})",
+                "remove {} (stale, made by this cascade, publishes host port {})",
                 h.name, port.host
             ));
         }
@@ -451,17 +474,21 @@ impl DockerDriver {
                 continue;
             }
             for port in &d.ports {
-                let holders = self.client.port_holders(*port).await?;
+                let holders = self.client.port_holders(*port, &d.instance).await?;
                 let mut held_by_docker = false;
                 for h in &holders {
-                    match plan::judge(h, step.id.as_deref()) {
+                    match plan::judge(h, step.id.as_deref(), &d.instance) {
                         Verdict::Stale => lines.push(format!(
-                            "remove {} (stale, managed by cascade, publishes host port {})",
+                            "remove {} (stale, made by this cascade, publishes host port {})",
                             h.name, port.host
                         )),
                         Verdict::Foreign => lines.push(format!(
-                            "cannot create {}: host port {} is published by container {} (image {}), which cascade does not manage",
-                            d.name, port.host, h.name, h.image
+                            "cannot create {}: host port {} is published by container {} (image {}), which is {}",
+                            d.name,
+                            port.host,
+                            h.name,
+                            h.image,
+                            h.owner(&d.instance).describe()
                         )),
                         Verdict::Own | Verdict::Dormant => {}
                     }
@@ -497,7 +524,7 @@ impl DockerDriver {
                         state: o.state.clone(),
                     });
                 }
-                match plan::readiness(&d.name, o.as_ref(), true) {
+                match plan::readiness(d, o.as_ref(), true) {
                     Readiness::Ready => {
                         if let Some(url) = d.health_url()
                             && let Err(e) = self.client.health(&url, timeout).await
@@ -587,20 +614,12 @@ impl DockerDriver {
     async fn stop_inner(&self) -> Result<(), TierError> {
         let names: Vec<&str> = self.desired.iter().map(|d| d.name.as_str()).collect();
         if !self.config.stop_on_exit {
-            info!(containers = ?names, "Leaving the service containers to Docker (stop_on_exit is off); the next start adopts them.");
+            info!(containers = %names.join(", "), "Leaving the service containers to Docker (stop_on_exit is off); the next start adopts them.");
             return Ok(());
         }
         // All at once: each may take its stop_timeout, and together they
         // must fit the tier's stop grace.
-        let stops = self.desired.iter().map(|d| async move {
-            self.expect_stop(&d.name);
-            let stopped = self.client.stop_container(&d.name, d.stop_timeout).await;
-            match &stopped {
-                Ok(()) => info!(container = %d.name, "Container stopped."),
-                Err(e) => warn!(container = %d.name, error = %e, "Stopping container failed."),
-            }
-            stopped.map_err(|e| format!("{}: {e}", d.name))
-        });
+        let stops = self.desired.iter().map(|d| self.stop_own(d));
         let failed: Vec<String> = futures_util::future::join_all(stops)
             .await
             .into_iter()
@@ -617,6 +636,36 @@ impl DockerDriver {
                 failed.join("; ")
             )))
         }
+    }
+
+    /// Stops `d`'s container if it is this instance's: inspected first (a
+    /// stranger's container of the same name is left alone) and stopped by
+    /// id (so a container that took the name meanwhile is not hit).
+    async fn stop_own(&self, d: &Desired) -> Result<(), String> {
+        let failed = |e: DockerError| {
+            warn!(container = %d.name, error = %e, "Stopping container failed.");
+            format!("{}: {e}", d.name)
+        };
+        let found = self
+            .client
+            .inspect_container(&d.name, self.config.call_timeout)
+            .await
+            .map_err(failed)?;
+        let Some(o) = found else {
+            return Ok(());
+        };
+        let owner = o.owner(self.instance.id());
+        if owner != Owner::This {
+            info!(container = %d.name, id = %o.short_id(), owner = %owner.describe(), "Not stopping a container this cascade does not own.");
+            return Ok(());
+        }
+        self.expect_stop(&d.name);
+        self.client
+            .stop_container(&o.id, d.stop_timeout)
+            .await
+            .map_err(failed)?;
+        info!(container = %d.name, id = %o.short_id(), "Container stopped.");
+        Ok(())
     }
 
     /// The probe proper, inside `budget`.
@@ -642,7 +691,7 @@ impl DockerDriver {
         };
         let mut idle = None;
         for (d, o) in self.desired.iter().zip(&observed) {
-            match plan::readiness(&d.name, o.as_ref(), self.ever_ran(&d.name)) {
+            match plan::readiness(d, o.as_ref(), self.ever_ran(&d.name)) {
                 Readiness::Ready => {}
                 Readiness::Down(error) => return ProbeOutcome::Down { error },
                 Readiness::Idle(reason) => {

@@ -15,17 +15,21 @@ mod tests;
 use std::sync::Arc;
 
 use crate::contract::{Driver, DriverFactory, TierId};
+use crate::instance::Instance;
 use crate::tier::TierSpec;
 
 pub use config::DockerConfig;
+pub use connect::DockerEnv;
 pub use driver::DockerDriver;
 
-/// The tier as the root runs it: containers and their autoheal.
-pub fn tier_spec(config: DockerConfig) -> TierSpec {
+/// The tier as the root runs it for cascade `instance`: containers and
+/// their autoheal. `env` is what the process read of the docker CLI's
+/// environment.
+pub fn tier_spec(config: DockerConfig, env: DockerEnv, instance: Instance) -> TierSpec {
     let fingerprint = crate::tier::fingerprint(&config);
     let driver_config = config.clone();
     let factory: DriverFactory = Arc::new(move |events| {
-        let driver = DockerDriver::new(driver_config.clone(), events)?;
+        let driver = DockerDriver::new(driver_config.clone(), &env, instance.clone(), events)?;
         Ok(Arc::new(driver) as Arc<dyn Driver>)
     });
     TierSpec {

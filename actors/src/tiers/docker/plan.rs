@@ -4,7 +4,10 @@
 //! the verdict on who holds a host port.
 //!
 //! Invariant: pure. Nothing here calls Docker, HTTP, the clock or the file
-//! system; the driver observes, this module decides, the driver acts. Every
+//! system; the driver observes, this module decides, the driver acts. Only
+//! a container labelled with this cascade's instance ([`Owner::This`]) is
+//! ever started, stopped, recreated or removed; a container of another
+//! instance, or none, is refused and named. Every
 //! plan line an operator reads (`cascade restart docker --dry-run`,
 //! `cascade docker check`) is rendered here.
 //!
@@ -22,6 +25,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::config::{ContainerConfig, HASH_LABEL, HealthcheckConfig, MANAGED_LABEL, PortMapping};
+use crate::instance::{Instance, stable_hash};
 
 // === desired ===
 
@@ -42,11 +46,13 @@ pub struct Desired {
     pub health_path: String,
     pub stop_timeout: Duration,
     pub hash: String,
+    /// The id of the cascade instance that wants it ([`Instance::LABEL`]).
+    pub instance: String,
 }
 
 impl Desired {
     /// Fails only on a port the config validation should already have refused.
-    pub fn from_config(c: &ContainerConfig) -> Result<Desired, String> {
+    pub fn from_config(c: &ContainerConfig, instance: &Instance) -> Result<Desired, String> {
         let mut ports = c
             .ports
             .iter()
@@ -66,17 +72,19 @@ impl Desired {
             health_path: c.health_path.clone(),
             stop_timeout: c.stop_timeout,
             hash: String::new(),
+            instance: instance.id().to_owned(),
         };
         desired.hash = config_hash(&desired);
         Ok(desired)
     }
 
     /// All labels the container is created with: the user's, plus
-    /// [`MANAGED_LABEL`] and [`HASH_LABEL`].
+    /// [`MANAGED_LABEL`], [`HASH_LABEL`] and [`Instance::LABEL`].
     pub fn labels(&self) -> BTreeMap<String, String> {
         let mut labels = self.user_labels.clone();
         labels.insert(MANAGED_LABEL.into(), "true".into());
         labels.insert(HASH_LABEL.into(), self.hash.clone());
+        labels.insert(Instance::LABEL.into(), self.instance.clone());
         labels
     }
 
@@ -134,15 +142,7 @@ pub fn config_hash(d: &Desired) -> String {
             &h.start_period.as_nanos().to_string(),
         );
     }
-    format!("{:016x}", fnv1a64(canon.as_bytes()))
-}
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .fold(OFFSET, |hash, b| (hash ^ u64::from(*b)).wrapping_mul(PRIME))
+    format!("{:016x}", stable_hash(canon.as_bytes()))
 }
 
 /// `8701:8080` or `5353:53/udp`.
@@ -206,6 +206,43 @@ impl fmt::Display for HealthState {
     }
 }
 
+/// Whose a container is, by its labels, seen from one cascade instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// Labelled with this instance: cascade's to start, stop and replace.
+    This,
+    /// `cascade.managed=true` with another instance's label.
+    Other(String),
+    /// `cascade.managed=true` without an instance label: made by a cascade
+    /// from before instance labels. Recreated (with the label) when its
+    /// name is one this instance wants; otherwise left alone like a stranger's.
+    Unlabelled,
+    /// Not cascade's.
+    Foreign,
+}
+
+impl Owner {
+    /// From the `cascade.managed` and `cascade.instance` label values.
+    pub fn of(managed: Option<&str>, instance: Option<&str>, ours: &str) -> Owner {
+        match (managed == Some("true"), instance) {
+            (false, _) => Owner::Foreign,
+            (true, Some(id)) if id == ours => Owner::This,
+            (true, Some(id)) => Owner::Other(id.to_owned()),
+            (true, None) => Owner::Unlabelled,
+        }
+    }
+
+    /// `not managed by cascade`, `managed by another cascade (instance …)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Owner::This => "managed by this cascade".into(),
+            Owner::Other(id) => format!("managed by another cascade (instance {id})"),
+            Owner::Unlabelled => "managed by a cascade that did not label its instance".into(),
+            Owner::Foreign => "not managed by cascade".into(),
+        }
+    }
+}
+
 /// What Docker says about an existing container (only what planning and
 /// probing need).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +251,8 @@ pub struct Observed {
     pub name: String,
     /// Carries `cascade.managed=true`.
     pub managed: bool,
+    /// The `cascade.instance` label.
+    pub instance: Option<String>,
     /// The `cascade.config-hash` label.
     pub hash: Option<String>,
     /// `Config.Image`: the reference it was created from.
@@ -235,6 +274,12 @@ pub struct Observed {
 impl Observed {
     pub fn short_id(&self) -> &str {
         self.id.get(..12).unwrap_or(&self.id)
+    }
+
+    /// Whose it is, seen from the instance with id `ours`.
+    pub fn owner(&self, ours: &str) -> Owner {
+        let managed = self.managed.then_some("true");
+        Owner::of(managed, self.instance.as_deref(), ours)
     }
 
     fn env_value(&self, key: &str) -> Option<&str> {
@@ -299,6 +344,12 @@ pub fn differences(d: &Desired, o: &Observed, image: Option<&ImageFacts>) -> Vec
             "command differs ({} → {})",
             format_cmd(&o.cmd),
             format_cmd(want)
+        ));
+    }
+    if o.managed && o.instance.is_none() {
+        diffs.push(format!(
+            "it has no {} label (made by an older cascade)",
+            Instance::LABEL
         ));
     }
     if diffs.is_empty() {
@@ -366,8 +417,8 @@ pub enum Action {
     Create,
     /// Remove it and create it again.
     Recreate { reason: Recreate },
-    /// A container of that name exists and is not cascade's: touch nothing.
-    Refuse { image: String },
+    /// A container of that name exists and is not this cascade's: touch nothing.
+    Refuse { image: String, owner: Owner },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,6 +436,15 @@ pub struct Step {
     pub action: Action,
     /// The existing container's id, when there is one.
     pub id: Option<String>,
+}
+
+impl Step {
+    /// What Docker calls act on: the inspected container's id, so a
+    /// container that took the name meanwhile is never hit; the name only
+    /// when nothing was there.
+    pub fn target(&self) -> &str {
+        self.id.as_deref().unwrap_or(&self.name)
+    }
 }
 
 impl fmt::Display for Step {
@@ -407,9 +467,10 @@ impl fmt::Display for Step {
             Action::Recreate {
                 reason: Recreate::Broken(state),
             } => write!(f, "recreate {name} because it is {state}"),
-            Action::Refuse { image } => write!(
+            Action::Refuse { image, owner } => write!(
                 f,
-                "refuse {name}: a container of that name exists (image {image}) and is not managed by cascade"
+                "refuse {name}: a container of that name exists (image {image}) and is {}",
+                owner.describe()
             ),
         }
     }
@@ -449,10 +510,14 @@ fn action(d: &Desired, o: Option<&Observed>, image: Option<&ImageFacts>, force: 
     let Some(o) = o else {
         return Action::Create;
     };
-    if !o.managed {
-        return Action::Refuse {
-            image: o.image.clone(),
-        };
+    match o.owner(&d.instance) {
+        Owner::This | Owner::Unlabelled => {}
+        owner @ (Owner::Other(_) | Owner::Foreign) => {
+            return Action::Refuse {
+                image: o.image.clone(),
+                owner,
+            };
+        }
     }
     if force {
         return Action::Recreate {
@@ -490,7 +555,8 @@ pub enum Readiness {
 /// Readiness of container `name`; `ever_ran` says whether this driver has
 /// seen it running (a container that vanished after running is a failure,
 /// one never created is just not started yet).
-pub fn readiness(name: &str, o: Option<&Observed>, ever_ran: bool) -> Readiness {
+pub fn readiness(d: &Desired, o: Option<&Observed>, ever_ran: bool) -> Readiness {
+    let name = &d.name;
     let idle_or_down = |text: String| {
         if ever_ran {
             Readiness::Down(text)
@@ -501,11 +567,15 @@ pub fn readiness(name: &str, o: Option<&Observed>, ever_ran: bool) -> Readiness 
     let Some(o) = o else {
         return idle_or_down(format!("container {name} does not exist"));
     };
-    if !o.managed {
-        return Readiness::Idle(format!(
-            "container {name} exists (image {}) and is not managed by cascade",
-            o.image
-        ));
+    match o.owner(&d.instance) {
+        Owner::This | Owner::Unlabelled => {}
+        owner @ (Owner::Other(_) | Owner::Foreign) => {
+            return Readiness::Idle(format!(
+                "container {name} exists (image {}) and is {}",
+                o.image,
+                owner.describe()
+            ));
+        }
     }
     match &o.state {
         RunState::Running => {}
@@ -534,8 +604,17 @@ pub struct PortHolder {
     pub id: String,
     pub name: String,
     pub image: String,
+    /// Its `cascade.managed` and `cascade.instance` labels.
     pub managed: bool,
+    pub instance: Option<String>,
     pub running: bool,
+}
+
+impl PortHolder {
+    pub fn owner(&self, ours: &str) -> Owner {
+        let managed = self.managed.then_some("true");
+        Owner::of(managed, self.instance.as_deref(), ours)
+    }
 }
 
 /// What to do about one holder of a port.
@@ -543,18 +622,20 @@ pub struct PortHolder {
 pub enum Verdict {
     /// The container being replaced or started itself: not in the way.
     Own,
-    /// cascade's, and not the container being kept: remove it.
+    /// This instance's, and not the container being kept: remove it.
     Stale,
-    /// Not cascade's and running: refuse, touch nothing.
+    /// Not this instance's and running (a stranger's, or another
+    /// cascade's): refuse, touch nothing.
     Foreign,
-    /// Not cascade's and stopped: it holds nothing now; leave it be.
+    /// Not this instance's and stopped: it holds nothing now; leave it be.
     Dormant,
 }
 
-pub fn judge(holder: &PortHolder, own_id: Option<&str>) -> Verdict {
+/// The verdict on `holder` for instance `ours`, replacing `own_id`.
+pub fn judge(holder: &PortHolder, own_id: Option<&str>, ours: &str) -> Verdict {
     if own_id == Some(holder.id.as_str()) {
         Verdict::Own
-    } else if holder.managed {
+    } else if holder.owner(ours) == Owner::This {
         Verdict::Stale
     } else if holder.running {
         Verdict::Foreign
@@ -592,17 +673,24 @@ mod tests {
     use super::*;
 
     fn desired(env: &[(&str, &str)]) -> Desired {
-        Desired::from_config(&ContainerConfig {
-            name: "svc".into(),
-            image: "demo:1".into(),
-            env: env
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ports: vec!["8701:8080".into()],
-            ..ContainerConfig::default()
-        })
+        Desired::from_config(
+            &ContainerConfig {
+                name: "svc".into(),
+                image: "demo:1".into(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ports: vec!["8701:8080".into()],
+                ..ContainerConfig::default()
+            },
+            &me(),
+        )
         .expect("valid")
+    }
+
+    fn me() -> Instance {
+        Instance::from_state_dir(std::path::Path::new("/nonexistent/me"))
     }
 
     fn observed(d: &Desired) -> Observed {
@@ -610,6 +698,7 @@ mod tests {
             id: "0123456789abcdef".into(),
             name: d.name.clone(),
             managed: true,
+            instance: Some(d.instance.clone()),
             hash: Some(d.hash.clone()),
             image: d.image.clone(),
             image_id: "sha256:aaaa".into(),
@@ -644,8 +733,6 @@ mod tests {
         assert_eq!(a.hash, config_hash(&a));
         assert_eq!(a.hash.len(), 16);
         assert_ne!(a.hash, desired(&[("A", "1"), ("B", "3")]).hash);
-        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]
@@ -663,6 +750,10 @@ mod tests {
         let labels = d.labels();
         assert_eq!(labels.get(MANAGED_LABEL).map(String::as_str), Some("true"));
         assert_eq!(labels.get(HASH_LABEL), Some(&d.hash));
+        assert_eq!(
+            labels.get(Instance::LABEL).map(String::as_str),
+            Some(me().id())
+        );
         assert_eq!(
             d.health_url().as_deref(),
             Some("http://127.0.0.1:8701/health")
@@ -827,48 +918,112 @@ mod tests {
     fn readiness_of_an_inspected_container() {
         let d = desired(&[]);
         let mut o = observed(&d);
-        assert_eq!(readiness("svc", Some(&o), false), Readiness::Ready);
+        assert_eq!(readiness(&d, Some(&o), false), Readiness::Ready);
         o.health = None;
-        assert_eq!(readiness("svc", Some(&o), false), Readiness::Ready);
+        assert_eq!(readiness(&d, Some(&o), false), Readiness::Ready);
         o.health = Some(HealthState::Unhealthy {
             last_output: Some("boom".into()),
         });
         assert_eq!(
-            readiness("svc", Some(&o), true),
+            readiness(&d, Some(&o), true),
             Readiness::Down("container unhealthy: svc: Docker health check failing: boom".into())
         );
         o.state = RunState::Exited { code: 3 };
         assert_eq!(
-            readiness("svc", Some(&o), true),
+            readiness(&d, Some(&o), true),
             Readiness::Down("container svc is not running (exited with code 3)".into())
         );
-        assert!(matches!(
-            readiness("svc", Some(&o), false),
-            Readiness::Idle(_)
-        ));
+        assert!(matches!(readiness(&d, Some(&o), false), Readiness::Idle(_)));
         assert_eq!(
-            readiness("svc", None, false),
+            readiness(&d, None, false),
             Readiness::Idle("container svc does not exist".into())
         );
         assert_eq!(
-            readiness("svc", None, true),
+            readiness(&d, None, true),
             Readiness::Down("container svc does not exist".into())
         );
     }
 
     #[test]
     fn port_holders_are_judged_by_ownership() {
-        let holder = |managed, running| PortHolder {
+        let ours = me();
+        let ours = ours.id();
+        let holder = |managed, instance: Option<&str>, running| PortHolder {
             id: "x".into(),
             name: "n".into(),
             image: "i".into(),
             managed,
+            instance: instance.map(str::to_owned),
             running,
         };
-        assert_eq!(judge(&holder(true, true), Some("x")), Verdict::Own);
-        assert_eq!(judge(&holder(true, false), Some("y")), Verdict::Stale);
-        assert_eq!(judge(&holder(false, true), None), Verdict::Foreign);
-        assert_eq!(judge(&holder(false, false), None), Verdict::Dormant);
+        let mine = Some(ours);
+        assert_eq!(
+            judge(&holder(true, mine, true), Some("x"), ours),
+            Verdict::Own
+        );
+        assert_eq!(
+            judge(&holder(true, mine, true), Some("y"), ours),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(&holder(true, mine, false), None, ours),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(&holder(false, None, true), None, ours),
+            Verdict::Foreign
+        );
+        assert_eq!(
+            judge(&holder(false, None, false), None, ours),
+            Verdict::Dormant
+        );
+        // Another cascade's container on the port is never this one's to
+        // remove, running or not; nor is one that names no instance.
+        let other = Some("0123456789ab");
+        assert_eq!(
+            judge(&holder(true, other, true), None, ours),
+            Verdict::Foreign
+        );
+        assert_eq!(
+            judge(&holder(true, other, false), None, ours),
+            Verdict::Dormant
+        );
+        assert_eq!(
+            judge(&holder(true, None, true), None, ours),
+            Verdict::Foreign
+        );
+    }
+
+    #[test]
+    fn another_instances_container_of_the_same_name_is_refused_and_named() {
+        let d = desired(&[]);
+        let mut o = observed(&d);
+        o.instance = Some("0123456789ab".into());
+        for mode in [Mode::Start, Mode::Restart { force: true }] {
+            assert_eq!(
+                one(&d, Some(o.clone()), mode),
+                "refuse svc: a container of that name exists (image demo:1) and is managed by another cascade (instance 0123456789ab)"
+            );
+        }
+        assert_eq!(
+            readiness(&d, Some(&o), true),
+            Readiness::Idle(
+                "container svc exists (image demo:1) and is managed by another cascade (instance 0123456789ab)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn an_unlabelled_managed_container_keeps_serving_and_a_restart_labels_it() {
+        let d = desired(&[]);
+        let mut o = observed(&d);
+        o.instance = None;
+        assert_eq!(readiness(&d, Some(&o), false), Readiness::Ready);
+        assert_eq!(
+            one(&d, Some(o), Mode::Restart { force: false }),
+            "recreate svc because it has no cascade.instance label (made by an older cascade)"
+        );
     }
 
     #[test]

@@ -10,16 +10,29 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::{ContainerConfig, DockerConfig, HASH_LABEL, MANAGED_LABEL};
-use super::connect::DockerError;
+use super::connect::{DockerEnv, DockerError};
 use super::driver::{DockerDriver, daemon_outcome};
 use super::testing::{
     Cleanup, TEST_LABEL, demo_image, docker, docker_available, eventually, free_port, inspect,
     unique,
 };
 use crate::contract::{Driver, EventSink, ProbeOutcome, RestartRequest, StopReason};
+use crate::instance::Instance;
+
+/// The instance these tests' drivers run as: one per test process.
+fn instance() -> Instance {
+    Instance::from_state_dir(
+        &std::env::temp_dir().join(format!("cascade-docker-tests-{}", std::process::id())),
+    )
+}
 
 async fn driver(config: DockerConfig) -> DockerDriver {
-    DockerDriver::new(config, EventSink::discarding().await).expect("driver builds")
+    driver_as(config, instance()).await
+}
+
+async fn driver_as(config: DockerConfig, instance: Instance) -> DockerDriver {
+    let env = DockerEnv::default();
+    DockerDriver::new(config, &env, instance, EventSink::discarding().await).expect("driver builds")
 }
 
 /// A demo-backend container on host port `port`, labelled for cleanup.
@@ -347,15 +360,17 @@ async fn stale_owned_containers_are_removed_and_replaced() {
     let publish = format!("127.0.0.1:{port}:8080");
     let managed = format!("{MANAGED_LABEL}=true");
     let old_hash = format!("{HASH_LABEL}=0000000000000000");
-    // Another name, running on the port: left over from an older config.
+    let ours = format!("{}={}", Instance::LABEL, instance().id());
+    // Another name, running on the port: this instance's, left over from an
+    // older config.
     docker(&[
-        "run", "-d", "--name", &stale, "--label", &managed, "--label", &old_hash, "--label",
-        TEST_LABEL, "-p", &publish, image,
+        "run", "-d", "--name", &stale, "--label", &managed, "--label", &old_hash, "--label", &ours,
+        "--label", TEST_LABEL, "-p", &publish, image,
     ]);
     // The configured name with an old hash (created, not running).
     let old_id = docker(&[
-        "create", "--name", &name, "--label", &managed, "--label", &old_hash, "--label",
-        TEST_LABEL, "-p", &publish, image,
+        "create", "--name", &name, "--label", &managed, "--label", &old_hash, "--label", &ours,
+        "--label", TEST_LABEL, "-p", &publish, image,
     ]);
 
     let d = driver(config(vec![service(&name, port)])).await;
@@ -598,6 +613,110 @@ async fn stop_cancels_a_start_that_waits_for_health_and_stops_the_container() {
     stopped.expect("stops");
     assert_eq!(
         inspect(&name, "{{.State.Running}}").as_deref(),
+        Some("false")
+    );
+}
+
+#[tokio::test]
+async fn another_instances_container_on_the_port_is_named_and_left_running() {
+    if !docker_available() {
+        return;
+    }
+    let (theirs, ours) = (unique("cascade-t-theirs"), unique("cascade-t-mine"));
+    let port = free_port();
+    let _cleanup = Cleanup(vec![theirs.clone(), ours.clone()]);
+    let other = Instance::from_state_dir(&std::env::temp_dir().join(unique("cascade-t-other")));
+    let first = driver_as(config(vec![service(&theirs, port)]), other.clone()).await;
+    first.start().await.expect("the other instance starts");
+    let before = id(&theirs);
+    assert_eq!(label(&theirs, Instance::LABEL), other.id());
+
+    // This instance wants the same host port for a container of its own.
+    let d = driver(config(vec![service(&ours, port)])).await;
+    let error = error_of(d.start().await);
+    assert!(
+        error.contains(&theirs)
+            && error.contains(&format!(
+                "managed by another cascade (instance {})",
+                other.id()
+            )),
+        "{error}"
+    );
+    let dry = d
+        .restart(RestartRequest {
+            force: true,
+            dry_run: true,
+        })
+        .await
+        .expect("plans");
+    assert!(
+        dry.plan
+            .iter()
+            .any(|l| l.contains(&theirs) && l.contains("another cascade")),
+        "{:?}",
+        dry.plan
+    );
+
+    // And a container of the other instance's name: refused, not recreated.
+    let same_name = driver(config(vec![service(&theirs, free_port())])).await;
+    let error = error_of(same_name.start().await);
+    assert!(error.contains("managed by another cascade"), "{error}");
+
+    assert_eq!(
+        id(&theirs),
+        before,
+        "the other instance's container is untouched"
+    );
+    assert_eq!(
+        inspect(&theirs, "{{.State.Running}}").as_deref(),
+        Some("true")
+    );
+    assert_eq!(inspect(&ours, "{{.Id}}"), None, "nothing was created");
+}
+
+#[tokio::test]
+async fn stop_on_exit_stops_only_this_instances_containers_by_id() {
+    if !docker_available() {
+        return;
+    }
+    let (stranger, mine) = (unique("cascade-t-stranger"), unique("cascade-t-mine"));
+    let _cleanup = Cleanup(vec![stranger.clone(), mine.clone()]);
+    // A person's container with a name this cascade's config also uses.
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &stranger,
+        "--label",
+        TEST_LABEL,
+        demo_image(),
+    ]);
+    let mut c = config(vec![
+        service(&mine, free_port()),
+        service(&stranger, free_port()),
+    ]);
+    c.stop_on_exit = true;
+    let d = driver(c).await;
+    let error = error_of(d.start().await);
+    assert!(
+        error.contains(&stranger) && error.contains("not managed by cascade"),
+        "{error}"
+    );
+    assert_eq!(
+        inspect(&mine, "{{.State.Running}}").as_deref(),
+        Some("true"),
+        "the first container was created before the refusal"
+    );
+
+    d.stop(StopReason::Exiting).await.expect("stops");
+
+    assert_eq!(
+        inspect(&stranger, "{{.State.Running}}").as_deref(),
+        Some("true"),
+        "a stranger's container of a configured name is never stopped"
+    );
+    assert_eq!(
+        inspect(&mine, "{{.State.Running}}").as_deref(),
         Some("false")
     );
 }

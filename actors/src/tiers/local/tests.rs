@@ -750,6 +750,7 @@ async fn a_killed_tier_actor_is_replaced_without_touching_the_backend() {
         waterfall,
         supervisor,
         Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
     .expect("root starts");
