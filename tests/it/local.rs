@@ -521,3 +521,34 @@ async fn a_crash_looping_tier_waits_for_its_next_attempt_whatever_the_start_phas
     let started = cascade.logs().matches("\"Process started.\"").count();
     assert_eq!(started, 1, "the backend was spawned {started} times");
 }
+
+#[tokio::test]
+async fn a_backend_stopped_by_sigstop_is_replaced_without_waiting_out_the_grace() {
+    let cascade = Cascade::start_ready(Setup {
+        stop_grace: "10s".into(),
+        ..Setup::default()
+    })
+    .await;
+    let frozen = cascade.wait_backend_pid().await;
+    let _kill = KillOnDrop(frozen);
+    let stopped = std::time::Instant::now();
+    send_signal(frozen, Signal::Stop);
+
+    // Its probes fail, the start phase finds it stopped and replaces it at
+    // once: no SIGTERM it could not answer, no 10 s grace.
+    let tier = cascade
+        .wait_local("a new healthy backend", SHORT, |t| {
+            t["state"] == "healthy" && backend_pid(t).is_some_and(|p| p != frozen)
+        })
+        .await;
+    let took = stopped.elapsed();
+    wait_gone(frozen, SHORT, "the stopped backend to be killed").await;
+    assert!(
+        took < Duration::from_secs(8),
+        "replacing a stopped backend took {took:?} (stop_grace is 10s): {tier}"
+    );
+    assert!(
+        !cascade.logs().contains("Child ignored SIGTERM"),
+        "a stopped backend was sent SIGTERM and waited for"
+    );
+}

@@ -115,6 +115,7 @@ pub enum Signal {
     Term,
     Kill,
     Hup,
+    Stop,
 }
 
 impl Signal {
@@ -124,6 +125,7 @@ impl Signal {
             Signal::Term => "TERM",
             Signal::Kill => "KILL",
             Signal::Hup => "HUP",
+            Signal::Stop => "STOP",
         }
     }
 }
