@@ -551,4 +551,8 @@ async fn a_backend_stopped_by_sigstop_is_replaced_without_waiting_out_the_grace(
         !cascade.logs().contains("Child ignored SIGTERM"),
         "a stopped backend was sent SIGTERM and waited for"
     );
+    assert!(
+        tier["backend_restarts"].as_u64() >= Some(1),
+        "the start phase's restart is counted: {tier}"
+    );
 }

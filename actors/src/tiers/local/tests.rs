@@ -976,3 +976,25 @@ async fn dry_run_restart_changes_nothing_and_shows_no_secret_argument() {
     assert!(group_alive(pid));
     driver.stop(StopReason::Exiting).await.expect("stops");
 }
+
+#[test]
+fn the_crash_loop_ceiling_and_the_stderr_tail_are_validated() {
+    let config = LocalConfig {
+        crash_loop_ceiling: Duration::from_secs(30),
+        stderr_tail_lines: 1000,
+        ..LocalConfig::default()
+    };
+    let problems = config.validate();
+    assert!(
+        problems.contains(&(
+            "crash_loop_ceiling".into(),
+            "must be at least restart.cap (1m)".into()
+        )),
+        "{problems:?}"
+    );
+    assert!(
+        problems.contains(&("stderr_tail_lines".into(), "must be at most 200".into())),
+        "{problems:?}"
+    );
+    assert!(LocalConfig::default().validate().is_empty());
+}
