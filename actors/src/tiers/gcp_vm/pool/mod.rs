@@ -607,7 +607,9 @@ impl Pool {
     }
 
     /// Cancels everything and writes no checkpoint any more (the driver is going away; a new
-    /// driver may load the file at once).
+    /// driver may load the file at once). A write in flight finishes first; a queued one is
+    /// abandoned: every step that must be on disk before it goes on waited for it (`persist`), and
+    /// what a queued write held (a status, an IP) the next driver's reconcile reads again.
     pub fn shutdown(&self) {
         // Waits for a write in flight (one fsync), so none lands after this returns.
         self.writer.close();
