@@ -3,7 +3,12 @@
 //!
 //! Logs: human-readable lines on a terminal, JSON lines otherwise (or as the
 //! configuration or `--log-format` says); the level comes from `CASCADE_LOG`,
-//! else `RUST_LOG`, else `info`.
+//! else `RUST_LOG`, else `info`. Lines go to stderr through a bounded queue
+//! and a writer thread (`tracing-appender`'s lossy non-blocking writer): a
+//! sink that stalls (journald behind, a suspended terminal, a pipe nobody
+//! reads) costs lines, never a runtime worker. Dropped lines are counted in
+//! `cascade.log.lines.dropped`, and once the queue has drained one line says
+//! how many were lost.
 //!
 //! Metrics: one `SdkMeterProvider`, installed as the global one, which the
 //! instruments of `cascade_actors::metrics` bind to. It always has a
@@ -27,10 +32,16 @@
 //! or slow costs only the dropped batches, each counted in
 //! `cascade.telemetry.export.failures`. Shutdown runs on its own thread and
 //! is waited for at most `telemetry.shutdown_timeout`.
+//!
+//! Invariant: logging never blocks a tier or the root either: a thread
+//! that logs only ever queues a line or drops it.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
-use std::time::Duration;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use cascade_actors::metrics::metrics;
 use opentelemetry::trace::TracerProvider as _;
@@ -42,7 +53,9 @@ use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing::{info, warn};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -56,6 +69,7 @@ pub struct Telemetry {
     /// Whether `meters` pushes over OTLP (else it only serves scrapes).
     exporting: bool,
     scrape: Scrape,
+    logs: Logs,
 }
 
 /// Renders the Prometheus text exposition of cascade's metrics.
@@ -175,16 +189,20 @@ pub fn init(format: LogFormat, config: &config::Telemetry) -> Telemetry {
     let otel = tracer
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("cascade")));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let (writer, logs) = Logs::start(std::io::stderr());
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(not_an_actor_span))
+        .with(otel);
     let result = if json {
         let layer = tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_writer(std::io::stderr);
+            .with_writer(writer);
         registry.with(layer).try_init()
     } else {
         let layer = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .with_ansi(std::io::stderr().is_terminal());
         registry.with(layer).try_init()
     };
@@ -202,7 +220,7 @@ pub fn init(format: LogFormat, config: &config::Telemetry) -> Telemetry {
         );
         info!(
             endpoint,
-            protocol = ?export.protocol,
+            protocol = protocol_name(export.protocol),
             "OpenTelemetry export is on."
         );
     }
@@ -211,6 +229,7 @@ pub fn init(format: LogFormat, config: &config::Telemetry) -> Telemetry {
         meters,
         exporting,
         scrape,
+        logs,
     }
 }
 
@@ -219,43 +238,76 @@ impl Telemetry {
         self.scrape.clone()
     }
 
-    /// Flushes and stops the exporters, waiting at most `within`. The work
-    /// runs on its own thread: the SDK's shutdown blocks (and the meter
-    /// provider's ignores its timeout), so it must not hold a runtime worker,
-    /// and a thread left behind past `within` must not hold up the process's
-    /// exit as a `spawn_blocking` task would hold up the runtime's drop.
+    /// Flushes and stops the exporters, waiting at most `within`, then
+    /// the log writer, waiting at most [`LOG_FLUSH`]. The work runs on
+    /// threads of its own: the SDK's shutdown blocks (and the meter
+    /// provider's ignores its timeout), and so does a write to a stalled
+    /// stderr, so neither may hold a runtime worker, and a thread left
+    /// behind must not hold up the process's exit as a `spawn_blocking`
+    /// task would hold up the runtime's drop.
     pub async fn shutdown(self, within: Duration) {
-        if !self.exporting {
-            return;
+        let Telemetry {
+            tracer,
+            meters,
+            exporting,
+            logs,
+            ..
+        } = self;
+        if exporting {
+            flush_exports(tracer, meters, within).await;
         }
-        let (done, finished) = tokio::sync::oneshot::channel();
-        let Telemetry { tracer, meters, .. } = self;
-        let spawned = std::thread::Builder::new()
-            .name("otel-shutdown".into())
-            .spawn(move || {
-                let traces = tracer.map(|t| t.shutdown_with_timeout(within));
-                let metrics = meters.shutdown_with_timeout(within);
-                let _ = done.send((traces, metrics));
-            });
-        if let Err(e) = spawned {
-            warn!(error = %e, "Cannot flush telemetry: no thread for it.");
-            return;
-        }
-        match tokio::time::timeout(within, finished).await {
-            Ok(Ok((traces, metrics))) => {
-                if let Some(Err(e)) = traces {
-                    warn!(error = %e, "Traces were not all flushed.");
-                }
-                if let Err(e) = metrics {
-                    warn!(error = %e, "Metrics were not all flushed.");
-                }
+        logs.close().await;
+    }
+}
+
+/// Flushes and stops the exporters, waiting at most `within`.
+async fn flush_exports(
+    tracer: Option<SdkTracerProvider>,
+    meters: SdkMeterProvider,
+    within: Duration,
+) {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("otel-shutdown".into())
+        .spawn(move || {
+            let traces = tracer.map(|t| t.shutdown_with_timeout(within));
+            let metrics = meters.shutdown_with_timeout(within);
+            let _ = done.send((traces, metrics));
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "Cannot flush telemetry: no thread for it.");
+        return;
+    }
+    match tokio::time::timeout(within, finished).await {
+        Ok(Ok((traces, metrics))) => {
+            if let Some(Err(e)) = traces {
+                warn!(error = %e, "Traces were not all flushed.");
             }
-            Ok(Err(_)) => warn!("Telemetry shutdown thread failed."),
-            Err(_) => warn!(
-                "Telemetry was not flushed within {}; the rest is dropped.",
-                cascade_actors::text::duration(within)
-            ),
+            if let Err(e) = metrics {
+                warn!(error = %e, "Metrics were not all flushed.");
+            }
         }
+        Ok(Err(_)) => warn!("Telemetry shutdown thread failed."),
+        Err(_) => warn!(
+            "Telemetry was not flushed within {}; the rest is dropped.",
+            cascade_actors::text::duration(within)
+        ),
+    }
+}
+
+/// ractor wraps every actor's life in a span named `Actor`: one span as
+/// long as the process for the root, named for no work. cascade's own spans
+/// (`probe`, `start`, `restart`, `failover`, `heal`) say what is done; the
+/// events inside ractor's spans are kept.
+fn not_an_actor_span(metadata: &tracing::Metadata<'_>) -> bool {
+    !(metadata.is_span() && metadata.target().starts_with("ractor"))
+}
+
+/// The protocol as `OTEL_EXPORTER_OTLP_PROTOCOL` spells it.
+fn protocol_name(protocol: OtlpProtocol) -> &'static str {
+    match protocol {
+        OtlpProtocol::Grpc => "grpc",
+        OtlpProtocol::HttpProtobuf => "http/protobuf",
     }
 }
 
@@ -357,6 +409,211 @@ fn grpc_metadata(
         map.insert(name, value);
     }
     Ok(opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(map))
+}
+
+// === logs ===
+
+/// Log lines held while the sink is slower than cascade logs: a burst's
+/// worth, and at most a few MB (a backend's output lines are cut at 4 KB).
+/// A line that finds the queue full is dropped and counted.
+const LOG_QUEUE_LINES: usize = 1024;
+/// How often the drop watcher reads the counts.
+const LOG_WATCH_EVERY: Duration = Duration::from_millis(250);
+/// How long a stopping cascade waits for the queued lines to be written.
+pub const LOG_FLUSH: Duration = Duration::from_secs(2);
+
+/// Lines offered to the queue and lines the writer thread has handed to
+/// the sink; with the queue's drop count they tell how many wait.
+#[derive(Clone, Default)]
+struct LogCounts {
+    offered: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+/// The subscriber's writer: the non-blocking queue, counting what it is
+/// offered. The formatter writes each event with one `write_all`.
+#[derive(Clone)]
+struct LogWriter {
+    queue: NonBlocking,
+    offered: Arc<AtomicU64>,
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.offered.fetch_add(1, Ordering::Relaxed);
+        self.queue.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.write(buf).map(|_| ())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.queue.flush()
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> LogWriter {
+        self.clone()
+    }
+}
+
+/// The sink as the writer thread sees it, counting each line it has
+/// handled (written, or failed to write: either way it no longer waits).
+struct CountedSink<W> {
+    inner: W,
+    written: Arc<AtomicU64>,
+}
+
+impl<W: Write> Write for CountedSink<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let result = self.inner.write_all(buf);
+        self.written.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The log pipeline's threads: the writer (held by its guard) and the
+/// drop watcher (stopped by dropping `stop`).
+struct Logs {
+    guard: WorkerGuard,
+    stop: mpsc::Sender<()>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Logs {
+    /// A lossy non-blocking writer to `sink` and the thread that counts
+    /// its drops.
+    fn start<W: Write + Send + 'static>(sink: W) -> (LogWriter, Logs) {
+        let counts = LogCounts::default();
+        let (queue, guard) = NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(LOG_QUEUE_LINES)
+            .thread_name("cascade-log")
+            .finish(CountedSink {
+                inner: sink,
+                written: counts.written.clone(),
+            });
+        let dropped = queue.error_counter();
+        let writer = LogWriter {
+            queue,
+            offered: counts.offered.clone(),
+        };
+        // Visible as 0 before the first drop.
+        metrics().log_lines_dropped(0);
+        let (stop, stopped) = mpsc::channel();
+        let watcher = std::thread::Builder::new()
+            .name("cascade-log-drops".into())
+            .spawn(move || watch_drops(&dropped, &counts, &stopped))
+            .map_err(|e| eprintln!("cascade: log drops will not be counted: {e}"))
+            .ok();
+        (
+            writer,
+            Logs {
+                guard,
+                stop,
+                watcher,
+            },
+        )
+    }
+
+    /// Stops the watcher and lets the writer thread write what is queued,
+    /// waiting at most [`LOG_FLUSH`] (a stalled sink keeps the rest).
+    async fn close(self) {
+        let Logs {
+            guard,
+            stop,
+            watcher,
+        } = self;
+        drop(stop);
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("cascade-log-flush".into())
+            .spawn(move || {
+                if let Some(watcher) = watcher {
+                    let _ = watcher.join();
+                }
+                // Waits for the writer thread, at most about a second.
+                drop(guard);
+                let _ = done.send(());
+            });
+        if spawned.is_ok() {
+            let _ = tokio::time::timeout(LOG_FLUSH, finished).await;
+        }
+    }
+}
+
+/// Counts drops into the metric until `stop` is dropped, and logs one
+/// line per stall once the queue has drained.
+fn watch_drops(dropped: &ErrorCounter, counts: &LogCounts, stop: &mpsc::Receiver<()>) {
+    let mut watch = DropWatch::default();
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(LOG_WATCH_EVERY) {
+        // Drops and writes first: a line offered meanwhile only makes the
+        // backlog look longer, never drained.
+        let lost = dropped.dropped_lines() as u64;
+        let written = counts.written.load(Ordering::Relaxed);
+        let offered = counts.offered.load(Ordering::Relaxed);
+        let backlog = offered.saturating_sub(written).saturating_sub(lost);
+        let (new, recovered) = watch.look(lost, backlog, Instant::now());
+        if new > 0 {
+            metrics().log_lines_dropped(new);
+        }
+        if let Some(stall) = recovered {
+            warn!(
+                dropped = stall.dropped,
+                stalled_for = %cascade_actors::text::duration(stall.took),
+                "Log output was stalled; lines were dropped rather than wait for it."
+            );
+        }
+    }
+}
+
+/// The drop watcher's memory: drops already counted, and the stall in progress.
+#[derive(Debug, Default)]
+struct DropWatch {
+    counted: u64,
+    /// When the first line of this stall was dropped, and the drop count before it.
+    stall: Option<(Instant, u64)>,
+}
+
+/// A stall that is over: how many lines it cost and how long it lasted.
+#[derive(Debug, PartialEq)]
+struct Stall {
+    dropped: u64,
+    took: Duration,
+}
+
+impl DropWatch {
+    /// Given the drop count so far and the lines still queued, returns
+    /// how many drops are new and, when the queue has drained after a
+    /// stall, that stall.
+    fn look(&mut self, dropped: u64, backlog: u64, now: Instant) -> (u64, Option<Stall>) {
+        let new = dropped.saturating_sub(self.counted);
+        self.counted = self.counted.max(dropped);
+        if new > 0 {
+            self.stall.get_or_insert((now, dropped - new));
+            return (new, None);
+        }
+        if backlog > 0 {
+            return (0, None);
+        }
+        let over = self.stall.take().map(|(since, before)| Stall {
+            dropped: dropped - before,
+            took: now.saturating_duration_since(since),
+        });
+        (0, over)
+    }
 }
 
 // === impl Counted ===
@@ -482,5 +739,100 @@ mod tests {
         let text = crate::settings::render_redacted(&config).expect("renders");
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("authorization = \"<redacted>\""), "{text}");
+    }
+
+    /// A sink whose first write waits until the test opens it.
+    struct Stalled {
+        open: mpsc::Receiver<()>,
+        opened: bool,
+        lines: Arc<std::sync::Mutex<u64>>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if !self.opened {
+                let _ = self.open.recv();
+                self.opened = true;
+            }
+            *self.lines.lock().unwrap() += 1;
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_sink_costs_lines_and_never_blocks_the_caller() {
+        let (open, opened) = mpsc::channel();
+        let written = Arc::new(std::sync::Mutex::new(0));
+        let (writer, logs) = Logs::start(Stalled {
+            open: opened,
+            opened: false,
+            lines: written.clone(),
+        });
+        let lines = 4 * LOG_QUEUE_LINES;
+        let (done, finished) = mpsc::channel();
+        let mut caller = writer.clone();
+        std::thread::spawn(move || {
+            for n in 0..lines {
+                let _ = caller.write_all(format!("line {n}\n").as_bytes());
+            }
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("writing to a stalled sink returns");
+        let dropped = writer.queue.error_counter().dropped_lines();
+        assert!(
+            dropped >= lines - LOG_QUEUE_LINES - 1,
+            "{dropped} of {lines} dropped"
+        );
+
+        drop(open);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while *written.lock().unwrap() + dropped as u64 != lines as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "the queue drains once the sink takes lines"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(logs);
+    }
+
+    #[test]
+    fn a_stall_is_reported_once_after_the_queue_has_drained() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut watch = DropWatch::default();
+        assert_eq!(watch.look(0, 0, at(0)), (0, None));
+        assert_eq!(watch.look(5, 1024, at(250)), (5, None));
+        assert_eq!(watch.look(12, 1024, at(500)), (7, None));
+        // No new drops, but lines still wait: not over yet.
+        assert_eq!(watch.look(12, 300, at(750)), (0, None));
+        assert_eq!(
+            watch.look(12, 0, at(1000)),
+            (
+                0,
+                Some(Stall {
+                    dropped: 12,
+                    took: Duration::from_millis(750)
+                })
+            )
+        );
+        assert_eq!(watch.look(12, 0, at(1250)), (0, None), "said once");
+        assert_eq!(watch.look(13, 1024, at(1500)), (1, None));
+        assert_eq!(
+            watch.look(13, 0, at(1750)),
+            (
+                0,
+                Some(Stall {
+                    dropped: 1,
+                    took: Duration::from_millis(250)
+                })
+            )
+        );
     }
 }

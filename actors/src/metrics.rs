@@ -41,6 +41,7 @@ pub const NAMES: &[&str] = &[
     "cascade.autoheal.restarts",
     "cascade.autoheal.give_ups",
     "cascade.telemetry.export.failures",
+    "cascade.log.lines.dropped",
     "cascade.router.requests",
     "cascade.router.attempts",
     "cascade.router.retries",
@@ -75,6 +76,7 @@ pub struct Metrics {
     autoheal_restarts: Counter<u64>,
     autoheal_give_ups: Counter<u64>,
     export_failures: Counter<u64>,
+    log_lines_dropped: Counter<u64>,
     router_requests: Counter<u64>,
     router_attempts: Histogram<u64>,
     router_retries: Counter<u64>,
@@ -170,6 +172,12 @@ impl Metrics {
             export_failures: meter
                 .u64_counter("cascade.telemetry.export.failures")
                 .with_description("OTLP exports that failed (the batch is dropped), by signal.")
+                .build(),
+            log_lines_dropped: meter
+                .u64_counter("cascade.log.lines.dropped")
+                .with_description(
+                    "Log lines dropped because the log sink (stderr) did not take them in time.",
+                )
                 .build(),
             router_requests: meter
                 .u64_counter("cascade.router.requests")
@@ -324,5 +332,10 @@ impl Metrics {
     pub fn export_failure(&self, signal: &'static str) {
         self.export_failures
             .add(1, &[KeyValue::new("signal", signal)]);
+    }
+
+    /// `lines` log lines were dropped (0 makes the counter visible).
+    pub fn log_lines_dropped(&self, lines: u64) {
+        self.log_lines_dropped.add(lines, &[]);
     }
 }

@@ -732,7 +732,8 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
         state.notify.ready();
     }
     if let Some(line) = &decision.line {
-        info!(active = ?decision.active.map(|t| t.as_str()), "{line}");
+        let active = decision.active.map_or("none", TierId::as_str);
+        info!(active, "{line}");
         state.last_decision = line.clone();
         state.notify.status(line);
     } else if first_ready && !state.last_decision.is_empty() {
