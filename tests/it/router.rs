@@ -260,7 +260,15 @@ async fn requests_survive_the_docker_tier_dying_under_load() {
     let image = format!("cascade-demo:it-router-{}", std::process::id());
     docker(&["tag", IMAGE, &image]);
     let _removed = Removed(name.clone());
-    let cascade = Cascade::start(setup(&name, &image, crate::support::free_port(), false)).await;
+    let mut slow = setup(&name, &image, crate::support::free_port(), false);
+    // Every request takes 300 ms, so requests are in flight when the
+    // container dies, however loaded the machine is.
+    slow.extra = slow.extra.replace(
+        "USER_ID = \"1000\"",
+        "USER_ID = \"1000\", DEMO_LATENCY_MS = \"300\"",
+    );
+    assert!(slow.extra.contains("DEMO_LATENCY_MS"), "{}", slow.extra);
+    let cascade = Cascade::start(slow).await;
     wait_for(Duration::from_secs(60), "docker active", async || {
         let s = cascade.status().await;
         if s["active"] == "docker" {
