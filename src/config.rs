@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cascade_actors::autoheal::{Autoheal, AutohealHandle, AutohealSpec};
 use cascade_actors::supervisor::SupervisorConfig;
 use cascade_actors::tier::TierSpec;
 use cascade_actors::tiers::cloud_run::{self, CloudRunConfig};
@@ -447,6 +448,16 @@ fn duration_bounds(config: &Config) -> Vec<(String, String)> {
 
 /// The tiers to run, in waterfall order, as cascade `instance` runs them.
 pub fn tier_specs(config: &Config, instance: &Instance) -> Vec<TierSpec> {
+    tier_specs_with(config, instance, None)
+}
+
+/// [`tier_specs`], with the docker tier telling `autoheal` of the
+/// containers it stops itself.
+pub fn tier_specs_with(
+    config: &Config,
+    instance: &Instance,
+    autoheal: Option<&AutohealHandle>,
+) -> Vec<TierSpec> {
     let state_dir = state_dir(config);
     config
         .waterfall
@@ -458,11 +469,10 @@ pub fn tier_specs(config: &Config, instance: &Instance) -> Vec<TierSpec> {
                 .local
                 .clone()
                 .map(|local| local::tier_spec(local, &state_dir)),
-            TierId::Docker => {
-                config.tiers.docker.clone().map(|docker| {
-                    docker::tier_spec(docker, DockerEnv::from_env(), instance.clone())
-                })
-            }
+            TierId::Docker => config.tiers.docker.clone().map(|docker| {
+                let autoheal = autoheal.cloned();
+                docker::tier_spec(docker, DockerEnv::from_env(), instance.clone(), autoheal)
+            }),
             TierId::CloudRun => config
                 .tiers
                 .cloud_run
@@ -474,6 +484,23 @@ pub fn tier_specs(config: &Config, instance: &Instance) -> Vec<TierSpec> {
             }),
         })
         .collect()
+}
+
+/// Docker autoheal as this configuration runs it, over `autoheal`'s
+/// memory: with `[tiers.docker]` configured (in the waterfall order or
+/// not), from its daemon, `autoheal` and `webhook` settings; with no tier
+/// at all, from their defaults, as the host's autoheal. `None` when it is
+/// disabled, or when only other tiers are configured.
+pub fn autoheal_spec(config: &Config, autoheal: &Autoheal) -> Option<AutohealSpec> {
+    let docker = match &config.tiers.docker {
+        Some(docker) => docker.clone(),
+        None if config.waterfall.order.is_empty() => DockerConfig::default(),
+        None => return None,
+    };
+    docker
+        .autoheal
+        .enabled
+        .then(|| AutohealSpec::new(&docker, DockerEnv::from_env(), autoheal))
 }
 
 /// Where the `gcp_vm` pool named `pool` keeps what it manages.

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use cascade_actors::Instance;
+use cascade_actors::autoheal::Autoheal;
 use cascade_actors::routing::{RouteTier, RoutingTable};
 use cascade_actors::supervisor::{self, Exit, RootMsg};
 use cascade_actors::tier::TierSpec;
@@ -90,19 +91,23 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
     // Computed once: what this cascade creates on a shared platform is
     // labelled with it, and only what carries it is stopped or removed.
     let instance = Instance::from_state_dir(&dir);
-    let specs = config::tier_specs(&config, &instance);
+    // Made once: every autoheal actor of this process keeps its history here.
+    let autoheal = Autoheal::new();
+    let heals = autoheal.handle();
+    let specs = config::tier_specs_with(&config, &instance, Some(&heals));
     let restart_timeout = specs
         .iter()
         .map(|s| s.stop_grace + s.start_timeout)
         .max()
         .unwrap_or_default()
         + Duration::from_secs(5);
-    let mut running = supervisor::start(
+    let mut running = supervisor::start_with_autoheal(
         specs,
         config.waterfall.clone(),
         config.supervisor.clone(),
         std::sync::Arc::new(cascade_actors::notify::Systemd::from_env()),
         instance.clone(),
+        config::autoheal_spec(&config, &autoheal),
     )
     .await
     .map_err(|e| format!("cannot start the supervisor: {e}"))?;
@@ -180,7 +185,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
             _ = interrupt.recv() => break None,
             _ = terminate.recv() => break None,
             _ = hangup.recv() => {
-                reload(&running.root, router.as_ref(), &source, &instance, &mut current).await
+                reload(&running.root, router.as_ref(), &source, &instance, &autoheal, &mut current).await
             }
             exit = &mut running.exit => break Some(exit.unwrap_or(Exit::Shutdown)),
         }
@@ -309,6 +314,7 @@ async fn reload(
     router: Option<&Router>,
     source: &Source,
     instance: &Instance,
+    autoheal: &Autoheal,
     current: &mut Config,
 ) {
     info!("SIGHUP received; reloading the configuration.");
@@ -339,8 +345,12 @@ async fn reload(
     // Stopping every old tier and spawning the new ones bounds the reload.
     let budget = stop_budget(&config::tier_specs(current, instance))
         + stop_budget(&config::tier_specs(&new, instance));
-    let tiers = config::tier_specs(&new, instance);
+    let tiers = config::tier_specs_with(&new, instance, Some(&autoheal.handle()));
     let waterfall = new.waterfall.clone();
+    let heal = config::autoheal_spec(&new, autoheal);
+    if let Err(e) = root.send_message(RootMsg::ReloadAutoheal(heal.map(Box::new))) {
+        warn!(error = %e, "Autoheal's reload could not be delivered.");
+    }
     *current = new;
     let answer = root
         .call(

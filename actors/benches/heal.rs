@@ -19,13 +19,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cascade_actors::autoheal::{self, AutohealHandle};
+use cascade_actors::Instance;
+use cascade_actors::autoheal::{Autoheal, AutohealHandle, AutohealSpec};
+use cascade_actors::notify::NoNotify;
+use cascade_actors::supervisor::{self, RootMsg, SupervisorConfig};
 use cascade_actors::tiers::docker::config::{DockerConfig, MANAGED_LABEL};
-use cascade_actors::tiers::docker::connect::{Connector, DockerEnv, DockerHost};
+use cascade_actors::tiers::docker::connect::{DockerEnv, DockerHost};
+use cascade_actors::waterfall::WaterfallConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 const IMAGE: &str = "cascade-demo:bench";
 const BENCH_LABEL: &str = "cascade.bench";
@@ -59,14 +62,12 @@ async fn bench(cleanup: &Cleanup) {
     let label = format!("cascade-bench-{pid}");
     let mut config = DockerConfig::default();
     config.autoheal.label = label.clone();
-    let connector = Connector::with_host(
-        DockerHost::Unix(relay.path.clone()),
-        config.ping_timeout,
-        config.call_timeout,
-    );
-    let tasks = TaskTracker::new();
-    let cancel = CancellationToken::new();
-    let handle = autoheal::spawn(&config, connector, &tasks, cancel.clone(), Arc::new(|_| {}));
+    config.host = Some(format!("unix://{}", relay.path.display()));
+    // autoheal as cascade runs it: an actor under a root with no tier.
+    let autoheal = Autoheal::new();
+    let handle = autoheal.handle();
+    let spec = AutohealSpec::new(&config, DockerEnv::default(), &autoheal);
+    let root = root_with(spec).await;
     wait_for("autoheal connected", Duration::from_secs(20), || {
         handle.connected()
     })
@@ -183,18 +184,40 @@ async fn bench(cleanup: &Cleanup) {
     );
 
     // Stop healing before removing, or the removals would be healed.
-    cancel.cancel();
-    tasks.close();
-    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
-        .await
-        .is_err()
-    {
-        println!("  warning: autoheal did not stop within 5 s");
-    }
+    stop_root(root).await;
     relay.stop();
     step("removing the containers");
     cleanup.run();
     println!("bench finished in {:.0} s", started.elapsed().as_secs_f64());
+}
+
+/// A root supervisor with no tier and this autoheal.
+async fn root_with(spec: AutohealSpec) -> supervisor::Running {
+    let waterfall = WaterfallConfig {
+        order: Vec::new(),
+        ..WaterfallConfig::default()
+    };
+    let state_dir = std::env::temp_dir().join(format!("cascade-bench-{}", std::process::id()));
+    supervisor::start_with_autoheal(
+        Vec::new(),
+        waterfall,
+        SupervisorConfig::default(),
+        Arc::new(NoNotify),
+        Instance::from_state_dir(&state_dir),
+        Some(spec),
+    )
+    .await
+    .expect("the root starts")
+}
+
+async fn stop_root(root: supervisor::Running) {
+    let stopped = root
+        .root
+        .call(RootMsg::Shutdown, Some(Duration::from_secs(10)))
+        .await;
+    if !matches!(stopped, Ok(ractor::rpc::CallResult::Success(()))) {
+        println!("  warning: autoheal did not stop within 10 s");
+    }
 }
 
 fn restarts(handle: &AutohealHandle, name: &str) -> u64 {

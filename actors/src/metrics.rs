@@ -40,6 +40,10 @@ pub const NAMES: &[&str] = &[
     "cascade.breaker.transitions",
     "cascade.autoheal.restarts",
     "cascade.autoheal.give_ups",
+    "cascade.autoheal.connected",
+    "cascade.autoheal.watched",
+    "cascade.autoheal.last_event",
+    "cascade.autoheal.actor_restarts",
     "cascade.telemetry.export.failures",
     "cascade.log.lines.dropped",
     "cascade.router.requests",
@@ -75,6 +79,10 @@ pub struct Metrics {
     breaker_transitions: Counter<u64>,
     autoheal_restarts: Counter<u64>,
     autoheal_give_ups: Counter<u64>,
+    autoheal_connected: Gauge<i64>,
+    autoheal_watched: Gauge<u64>,
+    autoheal_last_event: Gauge<f64>,
+    autoheal_actor_restarts: Counter<u64>,
     export_failures: Counter<u64>,
     log_lines_dropped: Counter<u64>,
     router_requests: Counter<u64>,
@@ -168,6 +176,25 @@ impl Metrics {
             autoheal_give_ups: meter
                 .u64_counter("cascade.autoheal.give_ups")
                 .with_description("Containers Docker autoheal stopped restarting.")
+                .build(),
+            autoheal_connected: meter
+                .i64_gauge("cascade.autoheal.connected")
+                .with_description("1 while autoheal follows the Docker event stream.")
+                .build(),
+            autoheal_watched: meter
+                .u64_gauge("cascade.autoheal.watched")
+                .with_description("Containers autoheal watches.")
+                .build(),
+            autoheal_last_event: meter
+                .f64_gauge("cascade.autoheal.last_event")
+                .with_unit("s")
+                .with_description(
+                    "Daemon time (Unix seconds) of the last Docker event autoheal saw.",
+                )
+                .build(),
+            autoheal_actor_restarts: meter
+                .u64_counter("cascade.autoheal.actor_restarts")
+                .with_description("Restarts of the autoheal actor by the root.")
                 .build(),
             export_failures: meter
                 .u64_counter("cascade.telemetry.export.failures")
@@ -278,6 +305,26 @@ impl Metrics {
     pub fn autoheal_give_up(&self, container: &str) {
         self.autoheal_give_ups
             .add(1, &[KeyValue::new("container", container.to_owned())]);
+    }
+
+    /// What autoheal last published.
+    pub fn autoheal_state(
+        &self,
+        connected: bool,
+        watched: usize,
+        last_event: Option<std::time::SystemTime>,
+    ) {
+        self.autoheal_connected.record(i64::from(connected), &[]);
+        self.autoheal_watched
+            .record(u64::try_from(watched).unwrap_or(u64::MAX), &[]);
+        if let Some(at) = last_event.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()) {
+            self.autoheal_last_event.record(at.as_secs_f64(), &[]);
+        }
+    }
+
+    /// The root restarted the autoheal actor.
+    pub fn autoheal_actor_restart(&self) {
+        self.autoheal_actor_restarts.add(1, &[]);
     }
 
     /// A routed request was answered (its head sent) by `tier` (`None`:

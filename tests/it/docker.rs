@@ -158,12 +158,12 @@ async fn docker_is_preferred_checked_and_healed_through_the_binary() {
         "autoheal reported in /status",
         async || {
             let s = cascade.status().await;
-            let heal = tier(&s, "docker")["details"][format!("autoheal.{name}")]
-                .as_str()
-                .unwrap_or("")
-                .to_owned();
+            let healed = s["autoheal"]["containers"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["container"] == *name && c["restarts"] == 1)
+            });
             let healthy = tier(&s, "docker")["state"] == "healthy";
-            if heal.starts_with("restarts 1") && s["active"] == "docker" && healthy {
+            if healed && s["active"] == "docker" && healthy {
                 Ok(s)
             } else {
                 Err(s.to_string())

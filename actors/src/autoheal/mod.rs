@@ -2,10 +2,13 @@
 //! decided per Docker event.
 //!
 //! - `event.rs` — Docker's events and container lists, as plain values.
-//! - `decide.rs` — every decision (which containers are watched, heal now,
+//! - `decide/` — every decision (which containers are watched, heal now,
 //!   after a backoff, or give up), pure: event + history + now → steps.
-//! - this file — the runner: follows the event stream, feeds the decisions
-//!   and carries out their steps (restart requests, timers, webhooks).
+//! - this file — [`Autoheal`], the memory made once per process, and the
+//!   runner: follows the event stream, feeds the decisions and carries out
+//!   their steps (restart requests, timers, webhooks).
+//! - `actor.rs` — the actor under the root that runs one runner, and the
+//!   root's [`Slot`] for it.
 //! - `client.rs` — the Docker calls, behind the small [`client::Engine`]
 //!   trait; `webhook.rs` — notifications.
 //!
@@ -17,13 +20,15 @@
 //! containers: one found exited may have been stopped on purpose before
 //! cascade started, and nothing recorded why.
 //!
-//! Invariants: one task owns the history ([`decide::Book`]) and is the only
-//! one to decide; it never awaits Docker (restarts, delays, connecting and
-//! webhooks are tracked tasks or futures polled in its `select!`, and end
-//! with `cancel`). The handle talks to it by message and reads what it
-//! publishes. Idle, it makes no Docker calls at all: the open event stream
-//! is the only request.
+//! Invariants: one runner at a time owns the mailbox and is the only one to
+//! decide; the history ([`decide::Book`]) is locked per decision and never
+//! across an await. The runner never awaits Docker (restarts, delays,
+//! connecting and webhooks are tracked tasks or futures polled in its
+//! `select!`, and end with `cancel`). The handle talks to it by message and
+//! reads what it publishes. Idle, it makes no Docker calls at all: the open
+//! event stream is the only request.
 
+mod actor;
 mod client;
 pub(crate) mod decide;
 pub(crate) mod event;
@@ -34,7 +39,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::models::EventMessage;
@@ -52,43 +57,73 @@ use client::{Connected, Daemon, Engine, EventStream, Query};
 use decide::{Book, Healer, Now, Order, Outcome, Policy, Selection, Step};
 use webhook::{NoticeKind, Notifier};
 
+pub use actor::{AutohealActor, AutohealMsg, AutohealSpec, AutohealStatus, Slot};
 pub use decide::{HealReport, MANAGED_LABEL, OPT_OUT_LABEL, STOP_TIMEOUT_LABEL};
 
-/// Starts the autoheal loop as one task in `tasks`; it ends when `cancel`
-/// fires. With `autoheal.enabled = false` nothing runs and the handle's
-/// reports stay empty.
-pub fn spawn(
-    config: &DockerConfig,
-    connector: Connector,
-    tasks: &TaskTracker,
-    cancel: CancellationToken,
-    on_change: Arc<dyn Fn(String) + Send + Sync>,
-) -> AutohealHandle {
-    start(config, connector, tasks, cancel, on_change, None)
+/// What outlives any one runner of autoheal: the history ([`Book`]), the
+/// mailbox cascade's tiers write to, and what was last published. Made once
+/// per process; the autoheal actor the root restarts, and every runner a
+/// change of settings brings, take over the same one, so neither a restart
+/// nor a reload loses a container's backoff or the stream position.
+#[derive(Clone)]
+pub struct Autoheal {
+    memory: Arc<Memory>,
 }
 
-/// [`spawn`], considering only containers that also carry the label `scope`
-/// (`key=value`), so concurrent tests do not heal each other's containers.
-#[cfg(test)]
-pub(crate) fn spawn_scoped(
-    config: &DockerConfig,
-    connector: Connector,
-    tasks: &TaskTracker,
-    cancel: CancellationToken,
-    on_change: Arc<dyn Fn(String) + Send + Sync>,
-    scope: &str,
-) -> AutohealHandle {
-    start(
-        config,
-        connector,
-        tasks,
-        cancel,
-        on_change,
-        Some(scope.to_owned()),
-    )
+struct Memory {
+    /// Locked only for a decision or a publish, never across an await.
+    book: Mutex<Book>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Held by the running runner for its whole life: what the tiers send
+    /// while no runner is up waits here for the next one.
+    inbox: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Command>>>,
+    published: watch::Sender<Published>,
 }
 
-/// The decision settings of a docker tier's `[autoheal]`.
+impl Default for Autoheal {
+    fn default() -> Self {
+        Autoheal::new()
+    }
+}
+
+impl Autoheal {
+    pub fn new() -> Autoheal {
+        let (commands, inbox) = mpsc::unbounded_channel();
+        Autoheal {
+            memory: Arc::new(Memory {
+                book: Mutex::new(Book::default()),
+                commands,
+                inbox: Arc::new(tokio::sync::Mutex::new(inbox)),
+                published: watch::channel(Published::default()).0,
+            }),
+        }
+    }
+
+    /// For the docker tier (it announces its own stops) and for readers.
+    pub fn handle(&self) -> AutohealHandle {
+        AutohealHandle {
+            commands: self.memory.commands.clone(),
+            published: self.memory.published.subscribe(),
+        }
+    }
+}
+
+impl Memory {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // A decision that panicked leaves a book still worth more than none.
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// How one runner is set up.
+pub(crate) struct Setup {
+    pub config: DockerConfig,
+    pub connector: Connector,
+    /// `key=value` every considered container must also carry (tests).
+    pub scope: Option<String>,
+}
+
+/// The decision settings of `[tiers.docker.autoheal]`.
 pub(crate) fn policy(config: &DockerConfig) -> Policy {
     let a = &config.autoheal;
     Policy {
@@ -106,46 +141,32 @@ pub(crate) fn policy(config: &DockerConfig) -> Policy {
     }
 }
 
-fn start(
-    config: &DockerConfig,
-    connector: Connector,
+/// Starts a runner over `autoheal`'s memory as one task in `tasks`, and
+/// returns that task; it ends when `cancel` fires.
+pub(crate) fn start(
+    autoheal: &Autoheal,
+    setup: Setup,
     tasks: &TaskTracker,
     cancel: CancellationToken,
     on_change: Arc<dyn Fn(String) + Send + Sync>,
-    scope: Option<String>,
-) -> AutohealHandle {
-    let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-    let (published_tx, published_rx) = watch::channel(Published::default());
-    let handle = AutohealHandle {
-        commands: commands_tx,
-        published: published_rx,
-    };
-    if !config.autoheal.enabled {
-        info!("Autoheal is disabled.");
-        return handle;
-    }
+) -> tokio::task::JoinHandle<()> {
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
-    let mut policy = policy(config);
-    if let Some(scope) = scope {
-        policy = policy.scoped(&scope);
+    let mut policy = policy(&setup.config);
+    if let Some(scope) = &setup.scope {
+        policy = policy.scoped(scope);
     }
     let runner = Runner {
         policy,
-        book: Book::default(),
-        reconnect: config.autoheal.reconnect.clone(),
-        engine: Arc::new(Daemon(connector)),
+        memory: autoheal.memory.clone(),
+        reconnect: setup.config.autoheal.reconnect.clone(),
+        engine: Arc::new(Daemon(setup.connector)),
         tasks: tasks.clone(),
         cancel: cancel.clone(),
         internal: internal_tx,
         on_change,
-        notifier: Notifier::new(&config.webhook),
-        published: published_tx,
+        notifier: Notifier::new(&setup.config.webhook),
     };
-    tasks.spawn(
-        run(runner, commands_rx, internal_rx)
-            .instrument(info_span!("autoheal", backend.tier = "docker")),
-    );
-    handle
+    tasks.spawn(run(runner, internal_rx).instrument(info_span!("autoheal")))
 }
 
 // === impl AutohealHandle ===
@@ -170,7 +191,7 @@ impl AutohealHandle {
             .send(Command::ExpectStop(container_name.to_owned()))
             .is_err()
         {
-            debug!(container = %container_name, "Autoheal is not running; nothing to tell.");
+            debug!(container = %container_name, "Autoheal is gone; nothing to tell.");
         }
     }
 
@@ -198,6 +219,12 @@ impl AutohealHandle {
             .latencies
             .get(container_name)
             .copied()
+    }
+
+    /// Waits for the next publication; `false` once nothing publishes any
+    /// more.
+    pub(crate) async fn changed(&mut self) -> bool {
+        self.published.changed().await.is_ok()
     }
 }
 
@@ -239,7 +266,7 @@ pub struct Summary {
 
 struct Runner {
     policy: Policy,
-    book: Book,
+    memory: Arc<Memory>,
     reconnect: BackoffConfig,
     engine: Arc<dyn Engine>,
     tasks: TaskTracker,
@@ -248,7 +275,6 @@ struct Runner {
     internal: mpsc::UnboundedSender<Internal>,
     on_change: Arc<dyn Fn(String) + Send + Sync>,
     notifier: Notifier,
-    published: watch::Sender<Published>,
 }
 
 /// The loop's link to the daemon.
@@ -286,11 +312,15 @@ fn now() -> Now {
     }
 }
 
-async fn run(
-    mut runner: Runner,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    mut internal: mpsc::UnboundedReceiver<Internal>,
-) {
+async fn run(mut runner: Runner, mut internal: mpsc::UnboundedReceiver<Internal>) {
+    // The previous runner, if it is still winding down, gives the mailbox
+    // up when it ends.
+    let inbox = runner.memory.inbox.clone();
+    let Some(mut commands) = runner.cancel.run_until_cancelled(inbox.lock_owned()).await else {
+        return;
+    };
+    let steps = runner.decide(|healer, _| healer.resume());
+    runner.carry_out(steps);
     let mut reconnect = Backoff::new(runner.reconnect.clone());
     let mut link = Link::Connecting(runner.connect());
     // Only the first failure of a series is a warning; retries are debug.
@@ -322,7 +352,7 @@ async fn run(
                 }
                 LinkStep::Retry => link = Link::Connecting(runner.connect()),
                 LinkStep::Event(Some(Ok(event))) => {
-                    let steps = runner.healer().message(event, now());
+                    let steps = runner.decide(|healer, now| healer.message(event, now));
                     runner.carry_out(steps);
                 }
                 LinkStep::Event(broken) => {
@@ -348,16 +378,19 @@ async fn run(
 // === impl Runner ===
 
 impl Runner {
-    fn healer(&mut self) -> Healer<'_> {
-        Healer {
+    /// One decision over the book, made now.
+    fn decide<R>(&self, decision: impl FnOnce(&mut Healer<'_>, Now) -> R) -> R {
+        let mut book = self.memory.book();
+        let mut healer = Healer {
             policy: &self.policy,
-            book: &mut self.book,
-        }
+            book: &mut book,
+        };
+        decision(&mut healer, now())
     }
 
     fn connect(&self) -> Pin<Box<dyn Future<Output = Result<Connected, DockerError>> + Send>> {
         let query = Query {
-            resume_from: self.book.resume_from(),
+            resume_from: self.memory.book().resume_from(),
             lists: self.policy.lists(),
             scope: self.policy.scope_filter(),
         };
@@ -372,12 +405,12 @@ impl Runner {
             stream,
         } = connected;
         info!(
-            resumed_from = ?self.book.resume_from(),
+            resumed_from = self.memory.book().resume_from(),
             replayed = replay.len(),
             listed = listing.len(),
             "Following the Docker event stream."
         );
-        let steps = self.healer().connected(replay, listing, live_from, now());
+        let steps = self.decide(|healer, now| healer.connected(replay, listing, live_from, now));
         self.carry_out(steps);
         self.set_connected(true);
         stream
@@ -385,16 +418,16 @@ impl Runner {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::ExpectStop(name) => self.healer().expect_stop(&name),
+            Command::ExpectStop(name) => self.decide(|healer, _| healer.expect_stop(&name)),
         }
         self.publish();
     }
 
     fn on_internal(&mut self, msg: Internal) {
         let steps = match msg {
-            Internal::Due { id, seq } => self.healer().due(&id, seq, now()),
+            Internal::Due { id, seq } => self.decide(|healer, now| healer.due(&id, seq, now)),
             Internal::Restarted { order, outcome } => {
-                self.healer().restarted(&order, outcome, now())
+                self.decide(|healer, now| healer.restarted(&order, outcome, now))
             }
         };
         self.carry_out(steps);
@@ -484,7 +517,7 @@ impl Runner {
     }
 
     fn set_connected(&mut self, connected: bool) {
-        self.published.send_if_modified(|p| {
+        self.memory.published.send_if_modified(|p| {
             let changed = p.connected != connected;
             p.connected = connected;
             changed
@@ -492,15 +525,21 @@ impl Runner {
     }
 
     fn publish(&mut self) {
-        let reports = self.book.reports();
-        let latencies = self.book.latencies().into_iter().collect();
-        let summary = Summary {
-            watched: self.book.watched(),
-            heals: self.book.heals(),
-            give_ups: self.book.give_ups(),
-            last_event: self.book.last_event(),
+        let (reports, latencies, summary) = {
+            let book = self.memory.book();
+            let summary = Summary {
+                watched: book.watched(),
+                heals: book.heals(),
+                give_ups: book.give_ups(),
+                last_event: book.last_event(),
+            };
+            (
+                book.reports(),
+                book.latencies().into_iter().collect(),
+                summary,
+            )
         };
-        self.published.send_if_modified(|p| {
+        self.memory.published.send_if_modified(|p| {
             if p.reports == reports && p.latencies == latencies && p.summary == summary {
                 return false;
             }

@@ -2,7 +2,7 @@
 //! breaks containers with the docker CLI.
 //!
 //! Every test uses its own autoheal label and a scope label that only its
-//! containers carry (`spawn_scoped`), so tests running at the same time never
+//! containers carry (`Setup::scope`), so tests running at the same time never
 //! heal each other's containers. Managed containers still carry
 //! `cascade.managed=true`, which any unscoped loop running at the same time
 //! would also heal; assertions about managed containers therefore read this
@@ -81,14 +81,14 @@ impl Harness {
         let sink = notes.clone();
         let on_change: Arc<dyn Fn(String) + Send + Sync> =
             Arc::new(move |note| sink.lock().expect("notes").push(note));
-        let handle = spawn_scoped(
-            &config,
+        let autoheal = Autoheal::new();
+        let handle = autoheal.handle();
+        let setup = Setup {
+            config,
             connector,
-            &tasks,
-            cancel.clone(),
-            on_change,
-            &scope,
-        );
+            scope: Some(scope.clone()),
+        };
+        tasks.spawn(start(&autoheal, setup, &tasks, cancel.clone(), on_change));
         Harness {
             handle,
             tasks,
@@ -712,4 +712,172 @@ async fn a_crash_looping_container_is_held_back_by_its_backoff_and_never_given_u
     let report = h.report(&name).expect("report");
     assert!(report.gave_up.is_none(), "{report:?}");
     h.stop().await;
+}
+
+// === under the root ===
+
+/// The root with no tier and this autoheal, scoped to the test's containers.
+async fn root_with(spec: AutohealSpec) -> crate::supervisor::Running {
+    let waterfall = crate::waterfall::WaterfallConfig {
+        order: Vec::new(),
+        ..Default::default()
+    };
+    let state_dir = std::env::temp_dir().join(unique("cascade-autoheal-root"));
+    crate::supervisor::start_with_autoheal(
+        Vec::new(),
+        waterfall,
+        crate::supervisor::SupervisorConfig::default(),
+        Arc::new(crate::notify::NoNotify),
+        crate::instance::Instance::from_state_dir(&state_dir),
+        Some(spec),
+    )
+    .await
+    .expect("the root starts")
+}
+
+fn status(running: &crate::supervisor::Running) -> AutohealStatus {
+    running
+        .snapshots
+        .borrow()
+        .autoheal
+        .clone()
+        .expect("autoheal is in the snapshot")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_root_autoheal_is_restarted_and_reloaded_keeping_its_history() {
+    if !testing::docker_available() {
+        return;
+    }
+    let label = unique("autoheal-test");
+    let scope = format!("cascade.test.scope={}", unique("scope"));
+    let mut settings = config(&label);
+    settings.autoheal.backoff = BackoffConfig {
+        base: Duration::from_millis(300),
+        cap: Duration::from_millis(600),
+        reset_after: Duration::from_secs(10),
+        jitter: Jitter::None,
+    };
+    let autoheal = Autoheal::new();
+    let env = crate::tiers::docker::DockerEnv::default();
+    let spec = AutohealSpec::new(&settings, env.clone(), &autoheal).scoped(&scope);
+    let running = root_with(spec).await;
+    eventually(Duration::from_secs(20), "autoheal connected", || {
+        status(&running).connected
+    })
+    .await;
+
+    let mut cleanup = Cleanup(Vec::new());
+    let name = unique("ah-root");
+    cleanup.0.push(name.clone());
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--label",
+        TEST_LABEL,
+        "--label",
+        &scope,
+        "--label",
+        &format!("{label}=true"),
+        "-e",
+        "DEMO_EXIT_AFTER=0.1",
+        testing::demo_image(),
+    ]);
+    let restarts_of = |s: &AutohealStatus| {
+        s.containers
+            .iter()
+            .find(|r| r.container == name)
+            .map_or(0, |r| r.restarts)
+    };
+    eventually(HEALED_WITHIN, "two heals", || {
+        restarts_of(&status(&running)) >= 2
+    })
+    .await;
+
+    // Killed: the root restarts it after a backoff; the new actor picks up
+    // the same history and goes on healing.
+    let before = status(&running);
+    let children = running.root.get_children();
+    assert_eq!(children.len(), 1, "autoheal is the root's only child");
+    children[0].kill();
+    eventually(Duration::from_secs(20), "autoheal restarted", || {
+        let now = status(&running);
+        now.actor_restarts == 1 && now.connected
+    })
+    .await;
+    let after = status(&running);
+    assert!(
+        after.heals >= before.heals && restarts_of(&after) >= restarts_of(&before),
+        "the history survived the restart: before {before:?}, after {after:?}"
+    );
+    eventually(HEALED_WITHIN, "healing goes on", || {
+        restarts_of(&status(&running)) > restarts_of(&after)
+    })
+    .await;
+
+    // New settings replace the actor, not the history; unchanged ones
+    // leave it alone.
+    let child = running.root.get_children()[0].get_id();
+    let same = AutohealSpec::new(&settings, env.clone(), &autoheal).scoped(&scope);
+    running
+        .root
+        .send_message(crate::supervisor::RootMsg::ReloadAutoheal(Some(Box::new(
+            same,
+        ))))
+        .expect("the root takes messages");
+    // A reload of nothing, answered after the message before it.
+    let waterfall = crate::waterfall::WaterfallConfig {
+        order: Vec::new(),
+        ..Default::default()
+    };
+    running
+        .root
+        .call(
+            |reply| crate::supervisor::RootMsg::Reload {
+                tiers: Vec::new(),
+                waterfall,
+                reply,
+            },
+            Some(Duration::from_secs(10)),
+        )
+        .await
+        .expect("the root answers");
+    assert_eq!(
+        running.root.get_children()[0].get_id(),
+        child,
+        "unchanged settings leave the actor alone"
+    );
+    settings.webhook.timeout = Duration::from_secs(3);
+    let changed = AutohealSpec::new(&settings, env, &autoheal).scoped(&scope);
+    let before = status(&running);
+    running
+        .root
+        .send_message(crate::supervisor::RootMsg::ReloadAutoheal(Some(Box::new(
+            changed,
+        ))))
+        .expect("the root takes messages");
+    eventually(Duration::from_secs(20), "autoheal replaced", || {
+        running
+            .root
+            .get_children()
+            .first()
+            .is_some_and(|c| c.get_id() != child)
+            && status(&running).connected
+    })
+    .await;
+    let after = status(&running);
+    assert_eq!(after.actor_restarts, 1, "a replacement is not a failure");
+    assert!(restarts_of(&after) >= restarts_of(&before), "{after:?}");
+
+    docker(&["rm", "-f", &name]);
+    running
+        .root
+        .call(
+            crate::supervisor::RootMsg::Shutdown,
+            Some(Duration::from_secs(10)),
+        )
+        .await
+        .expect("the root stops");
 }

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::autoheal::{AutohealSpec, AutohealStatus, Slot};
 use crate::contract::{
     RestartReport, RestartRequest, StopReason, TierError, TierId, TierMsg, TierState, TierStatus,
 };
@@ -79,6 +80,9 @@ pub struct Snapshot {
     pub decision: String,
     /// In waterfall order.
     pub tiers: Vec<TierSnapshot>,
+    /// Docker autoheal, when it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoheal: Option<AutohealStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -148,6 +152,13 @@ pub enum RootMsg {
         waterfall: WaterfallConfig,
         reply: RpcReplyPort<ReloadSummary>,
     },
+    /// The autoheal actor published.
+    AutohealChanged(AutohealStatus),
+    /// Spawn the autoheal actor again, after its backoff.
+    RespawnAutoheal,
+    /// Autoheal's settings after a reload (`None`: it no longer runs); an
+    /// actor whose settings changed is replaced, its history kept.
+    ReloadAutoheal(Option<Box<AutohealSpec>>),
 }
 
 /// What a reload changed, for the one log line that reports it.
@@ -215,6 +226,7 @@ pub struct RootArgs {
     /// Receives why the root stopped.
     pub exit: oneshot::Sender<Exit>,
     pub notify: Arc<dyn ServiceNotify>,
+    pub autoheal: Option<AutohealSpec>,
 }
 
 pub struct RootSupervisor;
@@ -255,6 +267,8 @@ pub struct RootState {
     last_served: Option<TierId>,
     /// The watchdog ping timer, when the service manager armed one.
     watchdog: Option<JoinHandle<()>>,
+    /// Docker autoheal, a child restarted like a tier but never escalated.
+    autoheal: Option<Slot>,
 }
 
 const LAST_ERRORS: usize = 5;
@@ -277,7 +291,11 @@ impl Actor for RootSupervisor {
             .into_iter()
             .map(|spec| Child::new(spec, &args.supervisor))
             .collect();
+        let autoheal = args
+            .autoheal
+            .map(|spec| Slot::new(spec, args.supervisor.restart_backoff.clone()));
         Ok(RootState {
+            autoheal,
             children,
             waterfall: Waterfall::new(&args.waterfall),
             waterfall_config: args.waterfall,
@@ -307,6 +325,7 @@ impl Actor for RootSupervisor {
             );
             state.watchdog = Some(myself.send_interval(period, || RootMsg::WatchdogTick));
         }
+        spawn_autoheal(&myself, state).await;
         for i in 0..state.children.len() {
             spawn_tier(&myself, state, i).await?;
         }
@@ -340,6 +359,23 @@ impl Actor for RootSupervisor {
                 reply,
             } => forward_restart(state, tier, request, reply),
             RootMsg::WatchdogTick => state.notify.watchdog(),
+            RootMsg::AutohealChanged(status) => {
+                if let Some(slot) = &mut state.autoheal {
+                    slot.changed(status);
+                    publish(state);
+                }
+            }
+            RootMsg::RespawnAutoheal => {
+                if !state.shutting_down {
+                    spawn_autoheal(&myself, state).await;
+                    publish(state);
+                }
+            }
+            RootMsg::ReloadAutoheal(spec) => {
+                if !state.shutting_down {
+                    reload_autoheal(&myself, state, spec.map(|s| *s)).await;
+                }
+            }
             RootMsg::Reload {
                 tiers,
                 waterfall,
@@ -374,6 +410,18 @@ impl Actor for RootSupervisor {
         event: SupervisionEvent,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
+        if let Some(why) = autoheal_exited(&event)
+            && let Some(slot) = &mut state.autoheal
+            && let Some(cell) = supervised_cell(&event)
+            && slot.is(cell)
+        {
+            if !state.shutting_down {
+                let delay = slot.exited(why);
+                myself.send_after(delay, || RootMsg::RespawnAutoheal);
+                publish(state);
+            }
+            return Ok(());
+        }
         match event {
             SupervisionEvent::ActorFailed(cell, err) => {
                 child_exited(&myself, state, &cell, format!("tier actor failed: {err}")).await;
@@ -537,6 +585,10 @@ fn escalate(myself: &ActorRef<RootMsg>, state: &mut RootState, tier: TierId, err
 
 async fn stop_all(state: &mut RootState) {
     state.shutting_down = true;
+    // Nothing is healed while the tiers stop their containers.
+    if let Some(slot) = &mut state.autoheal {
+        slot.stop().await;
+    }
     for child in state.children.iter_mut().rev() {
         if let Some(actor) = child.actor.take() {
             stop_tier(actor, &child.spec, StopReason::Exiting).await;
@@ -839,6 +891,7 @@ fn publish(state: &RootState) {
                 actor_restarts: c.restarts,
             })
             .collect(),
+        autoheal: state.autoheal.as_ref().map(Slot::status),
     };
     state.snapshots.send_if_modified(|current| {
         if *current == snapshot {
@@ -865,6 +918,18 @@ pub async fn start(
     notify: Arc<dyn ServiceNotify>,
     instance: Instance,
 ) -> Result<Running, ractor::SpawnErr> {
+    start_with_autoheal(tiers, waterfall, supervisor, notify, instance, None).await
+}
+
+/// Spawns the root with its tiers and, when given, Docker autoheal.
+pub async fn start_with_autoheal(
+    tiers: Vec<TierSpec>,
+    waterfall: WaterfallConfig,
+    supervisor: SupervisorConfig,
+    notify: Arc<dyn ServiceNotify>,
+    instance: Instance,
+    autoheal: Option<AutohealSpec>,
+) -> Result<Running, ractor::SpawnErr> {
     let initial = Snapshot {
         instance: instance.clone(),
         active: None,
@@ -877,6 +942,7 @@ pub async fn start(
                 actor_restarts: 0,
             })
             .collect(),
+        autoheal: None,
     };
     let (snap_tx, snapshots) = watch::channel(initial);
     let (exit_tx, exit) = oneshot::channel();
@@ -888,6 +954,7 @@ pub async fn start(
         instance,
         exit: exit_tx,
         notify,
+        autoheal,
     };
     let (root, join) = Actor::spawn(None, RootSupervisor, args).await?;
     Ok(Running {
@@ -896,4 +963,68 @@ pub async fn start(
         exit,
         join,
     })
+}
+
+// === autoheal ===
+
+async fn spawn_autoheal(myself: &ActorRef<RootMsg>, state: &mut RootState) {
+    let Some(slot) = &mut state.autoheal else {
+        return;
+    };
+    let root = myself.clone();
+    let report = Arc::new(move |status| {
+        // Fails only once the root is gone.
+        let _ = root.send_message(RootMsg::AutohealChanged(status));
+    });
+    if let Some(delay) = slot.spawn(myself.get_cell(), report).await {
+        myself.send_after(delay, || RootMsg::RespawnAutoheal);
+    }
+}
+
+async fn reload_autoheal(
+    myself: &ActorRef<RootMsg>,
+    state: &mut RootState,
+    spec: Option<AutohealSpec>,
+) {
+    match (spec, &mut state.autoheal) {
+        (None, None) => return,
+        (None, Some(slot)) => {
+            info!("Reload: stopping autoheal.");
+            slot.stop().await;
+            state.autoheal = None;
+        }
+        (Some(spec), Some(slot)) if slot.fingerprint() == spec.fingerprint => return,
+        (Some(spec), Some(slot)) => {
+            info!("Reload: autoheal's settings changed; replacing it (its history stays).");
+            slot.replace(spec).await;
+            spawn_autoheal(myself, state).await;
+        }
+        (Some(spec), None) => {
+            info!("Reload: starting autoheal.");
+            state.autoheal = Some(Slot::new(spec, state.supervisor.restart_backoff.clone()));
+            spawn_autoheal(myself, state).await;
+        }
+    }
+    publish(state);
+}
+
+/// Why a supervised actor exited, if it did.
+fn autoheal_exited(event: &SupervisionEvent) -> Option<String> {
+    match event {
+        SupervisionEvent::ActorFailed(_, err) => Some(format!("autoheal failed: {err}")),
+        SupervisionEvent::ActorTerminated(_, _, reason) => Some(format!(
+            "autoheal stopped: {}",
+            reason.as_deref().unwrap_or("no reason given")
+        )),
+        _ => None,
+    }
+}
+
+fn supervised_cell(event: &SupervisionEvent) -> Option<&ActorCell> {
+    match event {
+        SupervisionEvent::ActorFailed(cell, _) | SupervisionEvent::ActorTerminated(cell, _, _) => {
+            Some(cell)
+        }
+        _ => None,
+    }
 }

@@ -392,17 +392,31 @@ impl Healer<'_> {
         self.book.expected.insert(name.to_owned());
     }
 
-    /// The settings changed: records follow the new backoff and limits.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "applied on reload once autoheal is its own actor")
-    )]
-    pub fn adopt_policy(&mut self) {
+    /// A new runner takes over the book (after a restart of the autoheal
+    /// actor or a change of its settings): records follow the policy's
+    /// backoff and limits, heals that waited out a backoff are woken again
+    /// at their time, and restarts whose outcome died with the old runner
+    /// are over (the reconnect's list heals what they left unhealed).
+    pub fn resume(&mut self) -> Vec<Step> {
         let policy = self.policy;
-        for r in self.book.containers.values_mut() {
+        let mut steps = Vec::new();
+        for (id, r) in &mut self.book.containers {
             r.backoff.set_config(policy.backoff.clone());
             r.intensity.set_limits(limit(policy), policy.window);
+            match r.phase {
+                Phase::Scheduled { seq, at, .. } => steps.push(Step::Wake {
+                    id: id.clone(),
+                    seq,
+                    at,
+                }),
+                Phase::Restarting { done: false, .. } => {
+                    r.phase = Phase::Idle;
+                    r.wants_heal = None;
+                }
+                Phase::Restarting { done: true, .. } | Phase::Idle => {}
+            }
         }
+        steps
     }
 
     /// A connection to the stream: the events missed since the last one

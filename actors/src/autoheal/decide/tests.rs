@@ -841,12 +841,50 @@ fn the_book_carries_the_series_into_a_new_runner_and_policy() {
     again.clock = w.clock;
     again.nanos = w.nanos;
     again.policy.backoff = backoff(4_000, 300_000, 10_000);
-    again.healer().adopt_policy();
+    assert!(again.healer().resume().is_empty());
     again.pass(100 * MS);
     let (_, at) = wake(&again.event("die")).expect("still a series: backoff");
     assert_eq!(
         at - again.now().at,
         4 * S - 100 * MS,
         "the new base applies"
+    );
+}
+
+#[test]
+fn a_new_runner_wakes_scheduled_heals_and_ends_restarts_it_never_heard_of() {
+    let mut w = World::new();
+    w.event("start");
+    w.pass(100 * MS);
+    let order = restart(&w.event("die")).expect("first heal at once");
+    w.complete(&order);
+    w.pass(100 * MS);
+    let (seq, at) = wake(&w.event("die")).expect("second waits");
+    // A crash loop of a second container, mid-restart when the runner dies.
+    let other = "0ther";
+    w.event_of(other, "start", &[("autoheal", "true")]);
+    w.pass(100 * MS);
+    let lost = restart(&w.event_of(other, "die", &[("autoheal", "true")])).expect("healed");
+
+    let steps = w.healer().resume();
+    assert_eq!(
+        steps,
+        vec![Step::Wake {
+            id: ID.to_owned(),
+            seq,
+            at
+        }],
+        "the waiting heal is woken again at its time; nothing else"
+    );
+    let healed = restart(&w.due(ID, seq)).expect("the heal still happens");
+    assert_eq!(healed.id, ID);
+    // The restart's outcome died with the old runner; it no longer blocks
+    // the other container's heals.
+    assert_eq!(lost.id, other);
+    w.pass(10 * S);
+    let steps = w.event_of(other, "health_status: unhealthy", &[("autoheal", "true")]);
+    assert!(
+        restart(&steps).is_some() || wake(&steps).is_some(),
+        "the other container is healed again: {steps:?}"
     );
 }

@@ -4,8 +4,8 @@
 //!
 //! The driver observes through `client`, decides through `plan` and acts
 //! through `client` again. Autoheal (healing containers that die or turn
-//! unhealthy between probes) runs beside it, started once in
-//! [`DockerDriver::new`] and cancelled when the driver is dropped.
+//! unhealthy between probes) is a child of the root of its own; the driver
+//! holds its handle only to announce its own stops.
 //!
 //! Invariants:
 //! - `probe` never starts the daemon or any container, and costs one ping,
@@ -23,7 +23,7 @@
 //!   restart in flight, so shutdown never waits behind a health wait.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,7 +40,7 @@ use super::plan::{
     self, Action, Desired, ImageFacts, Mode, Observed, Owner, Readiness, Recreate, RunState, Step,
     Verdict,
 };
-use crate::autoheal::{self, AutohealHandle};
+use crate::autoheal::AutohealHandle;
 use crate::contract::{
     Driver, DriverEvent, EventSink, ProbeOutcome, RestartReport, RestartRequest, StopReason,
     TierError, TierId,
@@ -136,7 +136,8 @@ pub struct DockerDriver {
     instance: Instance,
     desired: Vec<Desired>,
     client: Client,
-    /// Present when `autoheal.enabled`; told before cascade stops a container itself.
+    /// The process's autoheal, when it runs; told before cascade stops a
+    /// container itself.
     autoheal: Option<AutohealHandle>,
     /// Serializes start, restart and stop.
     lifecycle: tokio::sync::Mutex<()>,
@@ -151,13 +152,13 @@ pub struct DockerDriver {
 }
 
 impl DockerDriver {
-    /// Builds the driver and, if enabled, starts autoheal. Must run inside a
-    /// tokio runtime.
+    /// Builds the driver. Must run inside a tokio runtime.
     pub fn new(
         config: DockerConfig,
         env: &DockerEnv,
         instance: Instance,
         events: EventSink,
+        autoheal: Option<AutohealHandle>,
     ) -> Result<DockerDriver, TierError> {
         let desired = config
             .containers
@@ -169,11 +170,21 @@ impl DockerDriver {
         let client = Client::new(connector.clone()).map_err(TierError::new)?;
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let autoheal = config.autoheal.enabled.then(|| {
-            let on_change: Arc<dyn Fn(String) + Send + Sync> =
-                Arc::new(move |note| events.emit(DriverEvent::Changed { note }));
-            autoheal::spawn(&config, connector, &tasks, cancel.clone(), on_change)
-        });
+        if let Some(mut heals) = autoheal.clone() {
+            // A heal of one of the service's containers is worth probing now.
+            let stop = cancel.clone();
+            tasks.spawn(async move {
+                let mut seen = heals.summary().heals;
+                while stop.run_until_cancelled(heals.changed()).await == Some(true) {
+                    let now = heals.summary().heals;
+                    if now != seen {
+                        seen = now;
+                        let note = "autoheal restarted a container".to_owned();
+                        events.emit(DriverEvent::Changed { note });
+                    }
+                }
+            });
+        }
         Ok(DockerDriver {
             in_flight: Mutex::new(cancel.child_token()),
             config,
@@ -822,38 +833,6 @@ impl Driver for DockerDriver {
                         details.insert(format!("container.{name}.health"), health.clone());
                     }
                 }
-            }
-        }
-        if let Some(autoheal) = &self.autoheal {
-            let summary = autoheal.summary();
-            let last_event = summary.last_event.map_or_else(
-                || "none yet".to_owned(),
-                |t| humantime::format_rfc3339_millis(t).to_string(),
-            );
-            details.insert(
-                "autoheal".into(),
-                format!(
-                    "{}, watching {}, heals {}, give-ups {}, last event {last_event}",
-                    if autoheal.connected() {
-                        "connected"
-                    } else {
-                        "not connected"
-                    },
-                    summary.watched,
-                    summary.heals,
-                    summary.give_ups,
-                ),
-            );
-            for report in autoheal.report() {
-                let mut text = match (&report.gave_up, &report.last_heal) {
-                    (Some(why), _) => why.clone(),
-                    (None, Some(last)) => format!("restarts {}, last: {last}", report.restarts),
-                    (None, None) => format!("restarts {}", report.restarts),
-                };
-                if let Some(next) = &report.next_heal {
-                    text.push_str(&format!(", next heal at {next}"));
-                }
-                details.insert(format!("autoheal.{}", report.container), text);
             }
         }
         details

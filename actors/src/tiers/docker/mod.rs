@@ -1,5 +1,4 @@
-//! The `docker` tier: the service in local containers, and event-driven
-//! autoheal of labelled containers.
+//! The `docker` tier: the service in local containers.
 
 mod client;
 pub mod config;
@@ -14,6 +13,7 @@ mod tests;
 
 use std::sync::Arc;
 
+use crate::autoheal::AutohealHandle;
 use crate::contract::{Driver, DriverFactory, TierId};
 use crate::instance::Instance;
 use crate::tier::TierSpec;
@@ -22,14 +22,25 @@ pub use config::DockerConfig;
 pub use connect::DockerEnv;
 pub use driver::DockerDriver;
 
-/// The tier as the root runs it for cascade `instance`: containers and
-/// their autoheal. `env` is what the process read of the docker CLI's
-/// environment.
-pub fn tier_spec(config: DockerConfig, env: DockerEnv, instance: Instance) -> TierSpec {
+/// The tier as the root runs it for cascade `instance`. `env` is what the
+/// process read of the docker CLI's environment; `autoheal` is told of the
+/// containers cascade stops itself.
+pub fn tier_spec(
+    config: DockerConfig,
+    env: DockerEnv,
+    instance: Instance,
+    autoheal: Option<AutohealHandle>,
+) -> TierSpec {
     let fingerprint = crate::tier::fingerprint(&config);
     let driver_config = config.clone();
     let factory: DriverFactory = Arc::new(move |events| {
-        let driver = DockerDriver::new(driver_config.clone(), &env, instance.clone(), events)?;
+        let driver = DockerDriver::new(
+            driver_config.clone(),
+            &env,
+            instance.clone(),
+            events,
+            autoheal.clone(),
+        )?;
         Ok(Arc::new(driver) as Arc<dyn Driver>)
     });
     TierSpec {

@@ -32,7 +32,8 @@ async fn driver(config: DockerConfig) -> DockerDriver {
 
 async fn driver_as(config: DockerConfig, instance: Instance) -> DockerDriver {
     let env = DockerEnv::default();
-    DockerDriver::new(config, &env, instance, EventSink::discarding().await).expect("driver builds")
+    DockerDriver::new(config, &env, instance, EventSink::discarding().await, None)
+        .expect("driver builds")
 }
 
 /// A demo-backend container on host port `port`, labelled for cleanup.
