@@ -5,7 +5,7 @@
 //! → `--config FILE` → `CASCADE_SECTION__KEY` environment variables → flags.
 //! Loading and provenance live in `settings`; this module owns the schema.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -266,6 +266,8 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, LoadEr
         .filter(|p| !refused.iter().any(|r| settings::covers(r, &p.key)));
     problems.extend(semantic);
     if problems.is_empty() {
+        let mut value = value;
+        value.waterfall.standby = standby_tiers(&value);
         Ok(value)
     } else {
         Err(LoadError::Invalid(problems))
@@ -352,6 +354,9 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
     }
     for (key, message) in config.waterfall.start_retry.validate() {
         problems.push(problem(format!("waterfall.start_retry.{key}"), message));
+    }
+    for (key, message) in config.waterfall.validate() {
+        problems.push(problem(format!("waterfall.{key}"), message));
     }
     if config.supervisor.restart_window.is_zero() {
         problems.push(problem(
@@ -446,7 +451,35 @@ fn duration_bounds(config: &Config) -> Vec<(String, String)> {
     out
 }
 
+/// The configured tiers marked `standby = true`.
+fn standby_tiers(config: &Config) -> BTreeSet<TierId> {
+    let tiers = &config.tiers;
+    [
+        (
+            TierId::Docker,
+            tiers.docker.as_ref().is_some_and(|t| t.standby),
+        ),
+        (
+            TierId::CloudRun,
+            tiers.cloud_run.as_ref().is_some_and(|t| t.standby),
+        ),
+        (
+            TierId::Local,
+            tiers.local.as_ref().is_some_and(|t| t.standby),
+        ),
+        (
+            TierId::GcpVm,
+            tiers.gcp_vm.as_ref().is_some_and(|t| t.standby),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(tier, standby)| standby.then_some(tier))
+    .collect()
+}
+
 /// The tiers to run, in waterfall order, as cascade `instance` runs them.
+/// A tier's `standby` is the waterfall's business, so it is left out of the
+/// tier's own spec: changing it by reload does not restart the tier.
 pub fn tier_specs(config: &Config, instance: &Instance) -> Vec<TierSpec> {
     tier_specs_with(config, instance, None)
 }
@@ -464,21 +497,35 @@ pub fn tier_specs_with(
         .order
         .iter()
         .filter_map(|tier| match tier {
-            TierId::Local => config
-                .tiers
-                .local
-                .clone()
-                .map(|local| local::tier_spec(local, &state_dir)),
+            TierId::Local => config.tiers.local.clone().map(|local| {
+                local::tier_spec(
+                    LocalConfig {
+                        standby: false,
+                        ..local
+                    },
+                    &state_dir,
+                )
+            }),
             TierId::Docker => config.tiers.docker.clone().map(|docker| {
+                let docker = DockerConfig {
+                    standby: false,
+                    ..docker
+                };
                 let autoheal = autoheal.cloned();
                 docker::tier_spec(docker, DockerEnv::from_env(), instance.clone(), autoheal)
             }),
-            TierId::CloudRun => config
-                .tiers
-                .cloud_run
-                .clone()
-                .map(|cloud_run| cloud_run::tier_spec(cloud_run, GcpEnv::from_env())),
+            TierId::CloudRun => config.tiers.cloud_run.clone().map(|cloud_run| {
+                let cloud_run = CloudRunConfig {
+                    standby: false,
+                    ..cloud_run
+                };
+                cloud_run::tier_spec(cloud_run, GcpEnv::from_env())
+            }),
             TierId::GcpVm => config.tiers.gcp_vm.clone().map(|gcp_vm| {
+                let gcp_vm = GcpVmConfig {
+                    standby: false,
+                    ..gcp_vm
+                };
                 let checkpoint = gcp_vm_checkpoint(&state_dir, &gcp_vm.pool);
                 gcp_vm::tier_spec(gcp_vm, checkpoint, GcpEnv::from_env())
             }),
@@ -582,6 +629,42 @@ mod tests {
         assert!(error.contains("cascade.toml:4"), "{error}");
         assert!(error.contains("tiers.gcp_vm.pool"), "{error}");
         assert!(error.contains("cascade.toml:8"), "{error}");
+    }
+
+    #[test]
+    fn start_patience_is_bounded() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("cascade.toml");
+        for (value, ok) in [
+            ("0s", false),
+            ("50ms", false),
+            ("100ms", true),
+            ("3s", true),
+            ("10m", true),
+            ("11m", false),
+        ] {
+            std::fs::write(
+                &path,
+                format!("[waterfall]\nstart_patience = \"{value}\"\n[tiers.local]\n"),
+            )
+            .expect("write the config");
+            match load(Some(&path), &Overrides::default()) {
+                Ok(config) => {
+                    assert!(ok, "{value} was accepted");
+                    assert_eq!(
+                        config.waterfall.start_patience,
+                        humantime::parse_duration(value).expect("a duration")
+                    );
+                }
+                Err(e) => {
+                    let error = e.to_string();
+                    assert!(!ok, "{value} was refused: {error}");
+                    assert!(error.contains("waterfall.start_patience"), "{error}");
+                    assert!(error.contains("cascade.toml:2"), "{error}");
+                    assert!(error.contains("between 100ms and 10m"), "{error}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -126,7 +126,8 @@ pub struct TierStatus {
     /// When `state` last changed.
     #[serde(serialize_with = "rfc3339")]
     pub since: SystemTime,
-    /// Whether the start phase may ask this tier to start.
+    /// Whether the start phase may ask this tier to start: its driver can
+    /// start it, and its last probe did not find its platform down.
     pub startable: bool,
     /// Restarts of the backend itself (a process, a container, a VM).
     pub backend_restarts: u64,
@@ -210,6 +211,12 @@ pub enum ProbeOutcome {
     Gone { reason: String },
     /// Nothing runs to be probed (not started, stopped); the breaker is untouched.
     Idle { reason: String },
+    /// The backend does not serve and the platform it runs on does not
+    /// answer either (a Docker daemon that accepts and never replies), and
+    /// cascade will not start that platform: counts as a failure like
+    /// `Down`, and the tier is not startable until a probe says otherwise,
+    /// since a start could only wait out its deadline.
+    PlatformDown { error: String },
     /// The tier cannot serve until an operator acts.
     Unavailable { reason: String },
 }

@@ -371,6 +371,7 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
             ProbeOutcome::Degraded { note } => ("degraded", Some(note.as_str())),
             ProbeOutcome::Gone { reason } => ("gone", Some(reason.as_str())),
             ProbeOutcome::Idle { reason } => ("idle", Some(reason.as_str())),
+            ProbeOutcome::PlatformDown { error } => ("platform_down", Some(error.as_str())),
             ProbeOutcome::Unavailable { reason } => ("unavailable", Some(reason.as_str())),
         };
         record_outcome(&span, label, error);
@@ -386,13 +387,17 @@ fn probe_done(state: &mut State, outcome: ProbeOutcome) {
     }
     let now = state.now();
     let before = state.status.clone();
+    // A platform that does not answer makes a start pointless until a probe
+    // finds it answering again; otherwise the outcome counts like `Down`.
+    let platform_down = matches!(outcome, ProbeOutcome::PlatformDown { .. });
+    state.status.startable = state.driver.startable() && !platform_down;
     match outcome {
         ProbeOutcome::Up { note } => {
             state.breaker.record_success(now);
             state.status.last_error = None;
             state.set(TierState::Healthy, note);
         }
-        ProbeOutcome::Down { error } => {
+        ProbeOutcome::Down { error } | ProbeOutcome::PlatformDown { error } => {
             state.breaker.record_failure(now);
             state.status.last_error = Some(error.clone());
             let serving = state.status.state.is_serving();
@@ -433,6 +438,7 @@ fn probe_done(state: &mut State, outcome: ProbeOutcome) {
     }
     state.refresh_status();
     if state.status.state != before.state
+        || state.status.startable != before.startable
         || state.status.reason != before.reason
         || state.status.breaker != before.breaker
         || state.status.details != before.details

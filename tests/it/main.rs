@@ -15,3 +15,4 @@ mod router;
 mod service;
 mod support;
 mod telemetry;
+mod waterfall;

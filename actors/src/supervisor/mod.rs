@@ -90,6 +90,8 @@ pub struct TierSnapshot {
     #[serde(flatten)]
     pub status: TierStatus,
     pub active: bool,
+    /// Kept started while another tier is active (`standby = true`).
+    pub standby: bool,
     /// Restarts of the tier's actor by the root (panics, failures).
     pub actor_restarts: u64,
 }
@@ -236,6 +238,9 @@ struct Child {
     actor: Option<ActorRef<TierMsg>>,
     status: TierStatus,
     healthy_since: Option<Instant>,
+    /// When the current actor was spawned: its first probe's answer is due
+    /// within its probe timeout of this.
+    spawned_at: Option<Instant>,
     backoff: Backoff,
     intensity: RestartIntensity,
     restarts: u64,
@@ -465,6 +470,7 @@ impl Child {
             spec,
             actor: None,
             healthy_since: None,
+            spawned_at: None,
             restarts: 0,
             last_errors: VecDeque::new(),
         }
@@ -488,6 +494,7 @@ async fn spawn_tier(
         Ok((actor, _join)) => {
             // The join handle is not needed: the link reports the exit.
             child.actor = Some(actor);
+            child.spawned_at = Some(Instant::now());
             Ok(())
         }
         Err(e) => {
@@ -771,6 +778,7 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
             reason: &c.status.reason,
             healthy_since: c.healthy_since,
             startable: c.status.startable && c.actor.is_some(),
+            first_probe_due: first_probe_due(c),
         })
         .collect();
     let settled = views.iter().all(|v| !v.state.is_pending());
@@ -807,7 +815,12 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
         }
     }
     if let Some(tier) = decision.start {
-        info!(backend.tier = %tier, "Start phase: asking {tier} to start.");
+        match decision.active {
+            Some(active) => {
+                info!(backend.tier = %tier, "Standby: asking {tier} to start while {active} is active.")
+            }
+            None => info!(backend.tier = %tier, "Start phase: asking {tier} to start."),
+        }
         let actor = state
             .children
             .iter()
@@ -822,6 +835,19 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
         schedule_recheck(myself, state, at);
     }
     publish(state);
+}
+
+/// How long after its probe's deadline a first probe's answer may take to
+/// reach the root (the tier actor's and the root's mailboxes).
+const FIRST_PROBE_SLACK: Duration = Duration::from_millis(200);
+
+/// While a tier's first probe is out, when its answer is due at the latest.
+fn first_probe_due(child: &Child) -> Option<Instant> {
+    let spawned_at = child
+        .spawned_at
+        .filter(|_| child.status.state.is_pending())?;
+    let bound = child.spec.probe.timeout + FIRST_PROBE_SLACK;
+    Some(crate::resilience::saturating_add(spawned_at, bound))
 }
 
 /// The active tier changed: one span (failover, failback, or gaining or
@@ -888,6 +914,7 @@ fn publish(state: &RootState) {
             .map(|c| TierSnapshot {
                 status: c.status.clone(),
                 active: Some(c.spec.id) == active,
+                standby: state.waterfall_config.standby.contains(&c.spec.id),
                 actor_restarts: c.restarts,
             })
             .collect(),
@@ -939,6 +966,7 @@ pub async fn start_with_autoheal(
             .map(|t| TierSnapshot {
                 status: TierStatus::new(t.id, false),
                 active: false,
+                standby: waterfall.standby.contains(&t.id),
                 actor_restarts: 0,
             })
             .collect(),

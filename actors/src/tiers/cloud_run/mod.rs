@@ -89,6 +89,9 @@ pub struct CloudRunConfig {
     /// Deadline for a stop, which does nothing for this tier.
     #[serde(with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// Keep this tier started while another tier is active, so a failover
+    /// to it needs no cold start (the waterfall's standby).
+    pub standby: bool,
 }
 
 /// How requests to the service authenticate.
@@ -154,6 +157,7 @@ impl Default for CloudRunConfig {
             admin: None,
             start_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(5),
+            standby: false,
         }
     }
 }

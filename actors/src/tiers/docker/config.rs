@@ -45,6 +45,9 @@ pub struct DockerConfig {
     pub containers: Vec<ContainerConfig>,
     pub autoheal: AutohealConfig,
     pub webhook: WebhookConfig,
+    /// Keep this tier started while another tier is active, so a failover
+    /// to it needs no cold start (the waterfall's standby).
+    pub standby: bool,
 }
 
 impl Default for DockerConfig {
@@ -62,6 +65,7 @@ impl Default for DockerConfig {
             containers: Vec::new(),
             autoheal: AutohealConfig::default(),
             webhook: WebhookConfig::default(),
+            standby: false,
         }
     }
 }

@@ -748,11 +748,17 @@ impl DockerDriver {
 
 /// A failed "daemon running?" check as a probe outcome: not installed needs
 /// an operator (Unavailable); not running or not responding is a failure
-/// the breaker counts, so the waterfall fails over (Down).
+/// the breaker counts, so the waterfall fails over (Down). A daemon that
+/// does not respond is the platform down (the start phase skips the tier:
+/// a start could only wait out its deadline); one that is not running may
+/// be started by `daemon.start`.
 pub(super) fn daemon_outcome(e: DockerError) -> ProbeOutcome {
     match e {
         DockerError::NotInstalled { .. } => ProbeOutcome::Unavailable {
             reason: e.to_string(),
+        },
+        DockerError::NotResponding { .. } => ProbeOutcome::PlatformDown {
+            error: e.to_string(),
         },
         e => ProbeOutcome::Down {
             error: e.to_string(),

@@ -443,10 +443,10 @@ async fn a_daemon_that_accepts_and_never_answers_is_not_responding_within_the_bo
     hold.abort();
     let _ = std::fs::remove_dir_all(&dir);
     match outcome {
-        ProbeOutcome::Down { error } => {
+        ProbeOutcome::PlatformDown { error } => {
             assert!(error.starts_with("daemon not responding"), "{error}")
         }
-        other => panic!("expected Down, got {other:?}"),
+        other => panic!("expected PlatformDown, got {other:?}"),
     }
     assert!(took < Duration::from_secs(2), "probe took {took:?}");
 }
@@ -490,7 +490,7 @@ fn daemon_failures_map_to_probe_outcomes() {
         after: Duration::from_millis(300),
     });
     assert!(
-        matches!(&mute, ProbeOutcome::Down { error } if error.starts_with("daemon not responding")),
+        matches!(&mute, ProbeOutcome::PlatformDown { error } if error.starts_with("daemon not responding")),
         "{mute:?}"
     );
 }

@@ -142,6 +142,9 @@ pub struct GcpVmConfig {
     pub start_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// Keep this tier started while another tier is active, so a failover
+    /// to it needs no cold start (the waterfall's standby).
+    pub standby: bool,
 }
 
 impl Default for GcpVmConfig {
@@ -178,6 +181,7 @@ impl Default for GcpVmConfig {
             breaker: BreakerConfig::default(),
             start_timeout: Duration::from_secs(360),
             stop_grace: Duration::from_secs(120),
+            standby: false,
         }
     }
 }

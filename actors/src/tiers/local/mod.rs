@@ -100,6 +100,9 @@ pub struct LocalConfig {
     pub min_free_memory: ByteSize,
     /// Lines of stderr quoted when the process crash-loops.
     pub stderr_tail_lines: usize,
+    /// Keep this tier started while another tier is active, so a failover
+    /// to it needs no cold start (the waterfall's standby).
+    pub standby: bool,
 }
 
 impl Default for LocalConfig {
@@ -125,6 +128,7 @@ impl Default for LocalConfig {
             crash_loop_ceiling: Duration::from_secs(300),
             min_free_memory: ByteSize::gib(2),
             stderr_tail_lines: 20,
+            standby: false,
         }
     }
 }
