@@ -632,6 +632,36 @@ mod tests {
     }
 
     #[test]
+    fn standby_reaches_the_waterfall_and_not_the_tiers_fingerprint() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("cascade.toml");
+        let load_with = |standby: bool| {
+            std::fs::write(
+                &path,
+                format!(
+                    "[waterfall]\norder = [\"cloud_run\", \"local\"]\n\
+                     [tiers.cloud_run]\nurl = \"http://127.0.0.1:9\"\nauth = \"none\"\n\
+                     [tiers.local]\nstandby = {standby}\n"
+                ),
+            )
+            .expect("write the config");
+            load(Some(&path), &Overrides::default()).expect("valid config")
+        };
+        let (on, off) = (load_with(true), load_with(false));
+        assert_eq!(on.waterfall.standby, BTreeSet::from([TierId::Local]));
+        assert!(off.waterfall.standby.is_empty());
+        let instance = Instance::from_state_dir(dir.path());
+        let fingerprints = |config: &Config| -> Vec<String> {
+            tier_specs(config, &instance)
+                .into_iter()
+                .map(|spec| spec.fingerprint)
+                .collect()
+        };
+        // A reload that only flips `standby` leaves the running tier alone.
+        assert_eq!(fingerprints(&on), fingerprints(&off));
+    }
+
+    #[test]
     fn start_patience_is_bounded() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("cascade.toml");
