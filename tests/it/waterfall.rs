@@ -193,3 +193,76 @@ async fn a_standby_local_tier_is_kept_started_while_a_better_tier_serves() {
         cascade.log_tail()
     );
 }
+
+#[tokio::test]
+async fn a_start_that_does_not_come_up_within_start_patience_gets_the_next_tier_started() {
+    if !crate::docker::engine() {
+        return;
+    }
+    let _one = crate::docker::ONE_AT_A_TIME.lock().await;
+    let name = format!("cascade-it-patience-{}", std::process::id());
+    let _removed = crate::docker::Removed(name.clone());
+    // The container runs but never passes its health check, so docker's
+    // start waits out its whole minute unless the start phase moves on.
+    let setup = Setup {
+        order: vec!["docker".into(), "local".into()],
+        waterfall: vec!["start_patience = \"1s\"".into()],
+        ..Setup::default()
+    }
+    .extra(&format!(
+        "[tiers.docker]\n\
+         start_timeout = \"60s\"\n\
+         stop_on_exit = true\n\
+         probe = {{ interval = \"200ms\", timeout = \"1s\" }}\n\
+         autoheal = {{ enabled = false }}\n\
+         \n\
+         [[tiers.docker.containers]]\n\
+         name = \"{name}\"\n\
+         image = \"{image}\"\n\
+         health_path = \"/never\"\n\
+         ports = [\"{port}:8080\"]\n\
+         labels = {{ \"cascade.test\" = \"it\" }}\n",
+        image = crate::docker::IMAGE,
+        port = free_port(),
+    ));
+
+    let began = Instant::now();
+    let cascade = Cascade::start(setup).await;
+    let router = cascade.router_addr().await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build an HTTP client");
+    let response = http
+        .get(format!("http://{router}/health"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET /health through cascade: {e}\n{}", cascade.log_tail()));
+    let served_after = began.elapsed();
+    assert_eq!(response.status(), 200, "{}", cascade.log_tail());
+    assert_eq!(
+        response
+            .headers()
+            .get("x-cascade-tier")
+            .and_then(|v| v.to_str().ok()),
+        Some("local")
+    );
+    eprintln!("first request served {served_after:?} after cascade was started");
+    // Well below docker's start deadline (60 s), which is what the start
+    // phase used to wait out.
+    assert!(
+        served_after < Duration::from_secs(30),
+        "first request served only after {served_after:?}"
+    );
+    let logs = cascade.logs();
+    let docker_asked = logs.find("asking docker to start");
+    let local_asked = logs.find("asking local to start");
+    assert!(
+        docker_asked.is_some() && local_asked > docker_asked,
+        "docker is asked first, local after its patience:\n{}",
+        cascade.log_tail()
+    );
+    let status = cascade.status().await;
+    assert_eq!(tier(&status, "docker")["state"], "starting", "{status}");
+}
