@@ -229,6 +229,11 @@ impl Waterfall {
         self.starting.keys().copied()
     }
 
+    /// Whether `tier` was asked to start and has not finished.
+    pub fn is_starting(&self, tier: TierId) -> bool {
+        self.starting.contains_key(&tier)
+    }
+
     /// A tier asked to start has finished, well or not.
     pub fn start_finished(&mut self, tier: TierId, ok: bool) {
         self.starting.remove(&tier);
@@ -295,7 +300,7 @@ impl Waterfall {
     fn note_failures(&mut self, views: &[TierView<'_>]) {
         for v in views {
             let clean = v.state.is_pending()
-                || (v.state == TierState::Starting && !self.starting.contains_key(&v.tier));
+                || (v.state == TierState::Starting && !self.is_starting(v.tier));
             if clean {
                 self.fresh.insert(v.tier);
             } else if v.state != TierState::Healthy {

@@ -730,6 +730,7 @@ fn a_start_that_takes_longer_than_start_patience_gets_the_next_tier_started_too(
     assert_eq!(d.start, Some(Local));
     assert_eq!(d.recheck_at, Some(at(6)));
     assert_eq!(w.starting().collect::<Vec<_>>(), vec![Docker, Local]);
+    assert!(w.is_starting(Local) && !w.is_starting(GcpVm));
     let both_starting: &[Row] = &[
         (Docker, Starting, None, true),
         (Local, Starting, None, true),
