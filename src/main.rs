@@ -46,6 +46,22 @@ fn main() -> ExitCode {
     runtime.block_on(dispatch(cli))
 }
 
+/// Sends every panic to the log (and from there to OpenTelemetry) as an
+/// error with its location, instead of raw text on stderr beside the JSON
+/// lines. Supervision contains the panic itself; this makes it seen.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let panic = cascade_actors::tier::panic_text(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        tracing::error!(%panic, %location, thread, "Panic.");
+    }));
+}
+
 async fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config, listen } => {
@@ -54,6 +70,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             };
             let telemetry = telemetry::init(loaded.log.format, &loaded.telemetry);
+            install_panic_hook();
             let source = run::Source {
                 file: config.config,
                 overrides,

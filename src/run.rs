@@ -178,18 +178,28 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         }
     }
 
+    #[cfg(debug_assertions)]
+    let _fault = fault::inject(&running);
+
     // The configuration in effect: what a reload is compared against.
     let mut current = config;
+    // Reloads in flight: the root applies them while this loop keeps
+    // answering signals, so a SIGTERM during a slow reload is not held up.
+    let mut reloads = tokio::task::JoinSet::new();
     let exit = loop {
         tokio::select! {
             _ = interrupt.recv() => break None,
             _ = terminate.recv() => break None,
             _ = hangup.recv() => {
-                reload(&running.root, router.as_ref(), &source, &instance, &autoheal, &mut current).await
+                if let Some(apply) = reload(&running.root, router.as_ref(), &source, &instance, &autoheal, &mut current) {
+                    reloads.spawn(apply);
+                }
             }
-            exit = &mut running.exit => break Some(exit.unwrap_or(Exit::Shutdown)),
+            Some(_) = reloads.join_next(), if !reloads.is_empty() => {}
+            exit = &mut running.exit => break Some(exit.unwrap_or_else(|_| vanished())),
         }
     };
+    reloads.abort_all();
     let shutdown_budget = stop_budget(&config::tier_specs(&current, &instance));
     let exit = match exit {
         Some(exit) => exit,
@@ -226,7 +236,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
             // The root reports its exit before it answers Shutdown; if the
             // call timed out, the root is wedged and there is nothing to wait for.
             match tokio::time::timeout(Duration::from_secs(5), &mut running.exit).await {
-                Ok(exit) => exit.unwrap_or(Exit::Shutdown),
+                Ok(exit) => exit.unwrap_or_else(|_| vanished()),
                 Err(_) => {
                     warn!("Root supervisor did not report its exit within 5s.");
                     Exit::Shutdown
@@ -258,20 +268,27 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
             info!("cascade stopped.");
             Ok(ExitCode::SUCCESS)
         }
-        escalated @ Exit::Escalated { .. } => {
-            eprintln!("cascade: {escalated}");
+        failed @ (Exit::Escalated { .. } | Exit::Failed { .. }) => {
+            eprintln!("cascade: {failed}");
             Ok(ExitCode::from(EXIT_ESCALATED))
         }
     }
+}
+
+/// The root went away without reporting why: it failed in a way it could
+/// not contain, and ractor killed the tiers with it.
+fn vanished() -> Exit {
+    let error = "the root supervisor stopped without reporting why".to_owned();
+    error!(%error, "cascade is failing.");
+    Exit::Failed { error }
 }
 
 /// How long stopping `specs` may take: each tier's grace and a margin.
 pub fn stop_budget(specs: &[TierSpec]) -> Duration {
     specs
         .iter()
-        .map(|s| s.stop_grace + Duration::from_secs(2))
-        .sum::<Duration>()
-        + Duration::from_secs(5)
+        .map(|s| s.stop_grace.saturating_add(Duration::from_secs(2)))
+        .fold(Duration::from_secs(5), Duration::saturating_add)
 }
 
 /// Settings read once at start-up, which a reload cannot apply.
@@ -306,23 +323,24 @@ fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
     keys
 }
 
-/// SIGHUP: reads the configuration again and hands a valid one to the root.
-/// `current` becomes the new configuration, except the settings that need a
-/// restart, which keep their running values.
-async fn reload(
+/// SIGHUP: reads the configuration again and returns the hand-over of a
+/// valid one to the root, which the caller runs as a task. `current`
+/// becomes the new configuration, except the settings that need a restart,
+/// which keep their running values.
+fn reload(
     root: &ActorRef<RootMsg>,
     router: Option<&Router>,
     source: &Source,
     instance: &Instance,
     autoheal: &Autoheal,
     current: &mut Config,
-) {
+) -> Option<impl Future<Output = ()> + use<>> {
     info!("SIGHUP received; reloading the configuration.");
     let mut new = match config::load(source.file.as_deref(), &source.overrides) {
         Ok(new) => new,
         Err(e) => {
             error!(error = %e, "Configuration reload refused; keeping the running configuration.");
-            return;
+            return None;
         }
     };
     for key in needs_restart(current, &new) {
@@ -344,7 +362,7 @@ async fn reload(
 
     // Stopping every old tier and spawning the new ones bounds the reload.
     let budget = stop_budget(&config::tier_specs(current, instance))
-        + stop_budget(&config::tier_specs(&new, instance));
+        .saturating_add(stop_budget(&config::tier_specs(&new, instance)));
     let tiers = config::tier_specs_with(&new, instance, Some(&autoheal.handle()));
     let waterfall = new.waterfall.clone();
     let heal = config::autoheal_spec(&new, autoheal);
@@ -352,25 +370,28 @@ async fn reload(
         warn!(error = %e, "Autoheal's reload could not be delivered.");
     }
     *current = new;
-    let answer = root
-        .call(
-            |reply| RootMsg::Reload {
-                tiers,
-                waterfall,
-                reply,
-            },
-            Some(budget),
-        )
-        .await;
-    match answer {
-        Ok(CallResult::Success(summary)) => info!("{summary}"),
-        Ok(CallResult::Timeout) => warn!(
-            "Reload not confirmed within {}; it may still be in progress.",
-            cascade_actors::text::duration(budget)
-        ),
-        Ok(CallResult::SenderError) => warn!("Reload not applied: cascade is stopping."),
-        Err(e) => warn!(error = %e, "Reload could not be delivered."),
-    }
+    let root = root.clone();
+    Some(async move {
+        let answer = root
+            .call(
+                |reply| RootMsg::Reload {
+                    tiers,
+                    waterfall,
+                    reply,
+                },
+                Some(budget),
+            )
+            .await;
+        match answer {
+            Ok(CallResult::Success(summary)) => info!("{summary}"),
+            Ok(CallResult::Timeout) => warn!(
+                "Reload not confirmed within {}; it may still be in progress.",
+                cascade_actors::text::duration(budget)
+            ),
+            Ok(CallResult::SenderError) => warn!("Reload not applied: cascade is stopping."),
+            Err(e) => warn!(error = %e, "Reload could not be delivered."),
+        }
+    })
 }
 
 /// Stops the router accepting and waits for its requests in flight, at
@@ -444,5 +465,36 @@ fn kill_process_groups(snapshot: &supervisor::Snapshot) {
         if pgid > 1 {
             let _ = killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
         }
+    }
+}
+
+/// A test-only fault hook, compiled out of release builds: with
+/// `CASCADE_TEST_FAULT=root-panic` the root panics (a bug it contains), with
+/// `root-kill` it is killed (a failure it cannot report), once a tier is
+/// active. Tests use it to check the exit code and that tiers are stopped.
+#[cfg(debug_assertions)]
+mod fault {
+    use cascade_actors::supervisor::{Fault, RootMsg};
+    use tracing::warn;
+
+    pub fn inject(
+        running: &cascade_actors::supervisor::Running,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let fault = match std::env::var("CASCADE_TEST_FAULT").ok()?.as_str() {
+            "root-panic" => Fault::Panic,
+            "root-kill" => Fault::Kill,
+            other => {
+                warn!(fault = other, "Unknown CASCADE_TEST_FAULT; ignored.");
+                return None;
+            }
+        };
+        let mut snapshots = running.snapshots.clone();
+        let root = running.root.clone();
+        Some(tokio::spawn(async move {
+            if snapshots.wait_for(|s| s.active.is_some()).await.is_ok() {
+                warn!(?fault, "Injecting a root failure (test hook).");
+                let _ = root.send_message(RootMsg::Fault(fault));
+            }
+        }))
     }
 }

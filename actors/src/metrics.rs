@@ -35,6 +35,7 @@ pub const NAMES: &[&str] = &[
     "cascade.tier.active",
     "cascade.failovers",
     "cascade.restarts",
+    "cascade.panics",
     "cascade.probe.duration",
     "cascade.breaker.state",
     "cascade.breaker.transitions",
@@ -74,6 +75,7 @@ pub struct Metrics {
     tier_active: Gauge<i64>,
     failovers: Counter<u64>,
     restarts: Counter<u64>,
+    panics: Counter<u64>,
     probe_duration: Histogram<f64>,
     breaker_state: Gauge<i64>,
     breaker_transitions: Counter<u64>,
@@ -153,6 +155,13 @@ impl Metrics {
                 .with_description(
                     "Restarts: kind=actor (the root restarted a tier actor), \
                      kind=backend (a tier's backend was restarted).",
+                )
+                .build(),
+            panics: meter
+                .u64_counter("cascade.panics")
+                .with_description(
+                    "Panics caught by supervision, by tier and where: probe, start, \
+                     restart (a driver call), actor (a tier actor's handler).",
                 )
                 .build(),
             probe_duration: meter
@@ -273,6 +282,13 @@ impl Metrics {
     pub fn backend_restart(&self, id: TierId) {
         self.restarts
             .add(1, &[tier(id), KeyValue::new("kind", "backend")]);
+    }
+
+    /// A panic was caught: in a driver call (`probe`, `start`, `restart`)
+    /// or in a tier actor (`actor`).
+    pub fn panic(&self, id: TierId, place: &'static str) {
+        self.panics
+            .add(1, &[tier(id), KeyValue::new("where", place)]);
     }
 
     pub fn probe(&self, id: TierId, outcome: &'static str, took: Duration) {

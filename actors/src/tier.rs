@@ -8,10 +8,23 @@
 //! report back by message. Only `Stop` awaits (bounded by the stop grace),
 //! because the root is waiting for it anyway.
 //!
-//! Invariant: a probe never starts anything; at most one probe is in flight.
+//! A driver call that panics is caught in its task and reported like any
+//! failure (a failed probe, start or restart carrying the panic's text), so
+//! the actor always hears back. The tasks are cancelled by a guard dropped
+//! with the actor's state, so a panicking or killed actor (ractor skips
+//! `post_stop` then) leaves nothing driving the backend; its successor's
+//! driver adopts the running backend.
+//!
+//! Invariants: a probe never starts anything; at most one probe is in
+//! flight; at most one of start, restart and stop is in progress
+//! ([`Lifecycle`]), and after a stop nothing starts again.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use futures_util::FutureExt;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -20,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::field::Empty;
-use tracing::{Instrument, Span, info, info_span, warn};
+use tracing::{Instrument, Span, error, info, info_span, warn};
 
 use crate::contract::{
     Driver, DriverEvent, DriverFactory, EventSink, Internal, ProbeOutcome, RestartReport,
@@ -96,17 +109,55 @@ pub struct State {
     breaker: CircuitBreaker,
     status: TierStatus,
     probe_in_flight: bool,
-    /// A start or a restart is in flight; probes hold off.
-    starting: bool,
+    lifecycle: Lifecycle,
     /// The root asked for a start while a restart was in flight; it gets
     /// the restart's outcome.
     start_requested: bool,
-    stopped: bool,
-    /// Every task this actor spawns, so none outlives it.
-    tasks: TaskTracker,
+    tasks: Tasks,
+}
+
+/// What the tier is doing to its backend. One at a time: a request that
+/// conflicts with the one in progress is refused with an error naming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    /// Nothing in progress; probes run.
+    Idle,
+    /// The start phase's start is in flight; probes hold off.
+    Starting,
+    /// An operator's restart is in flight; probes hold off.
+    Restarting,
+    /// Stopped (or being stopped): the actor is about to go, and nothing
+    /// starts the backend again.
+    Stopping,
+}
+
+/// Every task the actor spawns and its probe timer. Dropping it (with the
+/// actor's state, whether the actor stopped, panicked or was killed)
+/// cancels them, so none outlives the actor.
+struct Tasks {
+    tracker: TaskTracker,
     cancel: CancellationToken,
-    /// The probe interval timer; aborted when the actor stops.
     ticker: Option<JoinHandle<()>>,
+}
+
+impl Tasks {
+    fn stop_ticker(&mut self) {
+        if let Some(ticker) = self.ticker.take() {
+            ticker.abort();
+        }
+    }
+
+    fn cancel(&mut self) {
+        self.stop_ticker();
+        self.cancel.cancel();
+        self.tracker.close();
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.cancel();
+    }
 }
 
 impl Actor for TierActor {
@@ -134,12 +185,13 @@ impl Actor for TierActor {
             driver,
             status,
             probe_in_flight: false,
-            starting: false,
+            lifecycle: Lifecycle::Idle,
             start_requested: false,
-            stopped: false,
-            tasks: TaskTracker::new(),
-            cancel: CancellationToken::new(),
-            ticker: Some(ticker),
+            tasks: Tasks {
+                tracker: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+                ticker: Some(ticker),
+            },
         })
     }
 
@@ -165,7 +217,7 @@ impl Actor for TierActor {
                 reply_or_log(reply, state.status.clone());
             }
             TierMsg::ProbeNow | TierMsg::Internal(Internal::ProbeTick) => {
-                if state.starting {
+                if matches!(state.lifecycle, Lifecycle::Starting | Lifecycle::Restarting) {
                     // No probing while starting, but readers still see the
                     // backend come up (its pid, its exits).
                     refresh_while_starting(state);
@@ -184,12 +236,7 @@ impl Actor for TierActor {
             TierMsg::Internal(Internal::ProbeDone(outcome)) => probe_done(state, outcome),
             TierMsg::Internal(Internal::StartDone(result)) => start_done(&myself, state, result),
             TierMsg::Internal(Internal::RestartDone(result)) => {
-                state.starting = false;
-                state.breaker.reset();
-                if std::mem::take(&mut state.start_requested) {
-                    finish_start(state, result);
-                }
-                probe(&myself, state, Admit::Always);
+                restart_done(&myself, state, result)
             }
             TierMsg::Internal(Internal::Driver(event)) => driver_event(&myself, state, event),
         }
@@ -254,17 +301,13 @@ impl State {
     }
 
     async fn shutdown_tasks(&mut self) {
-        if let Some(ticker) = self.ticker.take() {
-            ticker.abort();
-        }
-        self.cancel.cancel();
-        self.tasks.close();
+        self.tasks.cancel();
         // Tasks wrap their work in `run_until_cancelled`, so this returns
         // promptly; the bound is for a task stuck in non-async code.
         if with_deadline(
             Duration::from_secs(5),
             "tier tasks to finish",
-            self.tasks.wait(),
+            self.tasks.tracker.wait(),
         )
         .await
         .is_err()
@@ -278,10 +321,10 @@ impl State {
     where
         F: Future<Output = Option<TierMsg>> + Send + 'static,
     {
-        let cancel = self.cancel.clone();
+        let cancel = self.tasks.cancel.clone();
         let myself = myself.clone();
         let span = info_span!("tier_task", backend.tier = %self.spec.id);
-        self.tasks.spawn(
+        self.tasks.tracker.spawn(
             async move {
                 if let Some(Some(msg)) = cancel.run_until_cancelled(work).await {
                     // Fails only when the actor has stopped meanwhile.
@@ -290,6 +333,38 @@ impl State {
             }
             .instrument(span),
         );
+    }
+}
+
+/// Runs one driver call under its deadline. A panic in the call becomes an
+/// error carrying the panic's text (logged and counted), so the task still
+/// reports back and the actor never waits for an answer that cannot come.
+async fn call_driver<T>(
+    tier: TierId,
+    operation: &'static str,
+    timeout: Duration,
+    call: impl Future<Output = T>,
+) -> Result<T, TierError> {
+    match with_deadline(timeout, operation, AssertUnwindSafe(call).catch_unwind()).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(payload)) => {
+            let panic = panic_text(payload.as_ref());
+            error!(backend.tier = %tier, operation, %panic, "Driver panicked; treated as a failed {operation}.");
+            metrics().panic(tier, operation);
+            Err(TierError::new(format!("{operation} panicked: {panic}")))
+        }
+        Err(e) => Err(TierError::new(e.to_string())),
+    }
+}
+
+/// The text of a panic's payload: what `panic!` was given, when it was text.
+pub fn panic_text(payload: &(dyn Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 
@@ -320,7 +395,7 @@ fn refresh_while_starting(state: &mut State) {
 }
 
 fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
-    if state.probe_in_flight || state.starting || state.stopped {
+    if state.probe_in_flight || state.lifecycle != Lifecycle::Idle {
         return;
     }
     let now = state.now();
@@ -355,11 +430,9 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
         let span = operation_span("probe", tier);
         let started = Instant::now();
         let outcome = async {
-            match with_deadline(timeout, "probe", driver.probe()).await {
+            match call_driver(tier, "probe", timeout, driver.probe()).await {
                 Ok(outcome) => outcome,
-                Err(e) => ProbeOutcome::Down {
-                    error: e.to_string(),
-                },
+                Err(e) => ProbeOutcome::Down { error: e.0 },
             }
         }
         .instrument(span.clone())
@@ -382,7 +455,7 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
 
 fn probe_done(state: &mut State, outcome: ProbeOutcome) {
     state.probe_in_flight = false;
-    if state.starting || state.stopped {
+    if state.lifecycle != Lifecycle::Idle {
         return;
     }
     let now = state.now();
@@ -476,9 +549,17 @@ fn breaker_reason(state: &State) -> String {
 
 fn ensure_started(myself: &ActorRef<TierMsg>, state: &mut State) {
     let tier = state.spec.id;
-    if state.starting {
-        state.start_requested = true;
-        return;
+    match state.lifecycle {
+        Lifecycle::Starting | Lifecycle::Restarting => {
+            state.start_requested = true;
+            return;
+        }
+        Lifecycle::Stopping => {
+            let error = TierError::new(format!("the {tier} tier is stopping; not starting it"));
+            finish_start(state, Err(error));
+            return;
+        }
+        Lifecycle::Idle => {}
     }
     if state.status.state == TierState::Healthy {
         finish_start(state, Ok(()));
@@ -491,8 +572,7 @@ fn ensure_started(myself: &ActorRef<TierMsg>, state: &mut State) {
         );
         return;
     }
-    state.starting = true;
-    state.stopped = false;
+    state.lifecycle = Lifecycle::Starting;
     state.set(TierState::Starting, "starting".into());
     state.publish();
     info!(backend.tier = %tier, "Starting tier.");
@@ -501,10 +581,9 @@ fn ensure_started(myself: &ActorRef<TierMsg>, state: &mut State) {
     state.spawn(myself, async move {
         let span = operation_span("start", tier);
         let result = async {
-            match with_deadline(timeout, "start", driver.start()).await {
-                Ok(result) => result,
-                Err(e) => Err(TierError::new(e.to_string())),
-            }
+            call_driver(tier, "start", timeout, driver.start())
+                .await
+                .and_then(|r| r)
         }
         .instrument(span.clone())
         .await;
@@ -514,7 +593,10 @@ fn ensure_started(myself: &ActorRef<TierMsg>, state: &mut State) {
 }
 
 fn start_done(myself: &ActorRef<TierMsg>, state: &mut State, result: Result<(), TierError>) {
-    state.starting = false;
+    if state.lifecycle != Lifecycle::Starting {
+        return;
+    }
+    state.lifecycle = Lifecycle::Idle;
     state.start_requested = false;
     match &result {
         Ok(()) => {
@@ -536,6 +618,7 @@ fn start_done(myself: &ActorRef<TierMsg>, state: &mut State, result: Result<(), 
 
 fn finish_start(state: &State, result: Result<(), TierError>) {
     let msg = RootMsg::StartFinished {
+        from: state.id,
         tier: state.spec.id,
         result,
     };
@@ -545,9 +628,18 @@ fn finish_start(state: &State, result: Result<(), TierError>) {
 }
 
 async fn stop(state: &mut State, reason: StopReason) {
-    state.stopped = true;
-    if let Some(ticker) = state.ticker.take() {
-        ticker.abort();
+    if state.lifecycle == Lifecycle::Stopping {
+        return;
+    }
+    // A start or restart in flight is abandoned (its task cancelled, its
+    // future dropped, which drivers must tolerate) so it cannot bring the
+    // backend up behind the stop.
+    state.lifecycle = Lifecycle::Stopping;
+    state.tasks.cancel();
+    state.probe_in_flight = false;
+    if std::mem::take(&mut state.start_requested) {
+        let error = TierError::new(format!("the {} tier is stopping", state.spec.id));
+        finish_start(state, Err(error));
     }
     let grace = state.spec.stop_grace;
     let tier = state.spec.id;
@@ -570,43 +662,78 @@ fn restart(
     request: RestartRequest,
     reply: RpcReplyPort<Result<RestartReport, TierError>>,
 ) {
-    info!(backend.tier = %state.spec.id, force = request.force, dry_run = request.dry_run, "Restart requested.");
-    let driver = state.driver.clone();
-    let timeout = state.spec.stop_grace + state.spec.start_timeout;
     let tier = state.spec.id;
+    info!(backend.tier = %tier, force = request.force, dry_run = request.dry_run, "Restart requested.");
     if !request.dry_run {
+        let busy = match state.lifecycle {
+            Lifecycle::Idle => None,
+            Lifecycle::Starting => Some("a start of the tier is in progress"),
+            Lifecycle::Restarting => Some("a restart of the tier is already in progress"),
+            Lifecycle::Stopping => Some("the tier is stopping"),
+        };
+        if let Some(busy) = busy {
+            warn!(backend.tier = %tier, in_progress = busy, "Restart refused.");
+            let error = TierError::new(format!(
+                "cannot restart {tier}: {busy}; try again when it is done"
+            ));
+            reply_or_log(reply, Err(error));
+            return;
+        }
         // Like a start: probes hold off until it is done, so a backend
         // that is down mid-restart does not send the waterfall into a
         // start phase that races the restart.
-        state.stopped = false;
-        state.starting = true;
+        state.lifecycle = Lifecycle::Restarting;
         state.set(TierState::Starting, "restarting".into());
         state.publish();
     }
+    let driver = state.driver.clone();
+    let timeout = state
+        .spec
+        .stop_grace
+        .saturating_add(state.spec.start_timeout);
     state.spawn(myself, async move {
         let span = operation_span("restart", tier);
         span.record("dry_run", request.dry_run);
         let result = async {
-            match with_deadline(timeout, "restart", driver.restart(request)).await {
-                Ok(result) => result,
-                Err(e) => Err(TierError::new(e.to_string())),
-            }
+            call_driver(tier, "restart", timeout, driver.restart(request))
+                .await
+                .and_then(|r| r)
         }
         .instrument(span.clone())
         .await;
         record_result(&span, &result);
-        if result.is_ok() && !request.dry_run {
-            metrics().backend_restart(tier);
-        }
         if let Ok(report) = &result {
             for step in &report.plan {
-                info!(dry_run = request.dry_run, step = %step, "Restart plan.");
+                info!(backend.tier = %tier, dry_run = request.dry_run, step = %step, "Restart plan.");
             }
         }
         let outcome = result.as_ref().map(drop).map_err(Clone::clone);
         reply_or_log(reply, result);
         (!request.dry_run).then_some(TierMsg::Internal(Internal::RestartDone(outcome)))
     });
+}
+
+fn restart_done(myself: &ActorRef<TierMsg>, state: &mut State, result: Result<(), TierError>) {
+    if state.lifecycle != Lifecycle::Restarting {
+        return;
+    }
+    state.lifecycle = Lifecycle::Idle;
+    state.breaker.reset();
+    match &result {
+        Ok(()) => {
+            state.status.backend_restarts += 1;
+            metrics().backend_restart(state.spec.id);
+            info!(backend.tier = %state.spec.id, restarts = state.status.backend_restarts, "Backend restarted on request.");
+        }
+        Err(e) => {
+            warn!(backend.tier = %state.spec.id, error = %e, "Restart failed.");
+            state.status.last_error = Some(e.to_string());
+        }
+    }
+    if std::mem::take(&mut state.start_requested) {
+        finish_start(state, result);
+    }
+    probe(myself, state, Admit::Always);
 }
 
 fn driver_event(myself: &ActorRef<TierMsg>, state: &mut State, event: DriverEvent) {

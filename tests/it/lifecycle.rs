@@ -202,3 +202,80 @@ async fn forced_exit_kills_the_backends_whole_process_group() {
     )
     .await;
 }
+
+/// Starts cascade with the test-only fault hook set to `fault` and waits for
+/// it to exit by itself once the local tier is active.
+async fn failing_root(fault: &str) -> (Cascade, i32, std::process::ExitStatus) {
+    let setup = Setup {
+        env: vec![("CASCADE_TEST_FAULT".into(), fault.into())],
+        ..Setup::default()
+    };
+    let mut cascade = Cascade::start(setup).await;
+    let backend = cascade.wait_backend_pid().await;
+    let status = cascade
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|| panic!("cascade still runs after {fault}:\n{}", cascade.log_tail()));
+    (cascade, backend, status)
+}
+
+#[tokio::test]
+async fn a_panicking_root_stops_the_backend_logs_the_panic_and_exits_70() {
+    let (cascade, backend, status) = failing_root("root-panic").await;
+    assert_eq!(
+        status.code(),
+        Some(70),
+        "{}\n{}",
+        describe_exit(status),
+        cascade.log_tail()
+    );
+    assert!(
+        process_gone(backend),
+        "backend {backend} outlived the failed root"
+    );
+    let logs = cascade.logs();
+    // The one plain line is the exit's summary for a person at a terminal.
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("cascade: "))
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("a non-JSON line on stderr ({e}): {line}"))
+        })
+        .collect();
+    let panic = lines
+        .iter()
+        .find(|l| l["message"] == "Panic.")
+        .unwrap_or_else(|| panic!("the panic is not in the JSON log:\n{logs}"));
+    assert_eq!(panic["level"], "ERROR", "{panic}");
+    assert_eq!(panic["panic"], "injected root failure", "{panic}");
+    let position = |message: &str| {
+        logs.find(message)
+            .unwrap_or_else(|| panic!("no {message} in the log:\n{logs}"))
+    };
+    assert!(
+        position("\"Tier stopped.\"")
+            < position("cascade: the root supervisor panicked: injected root failure; giving up"),
+        "the tiers stop before the failure is reported:\n{logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_root_that_vanishes_without_reporting_exits_70() {
+    let (cascade, backend, status) = failing_root("root-kill").await;
+    assert_eq!(
+        status.code(),
+        Some(70),
+        "{}\n{}",
+        describe_exit(status),
+        cascade.log_tail()
+    );
+    assert!(
+        cascade
+            .logs()
+            .contains("the root supervisor stopped without reporting why"),
+        "{}",
+        cascade.log_tail()
+    );
+    wait_gone(backend, SHORT, "the backend to end with cascade").await;
+}

@@ -20,9 +20,11 @@
 //! Invariant: the active tier changes only inside this actor, by message.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::FutureExt;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
@@ -103,6 +105,8 @@ pub enum Exit {
     Shutdown,
     /// A tier failed too often; every tier stopped.
     Escalated { tier: TierId, errors: Vec<String> },
+    /// The root itself failed (a bug); every tier it could reach stopped.
+    Failed { error: String },
 }
 
 impl std::fmt::Display for Exit {
@@ -113,6 +117,10 @@ impl std::fmt::Display for Exit {
                 f,
                 "the {tier} tier failed too often; giving up so the service manager can restart cascade. Last errors: {}",
                 errors.join(" | ")
+            ),
+            Exit::Failed { error } => write!(
+                f,
+                "{error}; giving up so the service manager can restart cascade"
             ),
         }
     }
@@ -128,9 +136,14 @@ pub enum RootMsg {
     },
     /// A tier asked by the start phase finished starting.
     StartFinished {
+        /// The reporting actor: a result from a replaced actor is stale.
+        from: ractor::ActorId,
         tier: TierId,
         result: Result<(), TierError>,
     },
+    /// The start phase's deadline for the start numbered `attempt`: if that
+    /// start has not finished, it is taken as failed.
+    StartOverdue { tier: TierId, attempt: u64 },
     /// Decide again (hysteresis expired, next start round).
     Reevaluate,
     /// Spawn a failed tier actor again, after its backoff.
@@ -161,6 +174,19 @@ pub enum RootMsg {
     /// Autoheal's settings after a reload (`None`: it no longer runs); an
     /// actor whose settings changed is replaced, its history kept.
     ReloadAutoheal(Option<Box<AutohealSpec>>),
+    /// Test-only: fail the root as a bug would. Compiled out of release builds.
+    #[cfg(debug_assertions)]
+    Fault(Fault),
+}
+
+/// A failure of the root that tests inject (debug builds only).
+#[cfg(debug_assertions)]
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// The root's handler panics: contained, tiers stopped, exit reported.
+    Panic,
+    /// The root is killed: no exit is reported.
+    Kill,
 }
 
 /// What a reload changed, for the one log line that reports it.
@@ -259,6 +285,8 @@ pub struct RootState {
     snapshots: watch::Sender<Snapshot>,
     instance: Instance,
     exit: Option<oneshot::Sender<Exit>>,
+    /// Why the root is stopping, reported once every tier has stopped.
+    exit_reason: Option<Exit>,
     last_decision: String,
     shutting_down: bool,
     /// The pending `Reevaluate` timer, replaced when a sooner one is needed.
@@ -274,9 +302,15 @@ pub struct RootState {
     watchdog: Option<JoinHandle<()>>,
     /// Docker autoheal, a child restarted like a tier but never escalated.
     autoheal: Option<Slot>,
+    /// Numbers the start phase's starts, so a deadline meant for an
+    /// earlier start does not end a later one.
+    start_attempt: u64,
 }
 
 const LAST_ERRORS: usize = 5;
+
+/// How long past a tier's own deadlines the start phase waits for its report.
+const START_REPORT_MARGIN: Duration = Duration::from_secs(5);
 
 /// A `send_after` timer.
 type Timer = JoinHandle<Result<(), ractor::MessagingErr<RootMsg>>>;
@@ -308,6 +342,7 @@ impl Actor for RootSupervisor {
             snapshots: args.snapshots,
             instance: args.instance,
             exit: Some(args.exit),
+            exit_reason: None,
             last_decision: String::new(),
             shutting_down: false,
             recheck: None,
@@ -315,6 +350,7 @@ impl Actor for RootSupervisor {
             ready_sent: false,
             last_served: None,
             watchdog: None,
+            start_attempt: 0,
         })
     }
 
@@ -344,68 +380,10 @@ impl Actor for RootSupervisor {
         msg: RootMsg,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            RootMsg::TierChanged { from, status } => {
-                tier_changed(state, from, status);
-                decide(&myself, state);
-            }
-            RootMsg::StartFinished { tier, result } => {
-                state.waterfall.start_finished(tier, result.is_ok());
-                decide(&myself, state);
-            }
-            RootMsg::Reevaluate => {
-                state.recheck = None;
-                decide(&myself, state);
-            }
-            RootMsg::Respawn(tier) => respawn(&myself, state, tier).await?,
-            RootMsg::Restart {
-                tier,
-                request,
-                reply,
-            } => forward_restart(state, tier, request, reply),
-            RootMsg::WatchdogTick => state.notify.watchdog(),
-            RootMsg::AutohealChanged(status) => {
-                if let Some(slot) = &mut state.autoheal {
-                    slot.changed(status);
-                    publish(state);
-                }
-            }
-            RootMsg::RespawnAutoheal => {
-                if !state.shutting_down {
-                    spawn_autoheal(&myself, state).await;
-                    publish(state);
-                }
-            }
-            RootMsg::ReloadAutoheal(spec) => {
-                if !state.shutting_down {
-                    reload_autoheal(&myself, state, spec.map(|s| *s)).await;
-                }
-            }
-            RootMsg::Reload {
-                tiers,
-                waterfall,
-                reply,
-            } => {
-                if state.shutting_down {
-                    // Dropping the reply tells the caller it was not applied.
-                    warn!("Reload ignored: shutting down.");
-                    return Ok(());
-                }
-                let summary = reload(&myself, state, tiers, waterfall).await?;
-                if reply.send(summary).is_err() {
-                    warn!("Reload requester stopped waiting.");
-                }
-            }
-            RootMsg::Shutdown(reply) => {
-                state.notify.stopping();
-                stop_all(state).await;
-                finish(state, Exit::Shutdown);
-                if reply.send(()).is_err() {
-                    warn!("Shutdown requester stopped waiting.");
-                }
-                myself.stop(None);
-            }
-        }
+        let handled = AssertUnwindSafe(handle_msg(&myself, msg, state))
+            .catch_unwind()
+            .await;
+        contain(&myself, state, handled).await;
         Ok(())
     }
 
@@ -427,16 +405,24 @@ impl Actor for RootSupervisor {
             }
             return Ok(());
         }
-        match event {
-            SupervisionEvent::ActorFailed(cell, err) => {
-                child_exited(&myself, state, &cell, format!("tier actor failed: {err}")).await;
+        let handled = AssertUnwindSafe(async {
+            match event {
+                SupervisionEvent::ActorFailed(cell, err) => {
+                    let error = format!("tier actor failed: {err}");
+                    child_exited(&myself, state, &cell, error).await;
+                }
+                SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                    let why = reason.unwrap_or_else(|| "no reason given".into());
+                    let error = format!("tier actor stopped: {why}");
+                    child_exited(&myself, state, &cell, error).await;
+                }
+                _ => {}
             }
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                let why = reason.unwrap_or_else(|| "no reason given".into());
-                child_exited(&myself, state, &cell, format!("tier actor stopped: {why}")).await;
-            }
-            _ => {}
-        }
+            Ok(())
+        })
+        .catch_unwind()
+        .await;
+        contain(&myself, state, handled).await;
         Ok(())
     }
 
@@ -451,11 +437,129 @@ impl Actor for RootSupervisor {
         if let Some(timer) = state.watchdog.take() {
             timer.abort();
         }
-        // Reached without Shutdown only when the root itself failed.
+        // Reached without Shutdown on escalation or a failure of the root:
+        // the exit is reported once the tiers have stopped.
         stop_all(state).await;
-        finish(state, Exit::Shutdown);
+        let exit = state.exit_reason.take().unwrap_or(Exit::Shutdown);
+        finish(state, exit);
         Ok(())
     }
+}
+
+async fn handle_msg(
+    myself: &ActorRef<RootMsg>,
+    msg: RootMsg,
+    state: &mut RootState,
+) -> Result<(), ActorProcessingErr> {
+    let myself = myself.clone();
+    match msg {
+        RootMsg::TierChanged { from, status } => {
+            tier_changed(state, from, status);
+            decide(&myself, state);
+        }
+        RootMsg::StartFinished { from, tier, result } => {
+            if !is_current(state, tier, from) {
+                info!(backend.tier = %tier, "Start result from a replaced tier actor ignored.");
+                return Ok(());
+            }
+            state.waterfall.start_finished(tier, result.is_ok());
+            decide(&myself, state);
+        }
+        RootMsg::StartOverdue { tier, attempt } => {
+            if attempt == state.start_attempt && state.waterfall.starting() == Some(tier) {
+                warn!(backend.tier = %tier, "Start phase: {tier} did not report its start in time; trying the next tier.");
+                state.waterfall.start_finished(tier, false);
+                decide(&myself, state);
+            }
+        }
+        RootMsg::Reevaluate => {
+            state.recheck = None;
+            decide(&myself, state);
+        }
+        RootMsg::Respawn(tier) => respawn(&myself, state, tier).await?,
+        RootMsg::Restart {
+            tier,
+            request,
+            reply,
+        } => forward_restart(state, tier, request, reply),
+        RootMsg::WatchdogTick => state.notify.watchdog(),
+        RootMsg::AutohealChanged(status) => {
+            if let Some(slot) = &mut state.autoheal {
+                slot.changed(status);
+                publish(state);
+            }
+        }
+        RootMsg::RespawnAutoheal => {
+            if !state.shutting_down {
+                spawn_autoheal(&myself, state).await;
+                publish(state);
+            }
+        }
+        RootMsg::ReloadAutoheal(spec) => {
+            if !state.shutting_down {
+                reload_autoheal(&myself, state, spec.map(|s| *s)).await;
+            }
+        }
+        RootMsg::Reload {
+            tiers,
+            waterfall,
+            reply,
+        } => {
+            if state.shutting_down {
+                // Dropping the reply tells the caller it was not applied.
+                warn!("Reload ignored: shutting down.");
+                return Ok(());
+            }
+            let summary = reload(&myself, state, tiers, waterfall).await?;
+            if reply.send(summary).is_err() {
+                warn!("Reload requester stopped waiting.");
+            }
+        }
+        #[cfg(debug_assertions)]
+        RootMsg::Fault(Fault::Panic) => panic!("injected root failure"),
+        #[cfg(debug_assertions)]
+        RootMsg::Fault(Fault::Kill) => myself.kill(),
+        RootMsg::Shutdown(reply) => {
+            state.notify.stopping();
+            stop_all(state).await;
+            finish(state, Exit::Shutdown);
+            if reply.send(()).is_err() {
+                warn!("Shutdown requester stopped waiting.");
+            }
+            myself.stop(None);
+        }
+    }
+    Ok(())
+}
+
+/// The root's own failure (an error or a panic in its handling) ends
+/// cascade in order: every tier is stopped within its grace, then the exit
+/// is reported as a failure, so the process exits non-zero and its service
+/// manager restarts it. Left to ractor, the tiers would be killed and the
+/// exit never reported.
+async fn contain(
+    myself: &ActorRef<RootMsg>,
+    state: &mut RootState,
+    handled: std::thread::Result<Result<(), ActorProcessingErr>>,
+) {
+    let error = match handled {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => format!("the root supervisor failed: {e}"),
+        Err(panic) => format!(
+            "the root supervisor panicked: {}",
+            crate::tier::panic_text(panic.as_ref())
+        ),
+    };
+    error!(%error, "Stopping every tier and exiting.");
+    if state.shutting_down {
+        // Already on the way out; post_stop stops the tiers.
+        return;
+    }
+    state.notify.status(&error);
+    state.notify.stopping();
+    state.exit_reason(Exit::Failed { error });
+    // post_stop stops every tier, then reports the exit.
+    myself.stop(None);
 }
 
 // === children ===
@@ -526,6 +630,11 @@ async fn child_exited(
     state.children[index].actor = None;
     if state.shutting_down {
         return;
+    }
+    // A start that actor was asked for will never be reported.
+    let tier = state.children[index].spec.id;
+    if state.waterfall.starting() == Some(tier) {
+        state.waterfall.start_finished(tier, false);
     }
     schedule_restart(myself, state, index, error);
     decide(myself, state);
@@ -718,9 +827,10 @@ fn finish(state: &mut RootState, exit: Exit) {
 }
 
 impl RootState {
+    /// Records why the root is stopping; the first reason wins.
     fn exit_reason(&mut self, exit: Exit) {
         self.shutting_down = true;
-        finish(self, exit);
+        self.exit_reason.get_or_insert(exit);
     }
 }
 
@@ -746,6 +856,15 @@ fn forward_restart(
 }
 
 // === the waterfall ===
+
+/// Whether `from` is the actor that runs `tier` now: reports from an actor
+/// that has since been replaced (a respawn, a reload) are stale.
+fn is_current(state: &RootState, tier: TierId, from: ractor::ActorId) -> bool {
+    state
+        .children
+        .iter()
+        .any(|c| c.spec.id == tier && c.actor.as_ref().is_some_and(|a| a.get_id() == from))
+}
 
 fn tier_changed(state: &mut RootState, from: ractor::ActorId, status: TierStatus) {
     let current = |c: &Child| c.actor.as_ref().is_some_and(|a| a.get_id() == from);
@@ -821,13 +940,23 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
             }
             None => info!(backend.tier = %tier, "Start phase: asking {tier} to start."),
         }
-        let actor = state
-            .children
-            .iter()
-            .find(|c| c.spec.id == tier)
-            .and_then(|c| c.actor.clone());
-        match actor {
-            Some(actor) if actor.send_message(TierMsg::EnsureStarted).is_ok() => {}
+        let child = state.children.iter().find(|c| c.spec.id == tier);
+        let actor = child.and_then(|c| c.actor.clone());
+        // The tier reports within its start deadline (or, when a restart is
+        // in flight, the restart's); past that and a margin, the start is
+        // taken as failed, so the start phase never waits on it for good.
+        let deadline = child.map(|c| {
+            c.spec
+                .start_timeout
+                .saturating_add(c.spec.stop_grace)
+                .saturating_add(START_REPORT_MARGIN)
+        });
+        match (actor, deadline) {
+            (Some(actor), Some(deadline)) if actor.send_message(TierMsg::EnsureStarted).is_ok() => {
+                state.start_attempt += 1;
+                let attempt = state.start_attempt;
+                myself.send_after(deadline, move || RootMsg::StartOverdue { tier, attempt });
+            }
             _ => state.waterfall.start_finished(tier, false),
         }
     }

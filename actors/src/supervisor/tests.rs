@@ -667,3 +667,513 @@ async fn the_active_tier_stays_active_across_a_reload_that_does_not_touch_it() {
     assert_eq!(t.builds[1].load(Ordering::SeqCst), 1);
     assert_eq!(shutdown(running).await, Exit::Shutdown);
 }
+
+// === lifecycle, panics in driver calls, stale reports ===
+
+/// A backend the test scripts, shared by every driver its tier's factory
+/// builds (as a real tier's backend outlives one actor).
+#[derive(Default)]
+struct Backend {
+    running: AtomicBool,
+    /// Set when anything stopped the backend.
+    ever_stopped: AtomicBool,
+    probes: AtomicU32,
+    starts: AtomicU32,
+    /// Starts whose future was dropped before it finished.
+    starts_abandoned: AtomicU32,
+    restarts: AtomicU32,
+    stops: Mutex<Vec<StopReason>>,
+    /// How many of the next calls panic.
+    panic_probes: AtomicU32,
+    panic_starts: AtomicU32,
+    panic_restarts: AtomicU32,
+    panic_details: AtomicU32,
+    /// How long a start and a restart take.
+    slow: Mutex<Duration>,
+}
+
+fn take_one(n: &AtomicU32) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Counts a start as abandoned unless it is disarmed on completion.
+struct Abandoned<'a>(Option<&'a AtomicU32>);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+struct Scripted {
+    id: TierId,
+    backend: Arc<Backend>,
+}
+
+#[async_trait]
+impl Driver for Scripted {
+    fn endpoint(&self) -> Option<String> {
+        Some(format!("http://{}.invalid", self.id))
+    }
+    fn startable(&self) -> bool {
+        true
+    }
+    async fn probe(&self) -> ProbeOutcome {
+        self.backend.probes.fetch_add(1, Ordering::SeqCst);
+        if take_one(&self.backend.panic_probes) {
+            panic!("injected panic in probe");
+        }
+        if self.backend.running.load(Ordering::SeqCst) {
+            ProbeOutcome::Up {
+                note: "ready".into(),
+            }
+        } else {
+            ProbeOutcome::Idle {
+                reason: "not started".into(),
+            }
+        }
+    }
+    async fn start(&self) -> Result<(), TierError> {
+        let b = &self.backend;
+        b.starts.fetch_add(1, Ordering::SeqCst);
+        if take_one(&b.panic_starts) {
+            panic!("injected panic in start");
+        }
+        let mut guard = Abandoned(Some(&b.starts_abandoned));
+        let slow = *b.slow.lock().unwrap();
+        tokio::time::sleep(slow).await;
+        guard.0 = None;
+        b.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn stop(&self, reason: StopReason) -> Result<(), TierError> {
+        self.backend.stops.lock().unwrap().push(reason);
+        if reason != StopReason::Replaced {
+            self.backend.running.store(false, Ordering::SeqCst);
+            self.backend.ever_stopped.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    async fn restart(&self, r: RestartRequest) -> Result<RestartReport, TierError> {
+        let report = RestartReport {
+            tier: self.id,
+            dry_run: r.dry_run,
+            plan: vec!["stop, then start".into()],
+        };
+        if r.dry_run {
+            return Ok(report);
+        }
+        let b = &self.backend;
+        b.restarts.fetch_add(1, Ordering::SeqCst);
+        if take_one(&b.panic_restarts) {
+            panic!("injected panic in restart");
+        }
+        b.ever_stopped.store(true, Ordering::SeqCst);
+        let slow = *b.slow.lock().unwrap();
+        tokio::time::sleep(slow).await;
+        b.running.store(true, Ordering::SeqCst);
+        Ok(report)
+    }
+    fn details(&self) -> std::collections::BTreeMap<String, String> {
+        if take_one(&self.backend.panic_details) {
+            panic!("injected panic in the {} tier actor", self.id);
+        }
+        Default::default()
+    }
+}
+
+fn scripted(id: TierId, backend: &Arc<Backend>) -> TierSpec {
+    let backend = backend.clone();
+    TierSpec {
+        id,
+        factory: Arc::new(move |_events| {
+            Ok(Arc::new(Scripted {
+                id,
+                backend: backend.clone(),
+            }) as Arc<dyn Driver>)
+        }),
+        probe: ProbeConfig {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(200),
+        },
+        breaker: BreakerConfig {
+            consecutive_failures: 2,
+            ..BreakerConfig::default()
+        },
+        start_timeout: Duration::from_secs(30),
+        stop_grace: Duration::from_secs(1),
+        fingerprint: "v1".into(),
+    }
+}
+
+fn backend(running: bool) -> Arc<Backend> {
+    let b = Backend::default();
+    b.running.store(running, Ordering::SeqCst);
+    Arc::new(b)
+}
+
+fn quick_rounds(order: &[TierId]) -> WaterfallConfig {
+    WaterfallConfig {
+        start_retry: BackoffConfig {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(50),
+            reset_after: Duration::from_secs(10),
+            jitter: Jitter::Full,
+        },
+        ..waterfall(order, Duration::from_millis(100))
+    }
+}
+
+async fn run_root(specs: Vec<TierSpec>, order: &[TierId]) -> Running {
+    start(
+        specs,
+        quick_rounds(order),
+        supervisor_config(),
+        Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
+    )
+    .await
+    .expect("root starts")
+}
+
+async fn eventually(what: &str, ok: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn restart_tier(
+    running: &Running,
+    tier: TierId,
+    request: RestartRequest,
+) -> Result<RestartReport, TierError> {
+    let answer = running
+        .root
+        .call(
+            |reply| RootMsg::Restart {
+                tier,
+                request,
+                reply,
+            },
+            Some(Duration::from_secs(10)),
+        )
+        .await
+        .expect("restart delivered");
+    match answer {
+        ractor::rpc::CallResult::Success(result) => result,
+        ractor::rpc::CallResult::Timeout => panic!("restart not answered in time"),
+        ractor::rpc::CallResult::SenderError => panic!("restart dropped without an answer"),
+    }
+}
+
+/// The actor running `tier` now (the root's children come in no order).
+async fn tier_actor(running: &Running, tier: TierId) -> ActorRef<TierMsg> {
+    for cell in running.root.get_children() {
+        let actor = ActorRef::<TierMsg>::from(cell);
+        let status = actor
+            .call(TierMsg::Status, Some(Duration::from_secs(5)))
+            .await;
+        if let Ok(ractor::rpc::CallResult::Success(status)) = status
+            && status.tier == tier
+        {
+            return actor;
+        }
+    }
+    panic!("no actor runs the {tier} tier");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_probe_is_a_failed_probe_and_probing_goes_on() {
+    let b = backend(true);
+    b.panic_probes.store(1, Ordering::SeqCst);
+    let mut running = run_root(vec![scripted(TierId::Local, &b)], &[TierId::Local]).await;
+    wait_for(&mut running.snapshots, "local active", |s| {
+        s.active == Some(TierId::Local)
+    })
+    .await;
+    eventually("probes go on after the panic", || {
+        b.probes.load(Ordering::SeqCst) >= 5
+    })
+    .await;
+    let snap = running.snapshots.borrow().clone();
+    assert_eq!(snap.tiers[0].actor_restarts, 0, "contained in the task");
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_start_is_a_failed_start_and_the_start_phase_goes_on() {
+    let b = backend(false);
+    b.panic_starts.store(1, Ordering::SeqCst);
+    let mut running = run_root(vec![scripted(TierId::Local, &b)], &[TierId::Local]).await;
+    // The tier's own start deadline is 30 s: only the panic reported as a
+    // failed start lets the start phase try again within the wait.
+    wait_for(&mut running.snapshots, "local active after a retry", |s| {
+        s.active == Some(TierId::Local)
+    })
+    .await;
+    assert_eq!(b.starts.load(Ordering::SeqCst), 2);
+    assert_eq!(running.snapshots.borrow().tiers[0].actor_restarts, 0);
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_restart_answers_the_restart_and_probing_resumes() {
+    let b = backend(true);
+    b.panic_restarts.store(1, Ordering::SeqCst);
+    let mut running = run_root(vec![scripted(TierId::Local, &b)], &[TierId::Local]).await;
+    wait_for(&mut running.snapshots, "local active", |s| {
+        s.active == Some(TierId::Local)
+    })
+    .await;
+    let error = restart_tier(&running, TierId::Local, RestartRequest::default())
+        .await
+        .expect_err("the restart panicked");
+    assert!(
+        error
+            .0
+            .contains("restart panicked: injected panic in restart"),
+        "{error}"
+    );
+    let probes = b.probes.load(Ordering::SeqCst);
+    eventually("probes resume after the failed restart", || {
+        b.probes.load(Ordering::SeqCst) >= probes + 3
+    })
+    .await;
+    wait_for(&mut running.snapshots, "local healthy", |s| {
+        s.tiers[0].status.state == TierState::Healthy
+    })
+    .await;
+    // The next restart goes through, and is counted as a backend restart.
+    restart_tier(&running, TierId::Local, RestartRequest::default())
+        .await
+        .expect("restarts");
+    wait_for(&mut running.snapshots, "one backend restart counted", |s| {
+        s.tiers[0].status.backend_restarts == 1 && s.tiers[0].status.state == TierState::Healthy
+    })
+    .await;
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_result_from_a_replaced_actor_is_ignored() {
+    let ids = [TierId::Docker, TierId::Local];
+    let docker = backend(false);
+    *docker.slow.lock().unwrap() = Duration::from_millis(800);
+    let local = backend(false);
+    let mut running = run_root(
+        vec![
+            scripted(TierId::Docker, &docker),
+            scripted(TierId::Local, &local),
+        ],
+        &ids,
+    )
+    .await;
+    wait_for(&mut running.snapshots, "docker starting", |s| {
+        s.tiers[0].status.state == TierState::Starting
+    })
+    .await;
+    // A failed start as an actor replaced meanwhile would have sent it.
+    running
+        .root
+        .send_message(RootMsg::StartFinished {
+            from: ractor::ActorId::Local(u64::MAX),
+            tier: TierId::Docker,
+            result: Err(TierError::new("stale")),
+        })
+        .expect("root alive");
+    wait_for(&mut running.snapshots, "docker active", |s| {
+        s.active == Some(TierId::Docker)
+    })
+    .await;
+    assert_eq!(
+        local.starts.load(Ordering::SeqCst),
+        0,
+        "the stale failure sent the start phase on to local"
+    );
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_actor_killed_during_a_start_neither_wedges_the_start_phase_nor_leaves_its_start_running()
+ {
+    let ids = [TierId::Docker, TierId::Local];
+    let docker = backend(false);
+    // Far beyond the wait below: only the actor's exit can end this start.
+    *docker.slow.lock().unwrap() = Duration::from_secs(60);
+    let local = backend(false);
+    let mut running = run_root(
+        vec![
+            scripted(TierId::Docker, &docker),
+            scripted(TierId::Local, &local),
+        ],
+        &ids,
+    )
+    .await;
+    eventually("docker's start entered", || {
+        docker.starts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tier_actor(&running, TierId::Docker).await.kill();
+    eventually("the killed actor's start is abandoned", || {
+        docker.starts_abandoned.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    wait_for(&mut running.snapshots, "local active", |s| {
+        s.active == Some(TierId::Local) && s.tiers[0].actor_restarts == 1
+    })
+    .await;
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_actor_panic_leaves_the_backend_serving_and_probing_resumes() {
+    let b = backend(false);
+    let mut running = run_root(vec![scripted(TierId::Local, &b)], &[TierId::Local]).await;
+    wait_for(&mut running.snapshots, "local started and active", |s| {
+        s.active == Some(TierId::Local) && s.tiers[0].status.state == TierState::Healthy
+    })
+    .await;
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1);
+    let probes = b.probes.load(Ordering::SeqCst);
+    let panicked = tokio::time::Instant::now();
+    b.panic_details.store(1, Ordering::SeqCst);
+    wait_for(&mut running.snapshots, "the actor restarted", |s| {
+        s.tiers[0].actor_restarts == 1
+    })
+    .await;
+    let probes_after = b.probes.load(Ordering::SeqCst);
+    eventually("the new actor probes", || {
+        b.probes.load(Ordering::SeqCst) > probes_after
+    })
+    .await;
+    let probing_again = panicked.elapsed();
+    wait_for(&mut running.snapshots, "local healthy and active", |s| {
+        s.active == Some(TierId::Local) && s.tiers[0].status.state == TierState::Healthy
+    })
+    .await;
+    println!(
+        "tier actor panic → probing again after {probing_again:?}, healthy and active after {:?} ({} probes before)",
+        panicked.elapsed(),
+        probes
+    );
+    assert!(b.running.load(Ordering::SeqCst));
+    assert!(
+        !b.ever_stopped.load(Ordering::SeqCst),
+        "the backend was stopped: {:?}",
+        b.stops.lock().unwrap()
+    );
+    assert_eq!(b.starts.load(Ordering::SeqCst), 1, "no second start");
+    assert_eq!(b.restarts.load(Ordering::SeqCst), 0, "no restart");
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_start_or_a_restart_is_refused_naming_what_is_in_progress() {
+    let b = backend(false);
+    *b.slow.lock().unwrap() = Duration::from_millis(500);
+    let mut running = run_root(vec![scripted(TierId::Local, &b)], &[TierId::Local]).await;
+    wait_for(&mut running.snapshots, "local starting", |s| {
+        s.tiers[0].status.state == TierState::Starting
+    })
+    .await;
+    let error = restart_tier(&running, TierId::Local, RestartRequest::default())
+        .await
+        .expect_err("refused during a start");
+    assert!(
+        error.0.contains("a start of the tier is in progress"),
+        "{error}"
+    );
+    // A dry run changes nothing, so it is answered whatever is in progress.
+    let plan = restart_tier(
+        &running,
+        TierId::Local,
+        RestartRequest {
+            dry_run: true,
+            ..RestartRequest::default()
+        },
+    )
+    .await
+    .expect("a dry run is answered");
+    assert!(plan.dry_run);
+    wait_for(&mut running.snapshots, "local active", |s| {
+        s.active == Some(TierId::Local)
+    })
+    .await;
+
+    let first = {
+        let root = running.root.clone();
+        tokio::spawn(async move {
+            root.call(
+                |reply| RootMsg::Restart {
+                    tier: TierId::Local,
+                    request: RestartRequest::default(),
+                    reply,
+                },
+                Some(Duration::from_secs(10)),
+            )
+            .await
+        })
+    };
+    eventually("the first restart in flight", || {
+        b.restarts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let error = restart_tier(&running, TierId::Local, RestartRequest::default())
+        .await
+        .expect_err("refused during a restart");
+    assert!(
+        error
+            .0
+            .contains("a restart of the tier is already in progress"),
+        "{error}"
+    );
+    match first.await.expect("joined").expect("delivered") {
+        ractor::rpc::CallResult::Success(Ok(_)) => {}
+        _ => panic!("the first restart did not succeed"),
+    }
+    assert_eq!(b.restarts.load(Ordering::SeqCst), 1);
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_queued_behind_a_stop_never_starts_the_backend() {
+    let b = backend(true);
+    let mut running = run_root(vec![scripted(TierId::Local, &b)], &[TierId::Local]).await;
+    wait_for(&mut running.snapshots, "local active", |s| {
+        s.active == Some(TierId::Local)
+    })
+    .await;
+    let actor = tier_actor(&running, TierId::Local).await;
+    let (stopped_tx, stopped) = tokio::sync::oneshot::channel();
+    let (restarted_tx, restarted) = tokio::sync::oneshot::channel();
+    actor
+        .send_message(TierMsg::Stop(StopReason::Exiting, stopped_tx.into()))
+        .expect("tier alive");
+    actor
+        .send_message(TierMsg::Restart(
+            RestartRequest::default(),
+            restarted_tx.into(),
+        ))
+        .expect("tier alive");
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("stop answered in time")
+        .expect("stop answered");
+    let answer = tokio::time::timeout(Duration::from_secs(5), restarted)
+        .await
+        .expect("restart answered in time")
+        .expect("restart answered");
+    let error = answer.expect_err("refused after a stop");
+    assert!(error.0.contains("the tier is stopping"), "{error}");
+    assert_eq!(b.restarts.load(Ordering::SeqCst), 0);
+    assert!(
+        !b.running.load(Ordering::SeqCst),
+        "started again after Stop"
+    );
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
