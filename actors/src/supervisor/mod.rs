@@ -303,8 +303,10 @@ pub struct RootState {
     /// Docker autoheal, a child restarted like a tier but never escalated.
     autoheal: Option<Slot>,
     /// Numbers the start phase's starts, so a deadline meant for an
-    /// earlier start does not end a later one.
+    /// earlier start does not end a later one: the last number, and each
+    /// tier's current start.
     start_attempt: u64,
+    start_attempts: std::collections::BTreeMap<TierId, u64>,
 }
 
 const LAST_ERRORS: usize = 5;
@@ -351,6 +353,7 @@ impl Actor for RootSupervisor {
             last_served: None,
             watchdog: None,
             start_attempt: 0,
+            start_attempts: Default::default(),
         })
     }
 
@@ -466,7 +469,8 @@ async fn handle_msg(
             decide(&myself, state);
         }
         RootMsg::StartOverdue { tier, attempt } => {
-            if attempt == state.start_attempt && state.waterfall.starting() == Some(tier) {
+            let current = state.start_attempts.get(&tier) == Some(&attempt);
+            if current && state.waterfall.starting().any(|t| t == tier) {
                 warn!(backend.tier = %tier, "Start phase: {tier} did not report its start in time; trying the next tier.");
                 state.waterfall.start_finished(tier, false);
                 decide(&myself, state);
@@ -633,7 +637,7 @@ async fn child_exited(
     }
     // A start that actor was asked for will never be reported.
     let tier = state.children[index].spec.id;
-    if state.waterfall.starting() == Some(tier) {
+    if state.waterfall.starting().any(|t| t == tier) {
         state.waterfall.start_finished(tier, false);
     }
     schedule_restart(myself, state, index, error);
@@ -955,6 +959,7 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
             (Some(actor), Some(deadline)) if actor.send_message(TierMsg::EnsureStarted).is_ok() => {
                 state.start_attempt += 1;
                 let attempt = state.start_attempt;
+                state.start_attempts.insert(tier, attempt);
                 myself.send_after(deadline, move || RootMsg::StartOverdue { tier, attempt });
             }
             _ => state.waterfall.start_finished(tier, false),
