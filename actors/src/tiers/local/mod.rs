@@ -368,6 +368,16 @@ enum Check {
     /// Serving as far as can be told; the ownership check had no answer.
     Unsure(String),
     Not(String),
+    /// Not serving, and stopped by a signal (SIGSTOP): it cannot come up
+    /// by itself, nor answer a SIGTERM.
+    Frozen(String),
+}
+
+/// How a wait for a started process ended.
+enum Ready {
+    Serving,
+    /// The process was stopped by a signal while it was waited for.
+    Frozen,
 }
 
 impl LocalDriver {
@@ -462,7 +472,7 @@ impl LocalDriver {
         );
         if let Err(error) = health {
             if client::is_stopped(pid).await {
-                return Check::Not(format!(
+                return Check::Frozen(format!(
                     "process {pid} is stopped by a signal (state T): {error}"
                 ));
             }
@@ -492,20 +502,59 @@ impl LocalDriver {
         }
     }
 
+    /// The start phase's look at what runs: a process that does not serve
+    /// although it has had its whole `start_timeout`, or is stopped by a
+    /// signal, is replaced; a loop in its backoff tries at once.
+    async fn start_once(&self) -> Result<(), TierError> {
+        let mut run = self.keeper.run.lock().await;
+        let alive = run.as_ref().is_some_and(|r| !r.done.is_finished());
+        match self.phase() {
+            Phase::Running { pid, since } if alive => {
+                let frozen = client::is_stopped(pid).await;
+                if (frozen || since.elapsed() >= self.keeper.config.start_timeout)
+                    && let Check::Not(error) | Check::Frozen(error) = self.check(pid).await
+                {
+                    warn!(backend.tier = "local", pid, %error, "Process runs but does not serve; restarting it.");
+                    let grace = if frozen {
+                        Duration::ZERO
+                    } else {
+                        self.keeper.config.stop_grace
+                    };
+                    Self::stop_locked(&mut run, grace).await;
+                    self.ensure_running_locked(&mut run)?;
+                    self.keeper.events.emit(DriverEvent::BackendRestarted {
+                        note: format!("process {pid} restarted by the start phase: {error}"),
+                    });
+                }
+            }
+            Phase::BackingOff { .. } if alive => {
+                if let Some(current) = run.as_ref() {
+                    current.wake.notify_one();
+                }
+            }
+            Phase::CrashLooping { report, .. } if alive => {
+                return Err(TierError::new(report));
+            }
+            _ => {}
+        }
+        self.ensure_running_locked(&mut run)
+    }
+
     /// Waits until the process serves (its own health check, on its own
-    /// socket); fails when the loop is crash-looping or stopped.
-    async fn wait_ready(&self) -> Result<(), TierError> {
+    /// socket); fails when the loop is crash-looping or stopped, and hands
+    /// a process stopped by a signal back to the caller.
+    async fn wait_ready(&self) -> Result<Ready, TierError> {
         let mut view = self.keeper.view.subscribe();
         loop {
             let phase = view.borrow_and_update().phase.clone();
             match phase {
                 Phase::CrashLooping { report, .. } => return Err(TierError::new(report)),
                 Phase::Stopped => return Err(TierError::new("stopped while starting")),
-                Phase::Running { pid, .. } => {
-                    if let Check::Serving(_) | Check::Unsure(_) = self.check(pid).await {
-                        return Ok(());
-                    }
-                }
+                Phase::Running { pid, .. } => match self.check(pid).await {
+                    Check::Serving(_) | Check::Unsure(_) => return Ok(Ready::Serving),
+                    Check::Frozen(_) => return Ok(Ready::Frozen),
+                    Check::Not(_) => {}
+                },
                 Phase::NotStarted | Phase::BackingOff { .. } => {}
             }
             // Poll health often, but wake at once when the loop moves on.
@@ -557,7 +606,7 @@ impl Driver for LocalDriver {
             Phase::Running { pid, .. } => match self.check(pid).await {
                 Check::Serving(note) => ProbeOutcome::Up { note },
                 Check::Unsure(note) => ProbeOutcome::Degraded { note },
-                Check::Not(error) => ProbeOutcome::Down { error },
+                Check::Not(error) | Check::Frozen(error) => ProbeOutcome::Down { error },
             },
         }
     }
@@ -569,41 +618,15 @@ impl Driver for LocalDriver {
     /// still coming up (a model loading) is waited for. A loop waiting out
     /// its backoff tries at once; a crash-looping one keeps its ceiling.
     async fn start(&self) -> Result<(), TierError> {
-        {
-            let mut run = self.keeper.run.lock().await;
-            let alive = run.as_ref().is_some_and(|r| !r.done.is_finished());
-            match self.phase() {
-                Phase::Running { pid, since } if alive => {
-                    let frozen = client::is_stopped(pid).await;
-                    if (frozen || since.elapsed() >= self.keeper.config.start_timeout)
-                        && let Check::Not(error) = self.check(pid).await
-                    {
-                        warn!(backend.tier = "local", pid, %error, "Process runs but does not serve; restarting it.");
-                        let grace = if frozen {
-                            Duration::ZERO
-                        } else {
-                            self.keeper.config.stop_grace
-                        };
-                        Self::stop_locked(&mut run, grace).await;
-                        self.ensure_running_locked(&mut run)?;
-                        self.keeper.events.emit(DriverEvent::BackendRestarted {
-                            note: format!("process {pid} restarted by the start phase: {error}"),
-                        });
-                    }
-                }
-                Phase::BackingOff { .. } if alive => {
-                    if let Some(current) = run.as_ref() {
-                        current.wake.notify_one();
-                    }
-                }
-                Phase::CrashLooping { report, .. } if alive => {
-                    return Err(TierError::new(report));
-                }
-                _ => {}
+        // A process stopped by a signal while it is waited for (SIGSTOP can
+        // land after the first look) goes round again and is replaced; the
+        // tier actor's start deadline bounds the loop.
+        loop {
+            self.start_once().await?;
+            if let Ready::Serving = self.wait_ready().await? {
+                return Ok(());
             }
-            self.ensure_running_locked(&mut run)?;
         }
-        self.wait_ready().await
     }
 
     async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {

@@ -492,19 +492,22 @@ async fn a_process_stopped_by_a_signal_is_killed_without_waiting_for_the_grace()
 
 #[tokio::test]
 async fn the_start_phase_replaces_a_stopped_backend_at_once() {
-    let tier = Tier::new(python_backend(|c| c.stop_grace = Duration::from_secs(20)));
+    let tier = Tier::new(python_backend(|c| {
+        c.stop_grace = Duration::from_secs(60);
+        c.start_timeout = Duration::from_secs(45);
+    }));
     let (driver, mut events) = tier.driver().await;
     driver.start().await.expect("python serves");
     let pid = pid_of(&driver).expect("a pid");
     signal(pid, Signal::SIGSTOP);
-    // Well within start_timeout (20 s), but a stopped process is not
-    // coming up: it is killed and replaced, without a SIGTERM grace.
+    // A stopped process is not coming up: it is killed and replaced without
+    // the SIGTERM grace (60 s), however slow python is to start again.
     let started = tokio::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(15), driver.start())
+    tokio::time::timeout(Duration::from_secs(50), driver.start())
         .await
         .expect("in time")
         .expect("a new backend serves");
-    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(started.elapsed() < Duration::from_secs(50));
     let new = pid_of(&driver).expect("a pid");
     assert_ne!(new, pid);
     assert!(!group_alive(pid));
@@ -513,6 +516,39 @@ async fn the_start_phase_replaces_a_stopped_backend_at_once() {
         restarted |= matches!(event, DriverEvent::BackendRestarted { .. });
     }
     assert!(restarted, "the start phase's restart is reported");
+    driver.stop(StopReason::Exiting).await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_backend_stopped_by_a_signal_while_it_comes_up_is_replaced() {
+    let tier = Tier::new(python_backend(|c| {
+        c.args[1] = format!("sleep 1; {}", c.args[1]);
+        c.stop_grace = Duration::from_secs(60);
+        c.start_timeout = Duration::from_secs(45);
+    }));
+    let (driver, _events) = tier.driver().await;
+    let starting = tokio::spawn({
+        let driver = driver.clone();
+        async move { driver.start().await }
+    });
+    // Stopped after the start phase's first look, while it waits for the
+    // process to serve: it will never serve, so it is replaced.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Some(pid) = pid_of(&driver) {
+            break pid;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no process");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    signal(pid, Signal::SIGSTOP);
+    tokio::time::timeout(Duration::from_secs(50), starting)
+        .await
+        .expect("in time")
+        .expect("the start task")
+        .expect("a new backend serves");
+    assert_ne!(pid_of(&driver), Some(pid));
+    assert!(!group_alive(pid));
     driver.stop(StopReason::Exiting).await.expect("stops");
 }
 
