@@ -98,6 +98,12 @@ pub enum Command {
         #[command(subcommand)]
         command: DockerCommand,
     },
+    /// gcp_vm tier tools.
+    #[command(name = "gcp_vm")]
+    GcpVm {
+        #[command(subcommand)]
+        command: GcpVmCommand,
+    },
     /// Run the demo backend (a stand-in for the ECAPA service, not a model).
     #[command(hide = true)]
     DemoBackend {
@@ -111,6 +117,28 @@ pub enum DockerCommand {
     /// Show, per managed container, whether it matches the configuration
     /// (keep / recreate because X / create). Changes nothing.
     Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GcpVmCommand {
+    /// List the VMs labelled cascade-pool=NAME and the pool's checkpoints; with --yes delete
+    /// them. For a pool no cascade runs any more (a running cascade drains a pool the
+    /// configuration stopped naming by itself, once it is idle).
+    DeletePool {
+        /// The pool's name (its VMs are NAME-0, NAME-1, ...).
+        name: String,
+        /// Project; default: tiers.gcp_vm.project.
+        #[arg(long)]
+        project: Option<String>,
+        /// Zone; default: tiers.gcp_vm.zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Delete them; without it, only list what would be deleted.
+        #[arg(long)]
+        yes: bool,
         #[command(flatten)]
         config: ConfigArg,
     },

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, ConfigArg, DockerCommand};
+use crate::cli::{Cli, Command, ConfigArg, DockerCommand, GcpVmCommand};
 use crate::config::{Config, LogFormat, Overrides};
 
 /// sysexits.h: EX_CONFIG, configuration error.
@@ -161,6 +161,50 @@ async fn dispatch(cli: Cli) -> ExitCode {
             output,
             config,
         } => install_unit(systemd, output, &config),
+        Command::GcpVm {
+            command:
+                GcpVmCommand::DeletePool {
+                    name,
+                    project,
+                    zone,
+                    yes,
+                    config,
+                },
+        } => {
+            let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let configured = loaded.tiers.gcp_vm.clone();
+            let mut target = configured.clone().unwrap_or_default();
+            target.pool = name;
+            target.project = project.unwrap_or(target.project);
+            target.zone = zone.unwrap_or(target.zone);
+            let pool_dir = config::state_dir(&loaded).join("gcp_vm");
+            match cascade_actors::tiers::gcp_vm::delete_pool(
+                &target,
+                configured.as_ref(),
+                &cascade_actors::tiers::gcp::GcpEnv::from_env(),
+                &pool_dir,
+                yes,
+            )
+            .await
+            {
+                Ok(report) => {
+                    for line in &report.lines {
+                        println!("{line}");
+                    }
+                    if yes && !report.complete {
+                        ExitCode::from(EXIT_FAILURE)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("cascade gcp_vm delete-pool: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::DemoBackend { options } => demo_backend(options).await,
     }
 }

@@ -1,9 +1,12 @@
 //! The Google Cloud tiers against the local fake (`cascade-gcp-fake`):
-//! the CPU time one Cloud Run probe costs cascade, and the time from a
-//! preemption to the waterfall choosing another tier. Prints numbers;
+//! the CPU time one Cloud Run probe costs cascade, the time from a
+//! preemption to the waterfall choosing another tier, and the preemption
+//! gap (preemption → the pool serving from a ready VM again) with
+//! `max_vms = 1` (the slot is deleted, then inserted again) and `max_vms = 2`
+//! (the replacement goes into the spare slot at once). Prints numbers;
 //! asserts nothing.
 //!
-//! Run: `cargo bench -p cascade-actors --bench gcp` (about half a minute).
+//! Run: `cargo bench -p cascade-actors --bench gcp` (about three minutes).
 //!
 //! The fake runs on its own runtime and threads; cascade's side (root,
 //! tier actors, drivers) runs on a current-thread runtime on the main
@@ -33,6 +36,8 @@ use nix::time::{ClockId, clock_gettime};
 const PROBES: usize = 2000;
 /// Preemptions measured for the latency figure.
 const PREEMPTIONS: usize = 20;
+/// Preemptions measured per `max_vms` for the gap.
+const GAPS: usize = 5;
 
 fn main() {
     let fake_runtime = tokio::runtime::Builder::new_multi_thread()
@@ -57,6 +62,28 @@ fn main() {
     runtime.block_on(probe_cpu(&fake));
     runtime.block_on(preemption(&fake));
     fake_runtime.block_on(fake.shutdown());
+
+    // Compute Engine's own pace, roughly (the fake binary's defaults): an
+    // operation takes 2 s, a boot 5 s.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let paced = fake_runtime
+        .block_on(FakeGcp::start(FakeOptions {
+            vm_service_port: port,
+            operation_delay: Duration::from_secs(2),
+            boot_delay: Duration::from_secs(5),
+            ..FakeOptions::default()
+        }))
+        .expect("start the fake");
+    println!(
+        "== preemption gap: preemption → a ready VM again, gcp_vm alone ({GAPS} preemptions each; operations 2 s, boot 5 s)"
+    );
+    for max_vms in [1, 2] {
+        runtime.block_on(preemption_gap(&paced, max_vms));
+    }
+    fake_runtime.block_on(paced.shutdown());
 }
 
 fn thread_cpu() -> Duration {
@@ -208,6 +235,84 @@ async fn preemption(fake: &FakeGcp) {
         ms(latencies[latencies.len() / 2]),
         ms(latencies[latencies.len() * 9 / 10]),
         ms(latencies[latencies.len() - 1]),
+    );
+    running.root.stop(None);
+    let _ = running.join.await;
+}
+
+/// With gcp_vm the only tier: from a preemption until gcp_vm is the active
+/// tier again (a replacement VM ready), `GAPS` times.
+async fn preemption_gap(fake: &FakeGcp, max_vms: u32) {
+    let options = fake.options();
+    let pool = format!("gap{max_vms}");
+    let config = GcpVmConfig {
+        project: options.project.clone(),
+        zone: options.zone.clone(),
+        pool: pool.clone(),
+        endpoint: fake.compute_endpoint(),
+        service_port: fake.vm_service_port(),
+        vms: 1,
+        max_vms,
+        ..GcpVmConfig::default()
+    };
+    let checkpoint_dir = tempfile::TempDir::new().expect("temp dir");
+    let checkpoint = checkpoint_dir.path().join(format!("{pool}.json"));
+    let spec = gcp_vm::tier_spec(config, checkpoint, env(fake));
+    let running = supervisor::start(
+        vec![spec],
+        WaterfallConfig {
+            order: vec![TierId::GcpVm],
+            failback_after: Duration::from_secs(1),
+            ..WaterfallConfig::default()
+        },
+        SupervisorConfig::default(),
+        Arc::new(NoNotify),
+        cascade_actors::Instance::from_state_dir("/nonexistent/cascade-bench".as_ref()),
+    )
+    .await
+    .expect("start the root");
+    let mut snapshots = running.snapshots.clone();
+    let mut gaps = Vec::new();
+    for _ in 0..GAPS {
+        wait_until(&mut snapshots, Duration::from_secs(120), |s| {
+            s.active == Some(TierId::GcpVm)
+        })
+        .await;
+        // Each round starts alike: one VM, RUNNING, the lost one gone.
+        let vm = loop {
+            let vms: Vec<_> = fake
+                .instances()
+                .into_iter()
+                .filter(|vm| vm.labels.get("cascade-pool") == Some(&pool))
+                .collect();
+            if let [vm] = vms.as_slice()
+                && vm.status == "RUNNING"
+            {
+                break vm.name.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let phase = Duration::from_millis(rand::random_range(0..1000));
+        tokio::time::sleep(phase).await;
+        let preempted = Instant::now();
+        fake.preempt(&vm);
+        wait_until(&mut snapshots, Duration::from_secs(30), |s| {
+            s.active != Some(TierId::GcpVm)
+        })
+        .await;
+        wait_until(&mut snapshots, Duration::from_secs(120), |s| {
+            s.active == Some(TierId::GcpVm)
+        })
+        .await;
+        gaps.push(preempted.elapsed());
+    }
+    gaps.sort();
+    let s = |d: Duration| d.as_secs_f64();
+    println!(
+        "  max_vms = {max_vms}: gap median {:.1} s, min {:.1} s, max {:.1} s",
+        s(gaps[gaps.len() / 2]),
+        s(gaps[0]),
+        s(gaps[gaps.len() - 1]),
     );
     running.root.stop(None);
     let _ = running.join.await;

@@ -3,7 +3,10 @@
 //! endpoint (`cascade-gcp-fake`), which check every API request against
 //! Google's discovery documents.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
 use cascade_gcp_fake::{FakeGcp, FakeOptions, ServiceFault};
@@ -11,7 +14,9 @@ use rand::Rng;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::support::{Cascade, SHORT, Setup, Signal, free_port, poll, toml_str};
+use crate::support::{
+    BIN, Cascade, ConfigFile, SHORT, Setup, Signal, cli, free_port, poll, toml_str,
+};
 
 const POOL: &str = "ecapa";
 
@@ -256,7 +261,7 @@ async fn a_cloud_run_service_that_is_not_ready_is_unavailable_with_its_message()
 
 /// gcp_vm is preferred here, and Cloud Run is down until the pool serves,
 /// so the start phase creates the VM; a preemption then hands traffic to
-/// Cloud Run at once, and the replaced VM takes it back after failback.
+/// Cloud Run at once, and the replacement takes it back after failback.
 #[tokio::test]
 async fn a_preempted_vm_hands_traffic_to_the_next_tier_and_is_replaced() {
     let fake = fake().await;
@@ -295,14 +300,24 @@ async fn a_preempted_vm_hands_traffic_to_the_next_tier_and_is_replaced() {
         "status says the VM was preempted: {status}"
     );
 
-    // Replaced under the same name, and preferred again once it serves.
+    // Replaced in the spare slot max_vms = 2 leaves, and preferred again once it serves; the
+    // preempted VM is deleted.
     let status = wait_active(&cascade, "gcp_vm", SHORT).await;
     let gcp_vm = tier(&status, "gcp_vm");
     assert!(
         gcp_vm["backend_restarts"].as_u64() >= Some(1),
         "the replacement is counted: {gcp_vm}"
     );
-    assert_eq!(pool_instances(&fake), [format!("{POOL}-0")]);
+    let found = poll(SHORT, async || {
+        let names = pool_instances(&fake);
+        if names == [format!("{POOL}-1")] {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
+    })
+    .await;
+    cascade.or_fail(found, "the replacement alone in the pool", SHORT);
     assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
 }
 
@@ -432,4 +447,334 @@ async fn a_corrupt_checkpoint_is_set_aside_and_the_pool_rebuilt_from_the_api() {
     );
     assert_eq!(checkpoint_vms(&checkpoint), [format!("{POOL}-0")]);
     assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
+}
+
+/// Renaming the pool by SIGHUP leaves no VM behind: the old pool is drained
+/// (its VM deleted once idle for `idle_ttl`, its checkpoint removed) while
+/// the renamed pool serves.
+#[tokio::test]
+async fn renaming_the_pool_by_sighup_drains_the_old_pool() {
+    let fake = fake().await;
+    let home = TempDir::new().expect("temp home");
+    let setup = Setup {
+        order: vec!["gcp_vm".into()],
+        env: gcp_env(&fake, home.path()),
+        ..Setup::default()
+    }
+    .extra(&gcp_vm_toml(&fake, "vms = 1\nidle_ttl = \"2s\""));
+    let cascade = Cascade::start(setup).await;
+    wait_active(&cascade, "gcp_vm", SHORT).await;
+    assert_eq!(pool_instances(&fake), [format!("{POOL}-0")]);
+    let old_checkpoint = checkpoint_path(&cascade);
+    assert!(old_checkpoint.exists());
+
+    cascade.edit_config(|text| {
+        text.replace(&format!("pool = {}", toml_str(POOL)), "pool = \"renamed\"")
+    });
+    cascade.signal(Signal::Hup);
+    let found = poll(SHORT, async || {
+        let gcp_vm = tier(&cascade.status().await, "gcp_vm");
+        match gcp_vm["details"][format!("retired.{POOL}")].as_str() {
+            Some(text) if text.contains("no longer configured") => Ok(()),
+            _ => Err(gcp_vm.to_string()),
+        }
+    })
+    .await;
+    cascade.or_fail(found, "the old pool shown as retired", SHORT);
+    // The renamed pool serves; the old one's VM is deleted once idle and its
+    // checkpoint removed.
+    let found = poll(Duration::from_secs(30), async || {
+        let names: Vec<String> = fake
+            .instances()
+            .into_iter()
+            .filter(|vm| vm.status == "RUNNING")
+            .map(|vm| vm.name)
+            .collect();
+        if names == ["renamed-0"] && !old_checkpoint.exists() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{names:?}, old checkpoint exists: {}",
+                old_checkpoint.exists()
+            ))
+        }
+    })
+    .await;
+    cascade.or_fail(
+        found,
+        "the old VM deleted and its checkpoint removed",
+        Duration::from_secs(30),
+    );
+    assert!(
+        cascade.logs().contains("Retired pool drained"),
+        "{}",
+        cascade.log_tail()
+    );
+    wait_active(&cascade, "gcp_vm", SHORT).await;
+    assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
+}
+
+/// `cascade gcp_vm delete-pool NAME` lists by default, deletes with `--yes`
+/// (only the VMs labelled with that pool, and its checkpoint), and refuses
+/// the pool the configuration runs.
+#[tokio::test]
+async fn delete_pool_lists_then_deletes_with_yes() {
+    let fake = fake().await;
+    let home = TempDir::new().expect("temp home");
+    fake.add_instance("old-0", &[("cascade-pool", "old")]);
+    fake.add_instance("old-1", &[("cascade-pool", "old")]);
+    fake.add_instance("other-0", &[("cascade-pool", "other")]);
+    let state = TempDir::new().expect("temp state dir");
+    let pool_dir = state.path().join("gcp_vm");
+    std::fs::create_dir_all(&pool_dir).expect("pool dir");
+    let checkpoint = pool_dir.join("old.json");
+    let options = fake.options();
+    std::fs::write(
+        &checkpoint,
+        serde_json::json!({
+            "version": 1,
+            "pool": "old",
+            "project": options.project,
+            "zone": options.zone,
+            "vms": [],
+        })
+        .to_string(),
+    )
+    .expect("write a checkpoint");
+    let config = ConfigFile::new(&gcp_vm_toml(&fake, "vms = 1"));
+    let env: Vec<(String, String)> = gcp_env(&fake, home.path());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let state_dir = state.path().to_str().expect("UTF-8");
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut args: Vec<String> = ["gcp_vm", "delete-pool"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .map(String::from)
+            .collect();
+        args.extend([
+            "--config".into(),
+            config.path_str().into(),
+            "--state-dir".into(),
+            state_dir.into(),
+        ]);
+        args
+    };
+    let run = async |extra: &[&'static str]| {
+        let args = args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&args, &env).await
+    };
+
+    let out = run(&["old"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    for expected in ["old-0 RUNNING", "old-1 RUNNING", "old.json", "dry run"] {
+        assert!(
+            out.stdout.contains(expected),
+            "{expected}: {}",
+            out.describe()
+        );
+    }
+    assert!(!out.stdout.contains("other-0"), "{}", out.describe());
+    assert_eq!(fake.instances().len(), 3, "a dry run deletes nothing");
+    assert!(checkpoint.exists());
+
+    let out = run(&["old", "--yes"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stdout.contains("deleted old-0"), "{}", out.describe());
+    assert!(out.stdout.contains("deleted old-1"), "{}", out.describe());
+    let left: Vec<String> = fake.instances().into_iter().map(|vm| vm.name).collect();
+    assert_eq!(left, ["other-0"]);
+    assert!(!checkpoint.exists(), "the pool's checkpoint is removed");
+
+    let out = run(&[POOL, "--yes"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("is the pool tiers.gcp_vm configures"),
+        "{}",
+        out.describe()
+    );
+    assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
+}
+
+/// The `cascade-gcp-fake` binary, built beside cascade (`cargo test --test it`
+/// builds only this package's binaries, so it is built here when missing).
+fn fake_binary() -> PathBuf {
+    static BUILT: Mutex<()> = Mutex::new(());
+    let _once = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Path::new(BIN).parent().expect("the binary has a directory");
+    let path = dir.join("cascade-gcp-fake");
+    if path.exists() {
+        return path;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .args([
+            "build",
+            "-p",
+            "cascade-gcp-fake",
+            "--bin",
+            "cascade-gcp-fake",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(status.success(), "cargo build -p cascade-gcp-fake failed");
+    assert!(path.exists(), "no {}", path.display());
+    path
+}
+
+/// Kills and reaps a child process when the test ends, passed or not.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Seven free ports in a row, below the ephemeral range and above the ones
+/// `free_port` hands out.
+fn free_port_base() -> u16 {
+    let start = 32_000 + (std::process::id() % 100) as u16 * 7;
+    (0..100u16)
+        .map(|i| 32_000 + (start - 32_000 + i * 7) % 700)
+        .find(|base| (0..7).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()))
+        .expect("seven free ports in a row")
+}
+
+/// The README's walk, with the binary fake driven over HTTP only: cascade on
+/// the configuration the fake printed, a Cloud Run 503 storm fails over to
+/// local and back, and a preempted VM is replaced.
+#[tokio::test]
+async fn the_fake_binary_driven_over_http_shows_failover_and_a_preempted_vm_replaced() {
+    let base = free_port_base();
+    let mut child: Child = Command::new(fake_binary())
+        .args(["--port-base", &base.to_string()])
+        .args(["--operation-delay-ms", "200", "--boot-delay-ms", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run cascade-gcp-fake");
+    let stdout = child.stdout.take().expect("stdout");
+    let _fake = Reaped(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut printed = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let done = line.starts_with("Ctrl-C");
+            printed.push_str(&line);
+            printed.push('\n');
+            if done {
+                break;
+            }
+        }
+        let _ = tx.send(printed);
+    });
+    let printed = rx
+        .recv_timeout(SHORT)
+        .expect("the fake prints its configuration");
+    // The configuration as printed, its [waterfall] set by the harness.
+    let snippet = printed
+        .split_once("# cascade against cascade-gcp-fake")
+        .map(|(_, rest)| rest)
+        .and_then(|rest| rest.split_once("Ctrl-C"))
+        .map(|(config, _)| format!("# cascade against cascade-gcp-fake{config}"))
+        .unwrap_or_else(|| panic!("no configuration printed: {printed}"));
+    let snippet = snippet
+        .replace("order = [\"cloud_run\", \"local\", \"gcp_vm\"]\n", "")
+        .replace("failback_after = \"10s\"\n", "")
+        .replace("[waterfall]\n", "");
+    let metadata = format!("127.0.0.1:{}", base + 2);
+    assert!(
+        printed.contains(&format!("GCE_METADATA_HOST={metadata}")),
+        "{printed}"
+    );
+    let home = TempDir::new().expect("temp home");
+    let setup = Setup {
+        order: vec!["cloud_run".into(), "local".into(), "gcp_vm".into()],
+        waterfall: vec!["failback_after = \"1s\"".into()],
+        env: vec![
+            ("GCE_METADATA_HOST".into(), metadata),
+            ("HOME".into(), home.path().display().to_string()),
+        ],
+        ..Setup::default()
+    }
+    .extra(&snippet);
+    let cascade = Cascade::start(setup).await;
+    wait_active(&cascade, "cloud_run", SHORT).await;
+
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let control = format!("http://127.0.0.1:{}", base + 5);
+    let knob = async |method: reqwest::Method, path: &str| {
+        let reply = http
+            .request(method, format!("{control}{path}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = reply.status();
+        let text = reply.text().await.unwrap_or_default();
+        assert!(status.is_success(), "{path}: {status} {text}");
+        text
+    };
+    knob(
+        reqwest::Method::POST,
+        "/service/fault?status=503&retry_after=2",
+    )
+    .await;
+    let status = wait_active(&cascade, "local", SHORT).await;
+    assert!(
+        tier(&status, "cloud_run").to_string().contains("503"),
+        "{status}"
+    );
+    knob(reqwest::Method::DELETE, "/service/fault").await;
+    wait_active(&cascade, "cloud_run", SHORT).await;
+
+    // A VM by hand, then preempted: the pool replaces it.
+    let out = cli(
+        &[
+            "restart",
+            "gcp_vm",
+            "--config",
+            cascade.config_path.to_str().expect("UTF-8"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let running = |state: &str, name: &str| {
+        state
+            .lines()
+            .any(|l| l.starts_with(&format!("{name} RUNNING ")))
+    };
+    let state = knob(reqwest::Method::GET, "/state").await;
+    assert!(running(&state, "ecapa-0"), "{state}");
+    knob(reqwest::Method::POST, "/compute/preempt?instance=ecapa-0").await;
+    let found = poll(SHORT, async || {
+        let state = knob(reqwest::Method::GET, "/state").await;
+        let gcp_vm = tier(&cascade.status().await, "gcp_vm");
+        let restarts = gcp_vm["backend_restarts"].as_u64().unwrap_or(0);
+        if running(&state, "ecapa-1") && !state.contains("ecapa-0") && restarts >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{state}\n{gcp_vm}"))
+        }
+    })
+    .await;
+    cascade.or_fail(
+        found,
+        "the preempted VM replaced, the old one deleted",
+        SHORT,
+    );
+    assert_eq!(
+        cascade.status().await["active"],
+        "cloud_run",
+        "cloud_run still serves"
+    );
 }

@@ -12,6 +12,7 @@
 
 mod api_error;
 mod compute;
+mod control;
 mod discovery;
 mod gateway;
 mod metadata;
@@ -32,6 +33,8 @@ use axum::Router;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::{AbortHandle, JoinSet};
+
+pub use control::KNOBS;
 
 /// What the fake pretends to be; every field has a test-friendly default.
 #[derive(Debug, Clone)]
@@ -60,7 +63,24 @@ pub struct FakeOptions {
     /// How long a preempted VM stays STOPPING, its guest still running and its health server
     /// still answering, before it is TERMINATED (30 s, Compute Engine's ACPI shutdown window).
     pub preemption_grace: Duration,
+    /// Fixed ports from here on ([`PORTS`] of them, in the order [`PORT_NAMES`] lists), the VMs'
+    /// service port last unless `vm_service_port` is set; `None` picks free ports.
+    pub port_base: Option<u16>,
 }
+
+/// Ports the fake takes from [`FakeOptions::port_base`].
+pub const PORTS: u16 = 7;
+
+/// What listens at `port_base + i`.
+pub const PORT_NAMES: [&str; PORTS as usize] = [
+    "Compute Engine API",
+    "Cloud Run Admin API",
+    "metadata server",
+    "OAuth token endpoint",
+    "Cloud Run service",
+    "control endpoint",
+    "each VM's service (on its own 127.0.0.N)",
+];
 
 impl Default for FakeOptions {
     fn default() -> Self {
@@ -76,6 +96,7 @@ impl Default for FakeOptions {
             boot_delay: Duration::from_millis(200),
             service_requires_auth: true,
             preemption_grace: Duration::from_secs(30),
+            port_base: None,
         }
     }
 }
@@ -168,6 +189,7 @@ struct Endpoints {
     metadata_host: String,
     token_uri: String,
     service_url: String,
+    control: String,
 }
 
 /// Everything mutable, behind one lock.
@@ -198,6 +220,15 @@ impl Shared {
         self.lock().rejections.push(why);
     }
 
+    fn set_service_ready(&self, ready: bool, message: &str) {
+        let mut state = self.lock();
+        if state.run.ready != ready || state.run.message != message {
+            state.run.transitioned = SystemTime::now();
+        }
+        state.run.ready = ready;
+        state.run.message = message.to_string();
+    }
+
     /// Runs `task` until it ends or the fake drops.
     fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) -> AbortHandle {
         let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
@@ -209,18 +240,45 @@ impl Shared {
 // === impl FakeGcp ===
 
 impl FakeGcp {
-    /// Binds every listener on 127.0.0.1:0 and starts serving. Must be called within a tokio
-    /// runtime.
+    /// Binds every listener on 127.0.0.1 (free ports, or from `port_base`) and starts serving.
+    /// Must be called within a tokio runtime.
     pub async fn start(options: FakeOptions) -> std::io::Result<FakeGcp> {
-        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-        let compute = TcpListener::bind(loopback).await?;
-        let run_admin = TcpListener::bind(loopback).await?;
-        let metadata = TcpListener::bind(loopback).await?;
-        let oauth = TcpListener::bind(loopback).await?;
-        let service = TcpListener::bind(loopback).await?;
-        let vm_port = match options.vm_service_port {
-            0 => std::net::TcpListener::bind(loopback)?.local_addr()?.port(),
-            port => port,
+        if let Some(base) = options.port_base
+            && base.checked_add(PORTS - 1).is_none_or(|_| base == 0)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "port base {base}: the fake needs ports {base}..{base}+{} (1..=65535)",
+                    PORTS - 1
+                ),
+            ));
+        }
+        let port = |i: u16| options.port_base.map_or(0, |base| base + i);
+        let bind = async |i: u16| {
+            let address = SocketAddr::from(([127, 0, 0, 1], port(i)));
+            TcpListener::bind(address).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot listen on {address} for the {}: {e}",
+                        PORT_NAMES[i as usize]
+                    ),
+                )
+            })
+        };
+        let compute = bind(0).await?;
+        let run_admin = bind(1).await?;
+        let metadata = bind(2).await?;
+        let oauth = bind(3).await?;
+        let service = bind(4).await?;
+        let control = bind(5).await?;
+        let vm_port = match (options.vm_service_port, options.port_base) {
+            (0, Some(base)) => base + 6,
+            (0, None) => std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?
+                .local_addr()?
+                .port(),
+            (port, _) => port,
         };
         let url = |l: &TcpListener| -> std::io::Result<String> {
             Ok(format!("http://{}", l.local_addr()?))
@@ -231,6 +289,7 @@ impl FakeGcp {
             metadata_host: metadata.local_addr()?.to_string(),
             token_uri: format!("{}/token", url(&oauth)?),
             service_url: url(&service)?,
+            control: url(&control)?,
         };
         let mut compute_state = compute::ComputeState::default();
         compute_state.preemption_grace = options.preemption_grace;
@@ -255,12 +314,13 @@ impl FakeGcp {
             tasks: Mutex::new(JoinSet::new()),
             options,
         });
-        let servers: [(TcpListener, Router); 5] = [
+        let servers: [(TcpListener, Router); 6] = [
             (compute, compute::router(shared.clone())),
             (run_admin, run::router(shared.clone())),
             (metadata, metadata::router(shared.clone())),
             (oauth, token::router(shared.clone())),
             (service, service::router(shared.clone())),
+            (control, control::router(shared.clone())),
         ];
         for (listener, router) in servers {
             shared.spawn(server::serve(listener, router));
@@ -322,6 +382,29 @@ impl FakeGcp {
         self.shared.vm_port
     }
 
+    /// "http://127.0.0.1:P": the control endpoint, every fault knob over HTTP ([`KNOBS`]).
+    pub fn control_url(&self) -> String {
+        self.shared.endpoints.control.clone()
+    }
+
+    /// A cascade configuration that points every Google Cloud setting at this fake: the
+    /// waterfall `cloud_run` → `local` → `gcp_vm` (`local` is the built-in demo backend), the
+    /// fake's project, region, zone and service, every `endpoint`, and `service_port` = the fake
+    /// VMs' port. cascade also needs `GCE_METADATA_HOST` = [`FakeGcp::metadata_host`] in its
+    /// environment (it is in the snippet's first line).
+    pub fn cascade_config(&self) -> String {
+        cascade_config(
+            &self.shared.options,
+            &Addresses {
+                compute: self.compute_endpoint(),
+                run_admin: self.run_admin_endpoint(),
+                metadata_host: self.metadata_host(),
+                service_url: self.service_url(),
+                vm_port: self.vm_service_port(),
+            },
+        )
+    }
+
     /// A service-account key file (JSON) whose private key the token endpoint accepts and whose
     /// `token_uri` is [`FakeGcp::token_uri`]. The key is a test-only key.
     pub fn service_account_key_json(&self) -> serde_json::Value {
@@ -379,12 +462,7 @@ impl FakeGcp {
     /// Sets the admin API's Ready condition (CONDITION_SUCCEEDED, or CONDITION_FAILED with
     /// `message`).
     pub fn set_service_ready(&self, ready: bool, message: &str) {
-        let mut state = self.shared.lock();
-        if state.run.ready != ready || state.run.message != message {
-            state.run.transitioned = SystemTime::now();
-        }
-        state.run.ready = ready;
-        state.run.message = message.to_string();
+        self.shared.set_service_ready(ready, message);
     }
 
     /// How many requests the Cloud Run admin API received.
@@ -444,6 +522,84 @@ impl FakeGcp {
     pub fn rejections(&self) -> Vec<String> {
         self.shared.lock().rejections.clone()
     }
+}
+
+/// Where a fake listens, for [`cascade_config`].
+struct Addresses {
+    compute: String,
+    run_admin: String,
+    metadata_host: String,
+    service_url: String,
+    vm_port: u16,
+}
+
+/// The cascade configuration [`FakeGcp::cascade_config`] prints, for a fake started with
+/// `port_base = base` (and no `vm_service_port`): `config/examples/gcp-fake.toml` is this for
+/// 18600.
+pub fn cascade_config_for_port_base(options: &FakeOptions, base: u16) -> String {
+    let at = |i: u16| format!("http://127.0.0.1:{}", base + i);
+    cascade_config(
+        options,
+        &Addresses {
+            compute: at(0),
+            run_admin: at(1),
+            metadata_host: format!("127.0.0.1:{}", base + 2),
+            service_url: at(4),
+            vm_port: base + 6,
+        },
+    )
+}
+
+fn cascade_config(o: &FakeOptions, at: &Addresses) -> String {
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    format!(
+        "# cascade against cascade-gcp-fake. Run cascade with GCE_METADATA_HOST={metadata}\n\
+         # in its environment: credentials come from the fake's metadata server.\n\
+         [waterfall]\n\
+         order = [\"cloud_run\", \"local\", \"gcp_vm\"]\n\
+         failback_after = \"10s\"\n\
+         \n\
+         [tiers.cloud_run]\n\
+         url = {url}\n\
+         cold_start_timeout = \"5s\"\n\
+         probe = {{ interval = \"1s\", timeout = \"1s\" }}\n\
+         breaker = {{ consecutive_failures = 3, open_base = \"2s\", open_max = \"10s\" }}\n\
+         \n\
+         [tiers.cloud_run.admin]\n\
+         project = {project}\n\
+         region = {region}\n\
+         service = {service}\n\
+         endpoint = {admin}\n\
+         interval = \"5s\"\n\
+         \n\
+         # The built-in demo backend (cascade demo-backend) is the local tier.\n\
+         \n\
+         [tiers.gcp_vm]\n\
+         project = {project}\n\
+         zone = {zone}\n\
+         pool = \"ecapa\"\n\
+         endpoint = {compute}\n\
+         # The fake VMs serve on their own 127.0.0.N at this port.\n\
+         service_port = {port}\n\
+         health_path = {health}\n\
+         vms = 1\n\
+         max_vms = 2\n\
+         idle_ttl = \"10m\"\n\
+         boot_timeout = \"1m\"\n\
+         operation_timeout = \"1m\"\n\
+         start_timeout = \"2m\"\n\
+         probe = {{ interval = \"1s\", timeout = \"1s\" }}\n",
+        metadata = at.metadata_host,
+        url = q(&at.service_url),
+        project = q(&o.project),
+        region = q(&o.region),
+        service = q(&o.run_service),
+        admin = q(&at.run_admin),
+        zone = q(&o.zone),
+        compute = q(&at.compute),
+        port = at.vm_port,
+        health = q(&o.vm_health_path),
+    )
 }
 
 impl Drop for FakeGcp {

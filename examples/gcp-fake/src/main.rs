@@ -1,6 +1,7 @@
-//! `cascade-gcp-fake`: runs the fake Google Cloud APIs until Ctrl-C and prints their endpoints
-//! and the settings that point cascade at them, so a person can try the `cloud_run` and
-//! `gcp_vm` tiers by hand without a Google Cloud project.
+//! `cascade-gcp-fake`: runs the fake Google Cloud APIs until Ctrl-C and prints their endpoints,
+//! the control endpoint's fault knobs and a cascade configuration that points at them, so a
+//! person can try the `cloud_run` and `gcp_vm` tiers by hand, failures included, without a
+//! Google Cloud project.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,8 +13,13 @@ use clap::Parser;
 /// Local stand-ins for Compute Engine, Cloud Run, the metadata server and the OAuth token
 /// endpoint, validating every API request against Google's discovery documents.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, after_help = cascade_gcp_fake::KNOBS)]
 struct Args {
+    /// Listen on fixed ports: the Compute Engine API at PORT, then the Cloud Run Admin API,
+    /// the metadata server, the token endpoint, the Cloud Run service, the control endpoint and
+    /// the VMs' service port (PORT+1 .. PORT+6). Without it every start picks free ports.
+    #[arg(long, value_name = "PORT")]
+    port_base: Option<u16>,
     #[arg(long, default_value = "demo-project")]
     project: String,
     #[arg(long, default_value = "europe-west1-b")]
@@ -23,7 +29,8 @@ struct Args {
     /// Name of the one Cloud Run service.
     #[arg(long, default_value = "ecapa")]
     run_service: String,
-    /// Port each fake VM's health server binds on its own 127.0.0.x address (0 = pick one).
+    /// Port each fake VM's service binds on its own 127.0.0.x address (0 = PORT+6 with
+    /// --port-base, else pick one).
     #[arg(long, default_value_t = 0)]
     vm_service_port: u16,
     #[arg(long, default_value = "/health")]
@@ -69,6 +76,7 @@ async fn main() -> ExitCode {
         boot_delay: Duration::from_millis(args.boot_delay_ms),
         service_requires_auth: !args.public_service,
         preemption_grace: Duration::from_millis(args.preemption_grace_ms),
+        port_base: args.port_base,
     };
     let fake = match FakeGcp::start(options).await {
         Ok(fake) => fake,
@@ -109,6 +117,12 @@ async fn main() -> ExitCode {
     if let Some(path) = &args.write_key {
         println!("service-account key: {}", path.display());
     }
+    println!(
+        "control endpoint:    {} (GET it for the knobs)",
+        fake.control_url()
+    );
+    println!();
+    println!("{}", fake.cascade_config());
     println!("Ctrl-C (or SIGTERM) stops.");
     if let Err(error) = stop_signal().await {
         eprintln!("cascade-gcp-fake: cannot wait for a signal: {error}");

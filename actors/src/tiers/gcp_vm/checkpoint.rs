@@ -233,6 +233,40 @@ pub fn load(path: &Path, pool: &str, project: &str, zone: &str) -> Loaded {
     Loaded::Restored(checkpoint)
 }
 
+/// Reads the checkpoint at `path` whatever pool it is for; `None` if it is not a whole checkpoint
+/// of this version (the retired pools' scan leaves such files alone).
+pub fn peek(path: &Path) -> Option<Checkpoint> {
+    let bytes = std::fs::read(path).ok()?;
+    let checkpoint: Checkpoint = serde_json::from_slice(&bytes).ok()?;
+    (checkpoint.version == VERSION).then_some(checkpoint)
+}
+
+/// Where a pool's checkpoint goes when the configuration keeps its name but moves it to another
+/// project or zone: `{pool}@{project}@{zone}.json` next to `path`. `@` is in no pool name, so it
+/// is never a configured pool's own file.
+pub fn retired_path(path: &Path, checkpoint: &Checkpoint) -> PathBuf {
+    parent(path).join(format!(
+        "{}@{}@{}.json",
+        checkpoint.pool, checkpoint.project, checkpoint.zone
+    ))
+}
+
+/// Renames `from` to `to` and fsyncs the directory.
+pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    std::fs::File::open(parent(to))?.sync_all()
+}
+
+/// Removes the checkpoint at `path` and fsyncs the directory.
+pub fn remove(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    std::fs::File::open(parent(path))?.sync_all()
+}
+
 fn set_aside(path: &Path, error: String) -> Loaded {
     match move_aside(path) {
         Ok(aside) => {

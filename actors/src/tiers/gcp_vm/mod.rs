@@ -25,7 +25,9 @@
 
 mod checkpoint;
 mod client;
+mod delete_pool;
 mod pool;
+mod retired;
 mod retry;
 #[cfg(test)]
 mod tests;
@@ -50,6 +52,7 @@ use crate::tier::{ProbeConfig, TierSpec};
 pub use crate::tiers::gcp::GcpEnv;
 use crate::tiers::gcp::credential_url_problem;
 pub use checkpoint::{Checkpoint, OpKind, OpRef, Phase, VmEntry};
+pub use delete_pool::{Report as DeletePoolReport, delete_pool};
 pub use retry::RetryConfig;
 
 use pool::{Notify, Pool};
@@ -353,9 +356,11 @@ pub fn tier_spec(config: GcpVmConfig, checkpoint: PathBuf, env: GcpEnv) -> TierS
     }
 }
 
-/// The tier's [`Driver`]: a thin layer over the [`Pool`].
+/// The tier's [`Driver`]: a thin layer over the [`Pool`], plus the retired pools it drains (see
+/// `retired.rs`).
 pub struct GcpVmDriver {
     pool: Arc<Pool>,
+    retired: Vec<Arc<Pool>>,
 }
 
 impl GcpVmDriver {
@@ -396,10 +401,36 @@ impl GcpVmDriver {
         if let Some(observer) = observer {
             retrier = retrier.with_observer(observer);
         }
+        retired::retire_moved(&checkpoint, &config);
+        let mut retired = Vec::new();
+        for (path, found) in retired::find(&checkpoint, &config) {
+            let retired_config = retired::config_for(&config, &found);
+            let retrier = Retrier::new(retired_config.retry.clone(), Instant::now());
+            match Pool::new(
+                retired_config,
+                path.clone(),
+                env.clone(),
+                retrier,
+                notify.clone(),
+            ) {
+                Ok(pool) => {
+                    tracing::info!(backend.tier = "gcp_vm", pool = %found.pool, project = %found.project, zone = %found.zone, vms = found.vms.len(), path = %path.display(), "A pool the configuration no longer names is drained: its VMs are deleted once idle.");
+                    let pool = Arc::new(pool);
+                    pool.retire();
+                    retired.push(pool);
+                }
+                Err(error) => {
+                    tracing::warn!(backend.tier = "gcp_vm", path = %path.display(), %error, "Cannot drain a retired pool.");
+                }
+            }
+        }
         let pool = Pool::new(config, checkpoint, env, retrier, notify).map_err(TierError::new)?;
         let pool = Arc::new(pool);
         pool.ensure_watching();
-        Ok(GcpVmDriver { pool })
+        for old in &retired {
+            old.ensure_watching();
+        }
+        Ok(GcpVmDriver { pool, retired })
     }
 }
 
@@ -422,6 +453,11 @@ impl Driver for GcpVmDriver {
     }
 
     async fn start(&self) -> Result<(), TierError> {
+        for old in &self.retired {
+            if !old.read(|s| s.drained) {
+                old.ensure_watching();
+            }
+        }
         self.pool
             .start()
             .await
@@ -431,7 +467,8 @@ impl Driver for GcpVmDriver {
     /// Stops watching and waits (briefly) for the pool's background tasks to end; the VMs stay
     /// (idle deletion or `cascade restart` removes them).
     async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {
-        self.pool.stop().await;
+        let retired = self.retired.iter().map(|old| old.stop());
+        tokio::join!(self.pool.stop(), futures_util::future::join_all(retired));
         Ok(())
     }
 
@@ -444,7 +481,14 @@ impl Driver for GcpVmDriver {
     }
 
     fn details(&self) -> BTreeMap<String, String> {
-        self.pool.details()
+        let mut details = self.pool.details();
+        for old in &self.retired {
+            details.insert(
+                format!("retired.{}", old.checkpoint_name()),
+                old.retired_summary(),
+            );
+        }
+        details
     }
 
     fn set_active(&self, active: bool) {
@@ -454,6 +498,9 @@ impl Driver for GcpVmDriver {
 
 impl Drop for GcpVmDriver {
     fn drop(&mut self) {
+        for old in &self.retired {
+            old.shutdown();
+        }
         self.pool.shutdown();
     }
 }

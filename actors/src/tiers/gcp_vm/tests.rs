@@ -658,7 +658,12 @@ fn long_grace() -> FakeOptions {
 #[tokio::test]
 async fn a_preempted_vm_is_lost_at_once_and_replaced() {
     let mut h = Harness::with(long_grace()).await;
-    let driver = h.driver(default_intervals(h.config()));
+    // No room for a spare: the slot is deleted and inserted again under the same name.
+    let config = GcpVmConfig {
+        max_vms: 1,
+        ..default_intervals(h.config())
+    };
+    let driver = h.driver(config);
     driver.start().await.expect("starts");
     assert!(matches!(driver.probe().await, ProbeOutcome::Up { .. }));
     while h.events.try_recv().is_ok() {}
@@ -704,6 +709,84 @@ async fn a_preempted_vm_is_lost_at_once_and_replaced() {
             "replaced twice: {event:?}"
         );
     }
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn with_room_in_max_vms_the_replacement_is_created_before_the_lost_vm_is_gone() {
+    let mut h = Harness::with(long_grace()).await;
+    let config = GcpVmConfig {
+        vms: 1,
+        max_vms: 2,
+        ..default_intervals(h.config())
+    };
+    let driver = h.driver(config);
+    driver.start().await.expect("starts");
+    assert_eq!(h.inserts().len(), 1);
+    while h.events.try_recv().is_ok() {}
+
+    h.fake.preempt("pool-0");
+    h.event(
+        Duration::from_secs(10),
+        |e| matches!(e, DriverEvent::BackendRestarted { note } if note.contains("pool-1")),
+    )
+    .await;
+    // The spare slot's insert went out before the lost VM's delete finished.
+    let insert_at = h.inserts()[1].at;
+    let deleted_at = h
+        .deletes()
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.at)
+        .next();
+    assert!(
+        deleted_at.is_none_or(|deleted| insert_at < deleted),
+        "the replacement waited for the delete"
+    );
+    assert!(matches!(driver.probe().await, ProbeOutcome::Up { .. }));
+    assert_eq!(driver.endpoints().len(), 1);
+    // The lost VM is deleted and the pool holds one VM again, in the spare slot.
+    eventually(Duration::from_secs(10), "pool-0 deleted", || {
+        h.instance_status("pool-0").is_none()
+    })
+    .await;
+    assert_eq!(
+        phases(&driver),
+        BTreeMap::from([("pool-1".to_owned(), Phase::Ready)])
+    );
+    // A start phase now uses the VM the pool has rather than filling slot 0 again.
+    driver.start().await.expect("starts");
+    assert_eq!(h.inserts().len(), 2, "one VM, one replacement");
+    assert_eq!(h.fake.instances().len(), 1);
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn a_start_during_a_spare_replacement_waits_for_it_instead_of_creating_another() {
+    let mut h = Harness::with(long_grace()).await;
+    let config = GcpVmConfig {
+        vms: 1,
+        max_vms: 3,
+        ..default_intervals(h.config())
+    };
+    let driver = h.driver(config);
+    driver.start().await.expect("starts");
+    while h.events.try_recv().is_ok() {}
+    h.fake.preempt("pool-0");
+    eventually(Duration::from_secs(5), "a replacement in flight", || {
+        h.inserts().len() == 2
+    })
+    .await;
+    driver.start().await.expect("starts");
+    eventually(Duration::from_secs(10), "pool-0 deleted", || {
+        h.instance_status("pool-0").is_none()
+    })
+    .await;
+    assert_eq!(h.inserts().len(), 2, "{:?}", phases(&driver));
+    assert_eq!(
+        phases(&driver),
+        BTreeMap::from([("pool-1".to_owned(), Phase::Ready)])
+    );
     h.assert_no_rejections();
 }
 
@@ -1101,11 +1184,15 @@ async fn a_delete_checks_the_pool_label_before_it_goes_out() {
     entry.phase = Phase::Lost;
     file.vms = vec![entry];
     checkpoint::save(&h.checkpoint(), &file).expect("save");
-    // No reconcile succeeds: the start replaces the "lost" VM on the checkpoint's word.
+    // No reconcile succeeds: the start replaces the "lost" VM on the checkpoint's word (in its
+    // own slot: max_vms leaves no room for another).
     h.fake
         .fail_compute("compute.instances.list", 10_000, 403, None);
 
-    let driver = h.driver(config);
+    let driver = h.driver(GcpVmConfig {
+        max_vms: 1,
+        ..config
+    });
     let error = driver.start().await.expect_err("not the pool's instance");
     assert!(
         error.0.contains("without the label cascade-pool=pool"),
@@ -1258,7 +1345,7 @@ async fn an_idle_delete_is_retried_like_an_insert() {
 
 #[tokio::test]
 async fn a_start_never_takes_the_pool_past_max_vms() {
-    let mut h = Harness::new().await;
+    let h = Harness::new().await;
     // Left over from a larger pool: the reconcile adopts them, which fills max_vms.
     h.fake.add_instance("pool-1", &labels());
     h.fake.add_instance("pool-2", &labels());
@@ -1273,14 +1360,15 @@ async fn a_start_never_takes_the_pool_past_max_vms() {
         p.len() == 2 && p.values().all(|phase| *phase == Phase::Ready)
     })
     .await;
-    // Slot 0 would be a third instance: refused before any insert goes out.
+    // Slot 0 would be a third instance: the start serves from a VM the pool has instead.
     driver.start().await.expect("serving with the VMs it has");
-    h.event(
-        Duration::from_secs(5),
-        |e| matches!(e, DriverEvent::Changed { note } if note.contains("max_vms = 2")),
-    )
-    .await;
     assert!(h.inserts().is_empty(), "{:?}", h.inserts());
+    assert_eq!(
+        driver.endpoints().len(),
+        2,
+        "both adopted VMs serve: {:?}",
+        phases(&driver)
+    );
     assert_eq!(h.fake.instances().len(), 2);
     assert_eq!(phases(&driver).len(), 2);
     h.assert_no_rejections();
@@ -1703,4 +1791,92 @@ async fn a_stuck_checkpoint_write_holds_up_nothing_else() {
         panic!("written once the disk is back");
     };
     assert!(saved.wanted);
+}
+
+#[tokio::test]
+async fn a_pool_moved_to_another_zone_leaves_its_old_vms_to_a_drain() {
+    let mut h = Harness::new().await;
+    let config = GcpVmConfig {
+        idle_ttl: Duration::from_millis(500),
+        ..h.config()
+    };
+    let driver = h.driver(config.clone());
+    driver.start().await.expect("starts");
+    driver.set_active(true);
+    driver.pool.persist().await;
+    drop(driver);
+
+    // The same pool name, now in another zone (one the fake does not serve, so the new pool's
+    // own calls fail; the drain's are in the old zone).
+    let moved = GcpVmConfig {
+        zone: "europe-west4-a".into(),
+        ..config
+    };
+    let driver = h.driver(moved);
+    let options = h.fake.options();
+    let retired = h
+        .checkpoint()
+        .with_file_name(format!("{POOL}@{}@{}.json", options.project, options.zone));
+    assert!(
+        retired.exists(),
+        "the old zone's checkpoint is kept aside for the drain"
+    );
+    let details = driver.details();
+    let key = format!("retired.{POOL}@{}@{}", options.project, options.zone);
+    assert!(
+        details
+            .get(&key)
+            .is_some_and(|d| d.contains("no longer configured")),
+        "{details:?}"
+    );
+    // Active when it was retired: idle from now, deleted after idle_ttl, then the file goes.
+    h.event(
+        Duration::from_secs(10),
+        |e| matches!(e, DriverEvent::Changed { note } if note.contains("drained")),
+    )
+    .await;
+    assert!(h.fake.instances().is_empty(), "{:?}", h.fake.instances());
+    assert!(!retired.exists());
+    let deleted: Vec<u16> = h.deletes().iter().map(|r| r.status).collect();
+    assert_eq!(deleted, [200]);
+    assert!(driver.details()[&key].contains("drained"));
+}
+
+#[tokio::test]
+async fn a_renamed_pool_back_within_idle_ttl_adopts_its_vms_again() {
+    let h = Harness::new().await;
+    let config = GcpVmConfig {
+        idle_ttl: Duration::from_secs(60),
+        ..h.config()
+    };
+    let driver = h.driver(config.clone());
+    driver.start().await.expect("starts");
+    driver.pool.persist().await;
+    drop(driver);
+
+    let renamed = GcpVmConfig {
+        pool: "renamed".into(),
+        ..config.clone()
+    };
+    let driver = GcpVmDriver::build(
+        renamed,
+        h.checkpoint().with_file_name("renamed.json"),
+        h.env(),
+        h.notify.clone(),
+        None,
+    )
+    .expect("builds");
+    assert!(driver.details().contains_key(&format!("retired.{POOL}")));
+    drop(driver);
+
+    // Back to the old name: its own checkpoint again, the VM adopted, nothing deleted.
+    let driver = h.driver(config);
+    assert_eq!(
+        phases(&driver).keys().cloned().collect::<Vec<_>>(),
+        ["pool-0"]
+    );
+    driver.start().await.expect("starts");
+    assert!(h.deletes().is_empty());
+    assert_eq!(h.inserts().len(), 1);
+    h.assert_no_rejections();
 }

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::{Pool, PoolError};
+use super::{Pool, PoolError, PoolState};
 use crate::contract::{ProbeOutcome, RestartReport, RestartRequest, TierId};
 use crate::resilience::Deadline;
 use crate::routing::Endpoint;
@@ -68,7 +68,7 @@ impl Pool {
             warn!(backend.tier = "gcp_vm", %error, "Reconcile before start failed; starting anyway.");
         }
         let deadline = Deadline::after(Instant::now(), self.config.start_timeout);
-        let slots: Vec<u32> = (0..self.config.vms).collect();
+        let slots = self.read(|s| start_slots(s, self.config.vms, self.config.max_vms));
         let _claim = Claim::new(self, slots.iter().copied());
         let results = join_all(slots.iter().map(|&slot| self.ensure_slot(slot, deadline))).await;
         let mut errors = Vec::new();
@@ -330,6 +330,46 @@ impl Pool {
         details.insert("api_retries".into(), self.retrier.retries().to_string());
         details
     }
+}
+
+/// The `vms` slots a start brings up: VMs that are up or on their way first (ready ones first,
+/// then replacements in flight), then free slots while `max_vms` leaves room, then lost VMs'
+/// slots (replaced in place). So a start after a preemption waits for the replacement the pool
+/// already creates instead of creating another VM.
+pub(super) fn start_slots(s: &PoolState, vms: u32, max_vms: u32) -> Vec<u32> {
+    let rank = |phase: Phase| match phase {
+        Phase::Ready => 0,
+        Phase::Unhealthy => 1,
+        Phase::Booting => 2,
+        Phase::Creating => 3,
+        Phase::Lost | Phase::Deleting => 4,
+    };
+    let mut live: Vec<&VmEntry> = s.vms.values().filter(|vm| rank(vm.phase) < 4).collect();
+    live.sort_by_key(|vm| (rank(vm.phase), vm.slot));
+    let mut chosen: Vec<u32> = live.iter().map(|vm| vm.slot).collect();
+    for slot in &s.replacing {
+        if !chosen.contains(slot) {
+            chosen.push(*slot);
+        }
+    }
+    let mut held = s.vms.len();
+    for free in 0..max_vms {
+        if held >= max_vms as usize {
+            break;
+        }
+        if !s.vms.contains_key(&free) && !chosen.contains(&free) {
+            chosen.push(free);
+            held += 1;
+        }
+    }
+    for slot in s.vms.keys() {
+        if !chosen.contains(slot) {
+            chosen.push(*slot);
+        }
+    }
+    chosen.truncate(vms as usize);
+    chosen.sort_unstable();
+    chosen
 }
 
 /// One VM for operators: phase, address, Compute Engine's status, and what it lacks.

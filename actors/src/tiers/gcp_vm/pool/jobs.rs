@@ -1,5 +1,6 @@
 //! Background jobs: the replacements and deletions the state calls for, retried with backoff.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +32,9 @@ struct BusyGuard {
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.pool.lock_state().busy.remove(&self.slot);
+        let mut state = self.pool.lock_state();
+        state.busy.remove(&self.slot);
+        state.replacing.remove(&self.slot);
     }
 }
 
@@ -41,6 +44,9 @@ impl Pool {
             let mut state = self.lock_state();
             if state.claimed.contains_key(&slot) || !state.busy.insert(slot) {
                 return;
+            }
+            if matches!(job, Job::Replace) {
+                state.replacing.insert(slot);
             }
         }
         let pool = self.clone();
@@ -119,16 +125,24 @@ impl Pool {
 
     /// Starts the replacements and deletions the state calls for; nothing before the first
     /// successful reconcile (restored entries are not trusted until the label list confirms them).
+    ///
+    /// While the pool is wanted (and `on_preemption = "replace"`), it keeps `vms` VMs up or on
+    /// their way: live ones and replacements in flight count. A lost VM is replaced in a free
+    /// slot when `max_vms` leaves room, at once and alongside the lost VM's deletion, so the gap
+    /// is one insert and boot; without room, the same slot is deleted and then inserted again.
+    /// Lost VMs nobody needs are deleted.
     pub(super) fn schedule(self: &Arc<Self>) {
         let now = Instant::now();
         let replace_policy = self.config.on_preemption == OnPreemption::Replace;
+        let want = self.config.vms as usize;
+        let max = self.config.max_vms as usize;
         let jobs = self.update(|s| {
             let mut jobs = Vec::new();
             if !s.reconciled {
                 return jobs;
             }
-            let wanted = s.wanted;
-            if !(wanted && replace_policy) {
+            let replacing = s.wanted && replace_policy;
+            if !replacing {
                 s.refill.clear();
             }
             let waiting = |s: &PoolState, slot: u32| {
@@ -136,22 +150,58 @@ impl Pool {
                     || s.claimed.contains_key(&slot)
                     || s.retry_at.get(&slot).is_some_and(|(at, _)| *at > now)
             };
+            // VMs up or on their way: live entries, replacements in flight, slots a start brings
+            // up.
+            let mut supply: BTreeSet<u32> = s
+                .vms
+                .values()
+                .filter(|vm| !matches!(vm.phase, Phase::Lost | Phase::Deleting))
+                .map(|vm| vm.slot)
+                .chain(s.replacing.iter().copied())
+                .chain(s.claimed.keys().copied())
+                .collect();
+            let mut spares_taken = 0usize;
             // Lost VMs, and deletes a crash or a stop interrupted.
             for (slot, entry) in &s.vms {
                 if !matches!(entry.phase, Phase::Lost | Phase::Deleting) || waiting(s, *slot) {
                     continue;
                 }
-                if wanted && replace_policy {
-                    jobs.push((*slot, Job::Replace));
-                } else {
-                    let why = entry.lost_reason.clone().unwrap_or_else(|| "lost".into());
+                let why = entry.lost_reason.clone().unwrap_or_else(|| "lost".into());
+                if !replacing || supply.len() >= want {
                     jobs.push((*slot, Job::Delete { why, idle: false }));
+                    continue;
+                }
+                let spare = (0..self.config.max_vms).find(|free| {
+                    !s.vms.contains_key(free)
+                        && !supply.contains(free)
+                        && !s.busy.contains(free)
+                        && !waiting(s, *free)
+                });
+                match spare.filter(|_| s.vms.len() + spares_taken < max) {
+                    Some(spare) => {
+                        spares_taken += 1;
+                        supply.insert(spare);
+                        jobs.push((spare, Job::Replace));
+                        jobs.push((*slot, Job::Delete { why, idle: false }));
+                    }
+                    None => {
+                        supply.insert(*slot);
+                        jobs.push((*slot, Job::Replace));
+                    }
                 }
             }
-            for slot in &s.refill {
-                if !s.vms.contains_key(slot) && !waiting(s, *slot) {
-                    jobs.push((*slot, Job::Replace));
+            let refill: Vec<u32> = s.refill.iter().copied().collect();
+            for slot in refill {
+                if s.vms.contains_key(&slot) || waiting(s, slot) || supply.contains(&slot) {
+                    continue;
                 }
+                if supply.len() >= want {
+                    // Replaced elsewhere already.
+                    s.refill.remove(&slot);
+                    continue;
+                }
+                supply.insert(slot);
+                jobs.push((slot, Job::Replace));
             }
             jobs
         });

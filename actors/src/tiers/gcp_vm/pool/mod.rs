@@ -145,6 +145,9 @@ pub struct PoolState {
     pub refill: BTreeSet<u32>,
     /// Slots with a background job in flight.
     pub busy: BTreeSet<u32>,
+    /// Of those, the slots whose job brings up a VM (a replacement): they count as supply, so a
+    /// lost VM is replaced once.
+    pub replacing: BTreeSet<u32>,
     /// Slots a start or restart is bringing up; background jobs leave them alone.
     pub claimed: BTreeMap<u32, usize>,
     /// Slots whose last background job failed: not before this instant, with this backoff.
@@ -169,6 +172,10 @@ pub struct PoolState {
     blocked: Option<String>,
     /// The driver is gone: nothing is written any more.
     closed: bool,
+    /// A pool the configuration no longer names (see `retired.rs`): never wanted, drained.
+    pub retired: bool,
+    /// A retired pool held nothing after a reconcile: its checkpoint is removed.
+    pub drained: bool,
 }
 
 impl PoolState {
@@ -604,6 +611,91 @@ impl Pool {
     #[cfg(test)]
     pub(super) fn tracked_tasks(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// Runs this pool as a retired one: never wanted, so its VMs are deleted once idle and a lost
+    /// one is not replaced; once empty its checkpoint is removed (see `retired.rs`).
+    pub fn retire(&self) {
+        self.update(|s| {
+            s.retired = true;
+            s.wanted = false;
+            s.refill.clear();
+        });
+    }
+
+    /// A retired pool that held nothing after a reconcile: writes nothing more, removes its
+    /// checkpoint, and says so. Returns whether it did.
+    pub(super) fn finish_drain(&self) -> bool {
+        let done = self.read(|s| {
+            s.retired && !s.drained && s.reconciled && s.vms.is_empty() && s.busy.is_empty()
+        });
+        if !done {
+            return false;
+        }
+        self.writer.close();
+        let note = match checkpoint::remove(&self.path) {
+            Ok(()) => {
+                info!(backend.tier = "gcp_vm", pool = %self.config.pool, path = %self.path.display(), "Retired pool drained; its checkpoint is removed.");
+                format!(
+                    "retired pool {} ({}/{}) drained: no VMs left, {} removed",
+                    self.config.pool,
+                    self.config.project,
+                    self.config.zone,
+                    self.path.display()
+                )
+            }
+            Err(e) => {
+                warn!(backend.tier = "gcp_vm", pool = %self.config.pool, path = %self.path.display(), error = %e, "Retired pool drained but its checkpoint could not be removed.");
+                format!(
+                    "retired pool {} drained; {} could not be removed: {e}",
+                    self.config.pool,
+                    self.path.display()
+                )
+            }
+        };
+        self.lock_state().drained = true;
+        (self.notify)(DriverEvent::Changed { note });
+        true
+    }
+
+    /// The checkpoint's file name without `.json`.
+    pub fn checkpoint_name(&self) -> String {
+        self.path
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.config.pool.clone())
+    }
+
+    /// What a retired pool still holds, for `details`.
+    pub fn retired_summary(&self) -> String {
+        let now = SystemTime::now();
+        self.read(|s| {
+            let place = format!("{}/{}", self.config.project, self.config.zone);
+            if s.drained {
+                return format!("{place}: drained, checkpoint removed");
+            }
+            let names: Vec<String> = s
+                .vms
+                .values()
+                .map(|vm| format!("{} {}", vm.name, vm.phase.as_str()))
+                .collect();
+            let idle = s
+                .idle_since
+                .and_then(|since| now.duration_since(since).ok())
+                .unwrap_or_default();
+            let mut text = format!(
+                "{place}: no longer configured; {} VMs ({}), deleted once idle {} (idle {}), from {}",
+                names.len(),
+                if names.is_empty() { "none known yet".to_owned() } else { names.join(", ") },
+                crate::text::duration(self.config.idle_ttl),
+                crate::text::duration(idle),
+                self.path.display()
+            );
+            if let Some(api) = self.retrier.api_status() {
+                text.push_str(&format!("; Compute Engine: {api}"));
+            }
+            text
+        })
     }
 
     /// Cancels everything and writes no checkpoint any more (the driver is going away; a new

@@ -89,6 +89,9 @@ impl Pool {
             }
             self.collect_idle();
             self.schedule();
+            if self.finish_drain() {
+                return;
+            }
             tokio::select! {
                 () = tokio::time::sleep(self.config.watch_interval) => woken = false,
                 () = self.wake.notified() => woken = true,
