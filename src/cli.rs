@@ -93,6 +93,17 @@ pub enum Command {
         #[arg(long, short, env = "CASCADE_CONFIG")]
         config: PathBuf,
     },
+    /// Heal Docker containers as the host's autoheal, with no tier and no
+    /// router (a drop-in for docker-autoheal: its AUTOHEAL_*, WEBHOOK_* and
+    /// DOCKER_SOCK variables are read); the status API and metrics are
+    /// served.
+    Autoheal {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Status API address; overrides `api.listen`.
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Docker tier tools.
     Docker {
         #[command(subcommand)]

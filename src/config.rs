@@ -5,7 +5,7 @@
 //! → `--config FILE` → `CASCADE_SECTION__KEY` environment variables → flags.
 //! Loading and provenance live in `settings`; this module owns the schema.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,6 +39,20 @@ pub struct Config {
     pub telemetry: Telemetry,
     pub router: RouterConfig,
     pub tiers: Tiers,
+    /// Set by `cascade autoheal`: what it runs with, not a configuration
+    /// key.
+    #[serde(skip)]
+    pub standalone: Option<Standalone>,
+}
+
+/// `cascade autoheal`: the host's autoheal, with no tier and no router.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Standalone {
+    /// `[tiers.docker]` (or its defaults) with docker-autoheal's variables
+    /// applied over it.
+    pub docker: DockerConfig,
+    /// What the variables did, for the log.
+    pub notices: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -224,6 +238,9 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    /// `cascade autoheal`: no tier, no router; docker-autoheal's variables
+    /// read.
+    pub autoheal: bool,
 }
 
 /// Loads and validates; every problem is reported at once.
@@ -257,7 +274,16 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, LoadEr
         overrides: flags,
         base: serde_json::to_value(Config::layering_base()).ok(),
     };
-    let (Loaded { value, provenance }, mut problems) = settings::load_collecting::<Config>(layers)?;
+    let (
+        Loaded {
+            mut value,
+            provenance,
+        },
+        mut problems,
+    ) = settings::load_collecting::<Config>(layers)?;
+    if overrides.autoheal {
+        problems.extend(standalone(&mut value, &std::env::vars().collect()));
+    }
     // A key refused while parsing fell back to its default; what the checks
     // below find wrong with that default is not the user's problem.
     let refused: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
@@ -289,15 +315,32 @@ impl Config {
     }
 }
 
+/// Makes `config` `cascade autoheal`'s: no tier in the order, no router,
+/// and autoheal's settings with docker-autoheal's variables in `vars`
+/// applied. Returns the variables' problems.
+fn standalone(config: &mut Config, vars: &HashMap<String, String>) -> Vec<Problem> {
+    config.waterfall.order.clear();
+    config.router.enabled = false;
+    let mut docker = config.tiers.docker.clone().unwrap_or_default();
+    let applied = cascade_actors::autoheal::compat::apply(vars, &mut docker);
+    let problems = applied
+        .problems
+        .into_iter()
+        .map(|(var, message)| Problem {
+            key: var.clone(),
+            message,
+            source: settings::Source::Env { var },
+        })
+        .collect();
+    let mut notices = applied.used;
+    notices.extend(applied.ignored);
+    config.standalone = Some(Standalone { docker, notices });
+    problems
+}
+
 fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec<Problem> {
     let mut problems = Vec::new();
     let order = &config.waterfall.order;
-    if order.is_empty() {
-        problems.push(problem(
-            "waterfall.order".into(),
-            "must list at least one tier".into(),
-        ));
-    }
     for (i, tier) in order.iter().enumerate() {
         let key = format!("waterfall.order[{i}]");
         if order[..i].contains(tier) {
@@ -325,7 +368,12 @@ fn validate(config: &Config, problem: impl Fn(String, String) -> Problem) -> Vec
         }
     }
     if let Some(docker) = &config.tiers.docker {
+        let ordered = order.contains(&TierId::Docker);
         for (key, message) in docker.validate() {
+            // Out of the order, [tiers.docker] may configure autoheal alone.
+            if key == "containers" && !ordered {
+                continue;
+            }
             problems.push(problem(format!("tiers.docker.{key}"), message));
         }
     }
@@ -533,21 +581,34 @@ pub fn tier_specs_with(
         .collect()
 }
 
-/// Docker autoheal as this configuration runs it, over `autoheal`'s
-/// memory: with `[tiers.docker]` configured (in the waterfall order or
-/// not), from its daemon, `autoheal` and `webhook` settings; with no tier
-/// at all, from their defaults, as the host's autoheal. `None` when it is
-/// disabled, or when only other tiers are configured.
-pub fn autoheal_spec(config: &Config, autoheal: &Autoheal) -> Option<AutohealSpec> {
-    let docker = match &config.tiers.docker {
-        Some(docker) => docker.clone(),
-        None if config.waterfall.order.is_empty() => DockerConfig::default(),
-        None => return None,
+/// Docker autoheal as this configuration runs it for cascade `instance`,
+/// over `autoheal`'s memory: for `cascade autoheal`, from its settings;
+/// with `[tiers.docker]` configured (in the waterfall order or not), from
+/// its daemon, `autoheal` and `webhook` settings; with no tier at all, from
+/// their defaults, as the host's autoheal. `None` when it is disabled, or
+/// when only other tiers are configured.
+pub fn autoheal_spec(
+    config: &Config,
+    instance: &Instance,
+    autoheal: &Autoheal,
+) -> Option<AutohealSpec> {
+    let docker = match (&config.standalone, &config.tiers.docker) {
+        (Some(standalone), _) => standalone.docker.clone(),
+        (None, Some(docker)) => docker.clone(),
+        (None, None) if config.waterfall.order.is_empty() => DockerConfig::default(),
+        (None, None) => return None,
     };
-    docker
-        .autoheal
-        .enabled
-        .then(|| AutohealSpec::new(&docker, DockerEnv::from_env(), autoheal))
+    if !docker.autoheal.enabled {
+        return None;
+    }
+    let spec = AutohealSpec::new(&docker, DockerEnv::from_env(), autoheal).for_instance(instance);
+    // Tests on a shared engine keep each cascade to their own containers.
+    #[cfg(debug_assertions)]
+    let spec = match std::env::var("TEST_AUTOHEAL_SCOPE") {
+        Ok(scope) if !scope.is_empty() => spec.scoped(&scope),
+        _ => spec,
+    };
+    Some(spec)
 }
 
 /// Where the `gcp_vm` pool named `pool` keeps what it manages.

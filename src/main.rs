@@ -77,6 +77,24 @@ async fn dispatch(cli: Cli) -> ExitCode {
             };
             run::run(loaded, source, telemetry).await
         }
+        Command::Autoheal { config, listen } => {
+            let overrides = Overrides {
+                autoheal: true,
+                ..overrides(&config, listen, cli.log_format)
+            };
+            let Some(loaded) = load(&config, &overrides) else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let telemetry = telemetry::init(loaded.log.format, &loaded.telemetry);
+            for notice in loaded.standalone.iter().flat_map(|s| &s.notices) {
+                tracing::info!("docker-autoheal setting: {notice}");
+            }
+            let source = run::Source {
+                file: config.config,
+                overrides,
+            };
+            run::run(loaded, source, telemetry).await
+        }
         Command::CheckConfig { config } => {
             let Some(loaded) = load(&config, &overrides(&config, None, cli.log_format)) else {
                 return ExitCode::from(EXIT_CONFIG);
@@ -292,6 +310,7 @@ fn overrides(
         listen,
         state_dir: config.state_dir.clone(),
         log_format,
+        autoheal: false,
     }
 }
 

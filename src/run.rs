@@ -107,7 +107,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         config.supervisor.clone(),
         std::sync::Arc::new(cascade_actors::notify::Systemd::from_env()),
         instance.clone(),
-        config::autoheal_spec(&config, &autoheal),
+        config::autoheal_spec(&config, &instance, &autoheal),
     )
     .await
     .map_err(|e| format!("cannot start the supervisor: {e}"))?;
@@ -365,7 +365,7 @@ fn reload(
         .saturating_add(stop_budget(&config::tier_specs(&new, instance)));
     let tiers = config::tier_specs_with(&new, instance, Some(&autoheal.handle()));
     let waterfall = new.waterfall.clone();
-    let heal = config::autoheal_spec(&new, autoheal);
+    let heal = config::autoheal_spec(&new, instance, autoheal);
     if let Err(e) = root.send_message(RootMsg::ReloadAutoheal(heal.map(Box::new))) {
         warn!(error = %e, "Autoheal's reload could not be delivered.");
     }

@@ -3,6 +3,7 @@
 //! temp state directory, on free ports, so tests run in parallel.
 
 mod api;
+mod autoheal;
 mod cli;
 mod config;
 mod docker;

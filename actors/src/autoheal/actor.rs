@@ -40,6 +40,8 @@ pub struct AutohealSpec {
     pub fingerprint: String,
     /// `key=value` every considered container must also carry (tests).
     pub scope: Option<String>,
+    /// This cascade: of managed containers, only its own are healed.
+    pub instance: Option<crate::Instance>,
 }
 
 impl AutohealSpec {
@@ -58,7 +60,14 @@ impl AutohealSpec {
             autoheal: autoheal.clone(),
             fingerprint,
             scope: None,
+            instance: None,
         }
+    }
+
+    /// Of managed containers, only `instance`'s are healed.
+    pub fn for_instance(mut self, instance: &crate::Instance) -> AutohealSpec {
+        self.instance = Some(instance.clone());
+        self
     }
 
     /// Only containers that also carry `scope` (`key=value`) are considered.
@@ -157,6 +166,7 @@ impl Actor for AutohealActor {
                 config: spec.config.clone(),
                 connector,
                 scope: spec.scope.clone(),
+                instance: spec.instance.clone(),
             };
             let on_change: Arc<dyn Fn(String) + Send + Sync> = Arc::new(|_| {});
             let runner = super::start(&spec.autoheal, setup, &tasks, cancel.clone(), on_change);

@@ -30,6 +30,7 @@
 
 mod actor;
 mod client;
+pub mod compat;
 pub(crate) mod decide;
 pub(crate) mod event;
 mod webhook;
@@ -121,6 +122,9 @@ pub(crate) struct Setup {
     pub connector: Connector,
     /// `key=value` every considered container must also carry (tests).
     pub scope: Option<String>,
+    /// This cascade's: its managed containers are the only managed ones
+    /// healed. `None`: every managed container.
+    pub instance: Option<crate::Instance>,
 }
 
 /// The decision settings of `[tiers.docker.autoheal]`.
@@ -155,8 +159,13 @@ pub(crate) fn start(
     if let Some(scope) = &setup.scope {
         policy = policy.scoped(scope);
     }
+    policy.instance = setup
+        .instance
+        .as_ref()
+        .map(|i| (crate::Instance::LABEL.to_owned(), i.id().to_owned()));
     let runner = Runner {
         policy,
+        start_period: setup.config.autoheal.start_period,
         memory: autoheal.memory.clone(),
         reconnect: setup.config.autoheal.reconnect.clone(),
         engine: Arc::new(Daemon(setup.connector)),
@@ -266,6 +275,8 @@ pub struct Summary {
 
 struct Runner {
     policy: Policy,
+    /// Waited before the process's first connection.
+    start_period: Duration,
     memory: Arc<Memory>,
     reconnect: BackoffConfig,
     engine: Arc<dyn Engine>,
@@ -321,6 +332,15 @@ async fn run(mut runner: Runner, mut internal: mpsc::UnboundedReceiver<Internal>
     };
     let steps = runner.decide(|healer, _| healer.resume());
     runner.carry_out(steps);
+    // Only before the first connection: a respawned runner resumes at once.
+    let first = runner.memory.book().resume_from().is_none();
+    if first && !runner.start_period.is_zero() {
+        info!(start_period = %crate::text::duration(runner.start_period), "Autoheal waits out its start period.");
+        let wait = tokio::time::sleep(runner.start_period);
+        if runner.cancel.run_until_cancelled(wait).await.is_none() {
+            return;
+        }
+    }
     let mut reconnect = Backoff::new(runner.reconnect.clone());
     let mut link = Link::Connecting(runner.connect());
     // Only the first failure of a series is a warning; retries are debug.

@@ -48,6 +48,7 @@ fn config(label: &str) -> DockerConfig {
             window: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(1),
             reconnect: fast(50, 300),
+            start_period: Duration::ZERO,
         },
         ..DockerConfig::default()
     }
@@ -87,6 +88,7 @@ impl Harness {
             config,
             connector,
             scope: Some(scope.clone()),
+            instance: None,
         };
         tasks.spawn(start(&autoheal, setup, &tasks, cancel.clone(), on_change));
         Harness {
@@ -762,8 +764,14 @@ async fn under_the_root_autoheal_is_restarted_and_reloaded_keeping_its_history()
     let env = crate::tiers::docker::DockerEnv::default();
     let spec = AutohealSpec::new(&settings, env.clone(), &autoheal).scoped(&scope);
     let running = root_with(spec).await;
+    // The root publishes autoheal once it has spawned it.
     eventually(Duration::from_secs(20), "autoheal connected", || {
-        status(&running).connected
+        running
+            .snapshots
+            .borrow()
+            .autoheal
+            .as_ref()
+            .is_some_and(|a| a.connected)
     })
     .await;
 

@@ -55,6 +55,8 @@ pub struct Notifier {
 #[derive(Clone)]
 struct Target {
     url: String,
+    /// docker-autoheal's `{"<key>": "<text>"}` instead of the notice.
+    json_key: Option<String>,
     /// Carries `webhook.timeout` and ignores proxy variables: the hook is
     /// usually on the operator's network, and a stray `HTTP_PROXY` must not
     /// reroute it.
@@ -73,7 +75,11 @@ impl Notifier {
             .build()
         {
             Ok(client) => Notifier {
-                target: Some(Target { url, client }),
+                target: Some(Target {
+                    url,
+                    json_key: config.json_key.clone(),
+                    client,
+                }),
             },
             Err(error) => {
                 let url = crate::secrets::url_for_logs(&url);
@@ -110,11 +116,31 @@ impl Notifier {
     }
 }
 
+/// One line for a person, as docker-autoheal words its notifications.
+fn text(notice: &Notice) -> String {
+    let id: String = notice.id.chars().take(12).collect();
+    let who = format!("Container {} ({id})", notice.container);
+    match notice.event {
+        NoticeKind::Restart => format!(
+            "{who} found to be {} - restarted by cascade ({} restart{} so far)",
+            notice.reason,
+            notice.restarts,
+            if notice.restarts == 1 { "" } else { "s" }
+        ),
+        NoticeKind::RestartFailed => {
+            format!("{who} {} - failed to restart the container!", notice.reason)
+        }
+        NoticeKind::GiveUp => format!("{who}: cascade {}", notice.reason),
+    }
+}
+
 async fn post(target: &Target, notice: &Notice) -> Result<(), String> {
-    let response = target
-        .client
-        .post(&target.url)
-        .json(notice)
+    let request = target.client.post(&target.url);
+    let request = match &target.json_key {
+        Some(key) => request.json(&serde_json::json!({ key.as_str(): text(notice) })),
+        None => request.json(notice),
+    };
+    let response = request
         .send()
         .await
         // The URL is the credential (Slack, Discord): never in the error.
@@ -181,6 +207,32 @@ mod tests {
         let error = post(&target, &notice).await.expect_err("nothing listens");
         assert!(!error.contains("SECRET"), "{error}");
         assert!(!error.contains("services"), "{error}");
+    }
+
+    #[test]
+    fn a_json_key_sends_docker_autoheals_one_line_shape() {
+        let notice = Notice {
+            event: NoticeKind::Restart,
+            container: "svc".into(),
+            id: "0123456789abcdef".into(),
+            image: "img:1".into(),
+            reason: "unhealthy".into(),
+            restarts: 2,
+            time: SystemTime::UNIX_EPOCH,
+        };
+        assert_eq!(
+            text(&notice),
+            "Container svc (0123456789ab) found to be unhealthy - restarted by cascade (2 restarts so far)"
+        );
+        let gave_up = Notice {
+            event: NoticeKind::GiveUp,
+            reason: "gave up after 3 restarts within 1m".into(),
+            ..notice
+        };
+        assert_eq!(
+            text(&gave_up),
+            "Container svc (0123456789ab): cascade gave up after 3 restarts within 1m"
+        );
     }
 
     #[test]

@@ -373,6 +373,10 @@ impl Actor for RootSupervisor {
         for i in 0..state.children.len() {
             spawn_tier(&myself, state, i).await?;
         }
+        if state.children.is_empty() {
+            // No tier will ever report: settle now.
+            decide(&myself, state);
+        }
         publish(state);
         Ok(())
     }
@@ -906,8 +910,11 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
         .collect();
     let settled = views.iter().all(|v| !v.state.is_pending());
     let previous = state.waterfall.active();
-    let decision = state.waterfall.decide(now, &views);
+    let mut decision = state.waterfall.decide(now, &views);
     drop(views);
+    if state.children.is_empty() && decision.line.is_some() {
+        decision.line = Some("no tiers configured: nothing to route".to_owned());
+    }
 
     let first_ready = !state.ready_sent && (settled || decision.active.is_some());
     if first_ready {

@@ -284,6 +284,8 @@ pub struct Setup {
     pub ulimit: Option<String>,
     /// `[tiers.local] port`; a free one when `None`.
     pub port: Option<u16>,
+    /// `run`, or `autoheal`.
+    pub subcommand: String,
 }
 
 impl Default for Setup {
@@ -304,6 +306,7 @@ impl Default for Setup {
             api: Vec::new(),
             ulimit: None,
             port: None,
+            subcommand: "run".into(),
         }
     }
 }
@@ -408,7 +411,7 @@ fn spawn(setup: &Setup, config: &Path, root: &Path, stderr_path: &Path) -> Child
         }
         None => Command::new(BIN),
     };
-    cmd.arg("run")
+    cmd.arg(&setup.subcommand)
         .arg("--config")
         .arg(config)
         .args(["--log-format", "json"])

@@ -239,6 +239,11 @@ pub struct AutohealConfig {
     pub stop_timeout: Duration,
     /// Reconnecting to the event stream after it breaks.
     pub reconnect: BackoffConfig,
+    /// Wait this long after cascade starts before following the stream
+    /// (docker-autoheal's `AUTOHEAL_START_PERIOD`): containers still coming
+    /// up are left alone meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub start_period: Duration,
 }
 
 impl Default for AutohealConfig {
@@ -263,6 +268,7 @@ impl Default for AutohealConfig {
                 reset_after: Duration::from_secs(60),
                 jitter: Jitter::Full,
             },
+            start_period: Duration::ZERO,
         }
     }
 }
@@ -275,6 +281,10 @@ pub struct WebhookConfig {
     pub url: Option<String>,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Unset: cascade's JSON notice. Set: `{"<json_key>": "<one line of
+    /// text>"}`, docker-autoheal's shape (`text` for Slack, `content` for
+    /// Discord).
+    pub json_key: Option<String>,
 }
 
 impl Default for WebhookConfig {
@@ -282,6 +292,7 @@ impl Default for WebhookConfig {
         WebhookConfig {
             url: None,
             timeout: Duration::from_secs(5),
+            json_key: None,
         }
     }
 }
@@ -380,6 +391,14 @@ impl DockerConfig {
         }
         if self.autoheal.label.trim().is_empty() {
             problems.push(("autoheal.label".into(), "must name a label".into()));
+        }
+        if self
+            .webhook
+            .json_key
+            .as_deref()
+            .is_some_and(|k| k.trim().is_empty())
+        {
+            problems.push(("webhook.json_key".into(), "must not be empty".into()));
         }
         if let Some(url) = &self.webhook.url
             && !(url.starts_with("http://") || url.starts_with("https://"))
