@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
@@ -23,8 +23,11 @@ use std::time::Duration;
 use crate::resilience::with_deadline;
 
 /// Most of one `/proc/net/{tcp,udp}[6]` table read (150 bytes a socket:
-/// about 200,000 sockets). Listening sockets come first in the kernel's
-/// hash walk order only by chance, so a larger table is cut, not refused.
+/// about 200,000 sockets); a larger table is cut, not refused. A TCP table
+/// is read only up to its first row that is not listening: the kernel
+/// lists its listening hash before the established one (`tcp_get_idx` in
+/// `net/ipv4/tcp_ipv4.c`), so the thousands of connections of a busy host
+/// (whose rows the kernel prints a page per read) are not read at all.
 pub const TABLE_LIMIT: u64 = 32 * 1024 * 1024;
 
 /// TCP or UDP.
@@ -197,8 +200,11 @@ fn socket_inodes(protocol: Protocol, port: u16, keep: impl Fn(IpAddr) -> bool) -
     protocol
         .tables()
         .iter()
-        .filter_map(|table| read_capped(Path::new(table), TABLE_LIMIT).ok())
-        .flat_map(|text| parse_table(&text, protocol == Protocol::Udp))
+        .filter_map(|table| std::fs::File::open(table).ok())
+        .flat_map(|file| {
+            let reader = io::BufReader::with_capacity(64 * 1024, file.take(TABLE_LIMIT));
+            bound_sockets(reader, protocol == Protocol::Udp)
+        })
         .filter(|s| s.port == port && keep(s.ip))
         .map(|s| s.inode)
         .collect()
@@ -221,23 +227,35 @@ struct Socket {
 }
 
 /// The bound sockets of a `/proc/net/{tcp,udp}[6]` table: listening ones
-/// for TCP, all for UDP. Rows that do not parse are skipped.
-fn parse_table(table: &str, udp: bool) -> Vec<Socket> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let local = fields.nth(1)?;
-            let state = fields.nth(1)?;
-            let inode = fields.nth(5)?.parse::<u64>().ok()?;
-            let (hex_ip, hex_port) = local.rsplit_once(':')?;
-            let port = u16::from_str_radix(hex_port, 16).ok()?;
-            let ip = parse_ip(hex_ip)?;
-            let bound = udp || state == "0A";
-            (bound && inode != 0).then_some(Socket { ip, port, inode })
-        })
-        .collect()
+/// for TCP (read up to the first row that is not: see [`TABLE_LIMIT`]),
+/// all for UDP. Rows that do not parse are skipped.
+fn bound_sockets(table: impl BufRead, udp: bool) -> Vec<Socket> {
+    let mut sockets = Vec::new();
+    for line in table.lines().skip(1) {
+        let Ok(line) = line else { break };
+        let Some((socket, listening)) = parse_row(&line) else {
+            continue;
+        };
+        if !udp && !listening {
+            break;
+        }
+        if socket.inode != 0 {
+            sockets.push(socket);
+        }
+    }
+    sockets
+}
+
+/// One row: the socket, and whether it is in state LISTEN (`0A`).
+fn parse_row(line: &str) -> Option<(Socket, bool)> {
+    let mut fields = line.split_whitespace();
+    let local = fields.nth(1)?;
+    let state = fields.nth(1)?;
+    let inode = fields.nth(5)?.parse::<u64>().ok()?;
+    let (hex_ip, hex_port) = local.rsplit_once(':')?;
+    let port = u16::from_str_radix(hex_port, 16).ok()?;
+    let ip = parse_ip(hex_ip)?;
+    Some((Socket { ip, port, inode }, state == "0A"))
 }
 
 /// The kernel prints an address as 32-bit words in host byte order.
@@ -369,14 +387,15 @@ mod tests {
 
     const TABLE: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4242 1 0000000000000000 100 0 0 10 0\n\
-   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 4343 1 0000000000000000 20 4 30 10 -1\n\
-   2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0\n\
-   3: 0500000A:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n";
+   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0\n\
+   2: 0500000A:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n\
+   3: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 4343 1 0000000000000000 20 4 30 10 -1\n\
+   4: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 5151 1 0000000000000000 100 0 0 10 0\n";
 
     #[test]
     fn proc_net_tables_yield_bound_sockets_with_their_address() {
         let inodes = |port: u16, udp: bool| -> Vec<u64> {
-            parse_table(TABLE, udp)
+            bound_sockets(TABLE.as_bytes(), udp)
                 .into_iter()
                 .filter(|s| s.port == port)
                 .map(|s| s.inode)
@@ -385,8 +404,12 @@ mod tests {
         assert_eq!(inodes(8080, false), vec![4242, 77]);
         assert_eq!(inodes(22, false), vec![99]);
         assert!(inodes(9, false).is_empty());
-        assert_eq!(inodes(8080, true), vec![4242, 4343, 77]);
-        let sockets = parse_table(TABLE, false);
+        assert_eq!(inodes(8080, true), vec![4242, 77, 4343]);
+        // Past the first connection only the established hash follows in a
+        // kernel's TCP table: a listener printed there is not read.
+        assert!(inodes(8081, false).is_empty());
+        assert_eq!(inodes(8081, true), vec![5151]);
+        let sockets = bound_sockets(TABLE.as_bytes(), false);
         assert_eq!(sockets[0].ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(sockets[2].ip, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)));
     }
