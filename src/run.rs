@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use cascade_actors::Instance;
 use cascade_actors::autoheal::Autoheal;
-use cascade_actors::routing::{RouteTier, RoutingTable};
 use cascade_actors::supervisor::{self, Exit, RootMsg};
 use cascade_actors::tier::TierSpec;
 use cascade_router::Router;
@@ -112,18 +111,12 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
     .await
     .map_err(|e| format!("cannot start the supervisor: {e}"))?;
 
-    let stop_routes = tokio_util::sync::CancellationToken::new();
-    let mut route_task = None;
+    // The router reads the table the root publishes with every decision.
     let router = match router_listener {
-        Some(listener) => {
-            let (routes, following) =
-                routes_from_snapshots(running.snapshots.clone(), stop_routes.clone());
-            route_task = Some(following);
-            Some(
-                Router::start(listener, config.router.clone(), routes)
-                    .map_err(|e| format!("cannot start the router: {e}"))?,
-            )
-        }
+        Some(listener) => Some(
+            Router::start(listener, config.router.clone(), running.routes.clone())
+                .map_err(|e| format!("cannot start the router: {e}"))?,
+        ),
         None => None,
     };
     let api = ApiState {
@@ -245,10 +238,6 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         }
     };
 
-    stop_routes.cancel();
-    if let Some(task) = route_task {
-        let _ = task.await;
-    }
     stop_http.cancel();
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(())) => {}
@@ -404,50 +393,6 @@ async fn drain_router(router: Router) {
             cascade_actors::text::duration(budget)
         );
     }
-}
-
-/// The routing table, derived from the published snapshots: each tier's
-/// state and endpoints (no credentials, no outcome reporting).
-fn routes_from_snapshots(
-    mut snapshots: tokio::sync::watch::Receiver<supervisor::Snapshot>,
-    stop: tokio_util::sync::CancellationToken,
-) -> (
-    tokio::sync::watch::Receiver<RoutingTable>,
-    tokio::task::JoinHandle<()>,
-) {
-    let table = |s: &supervisor::Snapshot| RoutingTable {
-        active: s.active,
-        tiers: s
-            .tiers
-            .iter()
-            .map(|t| RouteTier {
-                tier: t.status.tier,
-                state: t.status.state,
-                reason: t.status.reason.clone(),
-                endpoints: t.status.endpoints.clone(),
-                info: Default::default(),
-                reporter: None,
-            })
-            .collect(),
-        starting: s
-            .tiers
-            .iter()
-            .find(|t| t.status.state == cascade_actors::TierState::Starting)
-            .map(|t| t.status.tier),
-        decision: s.decision.clone(),
-        stopping: false,
-    };
-    let (tx, rx) = tokio::sync::watch::channel(table(&snapshots.borrow_and_update()));
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                changed = snapshots.changed() => if changed.is_err() { break },
-                () = stop.cancelled() => break,
-            }
-            tx.send_replace(table(&snapshots.borrow_and_update()));
-        }
-    });
-    (rx, task)
 }
 
 /// SIGKILLs every process group a tier reports (`details.pgid`).

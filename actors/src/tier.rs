@@ -40,7 +40,9 @@ use crate::contract::{
     RestartRequest, StopReason, TierError, TierId, TierMsg, TierState, TierStatus,
 };
 use crate::metrics::metrics;
-use crate::resilience::{Admission, BreakerConfig, BreakerState, CircuitBreaker, with_deadline};
+use crate::resilience::{
+    Admission, BreakerConfig, BreakerState, CircuitBreaker, TripReason, with_deadline,
+};
 use crate::routing::RequestOutcome;
 use crate::supervisor::RootMsg;
 
@@ -108,6 +110,9 @@ pub struct State {
     driver: Arc<dyn Driver>,
     breaker: CircuitBreaker,
     status: TierStatus,
+    /// The last proxied request's failure (`HTTP 503`), for the reason
+    /// when failed requests opened the breaker.
+    last_request_error: Option<String>,
     probe_in_flight: bool,
     lifecycle: Lifecycle,
     /// The root asked for a start while a restart was in flight; it gets
@@ -184,6 +189,7 @@ impl Actor for TierActor {
             root,
             driver,
             status,
+            last_request_error: None,
             probe_in_flight: false,
             lifecycle: Lifecycle::Idle,
             start_requested: false,
@@ -200,6 +206,7 @@ impl Actor for TierActor {
         myself: ActorRef<TierMsg>,
         state: &mut State,
     ) -> Result<(), ActorProcessingErr> {
+        state.announce_route();
         state.publish();
         probe(&myself, state, Admit::ThroughBreaker);
         Ok(())
@@ -297,6 +304,18 @@ impl State {
             .is_err()
         {
             warn!(backend.tier = %self.spec.id, "Root is gone; status not delivered.");
+        }
+    }
+
+    /// Hands the root what the router needs of this tier for the life of
+    /// its driver (credentials, cold starts).
+    fn announce_route(&self) {
+        let msg = RootMsg::TierRoute {
+            from: self.id,
+            info: self.driver.route_info(),
+        };
+        if self.root.send_message(msg).is_err() {
+            warn!(backend.tier = %self.spec.id, "Root is gone; routing information not delivered.");
         }
     }
 
@@ -465,6 +484,14 @@ fn probe_done(state: &mut State, outcome: ProbeOutcome) {
     let platform_down = matches!(outcome, ProbeOutcome::PlatformDown { .. });
     state.status.startable = state.driver.startable() && !platform_down;
     match outcome {
+        // A probe sent before the breaker opened (on failed requests) that
+        // passed: the breaker stays open, and so does the tier's answer.
+        ProbeOutcome::Up { .. } | ProbeOutcome::Degraded { .. }
+            if state.breaker.state(now) == BreakerState::Open =>
+        {
+            state.breaker.record_success(now);
+            state.set(TierState::Unhealthy, breaker_reason(state));
+        }
         ProbeOutcome::Up { note } => {
             state.breaker.record_success(now);
             state.status.last_error = None;
@@ -520,15 +547,18 @@ fn probe_done(state: &mut State, outcome: ProbeOutcome) {
     }
 }
 
-/// The router's report of a proxied request: a failure counts in the one
-/// breaker and brings the next probe forward.
+/// The router's report of a proxied request: the one breaker counts a run
+/// of failed requests (an answer ends it), and a failure brings the next
+/// probe forward.
 fn request_outcome(myself: &ActorRef<TierMsg>, state: &mut State, outcome: RequestOutcome) {
     let Some(error) = outcome.error else {
+        state.breaker.record_request_success();
         return;
     };
     let now = state.now();
-    state.breaker.record_failure(now);
+    state.breaker.record_request_failure(now);
     state.status.last_error = Some(format!("request to {} failed: {error}", outcome.endpoint));
+    state.last_request_error = Some(error);
     if state.status.state.is_serving() && state.breaker.state(now) != BreakerState::Closed {
         state.set(TierState::Unhealthy, breaker_reason(state));
         state.publish();
@@ -537,9 +567,13 @@ fn request_outcome(myself: &ActorRef<TierMsg>, state: &mut State, outcome: Reque
 }
 
 fn breaker_reason(state: &State) -> String {
-    let why = state.breaker.trip_reason().map(|r| r.to_string());
-    let why = why.unwrap_or_else(|| "failures".into());
-    match &state.status.last_error {
+    let trip = state.breaker.trip_reason();
+    let why = trip.map_or_else(|| "failures".into(), ToString::to_string);
+    let error = match trip {
+        Some(TripReason::ConsecutiveRequestFailures(_)) => &state.last_request_error,
+        _ => &state.status.last_error,
+    };
+    match error {
         Some(error) => format!("breaker open after {why}: {error}"),
         None => format!("breaker open after {why}"),
     }

@@ -36,8 +36,6 @@ pub struct EndpointState {
     pub base_path: String,
     /// Requests sent to it whose response has not finished.
     pub in_flight: AtomicUsize,
-    /// Its last request failed: the next success is reported too.
-    pub failing: AtomicBool,
 }
 
 impl EndpointState {
@@ -61,7 +59,6 @@ impl EndpointState {
             authority,
             base_path: uri.path().trim_end_matches('/').to_owned(),
             in_flight: AtomicUsize::new(0),
-            failing: AtomicBool::new(false),
         })
     }
 
@@ -77,6 +74,9 @@ pub struct TierRuntime {
     /// `u64::MAX` when it never has.
     last_answer: AtomicU64,
     origin: Instant,
+    /// The tier's last reported request failed: the next answer is
+    /// reported too, ending the run its breaker counts.
+    failing: AtomicBool,
 }
 
 /// Cloud Run keeps an idle instance for up to 15 minutes; a tier silent for
@@ -88,6 +88,7 @@ impl TierRuntime {
         TierRuntime {
             last_answer: AtomicU64::new(u64::MAX),
             origin,
+            failing: AtomicBool::new(false),
         }
     }
 
@@ -131,9 +132,14 @@ impl PlanTier {
     }
 
     /// Reports what happened to a request on `endpoint` to the tier's
-    /// breaker: every failure, and a success only right after a failure.
+    /// breaker, which counts consecutive failed requests per tier: every
+    /// failure, and an answer only right after a failure (on any of the
+    /// tier's endpoints), so answers cost no message while all is well.
     pub fn report(&self, endpoint: &EndpointState, error: Option<String>) {
-        let was_failing = endpoint.failing.swap(error.is_some(), Ordering::Relaxed);
+        let was_failing = self
+            .runtime
+            .failing
+            .swap(error.is_some(), Ordering::Relaxed);
         if error.is_none() && !was_failing {
             return;
         }

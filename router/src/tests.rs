@@ -396,12 +396,15 @@ async fn another_endpoint_of_the_same_tier_comes_first() {
     let a = Echo::failing(503).await;
     let b = Echo::start("b").await;
     let local = Echo::start("local").await;
+    let (reporter, outcomes) = recorder(TierId::GcpVm).await;
+    let mut pool = tier(TierId::GcpVm, TierState::Healthy, &[a.url(), b.url()]);
+    pool.reporter = Some(reporter);
     let h = Harness::start(
         config(),
         table(
             Some(TierId::GcpVm),
             vec![
-                tier(TierId::GcpVm, TierState::Healthy, &[a.url(), b.url()]),
+                pool,
                 tier(TierId::Local, TierState::Healthy, &[local.url()]),
             ],
         ),
@@ -417,6 +420,33 @@ async fn another_endpoint_of_the_same_tier_comes_first() {
     }
     assert!(a.hits() > 0 && b.hits() >= 6);
     assert_eq!(local.hits(), 0);
+    // The tier's breaker counts failed requests in a row: b's answer after
+    // each of a's 503s is reported, so a run never spans an answered request.
+    let reported = cascade_actors::resilience::poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        "the outcomes to arrive",
+        || async {
+            let reported: Vec<(String, Option<String>)> = outcomes
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|o| (o.endpoint.clone(), o.error.clone()))
+                .collect();
+            (reported.len() >= 2 * a.hits()).then_some(reported)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", outcomes.lock().unwrap()));
+    let expected: Vec<(String, Option<String>)> = (0..a.hits())
+        .flat_map(|_| {
+            [
+                ("gcp_vm-0".to_owned(), Some("HTTP 503".to_owned())),
+                ("gcp_vm-1".to_owned(), None),
+            ]
+        })
+        .collect();
+    assert_eq!(reported, expected);
 }
 
 #[tokio::test]

@@ -3,7 +3,9 @@
 //!
 //! Pure state machine: it does no I/O and never reads the clock; every method that needs time
 //! takes `now`. Closed → Open when either rule fires on a failure (N consecutive failures, or a
-//! failure rate over the sliding `window` once `minimum_volume` calls were seen). Open becomes
+//! failure rate over the sliding `window` once `minimum_volume` calls were seen), or when M
+//! consecutive *requests* (the router's, counted apart from probes, which may pass while the
+//! requests fail) failed: passive outlier detection through the same breaker. Open becomes
 //! HalfOpen lazily, once `now` passes the end of the open period. In HalfOpen, a trial success
 //! closes the breaker and a trial failure re-opens it for twice the previous period, capped at
 //! `open_max`; closing resets the doubling. Time arithmetic saturates, so no configuration or
@@ -38,6 +40,10 @@ pub struct BreakerConfig {
     pub open_max: Duration,
     /// Concurrent trial calls admitted while half-open.
     pub half_open_trials: u32,
+    /// Opens after this many consecutive failed requests the router proxied
+    /// to the tier (a connection error, a reset, HTTP 502/503/504, a
+    /// timeout), counted apart from probes.
+    pub consecutive_request_failures: u32,
 }
 
 impl Default for BreakerConfig {
@@ -50,6 +56,7 @@ impl Default for BreakerConfig {
             open_base: Duration::from_secs(5),
             open_max: Duration::from_secs(300),
             half_open_trials: 1,
+            consecutive_request_failures: 5,
         }
     }
 }
@@ -88,6 +95,9 @@ impl BreakerConfig {
         if self.half_open_trials == 0 {
             problem("half_open_trials", "must be at least 1".into());
         }
+        if self.consecutive_request_failures == 0 {
+            problem("consecutive_request_failures", "must be at least 1".into());
+        }
         problems
     }
 }
@@ -114,6 +124,8 @@ impl fmt::Display for BreakerState {
 pub enum TripReason {
     /// Failures since the last success, including failed half-open trials.
     ConsecutiveFailures(u32),
+    /// Proxied requests that failed in a row.
+    ConsecutiveRequestFailures(u32),
     /// Failures and total calls inside the rate window when it tripped.
     FailureRate { failures: u32, total: u32 },
     /// [`CircuitBreaker::force_open`]; `reason` is displayed verbatim.
@@ -125,6 +137,8 @@ impl fmt::Display for TripReason {
         match self {
             Self::ConsecutiveFailures(1) => f.write_str("1 consecutive failure"),
             Self::ConsecutiveFailures(n) => write!(f, "{n} consecutive failures"),
+            Self::ConsecutiveRequestFailures(1) => f.write_str("1 consecutive request failure"),
+            Self::ConsecutiveRequestFailures(n) => write!(f, "{n} consecutive request failures"),
             Self::FailureRate { failures, total } => {
                 write!(f, "failure rate {failures}/{total} within the window")
             }
@@ -179,6 +193,8 @@ pub struct CircuitBreaker {
     config: BreakerConfig,
     phase: Phase,
     consecutive: u32,
+    /// Failed requests since the last successful one (or the last close).
+    consecutive_requests: u32,
     /// `(when, failed)` for calls recorded while closed, oldest first, all inside `window`.
     outcomes: VecDeque<(Instant, bool)>,
     window_failures: u32,
@@ -196,6 +212,7 @@ impl CircuitBreaker {
             config,
             phase: Phase::Closed,
             consecutive: 0,
+            consecutive_requests: 0,
             outcomes: VecDeque::new(),
             window_failures: 0,
             reopens: 0,
@@ -289,6 +306,34 @@ impl CircuitBreaker {
         }
     }
 
+    /// A proxied request failed. Closed: trips once `consecutive_request_failures` requests
+    /// failed in a row. Open or HalfOpen: counted only; the probes' trials decide when it closes
+    /// (a request that failed was sent before the breaker opened).
+    pub fn record_request_failure(&mut self, now: Instant) {
+        self.advance(now);
+        self.consecutive_requests = self.consecutive_requests.saturating_add(1);
+        if let Phase::Closed = self.phase
+            && self.consecutive_requests >= self.config.consecutive_request_failures
+        {
+            self.open(
+                now,
+                Duration::ZERO,
+                TripReason::ConsecutiveRequestFailures(self.consecutive_requests),
+            );
+        }
+    }
+
+    /// A proxied request got an answer: the run of request failures ends. Probes' counts are
+    /// untouched.
+    pub fn record_request_success(&mut self) {
+        self.consecutive_requests = 0;
+    }
+
+    /// Failed requests since the last successful one or the last close.
+    pub fn consecutive_request_failures(&self) -> u32 {
+        self.consecutive_requests
+    }
+
     /// Opens for `max(for_at_least, current open period)`, e.g. when upstream sent Retry-After.
     /// From HalfOpen this counts as a failed trial (the period doubles first). Already open: the
     /// period is extended if this ends later, never shortened.
@@ -377,6 +422,7 @@ impl CircuitBreaker {
     }
 
     fn close(&mut self) {
+        self.consecutive_requests = 0;
         self.outcomes.clear();
         self.window_failures = 0;
         self.reopens = 0;

@@ -10,7 +10,8 @@
 //!
 //! Tiers push their status here; every push re-runs the waterfall and
 //! publishes a [`Snapshot`] that readers (HTTP, CLI) use without ever
-//! calling an actor.
+//! calling an actor, and a [`RoutingTable`] that the router reads per
+//! request.
 //!
 //! A reload ([`RootMsg::Reload`]) replaces the tier set and the waterfall
 //! settings in place: tiers whose fingerprint changed are stopped and
@@ -39,6 +40,7 @@ use crate::contract::{
 use crate::instance::Instance;
 use crate::notify::ServiceNotify;
 use crate::resilience::{Backoff, BackoffConfig, Jitter, RestartIntensity};
+use crate::routing::{RequestReporter, RouteInfo, RouteTier, RoutingTable};
 use crate::tier::{TierActor, TierArgs, TierSpec};
 use crate::waterfall::{TierView, Waterfall, WaterfallConfig};
 
@@ -133,6 +135,13 @@ pub enum RootMsg {
         /// replaced (restart, reload) is stale and dropped.
         from: ractor::ActorId,
         status: TierStatus,
+    },
+    /// What the router needs of a tier for the life of its driver, sent
+    /// once by each new tier actor.
+    TierRoute {
+        /// The reporting actor, checked like `TierChanged`'s.
+        from: ractor::ActorId,
+        info: RouteInfo,
     },
     /// A tier asked by the start phase finished starting.
     StartFinished {
@@ -250,6 +259,7 @@ pub struct RootArgs {
     pub waterfall: WaterfallConfig,
     pub supervisor: SupervisorConfig,
     pub snapshots: watch::Sender<Snapshot>,
+    pub routes: watch::Sender<RoutingTable>,
     pub instance: Instance,
     /// Receives why the root stopped.
     pub exit: oneshot::Sender<Exit>,
@@ -263,6 +273,8 @@ struct Child {
     spec: TierSpec,
     actor: Option<ActorRef<TierMsg>>,
     status: TierStatus,
+    /// What the current actor's driver said about routing to it.
+    route: RouteInfo,
     healthy_since: Option<Instant>,
     /// When the current actor was spawned: its first probe's answer is due
     /// within its probe timeout of this.
@@ -283,6 +295,7 @@ pub struct RootState {
     /// Restart policy for children spawned later (by a reload).
     supervisor: SupervisorConfig,
     snapshots: watch::Sender<Snapshot>,
+    routes: watch::Sender<RoutingTable>,
     instance: Instance,
     exit: Option<oneshot::Sender<Exit>>,
     /// Why the root is stopping, reported once every tier has stopped.
@@ -342,6 +355,7 @@ impl Actor for RootSupervisor {
             waterfall_config: args.waterfall,
             supervisor: args.supervisor,
             snapshots: args.snapshots,
+            routes: args.routes,
             instance: args.instance,
             exit: Some(args.exit),
             exit_reason: None,
@@ -464,6 +478,7 @@ async fn handle_msg(
             tier_changed(state, from, status);
             decide(&myself, state);
         }
+        RootMsg::TierRoute { from, info } => tier_route(state, from, info),
         RootMsg::StartFinished { from, tier, result } => {
             if !is_current(state, tier, from) {
                 info!(backend.tier = %tier, "Start result from a replaced tier actor ignored.");
@@ -577,6 +592,7 @@ impl Child {
     fn new(spec: TierSpec, supervisor: &SupervisorConfig) -> Child {
         Child {
             status: TierStatus::new(spec.id, false),
+            route: RouteInfo::default(),
             backoff: Backoff::new(supervisor.restart_backoff.clone()),
             intensity: RestartIntensity::new(supervisor.max_restarts, supervisor.restart_window),
             spec,
@@ -636,6 +652,7 @@ async fn child_exited(
         return;
     };
     state.children[index].actor = None;
+    state.children[index].route = RouteInfo::default();
     if state.shutting_down {
         return;
     }
@@ -709,6 +726,7 @@ fn escalate(myself: &ActorRef<RootMsg>, state: &mut RootState, tier: TierId, err
 
 async fn stop_all(state: &mut RootState) {
     state.shutting_down = true;
+    publish_routes(state);
     // Nothing is healed while the tiers stop their containers.
     if let Some(slot) = &mut state.autoheal {
         slot.stop().await;
@@ -891,6 +909,14 @@ fn tier_changed(state: &mut RootState, from: ractor::ActorId, status: TierStatus
     child.status = status;
 }
 
+fn tier_route(state: &mut RootState, from: ractor::ActorId, info: RouteInfo) {
+    let current = |c: &&mut Child| c.actor.as_ref().is_some_and(|a| a.get_id() == from);
+    if let Some(child) = state.children.iter_mut().find(current) {
+        child.route = info;
+        publish_routes(state);
+    }
+}
+
 fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
     if state.shutting_down {
         return;
@@ -1068,12 +1094,54 @@ fn publish(state: &RootState) {
         *current = snapshot;
         true
     });
+    publish_routes(state);
+}
+
+/// Publishes what the router reads: every tier in waterfall order with its
+/// state, serving endpoints, how requests to it are authenticated and where
+/// their outcomes go (its current actor), the best tier the start phase is
+/// bringing up, and whether cascade is stopping.
+fn publish_routes(state: &RootState) {
+    let table = RoutingTable {
+        active: state.waterfall.active(),
+        tiers: state
+            .children
+            .iter()
+            .map(|c| RouteTier {
+                tier: c.spec.id,
+                state: c.status.state,
+                reason: c.status.reason.clone(),
+                endpoints: c.status.endpoints.clone(),
+                info: c.route.clone(),
+                reporter: c
+                    .actor
+                    .as_ref()
+                    .map(|actor| RequestReporter::new(c.spec.id, actor.clone())),
+            })
+            .collect(),
+        starting: state
+            .children
+            .iter()
+            .map(|c| c.spec.id)
+            .find(|&tier| state.waterfall.is_starting(tier)),
+        decision: state.last_decision.clone(),
+        stopping: state.shutting_down,
+    };
+    state.routes.send_if_modified(|current| {
+        if *current == table {
+            return false;
+        }
+        *current = table;
+        true
+    });
 }
 
 /// Everything a caller needs to run the root.
 pub struct Running {
     pub root: ActorRef<RootMsg>,
     pub snapshots: watch::Receiver<Snapshot>,
+    /// The routing table, published with every snapshot.
+    pub routes: watch::Receiver<RoutingTable>,
     pub exit: oneshot::Receiver<Exit>,
     pub join: JoinHandle<()>,
 }
@@ -1114,12 +1182,14 @@ pub async fn start_with_autoheal(
         autoheal: None,
     };
     let (snap_tx, snapshots) = watch::channel(initial);
+    let (routes_tx, routes) = watch::channel(RoutingTable::default());
     let (exit_tx, exit) = oneshot::channel();
     let args = RootArgs {
         tiers,
         waterfall,
         supervisor,
         snapshots: snap_tx,
+        routes: routes_tx,
         instance,
         exit: exit_tx,
         notify,
@@ -1129,6 +1199,7 @@ pub async fn start_with_autoheal(
     Ok(Running {
         root,
         snapshots,
+        routes,
         exit,
         join,
     })

@@ -347,6 +347,7 @@ fn absurd_inputs_do_not_panic() {
         open_base: Duration::MAX,
         open_max: Duration::ZERO,
         half_open_trials: 0,
+        consecutive_request_failures: 0,
     });
     b.record_success(t0);
     b.record_failure(t0);
@@ -375,6 +376,7 @@ fn validate_flags_each_bad_field() {
         open_base: 10 * S,
         open_max: S,
         half_open_trials: 0,
+        consecutive_request_failures: 0,
     };
     assert_eq!(
         fields(bad),
@@ -383,7 +385,8 @@ fn validate_flags_each_bad_field() {
             "failure_rate",
             "window",
             "open_max",
-            "half_open_trials"
+            "half_open_trials",
+            "consecutive_request_failures"
         ]
     );
     for rate in [0.0, -0.1, 1.01] {
@@ -434,6 +437,10 @@ fn display_strings() {
         "5 consecutive failures"
     );
     assert_eq!(
+        TripReason::ConsecutiveRequestFailures(5).to_string(),
+        "5 consecutive request failures"
+    );
+    assert_eq!(
         TripReason::FailureRate {
             failures: 6,
             total: 10
@@ -448,4 +455,65 @@ fn display_strings() {
         .to_string(),
         "forced open"
     );
+}
+
+#[test]
+fn opens_after_n_consecutive_request_failures_counted_apart_from_probes() {
+    let t0 = Instant::now();
+    let mut b = CircuitBreaker::new(config());
+    assert_eq!(b.config().consecutive_request_failures, 5);
+    for i in 0..4 {
+        b.record_request_failure(t0 + S * i);
+        // Probes that pass do not end a run of failed requests.
+        b.record_success(t0 + S * i);
+    }
+    assert_eq!(b.state(t0 + 4 * S), BreakerState::Closed);
+    assert_eq!(b.consecutive_request_failures(), 4);
+    assert_eq!(b.consecutive_failures(), 0, "probes count apart");
+    b.record_request_failure(t0 + 4 * S);
+    assert_eq!(b.state(t0 + 4 * S), BreakerState::Open);
+    assert_eq!(
+        b.trip_reason(),
+        Some(&TripReason::ConsecutiveRequestFailures(5))
+    );
+    assert_eq!(
+        b.trip_reason().map(ToString::to_string).as_deref(),
+        Some("5 consecutive request failures")
+    );
+}
+
+#[test]
+fn an_answered_request_ends_the_run_of_request_failures() {
+    let t0 = Instant::now();
+    let mut b = CircuitBreaker::new(config());
+    for _ in 0..4 {
+        b.record_request_failure(t0);
+    }
+    b.record_request_success();
+    for _ in 0..4 {
+        b.record_request_failure(t0);
+    }
+    assert_eq!(b.state(t0), BreakerState::Closed);
+    // Nor do request failures count towards the probes' rule.
+    assert_eq!(b.consecutive_failures(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_failures_while_open_or_half_open_leave_the_decision_to_the_trials() {
+    let t0 = Instant::now();
+    let mut b = CircuitBreaker::new(config());
+    for _ in 0..5 {
+        b.record_request_failure(t0);
+    }
+    let until = b.open_until().expect("open");
+    // Stragglers sent before it opened do not extend or re-open it.
+    b.record_request_failure(t0 + S);
+    assert_eq!(b.open_until(), Some(until));
+    assert_eq!(b.state(until), BreakerState::HalfOpen);
+    assert_eq!(b.admit(until), Admission::Trial);
+    b.record_request_failure(until);
+    assert_eq!(b.state(until), BreakerState::HalfOpen);
+    b.record_success(until);
+    assert_eq!(b.state(until), BreakerState::Closed);
+    assert_eq!(b.consecutive_request_failures(), 0, "closing starts afresh");
 }
