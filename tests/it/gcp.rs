@@ -20,7 +20,7 @@ use crate::support::{
 
 const POOL: &str = "ecapa";
 
-async fn fake() -> FakeGcp {
+pub(crate) async fn fake() -> FakeGcp {
     FakeGcp::start(FakeOptions {
         vm_service_port: free_port(),
         ..FakeOptions::default()
@@ -31,7 +31,7 @@ async fn fake() -> FakeGcp {
 
 /// The environment a host on Google Cloud would give cascade: the metadata
 /// server (here the fake's), and a home without gcloud credentials.
-fn gcp_env(fake: &FakeGcp, home: &Path) -> Vec<(String, String)> {
+pub(crate) fn gcp_env(fake: &FakeGcp, home: &Path) -> Vec<(String, String)> {
     vec![
         ("GCE_METADATA_HOST".into(), fake.metadata_host()),
         ("HOME".into(), home.display().to_string()),
@@ -88,7 +88,7 @@ fn gcp_vm_toml(fake: &FakeGcp, extra: &str) -> String {
     )
 }
 
-fn tier(status: &Value, name: &str) -> Value {
+pub(crate) fn tier(status: &Value, name: &str) -> Value {
     status["tiers"]
         .as_array()
         .and_then(|tiers| tiers.iter().find(|t| t["tier"] == name))
@@ -96,7 +96,7 @@ fn tier(status: &Value, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no {name} tier in status: {status}"))
 }
 
-async fn wait_active(cascade: &Cascade, name: &str, timeout: Duration) -> Value {
+pub(crate) async fn wait_active(cascade: &Cascade, name: &str, timeout: Duration) -> Value {
     let found = poll(timeout, async || {
         let status = cascade.status().await;
         if status["active"] == name {

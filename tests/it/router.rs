@@ -315,7 +315,8 @@ async fn requests_survive_the_docker_tier_dying_under_load() {
     assert!(
         seen.iter()
             .any(|(_, tier, attempts)| tier == "local" && attempts == "2"),
-        "no request was retried onto local: {seen:?}"
+        "no request was retried onto local: {seen:?}\n{}",
+        cascade.log_tail()
     );
     let status = cascade.status().await;
     let last = &status["router"]["last_retried_failover"];
@@ -356,4 +357,565 @@ async fn sighup_applies_router_settings_and_names_those_that_need_a_restart() {
         "{}",
         cascade.log_tail()
     );
+}
+
+// === Cloud Run through cascade-gcp-fake ===
+
+/// The `cloud_run` tier on the fake's service. Probes' failures never open
+/// its breaker here (the service is down while cascade starts); a run of
+/// `request_failures` failed requests does, for a minute.
+fn cloud_run_toml(fake: &cascade_gcp_fake::FakeGcp, request_failures: u32) -> String {
+    use crate::support::toml_str;
+    format!(
+        "[tiers.cloud_run]\n\
+         url = {url}\n\
+         cold_start_timeout = \"5s\"\n\
+         probe = {{ interval = \"100ms\", timeout = \"500ms\" }}\n\
+         breaker = {{ consecutive_failures = 1000, minimum_volume = 1000, \
+         consecutive_request_failures = {request_failures}, open_base = \"60s\", open_max = \"60s\" }}\n",
+        url = toml_str(&fake.service_url()),
+    )
+}
+
+/// cascade with the Cloud Run tier and the local one, in `order`: the
+/// service answers 503 (so the start phase brings local up) until
+/// [`cloud_run_serves`]. Returns once local is active.
+async fn with_cloud_run(
+    fake: &cascade_gcp_fake::FakeGcp,
+    home: &std::path::Path,
+    order: [&str; 2],
+    request_failures: u32,
+    router: &str,
+) -> Cascade {
+    use crate::gcp::{gcp_env, wait_active};
+    fake.set_service_fault(Some(cascade_gcp_fake::ServiceFault {
+        status: 503,
+        retry_after: None,
+    }));
+    let mut env = gcp_env(fake, home);
+    env.push(("CASCADE_LOG".into(), "debug".into()));
+    let setup = Setup {
+        order: order.map(String::from).into(),
+        waterfall: vec!["failback_after = \"300ms\"".into()],
+        env,
+        ..Setup::default()
+    }
+    .extra(&cloud_run_toml(fake, request_failures))
+    .extra(router);
+    let cascade = Cascade::start(setup).await;
+    wait_active(&cascade, "local", SHORT).await;
+    cascade
+}
+
+/// The service answers again; returns once the tier is healthy.
+async fn cloud_run_serves(fake: &cascade_gcp_fake::FakeGcp, cascade: &Cascade) {
+    fake.set_service_fault(None);
+    wait_for(SHORT, "cloud_run healthy", async || {
+        let status = cascade.status().await;
+        match crate::gcp::tier(&status, "cloud_run")["state"] == "healthy" {
+            true => Ok(()),
+            false => Err(status.to_string()),
+        }
+    })
+    .await;
+}
+
+/// With the Cloud Run tier preferred: both up, Cloud Run active.
+async fn cloud_run_then_local(
+    fake: &cascade_gcp_fake::FakeGcp,
+    home: &std::path::Path,
+    request_failures: u32,
+    router: &str,
+) -> Cascade {
+    let cascade =
+        with_cloud_run(fake, home, ["cloud_run", "local"], request_failures, router).await;
+    cloud_run_serves(fake, &cascade).await;
+    let status = crate::gcp::wait_active(&cascade, "cloud_run", SHORT).await;
+    assert_eq!(
+        crate::gcp::tier(&status, "local")["state"],
+        "healthy",
+        "{status}"
+    );
+    cascade
+}
+
+/// Every ID token the service saw, checked against what an operator can
+/// read: the debug log, `/status`, `/metrics` and `/router/history`.
+async fn assert_no_token_shown(cascade: &Cascade, fake: &cascade_gcp_fake::FakeGcp) {
+    let tokens: Vec<String> = fake
+        .service_requests()
+        .into_iter()
+        .filter_map(|r| r.bearer)
+        .collect();
+    assert!(!tokens.is_empty(), "the service saw no ID token");
+    let mut shown = vec![
+        ("the log", cascade.logs()),
+        ("/status", cascade.status().await.to_string()),
+    ];
+    for path in ["/metrics", "/router/history"] {
+        shown.push((path, cascade.get(path).await.1));
+    }
+    for token in &tokens {
+        for (place, text) in &shown {
+            assert!(
+                !text.contains(token.as_str()),
+                "an ID token leaked into {place}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn cloud_run_gets_the_tiers_id_token_and_the_clients_authorization_is_kept() {
+    use crate::gcp::{fake, gcp_env, wait_active};
+    let fake = fake().await;
+    let home = tempfile::TempDir::new().expect("temp home");
+    let mut env = gcp_env(&fake, home.path());
+    env.push(("CASCADE_LOG".into(), "debug".into()));
+    let setup = Setup {
+        order: vec!["cloud_run".into(), "local".into()],
+        env,
+        ..Setup::default()
+    }
+    .extra(&cloud_run_toml(&fake, 5));
+    let cascade = Cascade::start(setup).await;
+    wait_active(&cascade, "cloud_run", SHORT).await;
+    let router = cascade.router_addr().await;
+    let http = client();
+
+    // The application holds no Google credentials.
+    let embed = http
+        .post(format!("http://{router}/embed"))
+        .body(wav())
+        .send()
+        .await
+        .expect("POST /embed through the router");
+    assert_eq!(embed.status(), 200, "{}", cascade.log_tail());
+    assert_eq!(header(&embed, "x-cascade-tier"), "cloud_run");
+    assert_eq!(header(&embed, "x-cascade-attempts"), "1");
+    let body: Value = embed.json().await.expect("JSON");
+    assert_eq!(body["embedding"].as_array().map(Vec::len), Some(192));
+
+    // The application's own Authorization reaches the service untouched.
+    let own = http
+        .post(format!("http://{router}/embed"))
+        .header("authorization", "Bearer the-applications-own")
+        .body(wav())
+        .send()
+        .await
+        .expect("POST /embed with the client's Authorization");
+    assert_eq!(own.status(), 200);
+    assert_eq!(header(&own, "x-cascade-tier"), "cloud_run");
+
+    let embeds: Vec<_> = fake
+        .service_requests()
+        .into_iter()
+        .filter(|r| r.path == "/embed")
+        .collect();
+    assert_eq!(embeds.len(), 2, "{embeds:?}");
+    let plain = &embeds[0];
+    let token = plain.bearer.clone().expect("an ID token");
+    assert!(!plain.serverless_authorization, "{plain:?}");
+    assert_eq!(plain.authorization, Some(format!("Bearer {token}")));
+    let kept = &embeds[1];
+    assert!(kept.serverless_authorization, "{kept:?}");
+    assert_eq!(
+        kept.authorization.as_deref(),
+        Some("Bearer the-applications-own")
+    );
+    assert!(
+        kept.bearer
+            .as_deref()
+            .is_some_and(|b| b != "the-applications-own"),
+        "{kept:?}"
+    );
+    // Probes and routed requests share the tier's one token cache.
+    let probed: Vec<String> = fake
+        .service_requests()
+        .into_iter()
+        .filter(|r| r.path == "/health")
+        .filter_map(|r| r.bearer)
+        .collect();
+    for request in &embeds {
+        assert!(
+            probed.iter().any(|t| Some(t) == request.bearer.as_ref()),
+            "a routed request's ID token was never a probe's"
+        );
+    }
+    assert_no_token_shown(&cascade, &fake).await;
+    assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
+}
+
+#[tokio::test]
+async fn a_cloud_run_503_storm_opens_the_breaker_after_5_failed_requests_and_none_fails() {
+    use crate::gcp::{fake, tier, wait_active};
+    let fake = fake().await;
+    let home = tempfile::TempDir::new().expect("temp home");
+    let cascade = cloud_run_then_local(&fake, home.path(), 5, "").await;
+    let router = cascade.router_addr().await;
+    let http = client();
+    let embed = async || {
+        let response = http
+            .post(format!("http://{router}/embed"))
+            .body(wav())
+            .send()
+            .await
+            .expect("POST /embed through the router");
+        (
+            response.status().as_u16(),
+            header(&response, "x-cascade-tier"),
+            header(&response, "x-cascade-attempts"),
+        )
+    };
+    let failed_embeds = || {
+        fake.service_requests()
+            .iter()
+            .filter(|r| r.path == "/embed" && r.status == 503)
+            .count()
+    };
+
+    // Routed traffic fails; the service's health check still passes.
+    fake.set_request_fault(Some(cascade_gcp_fake::ServiceFault {
+        status: 503,
+        retry_after: None,
+    }));
+    for i in 1..=5 {
+        assert_eq!(
+            embed().await,
+            (200, "local".to_owned(), "2".to_owned()),
+            "request {i} was not carried over to local"
+        );
+    }
+    let status = wait_active(&cascade, "local", SHORT).await;
+    let cloud_run = tier(&status, "cloud_run");
+    assert_eq!(
+        cloud_run["reason"], "breaker open after 5 consecutive request failures: HTTP 503",
+        "{cloud_run}"
+    );
+    assert_eq!(cloud_run["breaker"], "open", "{cloud_run}");
+    assert_eq!(failed_embeds(), 5);
+    // With the breaker open, requests go to local first.
+    for _ in 0..5 {
+        assert_eq!(embed().await, (200, "local".to_owned(), "1".to_owned()));
+    }
+    assert_eq!(
+        failed_embeds(),
+        5,
+        "cloud_run got requests while its breaker was open"
+    );
+    assert_no_token_shown(&cascade, &fake).await;
+}
+
+#[tokio::test]
+async fn retries_during_a_cloud_run_storm_stay_within_the_retry_budget() {
+    let fake = crate::gcp::fake().await;
+    let home = tempfile::TempDir::new().expect("temp home");
+    // A reserve of 6 retries, plus one for every five requests; a breaker
+    // that does not open, so the storm lasts.
+    let budget = "[router]\nretry_budget = { ratio = 0.2, min_per_sec = 0.1, window = \"60s\" }\n";
+    let cascade = cloud_run_then_local(&fake, home.path(), 1000, budget).await;
+    let router = cascade.router_addr().await;
+    fake.set_request_fault(Some(cascade_gcp_fake::ServiceFault {
+        status: 503,
+        retry_after: None,
+    }));
+    const REQUESTS: usize = 40;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let http = client();
+                let mut seen = Seen::new();
+                while sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < REQUESTS {
+                    let response = http
+                        .post(format!("http://{router}/embed"))
+                        .body(wav())
+                        .send()
+                        .await
+                        .expect("POST /embed through the router");
+                    let (status, tier, attempts) = (
+                        response.status().as_u16(),
+                        header(&response, "x-cascade-tier"),
+                        header(&response, "x-cascade-attempts"),
+                    );
+                    // What cascade said when it answered itself.
+                    let tier = match status {
+                        502 => format!("{tier}: {}", response.text().await.unwrap_or_default()),
+                        _ => tier,
+                    };
+                    seen.push((status, tier, attempts));
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut seen = Seen::new();
+    for worker in workers {
+        seen.extend(worker.await.expect("a load worker"));
+    }
+    assert_eq!(seen.len(), REQUESTS);
+    let retried = seen
+        .iter()
+        .filter(|s| *s == &(200, "local".to_owned(), "2".to_owned()))
+        .count();
+    let refused = seen
+        .iter()
+        .filter(|s| *s == &(503, "cloud_run".to_owned(), "1".to_owned()))
+        .count();
+    // Retries refused by the budget answer with Cloud Run's own 503.
+    assert_eq!(retried + refused, REQUESTS, "{seen:?}");
+    // reserve (0.1/s × 60 s) + 0.2 × requests
+    let allowed = 6 + REQUESTS / 5;
+    assert!(retried > 0, "nothing was retried: {seen:?}");
+    assert!(
+        retried <= allowed,
+        "{retried} retries for {REQUESTS} requests, the budget allows {allowed}"
+    );
+    // Every request went to Cloud Run once, and never again.
+    let tried = fake
+        .service_requests()
+        .iter()
+        .filter(|r| r.path == "/embed")
+        .count();
+    assert_eq!(tried, REQUESTS);
+    let (_, metrics) = cascade.get("/metrics").await;
+    assert!(
+        metrics.contains("cascade_router_budget_exhausted_total"),
+        "{metrics}"
+    );
+}
+
+// === requests in flight ===
+
+/// `POST /embed` of one second of audio on a connection of its own, sent
+/// as far as `sent` bytes of its body; the rest is returned for later.
+async fn held_embed(router: std::net::SocketAddr, sent: usize) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::AsyncWriteExt;
+    let body = wav();
+    let mut stream = tokio::net::TcpStream::connect(router)
+        .await
+        .expect("connect to the router");
+    let head = format!(
+        "POST /embed HTTP/1.1\r\nHost: cascade\r\nContent-Type: audio/wav\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    stream
+        .write_all(&body[..sent])
+        .await
+        .expect("send the body's start");
+    (stream, body[sent..].to_vec())
+}
+
+/// Everything the router answers on `stream` until it closes:
+/// (status, `x-cascade-tier`, `x-cascade-attempts`, the whole reply).
+async fn reply(stream: &mut tokio::net::TcpStream) -> (u16, String, String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(SHORT, stream.read_to_end(&mut bytes))
+        .await
+        .expect("the router answers and closes in time")
+        .expect("read the reply");
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let head = text.split("\r\n\r\n").next().unwrap_or_default().to_owned();
+    let field = |name: &str| {
+        head.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let status = crate::support::status_of(&text).unwrap_or(0);
+    (
+        status,
+        field("x-cascade-tier"),
+        field("x-cascade-attempts"),
+        text,
+    )
+}
+
+async fn wait_in_flight(cascade: &Cascade, n: u64) {
+    wait_for(SHORT, "the request to be in flight", async || {
+        let status = cascade.status().await;
+        match status["router"]["in_flight"].as_u64() == Some(n) {
+            true => Ok(()),
+            false => Err(status["router"].to_string()),
+        }
+    })
+    .await;
+}
+
+/// Holds a `POST /embed` in flight on the local tier (after `sent` bytes
+/// of its body), SIGKILLs the local backend and returns the router's reply.
+async fn embed_when_local_dies(cascade: &Cascade, sent: usize) -> (u16, String, String, String) {
+    let router = cascade.router_addr().await;
+    let pid = crate::support::backend_pid(&cascade.local().await).expect("the local backend's pid");
+    let (mut held, _rest) = held_embed(router, sent).await;
+    wait_in_flight(cascade, 1).await;
+    crate::support::send_signal(pid, Signal::Kill);
+    reply(&mut held).await
+}
+
+fn embeds_at(fake: &cascade_gcp_fake::FakeGcp) -> usize {
+    fake.service_requests()
+        .iter()
+        .filter(|r| r.path == "/embed")
+        .count()
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_replay_safe_in_flight_on_a_dying_tier_gets_502_naming_it() {
+    let fake = crate::gcp::fake().await;
+    let home = tempfile::TempDir::new().expect("temp home");
+    let router = "[router]\nreplay_safe = []\n";
+    let cascade = with_cloud_run(&fake, home.path(), ["local", "cloud_run"], 5, router).await;
+    // Another tier serves, so only the policy keeps the request from it.
+    cloud_run_serves(&fake, &cascade).await;
+    let (status, tier, attempts, text) = embed_when_local_dies(&cascade, 1024).await;
+    assert_eq!(
+        (status, tier.as_str(), attempts.as_str()),
+        (502, "local", "1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("local ("),
+        "the answer names the tier: {text}"
+    );
+    assert!(
+        text.contains("not retried: POST /embed is not replay-safe (router.replay_safe)"),
+        "{text}"
+    );
+    assert_eq!(embeds_at(&fake), 0, "the request was sent to cloud_run too");
+}
+
+#[tokio::test]
+async fn a_body_over_max_replay_body_in_flight_on_a_dying_tier_is_not_retried() {
+    let fake = crate::gcp::fake().await;
+    let home = tempfile::TempDir::new().expect("temp home");
+    let router = "[router]\nmax_replay_body = \"16 KiB\"\n";
+    let cascade = with_cloud_run(&fake, home.path(), ["local", "cloud_run"], 5, router).await;
+    cloud_run_serves(&fake, &cascade).await;
+    // Past the replay buffer, so the try began with the body streaming.
+    let (status, tier, attempts, text) = embed_when_local_dies(&cascade, 20 * 1024).await;
+    assert_eq!(
+        (status, tier.as_str(), attempts.as_str()),
+        (502, "local", "1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("larger than router.max_replay_body, so it was not kept for a retry"),
+        "{text}"
+    );
+    assert_eq!(embeds_at(&fake), 0, "the request was sent to cloud_run too");
+}
+
+#[tokio::test]
+async fn a_failback_never_cuts_a_request_in_flight_on_the_old_tier() {
+    use tokio::io::AsyncWriteExt;
+    let fake = crate::gcp::fake().await;
+    let home = tempfile::TempDir::new().expect("temp home");
+    // Not replay-safe, so the body streams to local as it arrives.
+    let router = "[router]\nreplay_safe = []\n";
+    let cascade = with_cloud_run(&fake, home.path(), ["cloud_run", "local"], 5, router).await;
+    let addr = cascade.router_addr().await;
+    let (mut held, rest) = held_embed(addr, 1024).await;
+    wait_in_flight(&cascade, 1).await;
+
+    cloud_run_serves(&fake, &cascade).await;
+    crate::gcp::wait_active(&cascade, "cloud_run", SHORT).await;
+    let health = client()
+        .get(format!("http://{addr}/health"))
+        .send()
+        .await
+        .expect("GET /health through the router");
+    assert_eq!(header(&health, "x-cascade-tier"), "cloud_run");
+
+    held.write_all(&rest)
+        .await
+        .expect("send the rest of the body");
+    let (status, tier, attempts, text) = reply(&mut held).await;
+    assert_eq!(
+        (status, tier.as_str(), attempts.as_str()),
+        (200, "local", "1"),
+        "{text}"
+    );
+    assert!(text.contains("\"embedding\""), "{text}");
+    assert_eq!(embeds_at(&fake), 0);
+}
+
+// === limits of the listener ===
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_connections_beyond_the_limit_get_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let setup =
+        Setup::default().extra("[router]\nheader_read_timeout = \"300ms\"\nmax_connections = 2\n");
+    let cascade = Cascade::start_ready(setup).await;
+    let router = cascade.router_addr().await;
+
+    let mut slow = tokio::net::TcpStream::connect(router)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send part of the head");
+    let started = std::time::Instant::now();
+    let mut bytes = Vec::new();
+    let read = tokio::time::timeout(SHORT, slow.read_to_end(&mut bytes)).await;
+    assert!(
+        read.is_ok(),
+        "a client that never finishes its head keeps its connection"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "cut after {:?}",
+        started.elapsed()
+    );
+
+    // Two connections held open after an answer each; a third is refused.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(router)
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send a request");
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.expect("read the answer");
+        assert_eq!(&head, b"HTTP/1.1 200");
+        open.push(stream);
+    }
+    let refused =
+        crate::support::raw_http(router, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n", SHORT).await;
+    assert_eq!(crate::support::status_of(&refused), Some(503), "{refused}");
+    assert!(
+        refused.contains("2 connections are open already (router.max_connections)"),
+        "{refused}"
+    );
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused}"
+    );
+
+    drop(open);
+    wait_for(SHORT, "a connection to be accepted again", async || {
+        let reply = crate::support::raw_http(
+            router,
+            "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            SHORT,
+        )
+        .await;
+        match crate::support::status_of(&reply) {
+            Some(200) => Ok(()),
+            _ => Err(reply),
+        }
+    })
+    .await;
 }

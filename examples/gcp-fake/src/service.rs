@@ -70,6 +70,9 @@ async fn front_end(State(shared): State<Arc<Shared>>, request: Request, next: Ne
     };
     let fault = fault.or(request_fault.filter(|_| path != HEALTH_PATH));
     let response = if let Some(fault) = fault {
+        // Read first, as Cloud Run's front end takes the whole request
+        // before it answers: a client is never cut off mid-body.
+        let _ = axum::body::to_bytes(request.into_body(), 64 << 20).await;
         faulted(fault)
     } else if shared.options.service_requires_auth
         && let Err(status) = authorize(&shared, who.bearer.as_deref())
