@@ -505,10 +505,12 @@ async fn renaming_the_pool_by_sighup_drains_the_old_pool() {
         "the old VM deleted and its checkpoint removed",
         Duration::from_secs(30),
     );
+    let gcp_vm = tier(&cascade.status().await, "gcp_vm");
     assert!(
-        cascade.logs().contains("Retired pool drained"),
-        "{}",
-        cascade.log_tail()
+        gcp_vm["details"][format!("retired.{POOL}")]
+            .as_str()
+            .is_some_and(|d| d.contains("drained, checkpoint removed")),
+        "{gcp_vm}"
     );
     wait_active(&cascade, "gcp_vm", SHORT).await;
     assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
