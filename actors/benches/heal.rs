@@ -1,7 +1,13 @@
 //! Autoheal against the real engine: heal latency, idle Docker traffic with
 //! 100 labelled containers, and memory. Prints numbers; asserts nothing.
 //!
-//! Run: `cargo bench -p cascade-actors --bench heal` (about two minutes).
+//! Run: `cargo bench -p cascade-actors --bench heal` (about five minutes).
+//!
+//! Then the same autoheal heals, ten times each, a labelled container that
+//! turns unhealthy about 12 s after each start (every heal should go out at
+//! once) and one that dies 100 ms after each start (its backoff must hold
+//! it back), and the idle memory of `cascade autoheal` is read (the binary
+//! at `CASCADE_BIN`, else target/release/cascade).
 //!
 //! The loop reaches the daemon through a unix-socket relay in this process
 //! that counts HTTP requests, so "no periodic per-container calls" is a
@@ -37,6 +43,8 @@ const KILLED: usize = 20;
 /// Labelled containers that only sit there during the idle window.
 const IDLE: usize = 80;
 const IDLE_WINDOW: Duration = Duration::from_secs(30);
+/// Heals measured of each repeatedly failing container.
+const REPEATED: u64 = 10;
 
 fn main() {
     if !docker_available() {
@@ -183,8 +191,72 @@ async fn bench(cleanup: &Cleanup) {
         mib(vm_kib("VmHWM"))
     );
 
+    step(&format!(
+        "a labelled container unhealthy about 12 s after each start, healed {REPEATED} times"
+    ));
+    // DEMO_FAIL_HEALTH_AFTER=10 with the image's health check (every 1 s,
+    // 2 retries): unhealthy about 12 s after each start, past the backoff's
+    // 10 s reset, so every heal should go out at once. A shorter
+    // DEMO_FAIL_HEALTH_AFTER (or `--health-interval`) shortens the run, but
+    // below `reset_after` the heals count as a crash loop.
+    let flaky = format!("heal-u-{pid}");
+    cleanup.add([flaky.clone()]);
+    run_all(vec![run_args(
+        &flaky,
+        &[&bench_label, &labelled],
+        &["-e", "DEMO_FAIL_HEALTH_AFTER=10"],
+    )]);
+    let mut unhealthy = follow_heals(&handle, &flaky, REPEATED, Duration::from_secs(600)).await;
+    docker(&["rm", "-f", &flaky]);
+
     // Stop healing before removing, or the removals would be healed.
     stop_root(root).await;
+
+    step(&format!(
+        "a labelled container dying 100 ms after each start, healed {REPEATED} times (backoff 250 ms doubling to 4 s)"
+    ));
+    let loop_label = format!("cascade-bench-loop-{pid}");
+    let mut looping = DockerConfig::default();
+    looping.autoheal.label = loop_label.clone();
+    looping.autoheal.backoff.base = Duration::from_millis(250);
+    looping.autoheal.backoff.cap = Duration::from_secs(4);
+    let loop_heal = Autoheal::new();
+    let loop_handle = loop_heal.handle();
+    let loop_root = root_with(AutohealSpec::new(
+        &looping,
+        DockerEnv::default(),
+        &loop_heal,
+    ))
+    .await;
+    wait_for("autoheal connected", Duration::from_secs(20), || {
+        loop_handle.connected()
+    })
+    .await;
+    let crasher = format!("heal-c-{pid}");
+    cleanup.add([crasher.clone()]);
+    let loop_labelled = format!("{loop_label}=true");
+    run_all(vec![run_args(
+        &crasher,
+        &[&bench_label, &loop_labelled],
+        &["-e", "DEMO_EXIT_AFTER=0.1"],
+    )]);
+    let mut crashing =
+        follow_heals(&loop_handle, &crasher, REPEATED, Duration::from_secs(120)).await;
+    stop_root(loop_root).await;
+    docker(&["rm", "-f", &crasher]);
+
+    println!();
+    print_stats(
+        "unhealthy ~12 s after each start: unhealthy -> restart request",
+        &mut unhealthy,
+    );
+    print_stats(
+        "dying 100 ms after each start: die -> restart request (held back by the backoff)",
+        &mut crashing,
+    );
+    print_each("  dying 100 ms after each start, in order", &crashing);
+    standalone_rss(&label);
+
     relay.stop();
     step("removing the containers");
     cleanup.run();
@@ -218,6 +290,98 @@ async fn stop_root(root: supervisor::Running) {
     if !matches!(stopped, Ok(ractor::rpc::CallResult::Success(()))) {
         println!("  warning: autoheal did not stop within 10 s");
     }
+}
+
+/// Heals of `name` until `heals` were made, each with autoheal's own
+/// measure: the failure event's daemon time to the restart request.
+async fn follow_heals(
+    handle: &AutohealHandle,
+    name: &str,
+    heals: u64,
+    within: Duration,
+) -> Vec<Duration> {
+    let deadline = Instant::now() + within;
+    let mut seen = 0;
+    let mut latencies = Vec::new();
+    while seen < heals {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {seen} heals of {name}"
+        );
+        let now = restarts(handle, name);
+        if now > seen {
+            if now > seen + 1 {
+                println!("  (heals {}..{now} came together; one sample)", seen + 1);
+            }
+            if let Some(latency) = handle.last_heal_latency(name) {
+                println!("  heal {now}: {:.1} ms", latency.as_secs_f64() * 1e3);
+                latencies.push(latency);
+            }
+            seen = now;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    latencies
+}
+
+fn print_each(what: &str, samples: &[Duration]) {
+    let ms: Vec<String> = samples
+        .iter()
+        .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+        .collect();
+    println!("{what}: {} ms", ms.join(", "));
+}
+
+/// Idle resident memory of `cascade autoheal` (the binary at `CASCADE_BIN`,
+/// else target/release/cascade) with one label to watch.
+fn standalone_rss(label: &str) {
+    let bin = std::env::var_os("CASCADE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/cascade")
+        });
+    if !bin.exists() {
+        println!(
+            "  idle RSS of `cascade autoheal`: skipped, no {} (cargo build --release --bin cascade, or set CASCADE_BIN)",
+            bin.display()
+        );
+        return;
+    }
+    let state = std::env::temp_dir().join(format!("cascade-bench-rss-{}", std::process::id()));
+    let mut child = Command::new(&bin)
+        .args(["autoheal", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state)
+        .env("AUTOHEAL_CONTAINER_LABEL", label)
+        .env("CASCADE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn cascade autoheal");
+    let api = state.join("api");
+    let up = Instant::now();
+    while !api.exists() && up.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Idle: connected, nothing to heal.
+    std::thread::sleep(Duration::from_secs(10));
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    println!(
+        "  idle `cascade autoheal` ({}): VmRSS {}, VmHWM {} (target: under 10 MiB)",
+        bin.display(),
+        mib(field("VmRSS:")),
+        mib(field("VmHWM:"))
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&state);
 }
 
 fn restarts(handle: &AutohealHandle, name: &str) -> u64 {
