@@ -284,6 +284,15 @@ impl State {
         self.status.endpoint = self.driver.endpoint();
         self.status.endpoints = self.driver.endpoints();
         self.status.details = self.driver.details();
+        // When the breaker lets the next probe through, as of this report.
+        if self.status.breaker == BreakerState::Open
+            && let Some(until) = self.breaker.open_until()
+        {
+            let left = until.saturating_duration_since(now);
+            self.status
+                .details
+                .insert("breaker_retry_in".into(), crate::text::duration(left));
+        }
     }
 
     /// Pushes the status to the root. The root decides; the tier only reports.
@@ -423,16 +432,14 @@ fn probe(myself: &ActorRef<TierMsg>, state: &mut State, admit: Admit) {
         Admit::Always => Admission::Allowed,
     };
     match admission {
-        Admission::Rejected { until } => {
-            let left = until.saturating_duration_since(now);
+        Admission::Rejected { .. } => {
             let reason = breaker_reason(state);
-            if state.status.state != TierState::Unavailable {
+            if state.status.state != TierState::Unavailable
+                && (state.status.state != TierState::Unhealthy || state.status.reason != reason)
+            {
                 state.set(TierState::Unhealthy, reason);
+                state.publish();
             }
-            state
-                .status
-                .details
-                .insert("breaker_retry_in".into(), crate::text::duration(left));
             return;
         }
         Admission::Allowed | Admission::Trial => {}

@@ -780,3 +780,32 @@ async fn no_secret_reaches_any_output() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_restart_during_a_restart_is_answered_409_naming_it() {
+    // The backend ignores SIGTERM, so the first restart waits out its 2 s
+    // stop grace while the second request comes in.
+    let cascade = Cascade::start_ready(Setup::slow_to_stop("2s")).await;
+    let first = cascade.post_authorized("/tiers/local/restart");
+    let second = async {
+        cascade
+            .wait_local("the first restart in progress", SHORT, |t| {
+                t["state"] == "starting" && t["reason"] == "restarting"
+            })
+            .await;
+        cascade.post_authorized("/tiers/local/restart").await
+    };
+    let ((first_code, first_body), (code, body)) = tokio::join!(first, second);
+    assert_eq!(code, 409, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot restart local: a restart of the tier is already in progress"),
+        "{body}"
+    );
+    assert_eq!(first_code, 200, "{first_body}");
+    cascade
+        .wait_local("healthy after the one restart", SHORT, |t| {
+            t["state"] == "healthy" && t["backend_restarts"] == 1
+        })
+        .await;
+}

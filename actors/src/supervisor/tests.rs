@@ -1177,3 +1177,33 @@ async fn a_restart_queued_behind_a_stop_never_starts_the_backend() {
     );
     assert_eq!(shutdown(running).await, Exit::Shutdown);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_reports_when_it_lets_the_next_probe_through() {
+    let ids = [TierId::Docker, TierId::Local];
+    let t = tiers(&ids, &[0, 0]);
+    t.health[0].store(false, Ordering::SeqCst);
+    let mut running = start(
+        t.specs,
+        waterfall(&ids, Duration::from_secs(1)),
+        supervisor_config(),
+        Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
+    )
+    .await
+    .expect("root starts");
+    let snap = wait_for(&mut running.snapshots, "docker's breaker open", |s| {
+        s.tiers[0].status.breaker == crate::resilience::BreakerState::Open
+    })
+    .await;
+    let retry_in = snap.tiers[0]
+        .status
+        .details
+        .get("breaker_retry_in")
+        .unwrap_or_else(|| panic!("no breaker_retry_in: {snap:#?}"));
+    assert!(
+        humantime::parse_duration(retry_in).is_ok(),
+        "not a duration: {retry_in}"
+    );
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
