@@ -919,3 +919,63 @@ async fn slow_headers_are_cut_off_and_connections_beyond_the_limit_get_503() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn with_no_tier_serving_the_503_names_every_tier_and_its_reason() {
+    use crate::gcp::{fake, gcp_env};
+    let fake = fake().await;
+    fake.set_service_fault(Some(cascade_gcp_fake::ServiceFault {
+        status: 503,
+        retry_after: None,
+    }));
+    let home = tempfile::TempDir::new().expect("temp home");
+    // Cloud Run answers 503; the local backend never listens.
+    let setup = Setup {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), "exec sleep 60".into()],
+        order: vec!["cloud_run".into(), "local".into()],
+        env: gcp_env(&fake, home.path()),
+        ..Setup::default()
+    }
+    .extra(&cloud_run_toml(&fake, 5))
+    .extra("[router]\nstart_wait = \"200ms\"\n");
+    let cascade = Cascade::start(setup).await;
+    let router = cascade.router_addr().await;
+    let http = client();
+    let body = wait_for(SHORT, "a 503 naming both tiers' reasons", async || {
+        let response = http
+            .get(format!("http://{router}/health"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (status, tier) = (response.status(), header(&response, "x-cascade-tier"));
+        let retry_after = header(&response, "retry-after");
+        let body: Value = response.json().await.map_err(|e| e.to_string())?;
+        let reason = |name: &str| {
+            body["tiers"]
+                .as_array()
+                .and_then(|t| t.iter().find(|t| t["tier"] == name))
+                .and_then(|t| t["reason"].as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        match status == 503
+            && tier == "none"
+            && !retry_after.is_empty()
+            && reason("cloud_run").contains("503")
+            && !reason("local").is_empty()
+        {
+            true => Ok(body),
+            false => Err(format!(
+                "{status} {tier} retry-after {retry_after:?}: {body}"
+            )),
+        }
+    })
+    .await;
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no tier is serving")),
+        "{body}"
+    );
+}
