@@ -218,11 +218,12 @@ async fn a_docker_tier_that_cannot_start_fails_over_to_local() {
     })
     .await;
 
-    // The container and its image go away: the docker tier stops serving,
-    // its start fails (the image is missing and pull is off), and the start
-    // phase moves on to local.
-    docker(&["rm", "-f", &name]);
+    // The image and then the container go away (in that order: a removed
+    // container is recreated at once while its image is there): the docker
+    // tier stops serving, its start fails (the image is missing and pull is
+    // off), and the start phase moves on to local.
     docker(&["rmi", &image]);
+    docker(&["rm", "-f", &name]);
     let status = wait_for(Duration::from_secs(60), "failover to local", async || {
         let s = cascade.status().await;
         if s["active"] == "local" {
@@ -423,4 +424,168 @@ async fn two_cascades_on_one_engine_touch_only_their_own_containers() {
         "A stopped its own container"
     );
     assert_eq!(running(&user), user_before);
+}
+
+/// A unix socket that accepts connections and never answers: a wedged
+/// Docker daemon. Held open until dropped.
+struct WedgedSocket {
+    _dir: tempfile::TempDir,
+    host: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WedgedSocket {
+    fn start() -> WedgedSocket {
+        let dir = tempfile::Builder::new()
+            .prefix("cascade-it-wedged-")
+            .tempdir()
+            .expect("temp dir");
+        let socket = dir.path().join("docker.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind socket");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        WedgedSocket {
+            host: format!("unix://{}", socket.display()),
+            _dir: dir,
+            task,
+        }
+    }
+}
+
+impl Drop for WedgedSocket {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn with_a_wedged_docker_socket_the_tier_is_not_startable_and_check_answers_within_its_bound()
+{
+    // No engine involved: the socket is the test's own.
+    let wedged = WedgedSocket::start();
+    let setup = Setup {
+        order: vec!["docker".into(), "local".into()],
+        env: vec![("DOCKER_HOST".into(), wedged.host.clone())],
+        extra: format!(
+            "[tiers.docker]\n\
+             ping_timeout = \"2s\"\n\
+             \n\
+             [[tiers.docker.containers]]\n\
+             name = \"cascade-it-wedged-{}\"\n\
+             image = \"{IMAGE}\"\n\
+             ports = [\"{}:8080\"]\n",
+            std::process::id(),
+            free_port()
+        ),
+        ..Setup::default()
+    };
+    let began = std::time::Instant::now();
+    let cascade = Cascade::start(setup).await;
+    let status = wait_for(Duration::from_secs(30), "local serving", async || {
+        let s = cascade.status().await;
+        if s["active"] == "local" {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    eprintln!(
+        "wedged docker socket first: local active {:?} after start",
+        began.elapsed()
+    );
+    let docker_tier = tier(&status, "docker");
+    assert_eq!(docker_tier["startable"], false, "{status}");
+    let reason = docker_tier["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("daemon not responding"), "{reason}");
+
+    // Both answer within ping_timeout (and the API's own overhead), with
+    // what is wrong, while the socket still accepts and never answers.
+    let state = cascade.state_dir_str().to_owned();
+    for args in [
+        vec!["docker", "check", "--state-dir", &state],
+        vec!["restart", "docker", "--dry-run", "--state-dir", &state],
+    ] {
+        let began = std::time::Instant::now();
+        let out = cli(&args, &[]).await;
+        let took = began.elapsed();
+        eprintln!("`cascade {}` answered in {took:?}", args.join(" "));
+        assert_ne!(out.code, Some(0), "{}", out.describe());
+        assert!(
+            out.stderr.contains("daemon not responding"),
+            "{}",
+            out.describe()
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "`cascade {}` took {took:?}",
+            args.join(" ")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_removed_service_container_stops_serving_at_once_and_is_recreated_without_the_breaker() {
+    if !engine() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let name = format!("cascade-it-gone-{}", std::process::id());
+    let _removed = Removed(name.clone());
+    let mut with_three = setup(&name, IMAGE, free_port(), true);
+    // Before a failure is definitive, three in a row would be needed.
+    with_three.extra = with_three
+        .extra
+        .replace("consecutive_failures = 2", "consecutive_failures = 3");
+    let cascade = Cascade::start(with_three).await;
+    wait_for(Duration::from_secs(60), "docker active", async || {
+        let s = cascade.status().await;
+        if s["active"] == "docker" && tier(&s, "docker")["state"] == "healthy" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    let before = docker(&["inspect", "-f", "{{.Id}}", &name]);
+
+    // Removed: the first probe says so and the tier stops serving (it is
+    // never reported as a degraded tier still serving), and the start phase
+    // recreates it.
+    docker(&["rm", "-f", &name]);
+    let began = std::time::Instant::now();
+    let status = wait_for(
+        Duration::from_secs(60),
+        "docker serving from a new container",
+        async || {
+            let s = cascade.status().await;
+            let t = tier(&s, "docker");
+            assert_ne!(
+                t["state"], "degraded",
+                "still serving a removed container: {s}"
+            );
+            let now = cascade_demo::image::docker_cli(&["inspect", "-f", "{{.Id}}", &name]).ok();
+            let recreated = now.is_some_and(|id| id != before);
+            if s["active"] == "docker" && t["state"] == "healthy" && recreated {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "docker rm -f: serving from a new container after {:?}",
+        began.elapsed()
+    );
+    assert_eq!(tier(&status, "docker")["breaker"], "closed", "{status}");
+    assert_eq!(
+        tier(&status, "docker")["consecutive_failures"],
+        0,
+        "{status}"
+    );
 }

@@ -306,6 +306,7 @@ fn observed(r: ContainerInspectResponse) -> Observed {
             code: state.exit_code.unwrap_or_default(),
         },
         Some(ContainerStateStatusEnum::DEAD) => RunState::Dead,
+        Some(ContainerStateStatusEnum::REMOVING) => RunState::Removing,
         Some(other) => RunState::Other(other.to_string()),
         None => RunState::Other("unknown".into()),
     };

@@ -2,6 +2,7 @@
 //! webhook.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,14 @@ pub struct DockerConfig {
     /// `unix:///path/to/docker.sock` or `tcp://host:port`. Unset: `$DOCKER_HOST`,
     /// else `unix:///var/run/docker.sock`.
     pub host: Option<String>,
-    /// Deadline of the "daemon running?" ping.
+    /// TLS to a `tcp://` daemon (the docker CLI's `--tlsverify`). Unset: TLS
+    /// when `$DOCKER_TLS_VERIFY` is set, with `ca.pem`, `cert.pem` and
+    /// `key.pem` from `$DOCKER_CERT_PATH` (else `~/.docker`), as the CLI does.
+    pub tls: Option<TlsConfig>,
+    /// How long Docker may take to answer a "daemon running?" ping, and a
+    /// probe's inspects. Beyond it Docker is "not responding": the tier is
+    /// degraded while the service's own health check passes, down and not
+    /// startable (skipped by the start phase) while it does not.
     #[serde(with = "humantime_serde")]
     pub ping_timeout: Duration,
     /// Deadline of every other Docker call (bollard's own timeout is whole
@@ -54,6 +62,7 @@ impl Default for DockerConfig {
     fn default() -> Self {
         DockerConfig {
             host: None,
+            tls: None,
             ping_timeout: Duration::from_secs(2),
             call_timeout: Duration::from_secs(10),
             probe: ProbeConfig::default(),
@@ -67,6 +76,79 @@ impl Default for DockerConfig {
             webhook: WebhookConfig::default(),
             standby: false,
         }
+    }
+}
+
+/// TLS to the daemon: its certificate checked against `ca`, and this
+/// client's certificate presented when `cert` and `key` are set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The CA certificate(s) the daemon's certificate must chain to (PEM).
+    pub ca: PathBuf,
+    /// This client's certificate (PEM), set together with `key`.
+    pub cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Verify the daemon's certificate. Only `true` is accepted: the Docker
+    /// API is root on its host, so cascade never talks to a daemon it has not
+    /// verified (unlike the docker CLI's `--tls` without `--tlsverify`).
+    pub verify: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca: PathBuf::new(),
+            cert: None,
+            key: None,
+            verify: true,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Problems as (key relative to `[tiers.docker.tls]`, message). Each
+    /// file must be readable now; its contents are checked on connecting.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if !self.verify {
+            problems.push((
+                "verify".into(),
+                "must be true: cascade does not talk to a Docker daemon whose certificate it cannot verify (the API is root on its host)".into(),
+            ));
+        }
+        if self.ca.as_os_str().is_empty() {
+            problems.push((
+                "ca".into(),
+                "must name the CA certificate that signed the daemon's".into(),
+            ));
+        }
+        match (&self.cert, &self.key) {
+            (Some(_), None) => problems.push((
+                "key".into(),
+                "must be set with cert (the client certificate's private key)".into(),
+            )),
+            (None, Some(_)) => problems.push((
+                "cert".into(),
+                "must be set with key (the client certificate)".into(),
+            )),
+            _ => {}
+        }
+        let files = [
+            ("ca", Some(&self.ca)),
+            ("cert", self.cert.as_ref()),
+            ("key", self.key.as_ref()),
+        ];
+        for (key, path) in files {
+            let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else {
+                continue;
+            };
+            if let Err(e) = std::fs::File::open(path) {
+                problems.push((key.into(), format!("cannot read {}: {e}", path.display())));
+            }
+        }
+        problems
     }
 }
 
@@ -309,6 +391,21 @@ impl DockerConfig {
                 format!("`{host}` must start with unix:// or tcp://"),
             ));
         }
+        if let Some(tls) = &self.tls {
+            if self
+                .host
+                .as_deref()
+                .is_some_and(|h| !h.starts_with("tcp://"))
+            {
+                problems.push((
+                    "tls".into(),
+                    "applies to a tcp:// host only (a unix socket is not encrypted)".into(),
+                ));
+            }
+            for (k, p) in tls.validate() {
+                problems.push((format!("tls.{k}"), p));
+            }
+        }
         if self.ping_timeout.is_zero() || self.call_timeout.is_zero() {
             problems.push((
                 "ping_timeout".into(),
@@ -409,6 +506,20 @@ impl DockerConfig {
             ));
         }
         problems
+    }
+
+    /// What one probe may take: the service's health GETs (`probe.timeout`)
+    /// and Docker's answers (`ping_timeout`) run side by side, each within
+    /// its own bound.
+    pub fn probe_budget(&self) -> Duration {
+        self.probe.timeout.max(self.ping_timeout)
+    }
+
+    /// The tier actor's deadline around one probe: the budget and a margin,
+    /// so the probe itself says what was slow.
+    pub fn probe_deadline(&self) -> Duration {
+        let budget = self.probe_budget();
+        budget.saturating_add((budget / 4).max(Duration::from_millis(100)))
     }
 
     /// The tier's endpoint: the first container's first published port.

@@ -5,14 +5,20 @@
 //! timeout is whole seconds and covers only response headers, so every call
 //! goes through [`Connector::call`] (or [`Connector::ping`]), and a daemon
 //! that accepts and never answers yields [`DockerError::NotResponding`].
+//! The deadline covers waiting for the connection too: one version
+//! negotiation runs at a time, and a caller waiting behind it gives up at
+//! its own deadline. A daemon found down (not running, not responding) is
+//! remembered for `ping_timeout`: calls in that window fail at once with the
+//! same error instead of negotiating again with a daemon that just did not
+//! answer.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bollard::{API_DEFAULT_VERSION, Docker};
 
-use super::config::DockerConfig;
+use super::config::{DockerConfig, TlsConfig};
 use crate::resilience::with_deadline;
 
 const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
@@ -65,14 +71,102 @@ impl DockerError {
 pub struct DockerEnv {
     /// `DOCKER_HOST`.
     pub host: Option<String>,
+    /// `DOCKER_TLS_VERIFY` is set (to anything but the empty string, as the
+    /// docker CLI reads it).
+    pub tls_verify: bool,
+    /// Where `ca.pem`, `cert.pem` and `key.pem` are: `DOCKER_CERT_PATH`, else
+    /// `~/.docker`.
+    pub cert_path: Option<PathBuf>,
 }
 
 impl DockerEnv {
     pub fn from_env() -> DockerEnv {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let cert_path = var("DOCKER_CERT_PATH")
+            .map(PathBuf::from)
+            .or_else(|| var("HOME").map(|home| Path::new(&home).join(".docker")));
         DockerEnv {
             host: var("DOCKER_HOST"),
+            tls_verify: var("DOCKER_TLS_VERIFY").is_some(),
+            cert_path,
         }
+    }
+}
+
+/// The files of a TLS connection to the daemon, and where they were named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    /// The client certificate and its key, when there is one.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// `tiers.docker.tls` or `DOCKER_TLS_VERIFY/DOCKER_CERT_PATH`, for errors.
+    pub source: &'static str,
+}
+
+impl TlsFiles {
+    /// From `tiers.docker.tls`, else from the environment when
+    /// `DOCKER_TLS_VERIFY` is set (the client pair only when both files
+    /// exist, as the docker CLI does).
+    pub fn choose(config: Option<&TlsConfig>, env: &DockerEnv) -> Option<TlsFiles> {
+        if let Some(tls) = config {
+            return Some(TlsFiles {
+                ca: tls.ca.clone(),
+                identity: tls.cert.clone().zip(tls.key.clone()),
+                source: "tiers.docker.tls",
+            });
+        }
+        if !env.tls_verify {
+            return None;
+        }
+        let dir = env.cert_path.clone().unwrap_or_default();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        Some(TlsFiles {
+            ca: dir.join("ca.pem"),
+            identity: (cert.exists() || key.exists()).then_some((cert, key)),
+            source: "DOCKER_TLS_VERIFY and DOCKER_CERT_PATH",
+        })
+    }
+
+    /// Each file is there and holds what it should, or an error naming it:
+    /// bollard reads the client pair only during the handshake, where a bad
+    /// file would be a nameless handshake failure.
+    fn check(&self) -> Result<(), String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| {
+                format!(
+                    "cannot read the {what} {} (from {}): {e}",
+                    path.display(),
+                    self.source
+                )
+            })
+        };
+        let certs = |what: &str, path: &Path| -> Result<(), String> {
+            let pem = read(what, path)?;
+            let found = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("the {what} {} is not PEM: {e}", path.display()))?;
+            if found.is_empty() {
+                return Err(format!(
+                    "the {what} {} holds no PEM certificate",
+                    path.display()
+                ));
+            }
+            Ok(())
+        };
+        certs("CA certificate", &self.ca)?;
+        if let Some((cert, key)) = &self.identity {
+            certs("client certificate", cert)?;
+            let pem = read("client key", key)?;
+            PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+                format!(
+                    "the client key {} holds no usable PEM private key: {e}",
+                    key.display()
+                )
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -108,20 +202,40 @@ impl std::fmt::Display for DockerHost {
 #[derive(Clone)]
 pub struct Connector {
     host: DockerHost,
+    /// TLS for a `tcp://` host.
+    tls: Option<TlsFiles>,
     ping_timeout: Duration,
     call_timeout: Duration,
+    slot: Arc<tokio::sync::Mutex<Slot>>,
+}
+
+/// The connection as the last caller left it.
+#[derive(Default)]
+struct Slot {
     /// The negotiated client, dropped when the daemon goes away so the next
     /// call negotiates again (the daemon may come back as another version).
-    docker: Arc<tokio::sync::Mutex<Option<Docker>>>,
+    docker: Option<Docker>,
+    /// The daemon was found down at this time, with this error: calls within
+    /// `ping_timeout` of it fail at once with it.
+    down: Option<(Instant, DockerError)>,
 }
 
 impl Connector {
     pub fn new(config: &DockerConfig, env: &DockerEnv) -> Connector {
-        Connector::with_host(
-            DockerHost::resolve(config.host.as_deref(), env),
-            config.ping_timeout,
-            config.call_timeout,
-        )
+        let host = DockerHost::resolve(config.host.as_deref(), env);
+        let tls = TlsFiles::choose(config.tls.as_ref(), env);
+        Connector::with_host(host, config.ping_timeout, config.call_timeout).with_tls(tls)
+    }
+
+    /// The same connector, over TLS with `tls` (a `tcp://` host only).
+    pub fn with_tls(mut self, tls: Option<TlsFiles>) -> Connector {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS files in use, if any.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     pub fn with_host(
@@ -131,9 +245,10 @@ impl Connector {
     ) -> Connector {
         Connector {
             host,
+            tls: None,
             ping_timeout,
             call_timeout,
-            docker: Arc::default(),
+            slot: Arc::default(),
         }
     }
 
@@ -192,11 +307,25 @@ impl Connector {
         self.run(what, within, f(docker)).await
     }
 
-    /// A connected client, for streams (events) whose items the caller bounds itself.
+    /// A connected client, for streams (events) whose items the caller bounds
+    /// itself. Waiting for another caller's negotiation counts against
+    /// `timeout`; a daemon found down within the last `ping_timeout` is
+    /// reported at once.
     pub async fn client(&self, timeout: Duration) -> Result<Docker, DockerError> {
-        let mut slot = self.docker.lock().await;
-        if let Some(docker) = slot.as_ref() {
+        let started = Instant::now();
+        let Ok(mut slot) = tokio::time::timeout(timeout, self.slot.lock()).await else {
+            return Err(DockerError::NotResponding {
+                what: "version negotiation".into(),
+                after: timeout,
+            });
+        };
+        if let Some(docker) = slot.docker.as_ref() {
             return Ok(docker.clone());
+        }
+        if let Some((at, error)) = &slot.down
+            && at.elapsed() < self.ping_timeout
+        {
+            return Err(error.clone());
         }
         if let DockerHost::Unix(path) = &self.host
             && !path.exists()
@@ -213,39 +342,112 @@ impl Connector {
         }
         let docker = self.connect()?;
         // An old daemon refuses bollard's newest API version; ask it which it speaks.
-        let docker =
-            match with_deadline(timeout, "version negotiation", docker.negotiate_version()).await {
-                Ok(Ok(docker)) => docker,
-                Ok(Err(e)) => return Err(classify("version negotiation", e)),
-                Err(_) => {
-                    return Err(DockerError::NotResponding {
-                        what: "version negotiation".into(),
-                        after: timeout,
-                    });
-                }
+        let left = timeout.saturating_sub(started.elapsed());
+        let negotiated =
+            match with_deadline(left, "version negotiation", docker.negotiate_version()).await {
+                Ok(Ok(docker)) => Ok(docker),
+                Ok(Err(e)) => Err(self.in_tls_terms(classify("version negotiation", e))),
+                Err(_) => Err(DockerError::NotResponding {
+                    what: "version negotiation".into(),
+                    after: timeout,
+                }),
             };
-        *slot = Some(docker.clone());
-        Ok(docker)
+        match negotiated {
+            Ok(docker) => {
+                slot.down = None;
+                slot.docker = Some(docker.clone());
+                Ok(docker)
+            }
+            Err(e) => {
+                if e.is_daemon_down() {
+                    slot.down = Some((Instant::now(), e.clone()));
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Drops the cached client; the next call connects and negotiates again.
+    /// Never waits: a negotiation in flight makes a fresh client anyway.
     pub async fn forget(&self) {
-        self.docker.lock().await.take();
+        if let Ok(mut slot) = self.slot.try_lock() {
+            slot.docker = None;
+        }
+    }
+
+    /// A failed handshake names the files it used, so the person reading
+    /// knows which CA or client certificate to look at.
+    fn in_tls_terms(&self, error: DockerError) -> DockerError {
+        let Some(tls) = &self.tls else {
+            return error;
+        };
+        match error {
+            DockerError::Other { what, cause }
+                if ["certificate", "handshake", "tls", "alert"]
+                    .iter()
+                    .any(|w| cause.to_lowercase().contains(w)) =>
+            {
+                let identity = match &tls.identity {
+                    Some((cert, _)) => format!("client certificate {}", cert.display()),
+                    None => "no client certificate".into(),
+                };
+                DockerError::Other {
+                    what,
+                    cause: format!(
+                        "TLS with {} failed (CA {}, {identity}, from {}): {cause}",
+                        self.host,
+                        tls.ca.display(),
+                        tls.source
+                    ),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Drops the cached client and remembers why, so calls within
+    /// `ping_timeout` fail at once instead of negotiating again. A
+    /// negotiation in flight decides for itself, so this never waits.
+    pub(crate) fn went_down(&self, error: &DockerError) {
+        if let Ok(mut slot) = self.slot.try_lock() {
+            slot.docker = None;
+            slot.down = Some((Instant::now(), error.clone()));
+        }
     }
 
     fn connect(&self) -> Result<Docker, DockerError> {
         // bollard's timeout is a backstop; the real bound is our deadline.
         let backstop = self.call_timeout.as_secs().max(1) + 1;
-        let result = match &self.host {
-            DockerHost::Unix(path) => {
+        let failed = |cause: String| DockerError::Other {
+            what: format!("connecting to {}", self.host),
+            cause,
+        };
+        let result = match (&self.host, &self.tls) {
+            (DockerHost::Unix(path), None) => {
                 Docker::connect_with_unix(&path.to_string_lossy(), backstop, API_DEFAULT_VERSION)
             }
-            DockerHost::Tcp(host) => Docker::connect_with_http(host, backstop, API_DEFAULT_VERSION),
+            (DockerHost::Unix(_), Some(tls)) => {
+                return Err(failed(format!(
+                    "{} asks for TLS, which applies to a tcp:// host only",
+                    tls.source
+                )));
+            }
+            (DockerHost::Tcp(host), None) => {
+                Docker::connect_with_http(host, backstop, API_DEFAULT_VERSION)
+            }
+            (DockerHost::Tcp(host), Some(tls)) => {
+                tls.check().map_err(failed)?;
+                install_crypto_provider();
+                // bollard names the client pair's files only in its resolver;
+                // without a pair these paths do not exist and none is sent.
+                let (cert, key) = tls.identity.clone().unwrap_or_else(|| {
+                    let none = tls.ca.with_file_name(".cascade-no-client-certificate");
+                    (none.clone(), none)
+                });
+                Docker::connect_with_ssl(host, &key, &cert, &tls.ca, backstop, API_DEFAULT_VERSION)
+            }
         };
-        result.map_err(|e| DockerError::Other {
-            what: format!("connecting to {}", self.host),
-            cause: e.to_string(),
-        })
+        result.map_err(|e| failed(crate::text::root_cause(&e)))
     }
 
     async fn run<T>(
@@ -263,7 +465,7 @@ impl Connector {
             },
         };
         if result.is_daemon_down() {
-            self.forget().await;
+            self.went_down(&result);
         }
         Err(result)
     }
@@ -288,10 +490,9 @@ pub fn classify(what: &str, error: bollard::errors::Error) -> DockerError {
         other => {
             let cause = crate::text::root_cause(&other);
             let lower = cause.to_lowercase();
-            if lower.contains("connection refused")
-                || lower.contains("no such file")
-                || lower.contains("connect")
-            {
+            // Nothing listens. A connection reset or a broken pipe is not
+            // that: something accepted the connection and then dropped it.
+            if lower.contains("connection refused") || lower.contains("no such file") {
                 DockerError::NotRunning { cause }
             } else {
                 DockerError::Other {
@@ -301,6 +502,13 @@ pub fn classify(what: &str, error: bollard::errors::Error) -> DockerError {
             }
         }
     }
+}
+
+/// rustls needs one process-wide crypto provider, and the dependency graph
+/// enables two (ring and aws-lc-rs); ring is the one reqwest uses. Installing
+/// is idempotent: a provider installed earlier stays.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn cli_on_path() -> bool {

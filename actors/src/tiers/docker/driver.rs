@@ -8,9 +8,15 @@
 //! holds its handle only to announce its own stops.
 //!
 //! Invariants:
-//! - `probe` never starts the daemon or any container, and costs one ping,
-//!   one inspect per container and one HTTP GET per container with a health
-//!   endpoint, all inside the probe's deadline.
+//! - `probe` never starts the daemon or any container. It asks Docker (one
+//!   inspect per container, all within `ping_timeout`) and the service (one
+//!   HTTP GET per container with a health endpoint, within `probe.timeout`)
+//!   side by side. The service's own answer decides health; Docker decides
+//!   existence: a container that ran and is removed, exited or dead is
+//!   `Gone` at once. A Docker API that is slow or down while the service
+//!   answers is `Degraded`, never a failure; with nothing answering, a
+//!   daemon cascade cannot start (not responding, or not running with
+//!   `daemon.start` off) is `PlatformDown`, so the start phase skips the tier.
 //! - Nothing this cascade instance does not own is ever stopped, removed or
 //!   recreated: a container without its `cascade.instance` label that is in
 //!   the way (same name, same host port) — a stranger's or another
@@ -27,6 +33,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::join_all;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,7 +53,7 @@ use crate::contract::{
     TierError, TierId,
 };
 use crate::instance::Instance;
-use crate::resilience::Deadline;
+use crate::resilience::{Deadline, with_deadline};
 use crate::tiers::ports::{self, Protocol};
 
 /// Time between readiness checks while waiting for containers.
@@ -115,9 +122,13 @@ impl From<LifecycleError> for TierError {
 struct View {
     containers: BTreeMap<String, Seen>,
     /// Containers this driver has seen running or has started: if one of them
-    /// stops or vanishes, that is a failure (Down), whereas one never seen is
-    /// simply not started yet (Idle).
+    /// stops or vanishes, it is gone, whereas one never seen is simply not
+    /// started yet (Idle).
     ran: BTreeSet<String>,
+    /// Containers the last probe that reached Docker found ready (and
+    /// answering their health endpoint): what a probe assumes of a container
+    /// without a health endpoint while Docker does not answer.
+    ready: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -528,7 +539,10 @@ impl DockerDriver {
             let mut pending = None;
             for (d, o) in self.desired.iter().zip(&observed) {
                 if let Some(o) = o
-                    && matches!(o.state, RunState::Exited { .. } | RunState::Dead)
+                    && matches!(
+                        o.state,
+                        RunState::Exited { .. } | RunState::Dead | RunState::Removing
+                    )
                 {
                     return Err(LifecycleError::Died {
                         container: d.name.clone(),
@@ -543,7 +557,9 @@ impl DockerDriver {
                             pending = Some(format!("container {}: {e}", d.name));
                         }
                     }
-                    Readiness::Down(why) | Readiness::Idle(why) => pending = Some(why),
+                    Readiness::Down(why) | Readiness::Idle(why) | Readiness::Gone(why) => {
+                        pending = Some(why)
+                    }
                 }
                 if pending.is_some() {
                     break;
@@ -588,7 +604,13 @@ impl DockerDriver {
         &self,
         request: RestartRequest,
     ) -> Result<RestartReport, LifecycleError> {
-        let _serial = self.lifecycle.lock().await;
+        // A dry run changes nothing, so it never waits behind a start or
+        // restart in flight (which may wait minutes for health).
+        let _serial = if request.dry_run {
+            None
+        } else {
+            Some(self.lifecycle.lock().await)
+        };
         let started = Instant::now();
         if let Err(e) = self.client.ping(self.config.ping_timeout).await {
             return Err(e.into());
@@ -679,7 +701,8 @@ impl DockerDriver {
         Ok(())
     }
 
-    /// The probe proper, inside `budget`.
+    /// The probe proper, inside `budget`: Docker's view of the containers
+    /// and the service's health endpoints, asked at once.
     async fn probe_within(&self, budget: Deadline) -> ProbeOutcome {
         if !self.client.installed() {
             let socket = self.client.connector().host().to_string();
@@ -687,36 +710,92 @@ impl DockerDriver {
                 reason: DockerError::NotInstalled { socket }.to_string(),
             };
         }
-        let ping = budget.attempt_timeout(Instant::now(), self.config.ping_timeout);
-        if let Err(e) = self.client.ping(ping).await {
-            return daemon_outcome(e);
+        let now = Instant::now();
+        let docker_within = budget.attempt_timeout(now, self.config.ping_timeout);
+        let health_within = budget.attempt_timeout(now, self.config.probe.timeout);
+        let (docker, service) =
+            tokio::join!(self.look(docker_within), self.service_health(health_within));
+        match docker {
+            Ok(observed) => self.judge(&observed, &service),
+            Err(e) => self.judge_without_docker(e, &service),
         }
-        let within = budget.attempt_timeout(Instant::now(), self.config.call_timeout);
-        let observed = match self.observe(within).await {
-            Ok(observed) => observed,
-            Err(e) => {
-                return ProbeOutcome::Down {
-                    error: e.to_string(),
-                };
-            }
+    }
+
+    /// Every container inspected at once, all within `within`.
+    async fn look(&self, within: Duration) -> Result<Vec<Option<Observed>>, DockerError> {
+        let inspects = self
+            .desired
+            .iter()
+            .map(|d| self.client.inspect_container(&d.name, within));
+        let Ok(results) = with_deadline(within, "inspecting containers", join_all(inspects)).await
+        else {
+            let error = DockerError::NotResponding {
+                what: "inspecting containers".into(),
+                after: within,
+            };
+            self.client.connector().went_down(&error);
+            return Err(error);
         };
+        let observed = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        self.record(&observed);
+        Ok(observed)
+    }
+
+    /// Each container's health endpoint, all at once; `None` for a container
+    /// without one.
+    async fn service_health(&self, within: Duration) -> Vec<Option<Result<(), String>>> {
+        let checks = self.desired.iter().map(|d| async move {
+            let url = d.health_url()?;
+            Some(self.client.health(&url, within).await)
+        });
+        join_all(checks).await
+    }
+
+    /// Docker answered: it decides whether the containers exist and run,
+    /// the service's health endpoints whether they serve.
+    fn judge(
+        &self,
+        observed: &[Option<Observed>],
+        service: &[Option<Result<(), String>>],
+    ) -> ProbeOutcome {
+        let verdicts: Vec<Readiness> = self
+            .desired
+            .iter()
+            .zip(observed)
+            .map(|(d, o)| plan::readiness(d, o.as_ref(), self.ever_ran(&d.name)))
+            .collect();
+        let ready = self
+            .desired
+            .iter()
+            .zip(&verdicts)
+            .zip(service)
+            .filter(|((_, v), h)| **v == Readiness::Ready && !matches!(h, Some(Err(_))))
+            .map(|((d, _), _)| d.name.clone());
+        if let Ok(mut view) = self.view.lock() {
+            view.ready = ready.collect();
+        }
+        let mut down = None;
         let mut idle = None;
-        for (d, o) in self.desired.iter().zip(&observed) {
-            match plan::readiness(d, o.as_ref(), self.ever_ran(&d.name)) {
+        for verdict in verdicts {
+            match verdict {
                 Readiness::Ready => {}
-                Readiness::Down(error) => return ProbeOutcome::Down { error },
+                Readiness::Gone(reason) => return ProbeOutcome::Gone { reason },
+                Readiness::Down(error) => {
+                    down.get_or_insert(error);
+                }
                 Readiness::Idle(reason) => {
                     idle.get_or_insert(reason);
                 }
             }
         }
+        if let Some(error) = down {
+            return ProbeOutcome::Down { error };
+        }
         if let Some(reason) = idle {
             return ProbeOutcome::Idle { reason };
         }
-        for d in &self.desired {
-            let Some(url) = d.health_url() else { continue };
-            let timeout = budget.attempt_timeout(Instant::now(), self.config.probe.timeout);
-            if let Err(e) = self.client.health(&url, timeout).await {
+        for (d, health) in self.desired.iter().zip(service) {
+            if let Some(Err(e)) = health {
                 return ProbeOutcome::Down {
                     error: format!("container unhealthy: {}: {e}", d.name),
                 };
@@ -729,7 +808,7 @@ impl DockerDriver {
         let drifted: Vec<&str> = self
             .desired
             .iter()
-            .zip(&observed)
+            .zip(observed)
             .filter(|(d, o)| {
                 o.as_ref()
                     .is_some_and(|o| o.hash.as_deref() != Some(&d.hash))
@@ -744,24 +823,65 @@ impl DockerDriver {
         }
         ProbeOutcome::Up { note }
     }
+
+    /// Docker did not answer (`error`): the service's own health endpoints
+    /// decide. Serving, the tier is degraded; not serving, the daemon's state
+    /// says whether the start phase can do anything about it.
+    fn judge_without_docker(
+        &self,
+        error: DockerError,
+        service: &[Option<Result<(), String>>],
+    ) -> ProbeOutcome {
+        let was_ready = |name: &str| {
+            self.view
+                .lock()
+                .map(|v| v.ready.contains(name))
+                .unwrap_or(false)
+        };
+        let failing = self
+            .desired
+            .iter()
+            .zip(service)
+            .find_map(|(d, health)| match health {
+                Some(Ok(())) => None,
+                Some(Err(e)) => Some(format!("container {} does not answer: {e}", d.name)),
+                None if was_ready(&d.name) => None,
+                None => Some(format!(
+                    "container {} has no health endpoint and Docker cannot say",
+                    d.name
+                )),
+            });
+        let Some(failing) = failing else {
+            return ProbeOutcome::Degraded {
+                note: format!("serving (the service answers), but Docker does not: {error}"),
+            };
+        };
+        daemon_outcome(error, self.config.daemon.start, &failing)
+    }
 }
 
-/// A failed "daemon running?" check as a probe outcome: not installed needs
-/// an operator (Unavailable); not running or not responding is a failure
-/// the breaker counts, so the waterfall fails over (Down). A daemon that
-/// does not respond is the platform down (the start phase skips the tier:
-/// a start could only wait out its deadline); one that is not running may
-/// be started by `daemon.start`.
-pub(super) fn daemon_outcome(e: DockerError) -> ProbeOutcome {
+/// A Docker failure while the service does not answer (`failing` says how),
+/// as a probe outcome. Not installed needs an operator (Unavailable). A
+/// daemon that does not respond, or is not running while `daemon.start` is
+/// off, is the platform down: a failure like Down, and the start phase skips
+/// the tier, since a start could only wait out its deadline. A daemon
+/// cascade may start, or a request the daemon refused, is Down.
+pub(super) fn daemon_outcome(e: DockerError, may_start: bool, failing: &str) -> ProbeOutcome {
     match e {
         DockerError::NotInstalled { .. } => ProbeOutcome::Unavailable {
             reason: e.to_string(),
         },
+        DockerError::NotRunning { .. } if may_start => ProbeOutcome::Down {
+            error: format!("{e}; the start phase may start it"),
+        },
+        DockerError::NotRunning { .. } => ProbeOutcome::PlatformDown {
+            error: format!("{e}; daemon.start is off, so cascade does not start it ({failing})"),
+        },
         DockerError::NotResponding { .. } => ProbeOutcome::PlatformDown {
-            error: e.to_string(),
+            error: format!("{e} ({failing})"),
         },
         e => ProbeOutcome::Down {
-            error: e.to_string(),
+            error: format!("{failing}; docker: {e}"),
         },
     }
 }
@@ -792,9 +912,10 @@ impl Driver for DockerDriver {
     }
 
     async fn probe(&self) -> ProbeOutcome {
-        // Inside the tier's probe deadline, so a slow daemon is reported as
-        // "daemon not responding" rather than as a generic probe timeout.
-        let budget = self.config.probe.timeout.mul_f64(0.8);
+        // Inside the tier's probe deadline (`DockerConfig::probe_deadline`),
+        // so a slow daemon is reported as such rather than as a generic
+        // probe timeout.
+        let budget = self.config.probe_budget();
         self.probe_within(Deadline::after(Instant::now(), budget))
             .await
     }

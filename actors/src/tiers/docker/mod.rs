@@ -10,6 +10,8 @@ mod plan;
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 use std::sync::Arc;
 
@@ -18,7 +20,7 @@ use crate::contract::{Driver, DriverFactory, TierId};
 use crate::instance::Instance;
 use crate::tier::TierSpec;
 
-pub use config::DockerConfig;
+pub use config::{DockerConfig, TlsConfig};
 pub use connect::DockerEnv;
 pub use driver::DockerDriver;
 
@@ -46,7 +48,10 @@ pub fn tier_spec(
     TierSpec {
         id: TierId::Docker,
         factory,
-        probe: config.probe.clone(),
+        probe: crate::tier::ProbeConfig {
+            timeout: config.probe_deadline(),
+            ..config.probe.clone()
+        },
         breaker: config.breaker.clone(),
         start_timeout: config.start_timeout,
         stop_grace: config.stop_grace,

@@ -168,6 +168,8 @@ pub enum RunState {
         code: i64,
     },
     Dead,
+    /// Being removed (`docker rm -f`): as good as gone.
+    Removing,
     Other(String),
 }
 
@@ -180,6 +182,7 @@ impl fmt::Display for RunState {
             RunState::Created => f.write_str("created"),
             RunState::Exited { code } => write!(f, "exited with code {code}"),
             RunState::Dead => f.write_str("dead"),
+            RunState::Removing => f.write_str("being removed"),
             RunState::Other(s) => f.write_str(s),
         }
     }
@@ -532,7 +535,7 @@ fn action(d: &Desired, o: Option<&Observed>, image: Option<&ImageFacts>, force: 
     }
     match &o.state {
         RunState::Running | RunState::Restarting => Action::Keep,
-        RunState::Paused | RunState::Dead => Action::Recreate {
+        RunState::Paused | RunState::Dead | RunState::Removing => Action::Recreate {
             reason: Recreate::Broken(o.state.clone()),
         },
         other => Action::Start { was: other.clone() },
@@ -550,22 +553,25 @@ pub enum Readiness {
     Down(String),
     /// Nothing to probe yet: the start phase should act.
     Idle(String),
+    /// Ran and is definitively gone (removed, exited, dead): not serving at
+    /// once, no waiting for the breaker.
+    Gone(String),
 }
 
 /// Readiness of container `name`; `ever_ran` says whether this driver has
-/// seen it running (a container that vanished after running is a failure,
-/// one never created is just not started yet).
+/// seen it running (a container that vanished or exited after running is
+/// gone, one never created is just not started yet).
 pub fn readiness(d: &Desired, o: Option<&Observed>, ever_ran: bool) -> Readiness {
     let name = &d.name;
-    let idle_or_down = |text: String| {
+    let idle_or = |failed: fn(String) -> Readiness, text: String| {
         if ever_ran {
-            Readiness::Down(text)
+            failed(text)
         } else {
             Readiness::Idle(text)
         }
     };
     let Some(o) = o else {
-        return idle_or_down(format!("container {name} does not exist"));
+        return idle_or(Readiness::Gone, format!("container {name} does not exist"));
     };
     match o.owner(&d.instance) {
         Owner::This | Owner::Unlabelled => {}
@@ -582,7 +588,18 @@ pub fn readiness(d: &Desired, o: Option<&Observed>, ever_ran: bool) -> Readiness
         RunState::Restarting => {
             return Readiness::Down(format!("container {name} is restarting"));
         }
-        state => return idle_or_down(format!("container {name} is not running ({state})")),
+        state @ (RunState::Exited { .. } | RunState::Dead | RunState::Removing) => {
+            return idle_or(
+                Readiness::Gone,
+                format!("container {name} is not running ({state})"),
+            );
+        }
+        state => {
+            return idle_or(
+                Readiness::Down,
+                format!("container {name} is not running ({state})"),
+            );
+        }
     }
     match &o.health {
         None | Some(HealthState::Healthy) => Readiness::Ready,
@@ -931,16 +948,28 @@ mod tests {
         o.state = RunState::Exited { code: 3 };
         assert_eq!(
             readiness(&d, Some(&o), true),
-            Readiness::Down("container svc is not running (exited with code 3)".into())
+            Readiness::Gone("container svc is not running (exited with code 3)".into())
         );
         assert!(matches!(readiness(&d, Some(&o), false), Readiness::Idle(_)));
+        o.state = RunState::Dead;
+        assert!(matches!(readiness(&d, Some(&o), true), Readiness::Gone(_)));
+        o.state = RunState::Removing;
+        assert_eq!(
+            readiness(&d, Some(&o), true),
+            Readiness::Gone("container svc is not running (being removed)".into())
+        );
+        o.state = RunState::Paused;
+        assert_eq!(
+            readiness(&d, Some(&o), true),
+            Readiness::Down("container svc is not running (paused)".into())
+        );
         assert_eq!(
             readiness(&d, None, false),
             Readiness::Idle("container svc does not exist".into())
         );
         assert_eq!(
             readiness(&d, None, true),
-            Readiness::Down("container svc does not exist".into())
+            Readiness::Gone("container svc does not exist".into())
         );
     }
 

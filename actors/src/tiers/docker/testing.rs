@@ -97,6 +97,121 @@ pub fn inspect(name: &str, format: &str) -> Option<String> {
     cascade_demo::image::docker_cli(&["inspect", "-f", format, name]).ok()
 }
 
+/// A unix socket in front of the engine's that holds every chunk of every
+/// response for a settable delay: a daemon busy with a build or a prune.
+pub struct SlowDaemon {
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowDaemon {
+    /// Listens on a fresh socket; responses pass at once until `set_delay`.
+    pub fn start() -> SlowDaemon {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let upstream =
+            match super::connect::DockerHost::resolve(None, &super::connect::DockerEnv::from_env())
+            {
+                super::connect::DockerHost::Unix(path) => path,
+                tcp => panic!("the slow daemon proxies a unix socket, not {tcp}"),
+            };
+        let dir = std::env::temp_dir().join(unique("cascade-t-slow"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let socket = dir.join("docker.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind socket");
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(daemon) = tokio::net::UnixStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_daemon, mut to_daemon) = daemon.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_daemon).await;
+                    let _ = to_daemon.shutdown().await;
+                });
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = from_daemon.read(&mut buf).await {
+                        let ms = delay.load(Ordering::SeqCst);
+                        if ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        if to_client.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        SlowDaemon {
+            dir,
+            socket,
+            delay_ms,
+            task,
+        }
+    }
+
+    /// `unix://` and the socket's path.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowDaemon {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A unix socket that accepts connections and never answers: a wedged daemon.
+pub struct WedgedDaemon {
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WedgedDaemon {
+    pub fn start() -> WedgedDaemon {
+        let dir = std::env::temp_dir().join(unique("cascade-t-mute"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let socket = dir.join("docker.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind socket");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        WedgedDaemon { dir, socket, task }
+    }
+
+    /// `unix://` and the socket's path.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for WedgedDaemon {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,8 +13,8 @@ use super::config::{ContainerConfig, DockerConfig, HASH_LABEL, MANAGED_LABEL};
 use super::connect::{DockerEnv, DockerError};
 use super::driver::{DockerDriver, daemon_outcome};
 use super::testing::{
-    Cleanup, TEST_LABEL, demo_image, docker, docker_available, eventually, free_port, inspect,
-    unique,
+    Cleanup, SlowDaemon, TEST_LABEL, WedgedDaemon, demo_image, docker, docker_available,
+    eventually, free_port, inspect, unique,
 };
 use crate::contract::{Driver, EventSink, ProbeOutcome, RestartRequest, StopReason};
 use crate::instance::Instance;
@@ -421,18 +421,9 @@ async fn a_daemon_that_accepts_and_never_answers_is_not_responding_within_the_bo
     if !docker_available() {
         return;
     }
-    let dir = std::env::temp_dir().join(unique("cascade-t-mute"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let socket = dir.join("docker.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).expect("bind socket");
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((conn, _)) = listener.accept().await {
-            held.push(conn);
-        }
-    });
+    let wedged = WedgedDaemon::start();
     let mut c = config(vec![service("cascade-t-never-created", free_port())]);
-    c.host = Some(format!("unix://{}", socket.display()));
+    c.host = Some(wedged.host());
     c.ping_timeout = Duration::from_millis(300);
     let d = driver(c).await;
 
@@ -440,15 +431,154 @@ async fn a_daemon_that_accepts_and_never_answers_is_not_responding_within_the_bo
     let outcome = d.probe().await;
     let took = began.elapsed();
 
-    hold.abort();
-    let _ = std::fs::remove_dir_all(&dir);
     match outcome {
-        ProbeOutcome::PlatformDown { error } => {
-            assert!(error.starts_with("daemon not responding"), "{error}")
+        ProbeOutcome::PlatformDown { error: reason } => {
+            assert!(reason.starts_with("daemon not responding"), "{reason}")
         }
         other => panic!("expected PlatformDown, got {other:?}"),
     }
     assert!(took < Duration::from_secs(2), "probe took {took:?}");
+}
+
+#[tokio::test]
+async fn with_a_wedged_daemon_a_dry_run_answers_within_its_bound_and_nothing_negotiates_twice() {
+    if !docker_available() {
+        return;
+    }
+    let wedged = WedgedDaemon::start();
+    let mut c = config(vec![service("cascade-t-never-created", free_port())]);
+    c.host = Some(wedged.host());
+    c.ping_timeout = Duration::from_millis(600);
+    let d = driver(c).await;
+    let dry = RestartRequest {
+        force: false,
+        dry_run: true,
+    };
+
+    // A probe, a start and a dry run at once: one negotiation runs, the
+    // others wait for it within their own deadline and take its verdict.
+    let began = Instant::now();
+    let (probe, start, check) = tokio::join!(d.probe(), d.start(), async {
+        let result = d.restart(dry).await;
+        (result, began.elapsed())
+    });
+    assert!(
+        matches!(&probe, ProbeOutcome::PlatformDown { error: reason } if reason.starts_with("daemon not responding")),
+        "{probe:?}"
+    );
+    let error = error_of(start);
+    assert!(error.contains("daemon not responding"), "{error}");
+    let (result, took) = check;
+    let error = error_of(result);
+    assert!(error.starts_with("daemon not responding"), "{error}");
+    assert!(
+        took < Duration::from_millis(1100),
+        "the dry run waited behind others' negotiations: {took:?}"
+    );
+
+    // Right after, the daemon is known not to answer: no new negotiation.
+    let began = Instant::now();
+    let error = error_of(d.restart(dry).await);
+    let took = began.elapsed();
+    assert!(error.starts_with("daemon not responding"), "{error}");
+    assert!(
+        took < Duration::from_millis(300),
+        "a failed negotiation was tried again at once: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_docker_api_is_degraded_while_the_service_answers_and_platform_down_when_it_does_not()
+ {
+    if !docker_available() {
+        return;
+    }
+    let name = unique("cascade-t-slow");
+    let _cleanup = Cleanup(vec![name.clone()]);
+    let slow = SlowDaemon::start();
+    let mut c = config(vec![service(&name, free_port())]);
+    c.host = Some(slow.host());
+    c.ping_timeout = Duration::from_millis(400);
+    c.probe.timeout = Duration::from_secs(2);
+    let d = driver(c.clone()).await;
+    d.start().await.expect("starts");
+    assert!(matches!(d.probe().await, ProbeOutcome::Up { .. }));
+
+    // Docker takes longer than ping_timeout; the service still answers.
+    slow.set_delay(Duration::from_millis(1500));
+    let began = Instant::now();
+    let outcome = d.probe().await;
+    let took = began.elapsed();
+    match &outcome {
+        ProbeOutcome::Degraded { note } => assert!(
+            note.starts_with(
+                "serving (the service answers), but Docker does not: daemon not responding"
+            ),
+            "{note}"
+        ),
+        other => panic!("expected Degraded, got {other:?}"),
+    }
+    assert!(
+        took < c.probe_deadline(),
+        "the probe fits the tier's deadline: {took:?}"
+    );
+
+    // The service stops answering while Docker is still slow: nothing
+    // serves and cascade cannot start anything through this daemon.
+    docker(&["stop", "-t", "0", &name]);
+    let outcome = d.probe().await;
+    assert!(
+        matches!(&outcome, ProbeOutcome::PlatformDown { error: reason }
+            if reason.starts_with("daemon not responding") && reason.contains(&name)),
+        "{outcome:?}"
+    );
+
+    // Docker answers again: it says the container exited.
+    slow.set_delay(Duration::ZERO);
+    let outcome = poll_outcome(&d, |o| matches!(o, ProbeOutcome::Gone { .. })).await;
+    assert!(
+        matches!(&outcome, ProbeOutcome::Gone { reason } if reason.contains("exited")),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_removed_container_is_gone_at_the_first_probe_and_start_recreates_it() {
+    if !docker_available() {
+        return;
+    }
+    let name = unique("cascade-t-gone");
+    let port = free_port();
+    let _cleanup = Cleanup(vec![name.clone()]);
+    let d = driver(config(vec![service(&name, port)])).await;
+    d.start().await.expect("starts");
+    assert!(matches!(d.probe().await, ProbeOutcome::Up { .. }));
+    let before = id(&name);
+
+    docker(&["rm", "-f", &name]);
+    match d.probe().await {
+        ProbeOutcome::Gone { reason } => {
+            assert_eq!(reason, format!("container {name} does not exist"))
+        }
+        other => panic!("expected Gone at the first probe, got {other:?}"),
+    }
+
+    d.start().await.expect("recreates");
+    assert_ne!(id(&name), before, "a new container");
+    assert!(matches!(d.probe().await, ProbeOutcome::Up { .. }));
+}
+
+/// Probes until `done` holds (a slow daemon's remembered failure expires
+/// within its ping_timeout).
+async fn poll_outcome(d: &DockerDriver, done: impl Fn(&ProbeOutcome) -> bool) -> ProbeOutcome {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let outcome = d.probe().await;
+        if done(&outcome) || Instant::now() >= deadline {
+            return outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -461,8 +591,11 @@ async fn a_missing_socket_is_daemon_not_running_and_start_says_so() {
     let d = driver(c).await;
 
     match d.probe().await {
-        ProbeOutcome::Down { error } => assert!(error.starts_with("daemon not running"), "{error}"),
-        other => panic!("expected Down, got {other:?}"),
+        ProbeOutcome::PlatformDown { error: reason } => assert!(
+            reason.starts_with("daemon not running") && reason.contains("daemon.start is off"),
+            "{reason}"
+        ),
+        other => panic!("expected PlatformDown, got {other:?}"),
     }
     let error = error_of(d.start().await);
     assert!(error.contains("daemon not running"), "{error}");
@@ -471,27 +604,57 @@ async fn a_missing_socket_is_daemon_not_running_and_start_says_so() {
 
 #[test]
 fn daemon_failures_map_to_probe_outcomes() {
-    let unavailable = daemon_outcome(DockerError::NotInstalled {
-        socket: "/var/run/docker.sock".into(),
-    });
+    let failing = "container svc does not answer: connection refused";
+    let unavailable = daemon_outcome(
+        DockerError::NotInstalled {
+            socket: "/var/run/docker.sock".into(),
+        },
+        true,
+        failing,
+    );
     assert!(
         matches!(&unavailable, ProbeOutcome::Unavailable { reason } if reason.starts_with("not installed")),
         "{unavailable:?}"
     );
-    let down = daemon_outcome(DockerError::NotRunning {
+    let not_running = || DockerError::NotRunning {
         cause: "no socket".into(),
-    });
+    };
+    let startable = daemon_outcome(not_running(), true, failing);
     assert!(
-        matches!(&down, ProbeOutcome::Down { error } if error.starts_with("daemon not running")),
-        "{down:?}"
+        matches!(&startable, ProbeOutcome::Down { error } if error.starts_with("daemon not running")),
+        "cascade may start it: a failure the start phase acts on: {startable:?}"
     );
-    let mute = daemon_outcome(DockerError::NotResponding {
-        what: "ping".into(),
-        after: Duration::from_millis(300),
-    });
+    let left = daemon_outcome(not_running(), false, failing);
     assert!(
-        matches!(&mute, ProbeOutcome::PlatformDown { error } if error.starts_with("daemon not responding")),
-        "{mute:?}"
+        matches!(&left, ProbeOutcome::PlatformDown { error: reason }
+            if reason.starts_with("daemon not running") && reason.contains("daemon.start is off")),
+        "{left:?}"
+    );
+    let mute = daemon_outcome(
+        DockerError::NotResponding {
+            what: "ping".into(),
+            after: Duration::from_millis(300),
+        },
+        true,
+        failing,
+    );
+    assert!(
+        matches!(&mute, ProbeOutcome::PlatformDown { error: reason }
+            if reason.starts_with("daemon not responding") && reason.contains(failing)),
+        "a daemon that does not answer cannot be started either: {mute:?}"
+    );
+    let refused = daemon_outcome(
+        DockerError::Api {
+            what: "inspecting container svc".into(),
+            status: 500,
+            message: "boom".into(),
+        },
+        false,
+        failing,
+    );
+    assert!(
+        matches!(&refused, ProbeOutcome::Down { error } if error.contains("HTTP 500")),
+        "{refused:?}"
     );
 }
 
