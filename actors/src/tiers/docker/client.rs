@@ -170,6 +170,22 @@ impl Client {
             .await;
         match removed {
             Err(e) if e.status() == Some(404) => Ok(()),
+            // Someone else is removing it (`docker rm -f`): wait until the
+            // name is free, as the create that follows needs it.
+            Err(e) if e.status() == Some(409) && e.to_string().contains("in progress") => {
+                let gone = crate::resilience::poll_until(
+                    self.connector.call_timeout(),
+                    std::time::Duration::from_millis(100),
+                    "a removal in progress",
+                    || async {
+                        let within = self.connector.call_timeout();
+                        matches!(self.inspect_container(name_or_id, within).await, Ok(None))
+                            .then_some(())
+                    },
+                )
+                .await;
+                gone.map_err(|_| e)
+            }
             other => other,
         }
     }

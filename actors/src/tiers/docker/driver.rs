@@ -402,8 +402,12 @@ impl DockerDriver {
                 Action::Recreate { reason } => {
                     self.clear_holders(d, step.id.as_deref(), lines).await?;
                     self.expect_stop(&d.name);
-                    // A forced restart does not wait politely: removal kills.
-                    if *reason != Recreate::Forced {
+                    // A forced restart does not wait politely: removal kills;
+                    // a container being removed has nothing left to stop.
+                    if !matches!(
+                        reason,
+                        Recreate::Forced | Recreate::Broken(RunState::Removing)
+                    ) {
                         self.client
                             .stop_container(step.target(), d.stop_timeout)
                             .await?;
