@@ -340,3 +340,106 @@ async fn read_post(conn: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)
         return Some((path, buf[end + 4..end + 4 + length].to_vec()));
     }
 }
+
+// === the image ===
+
+#[tokio::test]
+async fn the_image_runs_in_place_of_docker_autoheal_with_the_socket_mounted() {
+    if !engine() {
+        return;
+    }
+    // An unoptimised build is quicker to make and heals alike; it reuses
+    // target/docker-image across runs.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/autoheal-image/build.sh"
+    );
+    let tag = "cascade-autoheal:it";
+    let built = std::process::Command::new(script)
+        .arg(tag)
+        .env("CASCADE_IMAGE_PROFILE", "dev")
+        .output()
+        .expect("run build.sh");
+    assert!(
+        built.status.success(),
+        "build.sh failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    assert_eq!(
+        docker(&["image", "inspect", "-f", "{{json .Config.Entrypoint}}", tag]),
+        r#"["/cascade","autoheal"]"#
+    );
+
+    let scope = format!("cascade.it.scope={}", unique("scope"));
+    let label = unique("heal-me");
+    let healer = unique("ah-image");
+    let _healer = Removed(healer.clone());
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &healer,
+        "--label",
+        "cascade.test=it",
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "-e",
+        &format!("AUTOHEAL_CONTAINER_LABEL={label}"),
+        "-e",
+        &format!("TEST_AUTOHEAL_SCOPE={scope}"),
+        "-e",
+        "AUTOHEAL_INTERVAL=5",
+        tag,
+    ]);
+    let status = || {
+        let out = std::process::Command::new("docker")
+            .args(["exec", &healer, "/cascade", "status", "--json"])
+            .output()
+            .expect("docker exec");
+        serde_json::from_slice::<Value>(&out.stdout).map_err(|e| {
+            format!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "the image's autoheal connected",
+        async || {
+            let s = status()?;
+            if s["autoheal"]["connected"] == true {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+
+    let name = unique("ah-imaged");
+    let _removed = run(
+        &name,
+        &[&scope, &format!("{label}=true")],
+        &["DEMO_FAIL_HEALTH_AFTER=1"],
+    );
+    let started = inspect(&name, "{{.State.StartedAt}}");
+    wait_for(HEALED_WITHIN, "healed from inside the image", async || {
+        let s = status()?;
+        if restarts_of(&s, &name) >= 1 {
+            Ok(())
+        } else {
+            Err(s["autoheal"].to_string())
+        }
+    })
+    .await;
+    assert_ne!(inspect(&name, "{{.State.StartedAt}}"), started);
+    let logs = std::process::Command::new("docker")
+        .args(["logs", &healer])
+        .output()
+        .expect("docker logs");
+    let logs =
+        String::from_utf8_lossy(&logs.stderr).into_owned() + &String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("AUTOHEAL_INTERVAL=5: not needed"), "{logs}");
+}
