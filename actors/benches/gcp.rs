@@ -218,10 +218,12 @@ async fn preemption(fake: &FakeGcp) {
         .await;
         // A random moment, so the preemption lands anywhere in the pool's
         // 500 ms watch cycle rather than always at the same phase.
+        // The VM serving now: a replacement may sit in another slot.
+        let vm = running_vm(fake, "bench").await;
         let phase = Duration::from_millis(rand::random_range(0..1000));
         tokio::time::sleep(phase).await;
         let preempted = Instant::now();
-        fake.preempt("bench-0");
+        fake.preempt(&vm);
         wait_until(&mut snapshots, Duration::from_secs(30), |s| {
             s.active == Some(TierId::Local)
         })
@@ -279,19 +281,7 @@ async fn preemption_gap(fake: &FakeGcp, max_vms: u32) {
         })
         .await;
         // Each round starts alike: one VM, RUNNING, the lost one gone.
-        let vm = loop {
-            let vms: Vec<_> = fake
-                .instances()
-                .into_iter()
-                .filter(|vm| vm.labels.get("cascade-pool") == Some(&pool))
-                .collect();
-            if let [vm] = vms.as_slice()
-                && vm.status == "RUNNING"
-            {
-                break vm.name.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let vm = running_vm(fake, &pool).await;
         let phase = Duration::from_millis(rand::random_range(0..1000));
         tokio::time::sleep(phase).await;
         let preempted = Instant::now();
@@ -316,6 +306,23 @@ async fn preemption_gap(fake: &FakeGcp, max_vms: u32) {
     );
     running.root.stop(None);
     let _ = running.join.await;
+}
+
+/// The pool's only VM once it is RUNNING and any lost one is gone.
+async fn running_vm(fake: &FakeGcp, pool: &str) -> String {
+    loop {
+        let vms: Vec<_> = fake
+            .instances()
+            .into_iter()
+            .filter(|vm| vm.labels.get("cascade-pool").map(String::as_str) == Some(pool))
+            .collect();
+        if let [vm] = vms.as_slice()
+            && vm.status == "RUNNING"
+        {
+            return vm.name.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_until(
