@@ -172,7 +172,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
     }
 
     #[cfg(debug_assertions)]
-    let _fault = fault::inject(&running);
+    let _fault = fault::inject(&running, &dir);
 
     // The configuration in effect: what a reload is compared against.
     let mut current = config;
@@ -416,7 +416,9 @@ fn kill_process_groups(snapshot: &supervisor::Snapshot) {
 /// A test-only fault hook, compiled out of release builds: with
 /// `CASCADE_TEST_FAULT=root-panic` the root panics (a bug it contains), with
 /// `root-kill` it is killed (a failure it cannot report), once a tier is
-/// active. Tests use it to check the exit code and that tiers are stopped.
+/// active and the file `fault` appears in the state directory (so a test
+/// reads what it needs first). Tests use it to check the exit code and
+/// that tiers are stopped.
 #[cfg(debug_assertions)]
 mod fault {
     use cascade_actors::supervisor::{Fault, RootMsg};
@@ -424,6 +426,7 @@ mod fault {
 
     pub fn inject(
         running: &cascade_actors::supervisor::Running,
+        state_dir: &std::path::Path,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let fault = match std::env::var("CASCADE_TEST_FAULT").ok()?.as_str() {
             "root-panic" => Fault::Panic,
@@ -435,7 +438,11 @@ mod fault {
         };
         let mut snapshots = running.snapshots.clone();
         let root = running.root.clone();
+        let trigger = state_dir.join("fault");
         Some(tokio::spawn(async move {
+            while !trigger.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
             if snapshots.wait_for(|s| s.active.is_some()).await.is_ok() {
                 warn!(?fault, "Injecting a root failure (test hook).");
                 let _ = root.send_message(RootMsg::Fault(fault));

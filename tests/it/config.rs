@@ -115,11 +115,11 @@ port = 0
 
 #[tokio::test]
 async fn parse_and_semantic_problems_are_reported_together() {
-    let text = "[waterfall]\norder = []\n\n[tiers.local]\nprot = 1\nport = \"abc\"\n";
+    let text = "[waterfall]\norder = [\"nowhere\"]\n\n[tiers.local]\nprot = 1\nport = \"abc\"\n";
     let config = ConfigFile::new(text);
     let out = cli(&["check-config", "--config", config.path_str()], &[]).await;
     assert_eq!(out.code, Some(78), "{}", out.describe());
-    for key in ["tiers.local.prot", "tiers.local.port", "waterfall.order"] {
+    for key in ["tiers.local.prot", "tiers.local.port", "waterfall.order[0]"] {
         assert!(
             out.stderr.contains(&format!("{key}:")),
             "{key} missing: {}",

@@ -235,7 +235,10 @@ async fn a_cloud_run_service_that_is_not_ready_is_unavailable_with_its_message()
         env: gcp_env(&fake, home.path()),
         ..Setup::default()
     }
-    .extra(&cloud_run_toml(&fake));
+    // The Admin API gets a third of the probe's timeout; its first call
+    // builds a client and fetches a token, which on a loaded machine takes
+    // longer than a third of 500 ms.
+    .extra(&cloud_run_toml(&fake).replace("timeout = \"500ms\"", "timeout = \"3s\""));
     let cascade = Cascade::start(setup).await;
     let status = wait_active(&cascade, "local", SHORT).await;
     let found = poll(SHORT, async || {

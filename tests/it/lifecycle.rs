@@ -212,6 +212,7 @@ async fn failing_root(fault: &str) -> (Cascade, i32, std::process::ExitStatus) {
     };
     let mut cascade = Cascade::start(setup).await;
     let backend = cascade.wait_backend_pid().await;
+    std::fs::write(cascade.state_dir.join("fault"), b"").expect("pull the trigger");
     let status = cascade
         .wait_exit(Duration::from_secs(15))
         .await
