@@ -204,10 +204,10 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
                     _ = interrupt.recv() => {},
                     _ = terminate.recv() => {},
                 }
-                eprintln!("cascade: second signal, exiting now");
                 // The direct children would die with cascade (parent-death
                 // signal), but not what they started; their groups go now.
                 kill_process_groups(&snapshots.borrow());
+                say_without_blocking("cascade: second signal, exiting now\n");
                 std::process::exit(130);
             });
             // Requests in flight finish on the tiers that serve them before
@@ -393,6 +393,18 @@ async fn drain_router(router: Router) {
             cascade_actors::text::duration(budget)
         );
     }
+}
+
+/// Writes `line` to stderr only if the sink takes it at once: a stderr
+/// nobody reads must not hold up a forced exit.
+fn say_without_blocking(line: &str) {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let stderr = std::io::stderr();
+    if let Ok(flags) = fcntl(&stderr, FcntlArg::F_GETFL) {
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        let _ = fcntl(&stderr, FcntlArg::F_SETFL(flags));
+    }
+    let _ = nix::unistd::write(&stderr, line.as_bytes());
 }
 
 /// SIGKILLs every process group a tier reports (`details.pgid`).
