@@ -1,18 +1,25 @@
 //! The HTTP surface: the ECAPA service's routes (`GET /health`, `POST /embed`),
+//! the diagnostic routes a proxy in front is tested with (`/echo`, `/stream`),
 //! the injected latency and health failure, and the JSON error shape.
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::StatusCode;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::embed::{EMBEDDING_DIM, decode_wav, embed};
@@ -33,6 +40,10 @@ struct Inner {
     started: Instant,
     fail_health_after: Option<(f64, Duration)>,
     latency: Duration,
+    /// Bumped by `POST /stream/release`: held streams wait for it to change.
+    release: watch::Sender<u64>,
+    /// Streams waiting for a release now.
+    held: AtomicUsize,
 }
 
 impl AppState {
@@ -52,6 +63,8 @@ impl AppState {
             started: Instant::now(),
             fail_health_after,
             latency,
+            release: watch::Sender::new(0),
+            held: AtomicUsize::new(0),
         })))
     }
 
@@ -65,6 +78,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/embed", post(embed_wav))
+        .route("/echo", get(echo).post(echo))
+        .route("/stream", get(stream))
+        .route("/stream/release", post(release))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Outermost, so even 404s and 413s are slow, as a slow upstream would be.
@@ -121,6 +137,148 @@ async fn embed_wav(body: Result<Bytes, BytesRejection>) -> Response {
         .into_response(),
         Err(reason) => error(StatusCode::BAD_REQUEST, reason),
     }
+}
+
+/// Hop-by-hop headers `/echo` answers with, for a proxy to remove: a
+/// `Connection` header naming one of its own, that one, and `Keep-Alive`.
+pub const ECHO_HOP_BY_HOP: [(&str, &str); 3] = [
+    ("connection", "x-echo-hop"),
+    ("x-echo-hop", "1"),
+    ("keep-alive", "timeout=60"),
+];
+
+/// A diagnostic route: answers the request's method, path, query, headers
+/// (every value of each, in order) and body length as JSON, with the
+/// hop-by-hop headers of [`ECHO_HOP_BY_HOP`] and an end-to-end `x-echo: 1`.
+async fn echo(
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    let mut seen: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (name, value) in &headers {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        seen.entry(name.as_str()).or_default().push(value);
+    }
+    let mut response = axum::Json(json!({
+        "method": method.as_str(),
+        "path": uri.path(),
+        "query": uri.query(),
+        "headers": seen,
+        "body_bytes": body.len(),
+    }))
+    .into_response();
+    let answer = response.headers_mut();
+    for (name, value) in ECHO_HOP_BY_HOP {
+        answer.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    answer.insert("x-echo", HeaderValue::from_static("1"));
+    response
+}
+
+/// Most chunks `/stream` sends, and the longest gap between two.
+const MAX_CHUNKS: u32 = 1000;
+const MAX_GAP_MS: u64 = 60_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    #[serde(default = "three")]
+    chunks: u32,
+    #[serde(default)]
+    gap_ms: u64,
+    #[serde(default)]
+    hold: bool,
+}
+
+fn three() -> u32 {
+    3
+}
+
+/// A diagnostic route: a chunked `text/plain` answer of `chunks` lines
+/// (`chunk I of N`), `gap_ms` apart. With `hold=true` the first chunk is
+/// sent at once and the rest only after `POST /stream/release`, so a test
+/// knows the backend has not finished when the first chunk reaches it.
+async fn stream(
+    State(state): State<AppState>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    if !(1..=MAX_CHUNKS).contains(&query.chunks) {
+        let reason = format!(
+            "chunks must be between 1 and {MAX_CHUNKS}, got {}",
+            query.chunks
+        );
+        return error(StatusCode::BAD_REQUEST, reason);
+    }
+    if query.gap_ms > MAX_GAP_MS {
+        let reason = format!("gap_ms must be at most {MAX_GAP_MS}, got {}", query.gap_ms);
+        return error(StatusCode::BAD_REQUEST, reason);
+    }
+    // Subscribed before the first chunk leaves, so no release can slip by.
+    let held = query.hold.then(|| Held::new(&state));
+    let (chunks, gap) = (query.chunks, Duration::from_millis(query.gap_ms));
+    let lines = futures_util::stream::unfold((1, held), move |(i, mut held)| async move {
+        if i > chunks {
+            return None;
+        }
+        if i > 1 {
+            if let Some(mut waiting) = held.take() {
+                // The sender lives as long as the state this stream holds.
+                let _ = waiting.release.changed().await;
+            }
+            if !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+        }
+        let line = Bytes::from(format!("chunk {i} of {chunks}\n"));
+        Some((Ok::<_, Infallible>(line), (i + 1, held)))
+    });
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+/// A `/stream` waiting for `POST /stream/release`; counted while it waits.
+struct Held {
+    state: AppState,
+    release: watch::Receiver<u64>,
+}
+
+impl Held {
+    fn new(state: &AppState) -> Held {
+        state.0.held.fetch_add(1, Ordering::SeqCst);
+        Held {
+            state: state.clone(),
+            release: state.0.release.subscribe(),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.state.0.held.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Lets every held `/stream` go on; answers how many were waiting.
+async fn release(State(state): State<AppState>) -> Response {
+    let waiting = state.0.held.load(Ordering::SeqCst);
+    state.0.release.send_modify(|generation| *generation += 1);
+    axum::Json(json!({ "released": waiting })).into_response()
 }
 
 async fn not_found() -> Response {

@@ -7,6 +7,11 @@
 //! samples ([`embed`]): identical audio gives an identical vector, but the
 //! vectors carry no speaker information whatsoever.
 //!
+//! Two diagnostic routes serve testing a proxy in front of it: `/echo`
+//! answers the request it received (method, path, headers) as JSON, and
+//! `GET /stream` answers in chunks, optionally holding all but the first
+//! until `POST /stream/release`.
+//!
 //! It exists to misbehave on request: [`Options`] can delay start-up, add
 //! latency to every request, make `/health` start failing, or make the server
 //! stop so that its process exits with a chosen code.
@@ -33,7 +38,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info};
 
 pub use embed::{EMBEDDING_DIM, MAX_AUDIO_SECONDS, embed};
-pub use http::{AppState, MAX_BODY_BYTES, MODEL_LABEL, router};
+pub use http::{AppState, ECHO_HOP_BY_HOP, MAX_BODY_BYTES, MODEL_LABEL, router};
 
 /// Port used when neither `--port`, `DEMO_PORT` nor `PORT` says otherwise.
 pub const DEFAULT_PORT: u16 = 8080;

@@ -16,7 +16,11 @@ Demo backend: a stand-in for the ECAPA speaker-embedding service. NOT a model.
 Serves GET /health and POST /embed (body: 16-bit PCM WAV, mono or stereo, at most 60 s)
 with the real service's JSON contract. The 192-float \"embeddings\" are a deterministic
 hash of the samples and carry no speaker information. Options inject failures
-(start-up delay, latency, failing health, exit) for testing a supervisor.";
+(start-up delay, latency, failing health, exit) for testing a supervisor.
+
+For testing a proxy in front of it: GET|POST /echo answers the request's method, path,
+query and headers as JSON; GET /stream?chunks=N&gap_ms=M answers N chunks M ms apart,
+and with &hold=true sends the first at once and the rest after POST /stream/release.";
 
 #[derive(Debug, Parser)]
 #[command(name = "demo-backend", version, about = ABOUT, long_about = LONG_ABOUT)]

@@ -438,3 +438,102 @@ fn port_env_fallback() {
     assert_eq!(port_or_default(Some("9090")), 9090);
     assert_eq!(port_or_default(Some("not-a-port")), DEFAULT_PORT);
 }
+
+#[tokio::test]
+async fn echo_answers_the_request_it_received_with_hop_by_hop_headers_of_its_own() {
+    let req = Request::post("/echo?a=1")
+        .header("x-trace", "one")
+        .header("x-trace", "two")
+        .body(Body::from("12345"))
+        .unwrap();
+    let resp = router(state()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    for (name, value) in ECHO_HOP_BY_HOP {
+        assert_eq!(resp.headers()[name], value);
+    }
+    assert_eq!(resp.headers()["x-echo"], "1");
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let json: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(json["method"], "POST");
+    assert_eq!(json["path"], "/echo");
+    assert_eq!(json["query"], "a=1");
+    assert_eq!(json["body_bytes"], 5);
+    assert_eq!(
+        json["headers"]["x-trace"],
+        serde_json::json!(["one", "two"])
+    );
+}
+
+#[tokio::test]
+async fn a_held_stream_sends_its_first_chunk_and_the_rest_only_after_release() {
+    use http_body_util::BodyExt;
+    let app = router(state());
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::get("/stream?chunks=3&hold=true")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("the first chunk comes at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "chunk 1 of 3\n");
+    // Nothing more comes while the stream is held.
+    let next = body.frame();
+    tokio::pin!(next);
+    assert!(futures_util::poll!(next.as_mut()).is_pending());
+
+    let (status, released) = call(
+        app,
+        Request::post("/stream/release")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(released["released"], 1);
+    let second = tokio::time::timeout(DEADLINE, next)
+        .await
+        .expect("released")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.into_data().unwrap(), "chunk 2 of 3\n");
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert_eq!(rest, "chunk 3 of 3\n");
+}
+
+#[tokio::test]
+async fn bad_stream_parameters_get_a_400_naming_them() {
+    for (query, expected) in [
+        ("chunks=0", "chunks must be between 1 and 1000, got 0"),
+        ("gap_ms=60001", "gap_ms must be at most 60000, got 60001"),
+        ("chunks=x", "chunks"),
+        ("speed=2", "speed"),
+    ] {
+        let (status, json) = call(
+            router(state()),
+            Request::get(format!("/stream?{query}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert!(
+            json["error"].as_str().is_some_and(|e| e.contains(expected)),
+            "{query}: {json}"
+        );
+    }
+}
