@@ -211,6 +211,301 @@ async fn sigterm_lets_a_slow_request_finish_before_the_tiers_stop() {
     assert!(exit.success(), "{exit:?}");
 }
 
+// === headers and protocol ===
+
+/// One answer read off a raw connection: status, head fields (names in
+/// lower case, in order) and the body, de-chunked.
+struct Reply {
+    status: u16,
+    fields: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    /// Every value of `name`.
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.fields
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends `head` (a raw HTTP/1.1 request head) on a new connection to
+/// `addr` and reads one answer: up to its `Content-Length`, the last chunk,
+/// or the connection's end.
+async fn exchange(addr: std::net::SocketAddr, head: &str) -> Reply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("write to {addr}: {e}"));
+    let mut bytes = Vec::new();
+    let read = async {
+        loop {
+            if let Some(reply) = parse_reply(&bytes, false) {
+                return reply;
+            }
+            let mut buf = [0u8; 8192];
+            let n = stream
+                .read(&mut buf)
+                .await
+                .unwrap_or_else(|e| panic!("read from {addr}: {e}"));
+            if n == 0 {
+                let text = String::from_utf8_lossy(&bytes);
+                return parse_reply(&bytes, true)
+                    .unwrap_or_else(|| panic!("{addr} closed before a whole answer: {text:?}"));
+            }
+            bytes.extend_from_slice(&buf[..n]);
+        }
+    };
+    match tokio::time::timeout(SHORT, read).await {
+        Ok(reply) => reply,
+        Err(_) => panic!("no whole answer from {addr} within {SHORT:?}"),
+    }
+}
+
+/// The answer in `bytes` if it is whole; a body without a length is whole
+/// once the connection has `closed`.
+fn parse_reply(bytes: &[u8], closed: bool) -> Option<Reply> {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.split("\r\n");
+    let status = crate::support::status_of(lines.next().unwrap_or_default())?;
+    let fields: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let body = if field("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        dechunk(body)?
+    } else if let Some(length) = field("content-length") {
+        let length: usize = length.parse().expect("a numeric Content-Length");
+        body.get(..length)?.to_owned()
+    } else if closed {
+        body.to_owned()
+    } else {
+        return None;
+    };
+    Some(Reply {
+        status,
+        fields,
+        body,
+    })
+}
+
+/// The data of a chunked body, once its last chunk is there.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut data = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or_else(|e| panic!("bad chunk size {size:?}: {e}"));
+        if size == 0 {
+            return Some(data);
+        }
+        data.push_str(after.get(..size)?);
+        rest = after.get(size + 2..)?;
+    }
+}
+
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+/// A request to the demo backend's `/echo` carrying every kind of
+/// hop-by-hop header, and end-to-end ones that must arrive unchanged.
+fn echo_request() -> String {
+    format!(
+        "GET /echo?q=1 HTTP/1.1\r\n\
+         Host: app.example:8700\r\n\
+         Connection: close, x-foo\r\n\
+         x-foo: 1\r\n\
+         Keep-Alive: timeout=5\r\n\
+         TE: gzip\r\n\
+         Trailer: x-checksum\r\n\
+         Proxy-Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l\r\n\
+         Proxy-Connection: keep-alive\r\n\
+         traceparent: {TRACEPARENT}\r\n\
+         x-end-to-end: kept\r\n\r\n"
+    )
+}
+
+const HOP_BY_HOP_SENT: [&str; 6] = [
+    "x-foo",
+    "keep-alive",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-connection",
+];
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways_and_forwarding_headers_added() {
+    let cascade = Cascade::start_ready(Setup::default()).await;
+    let router = cascade.router_addr().await;
+    let backend: std::net::SocketAddr = ([127, 0, 0, 1], cascade.port).into();
+
+    // Sent straight to the backend, every header arrives and its answer
+    // carries hop-by-hop headers: what the router has to remove.
+    let direct = exchange(backend, &echo_request()).await;
+    assert_eq!(direct.status, 200, "{}", direct.body);
+    let seen = direct.json();
+    for name in HOP_BY_HOP_SENT {
+        assert!(seen["headers"][name].is_array(), "{name}: {seen}");
+    }
+    // hyper adds `close` to the backend's `Connection`, as the client asked.
+    for (name, value) in cascade_demo::ECHO_HOP_BY_HOP {
+        assert!(
+            direct.all(name).iter().any(|v| v.contains(value)),
+            "{name}: {:?}",
+            direct.fields
+        );
+    }
+
+    let routed = exchange(router, &echo_request()).await;
+    assert_eq!(routed.status, 200, "{}", routed.body);
+    let seen = routed.json();
+    let headers = &seen["headers"];
+    for name in HOP_BY_HOP_SENT {
+        assert!(
+            headers.get(name).is_none(),
+            "{name} reached the backend: {seen}"
+        );
+    }
+    assert!(
+        headers["connection"].as_array().is_none_or(|v| !v
+            .iter()
+            .any(|v| v.as_str().is_some_and(|v| v.contains("x-foo")))),
+        "{seen}"
+    );
+    assert_eq!(seen["path"], "/echo");
+    assert_eq!(seen["query"], "q=1");
+    assert_eq!(headers["traceparent"], serde_json::json!([TRACEPARENT]));
+    assert_eq!(headers["x-end-to-end"], serde_json::json!(["kept"]));
+    assert_eq!(headers["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(headers["x-forwarded-proto"], serde_json::json!(["http"]));
+    assert_eq!(
+        headers["x-forwarded-host"],
+        serde_json::json!(["app.example:8700"])
+    );
+    assert_eq!(
+        headers["forwarded"],
+        serde_json::json!(["for=127.0.0.1;proto=http;host=\"app.example:8700\""])
+    );
+    // Host names the upstream, as the backend was reached.
+    assert_eq!(headers["host"], serde_json::json!([backend.to_string()]));
+
+    // The answer lost the backend's hop-by-hop headers and kept the rest.
+    assert!(routed.all("x-echo-hop").is_empty(), "{:?}", routed.fields);
+    assert!(routed.all("keep-alive").is_empty(), "{:?}", routed.fields);
+    assert!(
+        routed
+            .all("connection")
+            .iter()
+            .all(|v| !v.contains("x-echo-hop")),
+        "{:?}",
+        routed.fields
+    );
+    assert_eq!(routed.all("x-echo"), ["1"]);
+    assert_eq!(routed.all("x-cascade-tier"), ["local"]);
+    assert_eq!(routed.all("x-cascade-attempts"), ["1"]);
+}
+
+#[tokio::test]
+async fn a_streamed_answer_reaches_the_client_chunk_by_chunk() {
+    let cascade = Cascade::start_ready(Setup::default()).await;
+    let router = cascade.router_addr().await;
+    let backend = format!("http://127.0.0.1:{}", cascade.port);
+    let http = client();
+    let sent = http
+        .get(format!("http://{router}/stream?chunks=3&hold=true"))
+        .send();
+    let mut response = tokio::time::timeout(SHORT, sent)
+        .await
+        .expect("the head reaches the client while the backend holds the body's rest")
+        .expect("GET /stream through the router");
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-cascade-tier"), "local");
+
+    // The backend sends the rest only when released: the first chunk has
+    // to come through while the backend is still holding the others.
+    let mut received = String::new();
+    while !received.ends_with('\n') {
+        let chunk = tokio::time::timeout(SHORT, response.chunk())
+            .await
+            .expect("the first chunk reaches the client while the backend holds the rest")
+            .expect("read the body")
+            .expect("the body goes on");
+        received.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(received, "chunk 1 of 3\n");
+    let released: Value = http
+        .post(format!("{backend}/stream/release"))
+        .send()
+        .await
+        .expect("POST /stream/release to the backend")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        released["released"], 1,
+        "the backend was not holding the stream"
+    );
+
+    while let Some(chunk) = tokio::time::timeout(SHORT, response.chunk())
+        .await
+        .expect("the rest arrives once released")
+        .expect("read the body")
+    {
+        received.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(received, "chunk 1 of 3\nchunk 2 of 3\nchunk 3 of 3\n");
+}
+
+#[tokio::test]
+async fn websocket_upgrades_and_connect_are_answered_501() {
+    let cascade = Cascade::start_ready(Setup::default()).await;
+    let router = cascade.router_addr().await;
+    for request in [
+        "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    ] {
+        let reply = exchange(router, request).await;
+        assert_eq!(reply.status, 501, "{request}: {}", reply.body);
+        assert!(
+            reply.json()["error"].as_str().is_some_and(
+                |e| e.contains("does not proxy CONNECT or protocol upgrades (WebSocket)")
+            ),
+            "{}",
+            reply.body
+        );
+        assert_eq!(reply.all("x-cascade-tier"), ["none"]);
+        assert_eq!(reply.all("x-cascade-attempts"), ["0"]);
+    }
+    // The connection that asked for an upgrade was not left half-open:
+    // the router still answers plain requests.
+    let reply = exchange(
+        router,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
+
 /// What a load client saw: (status, x-cascade-tier, x-cascade-attempts) per request.
 type Seen = Vec<(u16, String, String)>;
 
@@ -248,31 +543,52 @@ fn embed_load(
         .collect()
 }
 
-#[tokio::test]
-async fn requests_survive_the_docker_tier_dying_under_load() {
+/// A run of [`docker_dies_under_load`]: cascade (still running), what the
+/// load clients saw, and `/status` just before the container was killed.
+struct DockerDeath {
+    cascade: Cascade,
+    seen: Seen,
+    before: Value,
+    // Dropped after cascade: the container goes, then the next test may start.
+    _removed: crate::docker::Removed,
+    _one: tokio::sync::MutexGuard<'static, ()>,
+}
+
+/// The docker tier first, every request to it taking 300 ms (so requests
+/// are in flight when it dies, however loaded the machine is), the local
+/// tier second as `local` makes it: four clients send `POST /embed` back
+/// to back while the service container is SIGKILLed and removed, until
+/// local is active. `warm` also waits for local to be healthy before the
+/// kill. `None` without a Docker engine (outside CI).
+async fn docker_dies_under_load(local: Setup, extra: &str, warm: bool) -> Option<DockerDeath> {
     use crate::docker::{IMAGE, ONE_AT_A_TIME, Removed, docker, engine, setup};
     if !engine() {
-        return;
+        return None;
     }
-    let _one = ONE_AT_A_TIME.lock().await;
+    let one = ONE_AT_A_TIME.lock().await;
     let name = format!("cascade-it-router-{}", std::process::id());
     // A tag of its own, so removing it keeps the docker tier from coming back.
     let image = format!("cascade-demo:it-router-{}", std::process::id());
     docker(&["tag", IMAGE, &image]);
-    let _removed = Removed(name.clone());
-    let mut slow = setup(&name, &image, crate::support::free_port(), false);
-    // Every request takes 300 ms, so requests are in flight when the
-    // container dies, however loaded the machine is.
-    slow.extra = slow.extra.replace(
+    let removed = Removed(name.clone());
+    let docker_first = setup(&name, &image, crate::support::free_port(), false);
+    let slow = docker_first.extra.replace(
         "USER_ID = \"1000\"",
         "USER_ID = \"1000\", DEMO_LATENCY_MS = \"300\"",
     );
-    assert!(slow.extra.contains("DEMO_LATENCY_MS"), "{}", slow.extra);
-    let cascade = Cascade::start(slow).await;
-    wait_for(Duration::from_secs(60), "docker active", async || {
+    assert!(slow.contains("DEMO_LATENCY_MS"), "{slow}");
+    let setup = Setup {
+        env: docker_first.env,
+        ..local
+    }
+    .extra(&slow)
+    .extra(extra);
+    let cascade = Cascade::start(setup).await;
+    let before = wait_for(Duration::from_secs(60), "docker active", async || {
         let s = cascade.status().await;
-        if s["active"] == "docker" {
-            Ok(())
+        let local_ready = crate::support::local_tier(&s)["state"] == "healthy";
+        if s["active"] == "docker" && (local_ready || !warm) {
+            Ok(s)
         } else {
             Err(s.to_string())
         }
@@ -281,7 +597,17 @@ async fn requests_survive_the_docker_tier_dying_under_load() {
     let router = cascade.router_addr().await;
     let stop = tokio_util::sync::CancellationToken::new();
     let load = embed_load(router, 4, stop.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Some requests are answered by docker before it dies.
+    wait_for(SHORT, "requests answered by docker", async || {
+        let (_, metrics) = cascade.get("/metrics").await;
+        match metrics
+            .contains("cascade_router_requests_total{backend_tier=\"docker\",class=\"2xx\"")
+        {
+            true => Ok(()),
+            false => Err("none yet".to_owned()),
+        }
+    })
+    .await;
 
     // Untagged first (the container runs on), so the tier cannot recreate
     // it; then SIGKILL and gone: requests in flight on it are cut, new ones
@@ -297,12 +623,44 @@ async fn requests_survive_the_docker_tier_dying_under_load() {
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Some requests are answered by local after the failover.
+    let answered = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("cascade_router_requests_total{backend_tier=\"local\",class=\"2xx\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let at_failover = answered(&cascade.get("/metrics").await.1);
+    wait_for(SHORT, "requests answered by local", async || {
+        let now = answered(&cascade.get("/metrics").await.1);
+        match now >= at_failover + 4.0 {
+            true => Ok(()),
+            false => Err(format!("{now} answered by local")),
+        }
+    })
+    .await;
     stop.cancel();
     let mut seen = Seen::new();
     for worker in load {
         seen.extend(worker.await.expect("a load worker"));
     }
+    Some(DockerDeath {
+        cascade,
+        seen,
+        before,
+        _removed: removed,
+        _one: one,
+    })
+}
+
+/// Every request succeeded, docker answered some, local took over others
+/// on their second try, and `/status` names that failover.
+async fn assert_none_failed_and_some_retried_onto_local(run: &DockerDeath) {
+    let (cascade, seen) = (&run.cascade, &run.seen);
     let failed: Vec<_> = seen.iter().filter(|(code, _, _)| *code != 200).collect();
     assert!(
         failed.is_empty(),
@@ -322,6 +680,35 @@ async fn requests_survive_the_docker_tier_dying_under_load() {
     let last = &status["router"]["last_retried_failover"];
     assert_eq!(last["from"], "docker", "{status}");
     assert_eq!(last["to"], "local", "{status}");
+}
+
+#[tokio::test]
+async fn requests_survive_the_docker_tier_dying_under_load() {
+    let Some(run) = docker_dies_under_load(Setup::default(), "", false).await else {
+        return;
+    };
+    assert_none_failed_and_some_retried_onto_local(&run).await;
+}
+
+#[tokio::test]
+async fn requests_survive_the_docker_tier_dying_onto_a_warm_standby_that_is_slow_to_start() {
+    // Local takes 3 s to listen, three times what a request may wait for a
+    // tier to come up: only a standby kept started can take the requests.
+    let slow_local = Setup::demo(&["--startup-delay-ms", "3000"]).local("standby = true");
+    let router = "[router]\nstart_wait = \"1s\"\n";
+    let Some(run) = docker_dies_under_load(slow_local, router, true).await else {
+        return;
+    };
+    assert_none_failed_and_some_retried_onto_local(&run).await;
+    let local = crate::support::local_tier(&run.before);
+    assert_eq!(local["standby"], true, "{local}");
+    let pid = crate::support::backend_pid(&local);
+    assert!(pid.is_some(), "{local}");
+    assert_eq!(
+        crate::support::backend_pid(&run.cascade.local().await),
+        pid,
+        "the local backend was started again instead of taking over warm"
+    );
 }
 
 #[tokio::test]
