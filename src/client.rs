@@ -248,7 +248,11 @@ pub fn render_status(status: &Value) -> String {
     ));
     let decision = text(status, "decision");
     if !decision.is_empty() {
-        out.push_str(&format!("last decision: {decision}\n"));
+        out.push_str(&format!("now: {decision}\n"));
+    }
+    let last_change = text(status, "last_change");
+    if !last_change.is_empty() && last_change != decision {
+        out.push_str(&format!("last change: {last_change}\n"));
     }
     if let Some(instance) = status.get("instance") {
         out.push_str(&format!(

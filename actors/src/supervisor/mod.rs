@@ -80,8 +80,11 @@ pub struct Snapshot {
     /// Which cascade this is: the identity its resources are labelled with.
     pub instance: Instance,
     pub active: Option<TierId>,
-    /// The last decision line logged.
+    /// Where traffic goes now and why better tiers are passed over, as
+    /// true as the tiers' latest reasons.
     pub decision: String,
+    /// The line logged at the last change of active tier (or outage).
+    pub last_change: String,
     /// In waterfall order.
     pub tiers: Vec<TierSnapshot>,
     /// Docker autoheal, when it runs.
@@ -300,7 +303,10 @@ pub struct RootState {
     exit: Option<oneshot::Sender<Exit>>,
     /// Why the root is stopping, reported once every tier has stopped.
     exit_reason: Option<Exit>,
+    /// The line logged at the last change of active tier.
     last_decision: String,
+    /// The waterfall's account of the present, refreshed by every decision.
+    decision_now: String,
     shutting_down: bool,
     /// The pending `Reevaluate` timer, replaced when a sooner one is needed.
     recheck: Option<(Instant, Timer)>,
@@ -360,6 +366,7 @@ impl Actor for RootSupervisor {
             exit: Some(args.exit),
             exit_reason: None,
             last_decision: String::new(),
+            decision_now: "starting".into(),
             shutting_down: false,
             recheck: None,
             notify: args.notify,
@@ -937,9 +944,14 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
     let settled = views.iter().all(|v| !v.state.is_pending());
     let previous = state.waterfall.active();
     let mut decision = state.waterfall.decide(now, &views);
+    state.decision_now = state.waterfall.explain(now, &views);
     drop(views);
-    if state.children.is_empty() && decision.line.is_some() {
-        decision.line = Some("no tiers configured: nothing to route".to_owned());
+    if state.children.is_empty() {
+        const NOTHING: &str = "no tiers configured: nothing to route";
+        state.decision_now = NOTHING.to_owned();
+        if decision.line.is_some() {
+            decision.line = Some(NOTHING.to_owned());
+        }
     }
 
     let first_ready = !state.ready_sent && (settled || decision.active.is_some());
@@ -1074,7 +1086,8 @@ fn publish(state: &RootState) {
     let snapshot = Snapshot {
         instance: state.instance.clone(),
         active,
-        decision: state.last_decision.clone(),
+        decision: state.decision_now.clone(),
+        last_change: state.last_decision.clone(),
         tiers: state
             .children
             .iter()
@@ -1124,7 +1137,7 @@ fn publish_routes(state: &RootState) {
             .iter()
             .map(|c| c.spec.id)
             .find(|&tier| state.waterfall.is_starting(tier)),
-        decision: state.last_decision.clone(),
+        decision: state.decision_now.clone(),
         stopping: state.shutting_down,
     };
     state.routes.send_if_modified(|current| {
@@ -1170,6 +1183,7 @@ pub async fn start_with_autoheal(
         instance: instance.clone(),
         active: None,
         decision: "starting".into(),
+        last_change: String::new(),
         tiers: tiers
             .iter()
             .map(|t| TierSnapshot {

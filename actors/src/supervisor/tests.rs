@@ -276,10 +276,22 @@ async fn fails_over_at_once_and_fails_back_after_hysteresis() {
     // The breaker opened, so docker must first pass a half-open trial; then
     // it has to stay healthy for the hysteresis before traffic returns.
     let healthy_at = {
-        wait_for(&mut running.snapshots, "docker healthy again", |s| {
+        let snap = wait_for(&mut running.snapshots, "docker healthy again", |s| {
             s.tiers[0].status.state == TierState::Healthy
         })
         .await;
+        // What /status says is true now, not when local became active.
+        assert!(
+            snap.decision.starts_with("active tier: local (docker: ")
+                && snap.decision.contains("failback in"),
+            "{}",
+            snap.decision
+        );
+        assert!(
+            snap.last_change.starts_with("active tier: local (docker: "),
+            "{}",
+            snap.last_change
+        );
         tokio::time::Instant::now()
     };
     assert_eq!(
@@ -296,10 +308,11 @@ async fn fails_over_at_once_and_fails_back_after_hysteresis() {
         "failed back too early"
     );
     assert!(
-        snap.decision.contains("failback from local"),
+        snap.last_change.contains("failback from local"),
         "{}",
-        snap.decision
+        snap.last_change
     );
+    assert_eq!(snap.decision, "active tier: docker");
     assert_eq!(shutdown(running).await, Exit::Shutdown);
 }
 

@@ -294,6 +294,47 @@ impl Waterfall {
         decision
     }
 
+    /// The state of things now, in one line: the active tier and why each
+    /// better tier is passed over (with a pending failback's time left), or
+    /// why none serves. Unlike [`Decision::line`], which is written when the
+    /// active tier changes, this follows every change of a tier's reason.
+    pub fn explain(&self, now: Instant, views: &[TierView<'_>]) -> String {
+        let Some(active) = self.active else {
+            return outage_line(views);
+        };
+        let position = views.iter().position(|v| v.tier == active).unwrap_or(0);
+        let mut line = format!("active tier: {active}");
+        if views
+            .get(position)
+            .is_some_and(|v| v.state == TierState::Degraded)
+        {
+            line.push_str(" [degraded]");
+        }
+        let better: Vec<String> = views[..position]
+            .iter()
+            .map(|v| match v.healthy_since {
+                Some(since) if v.state == TierState::Healthy => {
+                    let due = since.checked_add(self.failback_after);
+                    let left = due.map(|d| d.saturating_duration_since(now));
+                    match left {
+                        Some(left) if !left.is_zero() => format!(
+                            "{}: {}, failback in {}",
+                            v.tier,
+                            v.reason,
+                            crate::text::duration(left)
+                        ),
+                        _ => format!("{}: {}, failback due", v.tier, v.reason),
+                    }
+                }
+                _ => format!("{}: {}", v.tier, v.reason),
+            })
+            .collect();
+        if !better.is_empty() {
+            line.push_str(&format!(" ({})", better.join("; ")));
+        }
+        line
+    }
+
     /// Keeps `fresh` current: a pending tier, or one restarting without the
     /// start phase having asked (an operator's restart), starts with a clean
     /// record; a tier seen anything but healthy otherwise has failed.
