@@ -246,9 +246,10 @@ pub fn render_status(status: &Value) -> String {
         "active tier: {}\n",
         if active.is_empty() { "none" } else { &active }
     ));
+    // Worth a line only when it says more than which tier is active.
     let decision = text(status, "decision");
-    if !decision.is_empty() {
-        out.push_str(&format!("now: {decision}\n"));
+    if !decision.is_empty() && decision != format!("active tier: {active}") {
+        out.push_str(&format!("why: {decision}\n"));
     }
     let last_change = text(status, "last_change");
     if !last_change.is_empty() && last_change != decision {

@@ -944,7 +944,9 @@ fn decide(myself: &ActorRef<RootMsg>, state: &mut RootState) {
     let settled = views.iter().all(|v| !v.state.is_pending());
     let previous = state.waterfall.active();
     let mut decision = state.waterfall.decide(now, &views);
-    state.decision_now = state.waterfall.explain(now, &views);
+    state.decision_now = state
+        .waterfall
+        .explain(now, std::time::SystemTime::now(), &views);
     drop(views);
     if state.children.is_empty() {
         const NOTHING: &str = "no tiers configured: nothing to route";

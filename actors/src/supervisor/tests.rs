@@ -283,7 +283,7 @@ async fn fails_over_at_once_and_fails_back_after_hysteresis() {
         // What /status says is true now, not when local became active.
         assert!(
             snap.decision.starts_with("active tier: local (docker: ")
-                && snap.decision.contains("failback in"),
+                && snap.decision.contains("failback at "),
             "{}",
             snap.decision
         );

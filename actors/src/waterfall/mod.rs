@@ -298,7 +298,14 @@ impl Waterfall {
     /// better tier is passed over (with a pending failback's time left), or
     /// why none serves. Unlike [`Decision::line`], which is written when the
     /// active tier changes, this follows every change of a tier's reason.
-    pub fn explain(&self, now: Instant, views: &[TierView<'_>]) -> String {
+    /// `wall` is the wall-clock time at `now`: a pending failback is named
+    /// by when it is due, which stays true until the next decision.
+    pub fn explain(
+        &self,
+        now: Instant,
+        wall: std::time::SystemTime,
+        views: &[TierView<'_>],
+    ) -> String {
         let Some(active) = self.active else {
             return outage_line(views);
         };
@@ -316,14 +323,18 @@ impl Waterfall {
                 Some(since) if v.state == TierState::Healthy => {
                     let due = since.checked_add(self.failback_after);
                     let left = due.map(|d| d.saturating_duration_since(now));
-                    match left {
-                        Some(left) if !left.is_zero() => format!(
-                            "{}: {}, failback in {}",
+                    let at = left
+                        .filter(|left| !left.is_zero())
+                        .and_then(|left| wall.checked_add(left));
+                    match at {
+                        Some(at) => format!(
+                            "{}: {}, failback at {} (once healthy for {})",
                             v.tier,
                             v.reason,
-                            crate::text::duration(left)
+                            humantime::format_rfc3339_seconds(at),
+                            crate::text::duration(self.failback_after)
                         ),
-                        _ => format!("{}: {}, failback due", v.tier, v.reason),
+                        None => format!("{}: {}, failback due", v.tier, v.reason),
                     }
                 }
                 _ => format!("{}: {}", v.tier, v.reason),
