@@ -964,3 +964,43 @@ fn a_reload_that_puts_a_healthy_tier_first_waits_for_hysteresis() {
     assert_eq!(d.active, Some(Docker));
     assert_eq!(d.recheck_at, Some(t0 + FAILBACK - Duration::from_secs(1)));
 }
+
+#[test]
+fn explain_follows_the_tiers_now_and_names_when_a_failback_is_due() {
+    let mut w = waterfall();
+    let t0 = base();
+    let wall = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let down = [
+        (Docker, Unhealthy, None, true),
+        (Local, Healthy, Some(100), true),
+    ];
+    let d = w.decide(t0, &views(t0, &down));
+    assert_eq!(d.active, Some(Local));
+    assert_eq!(
+        w.explain(t0, wall, &views(t0, &down)),
+        "active tier: local (docker: breaker open after 5 consecutive 503s)"
+    );
+
+    // Docker is back for 10 s of its 30: the log line is not rewritten,
+    // the account of the present is.
+    let back = [
+        (Docker, Healthy, Some(10), true),
+        (Local, Healthy, Some(100), true),
+    ];
+    let d = w.decide(t0, &views(t0, &back));
+    assert_eq!(d.line, None);
+    assert_eq!(
+        w.explain(t0, wall, &views(t0, &back)),
+        "active tier: local (docker: ready, failback at 2027-01-15T08:00:20Z (once healthy for 30s))"
+    );
+
+    let none = [
+        (Docker, Unavailable, None, false),
+        (Local, Unhealthy, None, true),
+    ];
+    w.decide(t0, &views(t0, &none));
+    assert_eq!(
+        w.explain(t0, wall, &views(t0, &none)),
+        "no tier is healthy: docker: not installed; local: breaker open after 5 consecutive 503s"
+    );
+}
