@@ -20,8 +20,13 @@
 //! deletions), `idle.rs` (idle clock, idle deletion); `client.rs` (the only file doing I/O besides
 //! the checkpoint), `checkpoint.rs` (atomic file), `retry.rs` (retries with the shared budget).
 //!
+//! A reload that takes the tier out of the configuration (`StopReason::Removed`) drains its pools
+//! within `stop_grace`: every VM deleted (label and instance id checked, as for idle deletion) and
+//! the checkpoint removed; what cannot be deleted in time is named in a warning, with its
+//! checkpoint kept for `cascade gcp_vm delete-pool` or for the tier's return.
+//!
 //! Invariant: probing never creates or deletes a VM; only `start`, `restart`, replacement of a
-//! lost VM in a pool the start phase asked for, and idle deletion do.
+//! lost VM in a pool the start phase asked for, idle deletion and a removed tier's drain do.
 
 mod checkpoint;
 mod client;
@@ -45,7 +50,7 @@ use crate::contract::{
     Driver, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest, StopReason,
     TierError, TierId,
 };
-use crate::resilience::BreakerConfig;
+use crate::resilience::{BreakerConfig, Deadline};
 use crate::routing::Endpoint;
 use crate::tier::{ProbeConfig, TierSpec};
 
@@ -361,6 +366,8 @@ pub fn tier_spec(config: GcpVmConfig, checkpoint: PathBuf, env: GcpEnv) -> TierS
 pub struct GcpVmDriver {
     pool: Arc<Pool>,
     retired: Vec<Arc<Pool>>,
+    /// The tier actor's deadline for `stop`: a removed tier drains its pools within it.
+    stop_grace: Duration,
 }
 
 impl GcpVmDriver {
@@ -424,13 +431,18 @@ impl GcpVmDriver {
                 }
             }
         }
+        let stop_grace = config.stop_grace;
         let pool = Pool::new(config, checkpoint, env, retrier, notify).map_err(TierError::new)?;
         let pool = Arc::new(pool);
         pool.ensure_watching();
         for old in &retired {
             old.ensure_watching();
         }
-        Ok(GcpVmDriver { pool, retired })
+        Ok(GcpVmDriver {
+            pool,
+            retired,
+            stop_grace,
+        })
     }
 }
 
@@ -464,12 +476,43 @@ impl Driver for GcpVmDriver {
             .map_err(|e| TierError::new(e.to_string()))
     }
 
-    /// Stops watching and waits (briefly) for the pool's background tasks to end; the VMs stay
-    /// (idle deletion or `cascade restart` removes them).
-    async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {
+    /// Stops watching and waits (briefly) for the pool's background tasks to end. Exiting or
+    /// replaced, the VMs stay (the next driver adopts them; idle deletion or `cascade restart`
+    /// removes them). Removed from the configuration, the tier drains every pool it runs within
+    /// `stop_grace`: no later cascade would look for those VMs again.
+    async fn stop(&self, reason: StopReason) -> Result<(), TierError> {
+        let started = Instant::now();
         let retired = self.retired.iter().map(|old| old.stop());
         tokio::join!(self.pool.stop(), futures_util::future::join_all(retired));
-        Ok(())
+        if reason != StopReason::Removed {
+            return Ok(());
+        }
+        // The tier actor gives up on `stop` after `stop_grace`; finish a little before.
+        let margin = (self.stop_grace / 10).min(Duration::from_secs(1));
+        let deadline = Deadline::after(started, self.stop_grace.saturating_sub(margin));
+        let pools = std::iter::once(&self.pool)
+            .chain(self.retired.iter().filter(|old| !old.read(|s| s.drained)));
+        let drains = pools.map(|pool| async move { (pool, pool.drain_now(deadline).await) });
+        let mut left = Vec::new();
+        for (pool, result) in futures_util::future::join_all(drains).await {
+            let name = pool.name().to_owned();
+            match result {
+                Ok(()) => {
+                    tracing::info!(backend.tier = "gcp_vm", pool = %name, "The removed tier's pool is drained: its VMs are deleted and its checkpoint removed.");
+                }
+                Err(error) => {
+                    tracing::warn!(backend.tier = "gcp_vm", pool = %name, %error, "The removed tier's pool is not drained; its checkpoint is kept.");
+                    left.push(format!(
+                        "pool {name} not drained ({error}); its checkpoint is kept: put gcp_vm back in the order to adopt its VMs, or delete them with `cascade gcp_vm delete-pool {name} --yes`"
+                    ));
+                }
+            }
+        }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(TierError::new(left.join("; ")))
+        }
     }
 
     /// Deletes every VM and creates it again; `force` changes nothing (VMs are always replaced).

@@ -1880,3 +1880,46 @@ async fn a_renamed_pool_back_within_idle_ttl_adopts_its_vms_again() {
     assert_eq!(h.inserts().len(), 1);
     h.assert_no_rejections();
 }
+
+// === a tier removed from the configuration ===
+
+#[tokio::test]
+async fn a_removed_tier_deletes_its_vms_and_its_checkpoint_but_exiting_keeps_them() {
+    let h = Harness::new().await;
+    let driver = h.driver(h.config());
+    driver.start().await.expect("starts");
+    driver.stop(StopReason::Exiting).await.expect("stops");
+    assert_eq!(h.fake.instances().len(), 1, "exiting keeps the VM");
+    assert!(h.checkpoint().exists());
+    drop(driver);
+
+    let driver = h.driver(h.config());
+    driver.stop(StopReason::Removed).await.expect("drains");
+    assert!(h.fake.instances().is_empty(), "{:?}", h.fake.instances());
+    assert!(!h.checkpoint().exists(), "the checkpoint is removed");
+    h.assert_no_rejections();
+}
+
+#[tokio::test]
+async fn a_removed_tier_that_cannot_delete_in_time_says_what_to_do_and_keeps_its_checkpoint() {
+    let h = Harness::new().await;
+    let config = GcpVmConfig {
+        stop_grace: Duration::from_secs(2),
+        ..h.config()
+    };
+    let driver = h.driver(config);
+    driver.start().await.expect("starts");
+    h.fake.set_operations_complete(false);
+    let error = driver
+        .stop(StopReason::Removed)
+        .await
+        .expect_err("the delete does not finish within stop_grace");
+    let text = error.to_string();
+    assert!(text.contains(&format!("pool {POOL} not drained")), "{text}");
+    assert!(text.contains(&format!("{POOL}-0")), "{text}");
+    assert!(
+        text.contains(&format!("cascade gcp_vm delete-pool {POOL} --yes")),
+        "{text}"
+    );
+    assert!(h.checkpoint().exists(), "kept for the tier's return");
+}

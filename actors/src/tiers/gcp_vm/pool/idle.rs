@@ -3,10 +3,14 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::join_all;
+use tokio::time::Instant;
 use tracing::info;
 
 use super::jobs::Job;
+use super::slot::{DeleteCheck, Deleted};
 use super::{Pool, PoolState};
+use crate::resilience::{Deadline, with_deadline};
 use crate::tiers::gcp_vm::checkpoint::{Phase, VmEntry};
 
 impl Pool {
@@ -44,6 +48,46 @@ impl Pool {
                 },
             );
         }
+    }
+
+    /// Drains the pool at once because its tier left the configuration: nobody runs it again,
+    /// so waiting `idle_ttl` (which keeps VMs for a failback) would only leave them to no one.
+    /// Otherwise idle deletion's rules hold: a reconcile first confirms what the checkpoint holds
+    /// and adopts labelled VMs it forgot, and each delete checks the pool's label and instance id.
+    /// Once the pool holds nothing its checkpoint is removed. Call after [`Pool::stop`], so no
+    /// background job races the deletes. Errs with what is left, by VM name, and why.
+    pub async fn drain_now(self: &Arc<Self>, deadline: Deadline) -> Result<(), String> {
+        self.retire();
+        self.set_active(false);
+        let remaining = deadline.remaining(Instant::now());
+        match with_deadline(remaining, "listing the pool's VMs", self.reconcile()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(format!("cannot list the pool's VMs: {error}")),
+            Err(error) => return Err(format!("cannot list the pool's VMs: {error}")),
+        }
+        let slots: Vec<u32> = self.read(|s| s.vms.keys().copied().collect());
+        let deletes = slots.into_iter().map(|slot| async move {
+            let name = self.vm_name(slot);
+            info!(backend.tier = "gcp_vm", vm = %name, "The tier was removed; deleting its VM.");
+            let result = self.delete_slot(slot, deadline, DeleteCheck::None).await;
+            (name, result)
+        });
+        let mut problems = Vec::new();
+        for (name, result) in join_all(deletes).await {
+            match result {
+                Ok(Deleted::Gone) => {}
+                Ok(Deleted::Kept(why)) => problems.push(format!("{name} kept: {why}")),
+                Err(error) => problems.push(format!("{name}: {error}")),
+            }
+        }
+        if self.finish_drain() {
+            return Ok(());
+        }
+        let left: Vec<String> = self.read(|s| s.vms.values().map(|vm| vm.name.clone()).collect());
+        if problems.is_empty() {
+            problems.push(format!("still holds {}", left.join(", ")));
+        }
+        Err(problems.join("; "))
     }
 
     pub fn set_active(&self, active: bool) {

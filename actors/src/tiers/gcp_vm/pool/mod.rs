@@ -658,6 +658,11 @@ impl Pool {
         true
     }
 
+    /// The pool's name (`{pool}` of its VMs' names).
+    pub fn name(&self) -> &str {
+        &self.config.pool
+    }
+
     /// The checkpoint's file name without `.json`.
     pub fn checkpoint_name(&self) -> String {
         self.path
