@@ -27,6 +27,7 @@ Control endpoint (POST with query parameters; each answers one line saying what 
                                              (routed traffic fails, probes pass); DELETE ends it
   /service/ready?ready=false&message=TEXT    the Cloud Run Admin API's Ready condition fails
                                              with TEXT; ready=true restores it
+  /service/admin-latency?ms=N                the Cloud Run Admin API answers N ms late (0: at once)
   /compute/fault?method=compute.instances.insert&status=429&retry_after=5&times=N
                                              the next N calls (default: until DELETE
                                              /compute/fault?method=...) of a Compute Engine
@@ -59,6 +60,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             post(request_fault).delete(clear_request_fault),
         )
         .route("/service/ready", post(service_ready))
+        .route("/service/admin-latency", post(admin_latency))
         .route(
             "/compute/fault",
             post(compute_fault).delete(clear_compute_fault),
@@ -213,6 +215,15 @@ async fn service_ready(State(shared): State<Arc<Shared>>, Query(params): Params)
     } else {
         format!("Cloud Run Admin API: not Ready: {message}")
     })
+}
+
+async fn admin_latency(State(shared): State<Arc<Shared>>, Query(params): Params) -> Response {
+    let ms: u64 = match required(&params, "ms") {
+        Ok(ms) => ms,
+        Err(bad) => return bad.into_response(),
+    };
+    shared.lock().run.latency = Duration::from_millis(ms);
+    ok(format!("Cloud Run Admin API: answers {ms} ms late"))
 }
 
 async fn compute_fault(State(shared): State<Arc<Shared>>, Query(params): Params) -> Response {

@@ -465,6 +465,11 @@ impl FakeGcp {
         self.shared.set_service_ready(ready, message);
     }
 
+    /// Every later answer of the Cloud Run admin API waits `latency` first (zero: none).
+    pub fn set_admin_latency(&self, latency: Duration) {
+        self.shared.lock().run.latency = latency;
+    }
+
     /// How many requests the Cloud Run admin API received.
     pub fn admin_requests(&self) -> u32 {
         self.shared.lock().run.requests

@@ -4,7 +4,7 @@
 //! Any other method answers 501 and is recorded as a rejection.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -26,6 +26,8 @@ pub(crate) struct RunState {
     /// When the Ready condition last changed.
     pub transitioned: SystemTime,
     pub requests: u32,
+    /// How long each answer waits before it is sent (a slow Admin API).
+    pub latency: Duration,
 }
 
 impl Default for RunState {
@@ -35,6 +37,7 @@ impl Default for RunState {
             message: String::new(),
             transitioned: SystemTime::now(),
             requests: 0,
+            latency: Duration::ZERO,
         }
     }
 }
@@ -53,7 +56,14 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    shared.lock().run.requests += 1;
+    let latency = {
+        let mut state = shared.lock();
+        state.run.requests += 1;
+        state.run.latency
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let call = match gateway::admit(&shared, Api::Run, &method, &uri, &headers, &body) {
         Ok(call) => call,
         Err(refusal) => return refusal.error.into_response(),

@@ -11,18 +11,22 @@
 //!
 //! Files: `mod.rs` (configuration, the driver, mapping answers to probe
 //! outcomes), `auth.rs` (where ID tokens come from, how long they are kept),
-//! `client.rs` (the only file doing I/O: HTTP, the key file, the Admin API).
+//! `admin.rs` (the Admin API check, one request in flight that outlives a
+//! probe), `client.rs` (the only file doing I/O: HTTP, the key file, the
+//! Admin API).
 //!
 //! Invariants: a credential (ID token, access token, private key) never
 //! appears in a log line, an error, a probe outcome or the status details; a
 //! token failure is reported as `ID token: ...`, never as the service being
 //! down. The probe path reuses one pooled HTTP client and a cached token, so a
 //! probe costs one request and no token work between refreshes. A hanging
-//! Admin API or token source cannot starve the health GET: the Admin API gets
-//! at most a third of a probe's time and refreshing a still-valid token a
-//! quarter (only a probe with no valid token waits longer for one). A 401
-//! from the service drops the cached token.
+//! Admin API or token source cannot starve the health GET: a probe waits for
+//! the Admin API's answer at most a third of its time (the check itself goes
+//! on, up to `admin.timeout`, for the next probes) and for refreshing a
+//! still-valid token a quarter (only a probe with no valid token waits longer
+//! for one). A 401 from the service drops the cached token.
 
+mod admin;
 mod auth;
 mod client;
 #[cfg(test)]
@@ -30,15 +34,14 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use tracing::{info, warn};
 
 use crate::contract::{
     Driver, DriverFactory, EventSink, ProbeOutcome, RestartReport, RestartRequest, StopReason,
@@ -52,10 +55,11 @@ use crate::tiers::gcp::{credential_url_problem, parse_retry_after};
 
 use crate::routing::{RequestAuth, RouteInfo};
 
+use admin::AdminCheck;
 use auth::{IdTokens, RequestTokens};
 use client::{AdminApi, Answer, Readiness};
 
-/// The Admin API check gets at most this share (1/N) of a probe's budget ...
+/// A probe waits for the Admin API's answer at most this share (1/N) of its budget ...
 const ADMIN_SHARE: u32 = 3;
 /// ... and refreshing a still-valid token this share, so a hanging Admin API
 /// or token source leaves the health GET at least 5/12 of it.
@@ -116,6 +120,10 @@ pub struct AdminConfig {
     /// How long a Ready answer is trusted; a failed health probe re-checks at once.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// Deadline of one check (building the client and fetching its token included). A check
+    /// outlives the probe that started it: a slow answer still arrives, for the next probes.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for AdminConfig {
@@ -126,6 +134,7 @@ impl Default for AdminConfig {
             service: String::new(),
             endpoint: "https://run.googleapis.com".into(),
             interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
         }
     }
 }
@@ -240,6 +249,9 @@ impl CloudRunConfig {
             if admin.interval.is_zero() {
                 problems.push(("admin.interval".into(), "must be above zero".into()));
             }
+            if admin.timeout.is_zero() {
+                problems.push(("admin.timeout".into(), "must be above zero".into()));
+            }
         }
         problems
     }
@@ -321,17 +333,6 @@ impl Credentials {
     }
 }
 
-/// What the Admin API said last.
-#[derive(Debug, Clone)]
-struct AdminView {
-    readiness: Readiness,
-    checked: Instant,
-    /// A health probe failed with no time left to ask: ask at the next probe.
-    stale: bool,
-    /// Why the last ask got no answer (the readiness is then the one before).
-    error: Option<String>,
-}
-
 pub struct CloudRunDriver {
     config: CloudRunConfig,
     /// Parsed once: a probe clones it instead of parsing a string.
@@ -342,8 +343,8 @@ pub struct CloudRunDriver {
     /// ([`Driver::route_info`]): one cache for the tier.
     tokens: Option<Arc<IdTokens>>,
     credentials: Credentials,
-    admin: Option<AdminApi>,
-    admin_view: Mutex<Option<AdminView>>,
+    /// `None` without `[tiers.cloud_run.admin]`.
+    admin: Option<Arc<AdminCheck>>,
     /// A probe has succeeded since the driver was built or restarted; until
     /// then probes allow for a cold start.
     warm: AtomicBool,
@@ -369,10 +370,13 @@ impl CloudRunDriver {
             AuthMode::IdToken => Some(Arc::new(IdTokens::new(&credentials, config.audience())?)),
             AuthMode::None => None,
         };
-        let admin = config
-            .admin
-            .as_ref()
-            .map(|admin| AdminApi::new(admin, credentials.clone()));
+        let admin = config.admin.as_ref().map(|admin| {
+            Arc::new(AdminCheck::new(
+                AdminApi::new(admin, credentials.clone()),
+                admin.interval,
+                admin.timeout,
+            ))
+        });
         Ok(CloudRunDriver {
             config,
             health_url,
@@ -380,92 +384,25 @@ impl CloudRunDriver {
             tokens,
             credentials,
             admin,
-            admin_view: Mutex::new(None),
             warm: AtomicBool::new(false),
         })
     }
 
-    fn admin_view(&self) -> Option<AdminView> {
-        self.admin_view.lock().ok().and_then(|v| v.clone())
-    }
-
-    /// Asks the Admin API unless its last answer is younger than `interval`
-    /// (`force` asks anyway). Returns the readiness to act on and whether the
-    /// API was asked. An API that cannot be reached changes nothing: the last
-    /// answer stands and the health check decides.
+    /// The readiness to act on, and whether the Admin API was asked for it: the last answer
+    /// while it stands (see [`AdminCheck::standing`]; `force` asks anyway), else a new one,
+    /// waited for at most a third of the probe. A check that cannot answer in time changes
+    /// nothing now: the last answer stands and the health check decides.
     async fn check_admin(&self, deadline: Deadline, force: bool) -> (Option<Readiness>, bool) {
         let Some(admin) = &self.admin else {
             return (None, false);
         };
-        let interval = self
-            .config
-            .admin
-            .as_ref()
-            .map_or(Duration::ZERO, |a| a.interval);
         let now = Instant::now();
-        let last = self.admin_view();
-        // A failed service (or a refused question) is asked about every
-        // probe, so its recovery shows at once; any other answer (or a
-        // failure to get one) stands for `interval`.
-        if let Some(view) = &last
-            && !force
-            && !view.stale
-            && !matches!(
-                view.readiness,
-                Readiness::Failed(_) | Readiness::Misconfigured(_)
-            )
-            && now.duration_since(view.checked) < interval
-        {
-            return (Some(view.readiness.clone()), false);
+        if !force && let Some(readiness) = admin.standing(now) {
+            return (Some(readiness), false);
         }
-        // A slow or hanging Admin API must not eat the health GET's time.
         let share = deadline.budget() / ADMIN_SHARE;
-        let timeout = deadline.attempt_timeout(now, self.config.probe.timeout.min(share));
-        let (readiness, error) = match admin.readiness(timeout).await {
-            Ok(readiness) => {
-                if last.as_ref().map(|v| &v.readiness) != Some(&readiness) {
-                    match &readiness {
-                        Readiness::Misconfigured(error) => {
-                            warn!(backend.tier = "cloud_run", %error, "Admin API check failed: a configuration error.");
-                        }
-                        _ => {
-                            info!(backend.tier = "cloud_run", ready = %readiness.describe(), "Admin API answered.");
-                        }
-                    }
-                }
-                (readiness, None)
-            }
-            Err(failed) => {
-                let error = failed.message;
-                // Said once per new error, not every interval.
-                let repeated = last.as_ref().and_then(|v| v.error.as_ref()) == Some(&error);
-                let known = last
-                    .as_ref()
-                    .map(|v| v.readiness.clone())
-                    .filter(|r| !matches!(r, Readiness::Unknown | Readiness::Misconfigured(_)));
-                match (&known, repeated) {
-                    (_, true) => {
-                        tracing::debug!(backend.tier = "cloud_run", %error, "Admin API check failed again.")
-                    }
-                    (Some(_), false) => {
-                        warn!(backend.tier = "cloud_run", %error, "Admin API check failed; keeping its last answer.")
-                    }
-                    (None, false) => {
-                        warn!(backend.tier = "cloud_run", %error, "Admin API check failed; no answer yet, the health check decides.")
-                    }
-                }
-                (known.unwrap_or(Readiness::Unknown), Some(error))
-            }
-        };
-        if let Ok(mut view) = self.admin_view.lock() {
-            *view = Some(AdminView {
-                readiness: readiness.clone(),
-                checked: Instant::now(),
-                stale: false,
-                error,
-            });
-        }
-        (Some(readiness), true)
+        let wait = deadline.attempt_timeout(now, self.config.probe.timeout.min(share));
+        (admin.ask(wait).await, true)
     }
 
     fn outcome_of(&self, answer: Result<Answer, String>, sent_token: bool) -> ProbeOutcome {
@@ -627,15 +564,11 @@ impl Driver for CloudRunDriver {
         let outcome = self.outcome_of(answer, self.tokens.is_some());
         if let ProbeOutcome::Up { .. } = outcome {
             self.warm.store(true, Ordering::Relaxed);
-        } else if self.admin.is_some() && !admin_asked {
+        } else if let Some(admin) = self.admin.as_ref().filter(|_| !admin_asked) {
             // The Admin API may know why (a failed revision, a quota): ask
-            // now if the probe's deadline allows, else first thing next probe.
+            // now if the probe's deadline allows, else for the next probe.
             if deadline.is_expired(Instant::now()) {
-                if let Ok(mut view) = self.admin_view.lock()
-                    && let Some(view) = view.as_mut()
-                {
-                    view.stale = true;
-                }
+                admin.refresh();
             } else {
                 match self.check_admin(deadline, true).await {
                     (Some(Readiness::Failed(message)), _) => return not_ready(&message),
@@ -690,9 +623,6 @@ impl Driver for CloudRunDriver {
             if let Some(admin) = &self.admin {
                 admin.forget();
             }
-            if let Ok(mut view) = self.admin_view.lock() {
-                *view = None;
-            }
             self.warm.store(false, Ordering::Relaxed);
         }
         Ok(RestartReport {
@@ -715,8 +645,8 @@ impl Driver for CloudRunDriver {
                 details.insert("auth".into(), "none".into());
             }
         }
-        if self.admin.is_some() {
-            let view = self.admin_view();
+        if let Some(admin) = &self.admin {
+            let view = admin.view();
             let ready = match &view {
                 None => "unknown".to_owned(),
                 Some(view) => view.readiness.describe(),
@@ -727,6 +657,14 @@ impl Driver for CloudRunDriver {
             }
         }
         details
+    }
+}
+
+impl Drop for CloudRunDriver {
+    fn drop(&mut self) {
+        if let Some(admin) = &self.admin {
+            admin.shutdown();
+        }
     }
 }
 

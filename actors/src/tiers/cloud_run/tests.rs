@@ -899,6 +899,7 @@ fn admin_config(fake: &FakeGcp) -> CloudRunConfig {
             service: options.run_service.clone(),
             endpoint: fake.run_admin_endpoint(),
             interval: Duration::from_secs(60),
+            timeout: Duration::from_secs(10),
         }),
         ..config(fake)
     }
@@ -1094,13 +1095,13 @@ fn scripted_config(url: String, timeout: Duration) -> CloudRunConfig {
     }
 }
 
+/// A hanging Admin API costs each probe at most its share of time, and is asked once at a time:
+/// the check in flight is joined, not sent again, until its own `admin.timeout` ends it.
 #[tokio::test]
 async fn a_hanging_admin_api_leaves_the_health_check_its_time() {
     let fake = fake().await;
     let (hanging, asked) = scripted_server(|_, _| None).await;
-    // A third of it (1 s) for the Admin API: time enough to send the
-    // request on a loaded machine.
-    let timeout = Duration::from_secs(3);
+    let timeout = Duration::from_millis(500);
     let mut config = CloudRunConfig {
         cold_start_timeout: timeout,
         probe: ProbeConfig {
@@ -1113,30 +1114,81 @@ async fn a_hanging_admin_api_leaves_the_health_check_its_time() {
         admin.endpoint = hanging;
         // Asked at every probe.
         admin.interval = Duration::from_millis(1);
+        admin.timeout = Duration::from_secs(3);
     }
     let driver = driver(config, metadata_env(&fake)).await;
+    let started = Instant::now();
     for _ in 0..3 {
-        let started = Instant::now();
+        let probe_started = Instant::now();
         expect_up(&driver.probe().await);
-        assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+        assert!(
+            probe_started.elapsed() < timeout * 2,
+            "{:?}",
+            probe_started.elapsed()
+        );
     }
+    assert!(started.elapsed() < Duration::from_secs(3));
     // The scripted server records a request once it has read its head,
-    // which on a loaded machine may come after the probes gave up on it.
+    // which on a loaded machine may come after the probes returned.
     let deadline = Instant::now() + Duration::from_secs(10);
     while asked.lock().unwrap().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        !asked.lock().unwrap().is_empty(),
-        "the Admin API was asked: {:?}",
+    assert_eq!(
+        asked.lock().unwrap().len(),
+        1,
+        "one check in flight, joined by every probe: {:?}",
         driver.details()
     );
+    assert_eq!(driver.details()["admin_ready"], "unknown");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !driver.details().contains_key("admin_error") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let details = driver.details();
-    assert_eq!(details["admin_ready"], "unknown");
     assert!(
-        details["admin_error"].contains("did not answer within 1s"),
-        "a third of the probe's budget: {details:?}"
+        details["admin_error"].contains("did not answer within 3s"),
+        "the check's own timeout: {details:?}"
     );
+}
+
+/// An Admin API slower than the probe still answers: the check outlives the probe that started
+/// it, and a later probe acts on its answer.
+#[tokio::test]
+async fn an_admin_api_slower_than_the_probe_still_gets_its_answer_in() {
+    let fake = fake().await;
+    let timeout = Duration::from_millis(300);
+    let mut config = CloudRunConfig {
+        cold_start_timeout: timeout,
+        probe: ProbeConfig {
+            interval: Duration::from_millis(50),
+            timeout,
+        },
+        ..admin_config(&fake)
+    };
+    if let Some(admin) = config.admin.as_mut() {
+        admin.timeout = Duration::from_secs(5);
+    }
+    let message = "Revision 'ecapa-00007' is not ready: slow news.";
+    fake.set_service_ready(false, message);
+    fake.set_admin_latency(Duration::from_millis(1000));
+    let driver = driver(config, metadata_env(&fake)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let outcome = loop {
+        let outcome = driver.probe().await;
+        if matches!(outcome, ProbeOutcome::Unavailable { .. }) || Instant::now() > deadline {
+            break outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    match outcome {
+        ProbeOutcome::Unavailable { reason } => assert_eq!(
+            reason,
+            format!("Cloud Run reports the service not ready: {message}")
+        ),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(driver.details()["admin_ready"], format!("false: {message}"));
 }
 
 #[tokio::test]
