@@ -544,13 +544,16 @@ async fn renaming_the_pool_by_sighup_drains_the_old_pool() {
         "the old VM deleted and its checkpoint removed",
         Duration::from_secs(30),
     );
-    let gcp_vm = tier(&cascade.status().await, "gcp_vm");
-    assert!(
-        gcp_vm["details"][format!("retired.{POOL}")]
-            .as_str()
-            .is_some_and(|d| d.contains("drained, checkpoint removed")),
-        "{gcp_vm}"
-    );
+    // The file goes first; /status shows the drain once the tier reports it.
+    let found = poll(SHORT, async || {
+        let gcp_vm = tier(&cascade.status().await, "gcp_vm");
+        match gcp_vm["details"][format!("retired.{POOL}")].as_str() {
+            Some(text) if text.contains("drained, checkpoint removed") => Ok(()),
+            _ => Err(gcp_vm.to_string()),
+        }
+    })
+    .await;
+    cascade.or_fail(found, "the old pool shown as drained", SHORT);
     wait_active(&cascade, "gcp_vm", SHORT).await;
     assert!(fake.rejections().is_empty(), "{:?}", fake.rejections());
 }
