@@ -3,7 +3,8 @@
 //! costs the clients. Prints numbers; asserts nothing.
 //!
 //! `cargo bench --bench router` (root: installs nginx and wrk with apt-get
-//! when they are missing; otherwise install them first). Parts:
+//! when they are missing; otherwise install them first); `-- overhead` or
+//! `-- failover` runs one part. Parts:
 //! - overhead: wrk's requests/s and p50/p99 for `GET /health` and
 //!   `POST /embed` (1 s of 16 kHz audio), direct, through cascade, through
 //!   nginx (upstream keepalive); then a fixed 1,000 req/s (an open-loop
@@ -11,12 +12,15 @@
 //!   with p50/p99, and cascade's CPU and RSS meanwhile;
 //! - failover: 200 req/s of `POST /embed` for 20 s, docker tier first and
 //!   local second, the container killed at 5 s: non-2xx and the p99 of the
-//!   failover second, through cascade and through nginx (`backup` upstream,
-//!   `proxy_next_upstream error timeout http_502 http_503 non_idempotent`).
-//!   Needs the Docker engine; skipped (with a note) without it.
+//!   failover second, through cascade twice — the local tier cold-started
+//!   by the failover, and `standby = true` (kept warm, as nginx's backup
+//!   is) — and through nginx (`backup` upstream, `proxy_next_upstream
+//!   error timeout http_502 http_503 non_idempotent`). Needs the Docker
+//!   engine; skipped (with a note) without it.
 //!
-//! On a 2-core machine the load generator, the backend, cascade and nginx
-//! share the CPU: every throughput figure is printed with that caveat.
+//! Each scenario prints one Markdown table. On a 2-core machine the load
+//! generator, the backend, cascade and nginx share the CPU: every table's
+//! title says so.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -408,8 +412,18 @@ async fn run() {
         "# {} cores; {SHARED}",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    overhead(dir.path(), &body, &lua).await;
-    failover(dir.path(), &body).await;
+    // `cargo bench --bench router -- overhead` (or `failover`) runs one part.
+    let parts: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |part: &str| parts.is_empty() || parts.iter().any(|p| p == part);
+    if wanted("overhead") {
+        overhead(dir.path(), &body, &lua).await;
+    }
+    if wanted("failover") {
+        failover(dir.path(), &body).await;
+    }
 }
 
 async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
@@ -454,69 +468,109 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
         ("nginx", through_nginx.as_str()),
     ];
 
-    println!("\n## overhead: wrk -t2 -c32 -d5s, max throughput {SHARED}");
-    println!(
-        "{:<14} {:<8} {:>10} {:>9} {:>9}  errors",
-        "request", "via", "req/s", "p50 ms", "p99 ms"
-    );
-    for (name, script) in [("GET /health", None), ("POST /embed", Some(lua))] {
-        let mut rps = std::collections::BTreeMap::new();
-        for (via, base) in targets {
-            let path = if script.is_some() {
-                "/embed"
-            } else {
-                "/health"
-            };
-            let r = wrk(&format!("{base}{path}"), script);
-            println!(
-                "{name:<14} {via:<8} {:>10.0} {:>9.3} {:>9.3}  {}",
-                r.rps, r.p50_ms, r.p99_ms, r.errors
-            );
-            rps.insert(via, r.rps);
+    let mut rows = Vec::new();
+    for (name, path, script) in [
+        ("GET /health", "/health", None),
+        ("POST /embed", "/embed", Some(lua)),
+    ] {
+        let results: Vec<(&str, WrkResult)> = targets
+            .iter()
+            .map(|(via, base)| (*via, wrk(&format!("{base}{path}"), script)))
+            .collect();
+        let nginx = results
+            .iter()
+            .find(|(via, _)| *via == "nginx")
+            .map_or(f64::NAN, |(_, r)| r.rps);
+        for (via, r) in results {
+            rows.push(vec![
+                name.to_owned(),
+                via.to_owned(),
+                format!("{:.0}", r.rps),
+                format!("{:.2}", r.rps / nginx),
+                format!("{:.3}", r.p50_ms),
+                format!("{:.3}", r.p99_ms),
+                if r.errors.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.errors
+                },
+            ]);
         }
-        println!(
-            "{name:<14} cascade/nginx throughput: {:.2} (target ≥ 0.90)",
-            rps["cascade"] / rps["nginx"]
-        );
     }
+    table(
+        &format!(
+            "overhead at maximum throughput: wrk -t2 -c32 -d5s {SHARED}; target: cascade ≥ 0.90 × nginx"
+        ),
+        &[
+            "request", "via", "req/s", "× nginx", "p50 ms", "p99 ms", "errors",
+        ],
+        &rows,
+    );
 
-    println!(
-        "\n## overhead at a fixed 1000 req/s for 5 s (open loop, latency from the scheduled time)"
-    );
-    println!(
-        "{:<14} {:<8} {:>9} {:>9} {:>7}",
-        "request", "via", "p50 ms", "p99 ms", "failed"
-    );
     let pid = cascade.0.id();
+    let mut rows = Vec::new();
+    let mut usage = Vec::new();
     for (name, kind) in [
         ("GET /health", Kind::Health),
         ("POST /embed", Kind::Embed(body.clone())),
     ] {
-        let mut p99 = std::collections::BTreeMap::new();
+        let mut measured = Vec::new();
         for (via, base) in targets {
             let before = (cpu_ticks(pid), Instant::now());
             let samples = fixed_rate(base, kind.clone(), 1000, Duration::from_secs(5)).await;
-            let (p50, p, failed) = summary(&samples);
-            println!("{name:<14} {via:<8} {p50:>9.3} {p:>9.3} {failed:>7}");
-            p99.insert(via, p);
             if via == "cascade" {
                 let ticks = cpu_ticks(pid).saturating_sub(before.0) as f64;
                 let hz = 100.0;
                 let cpu = ticks / hz / before.1.elapsed().as_secs_f64() * 100.0;
                 let (rss, peak) = rss_kib(pid);
-                println!(
-                    "{name:<14} cascade at 1000 req/s: CPU {cpu:.0} % of one core, RSS {:.1} MiB (peak {:.1} MiB)",
-                    rss as f64 / 1024.0,
-                    peak as f64 / 1024.0
-                );
+                usage.push(vec![
+                    name.to_owned(),
+                    format!("{cpu:.0}"),
+                    format!("{:.1}", rss as f64 / 1024.0),
+                    format!("{:.1}", peak as f64 / 1024.0),
+                ]);
             }
+            measured.push((via, summary(&samples)));
         }
-        println!(
-            "{name:<14} cascade p99 − direct p99: {:.3} ms (target < 1 ms); nginx p99 − direct p99: {:.3} ms",
-            p99["cascade"] - p99["direct"],
-            p99["nginx"] - p99["direct"]
-        );
+        let direct = measured
+            .iter()
+            .find(|(via, _)| *via == "direct")
+            .map_or(f64::NAN, |(_, (_, p99, _))| *p99);
+        for (via, (p50, p99, failed)) in measured {
+            rows.push(vec![
+                name.to_owned(),
+                via.to_owned(),
+                format!("{p50:.3}"),
+                format!("{p99:.3}"),
+                if via == "direct" {
+                    "-".to_owned()
+                } else {
+                    format!("{:+.3}", p99 - direct)
+                },
+                failed.to_string(),
+            ]);
+        }
     }
+    table(
+        &format!(
+            "overhead at a fixed 1000 req/s for 5 s (open loop, latency from each request's \
+             scheduled time) {SHARED}; target: cascade's p99 − direct p99 < 1 ms"
+        ),
+        &[
+            "request",
+            "via",
+            "p50 ms",
+            "p99 ms",
+            "p99 − direct ms",
+            "failed",
+        ],
+        &rows,
+    );
+    table(
+        "cascade's resources during the fixed 1000 req/s runs through it",
+        &["request", "CPU % of one core", "RSS MiB", "peak RSS MiB"],
+        &usage,
+    );
     drop(cascade);
 }
 
@@ -524,41 +578,131 @@ fn docker(args: &[&str]) -> Result<String, String> {
     cascade_demo::image::docker_cli(args)
 }
 
-async fn failover(dir: &Path, body: &Arc<Vec<u8>>) {
+/// The columns of [`table`] that hold text rather than numbers.
+const TEXT: [&str; 4] = ["request", "via", "second tier", "errors"];
+
+/// Prints `rows` under `title` as one Markdown table, columns sized to fit:
+/// the [`TEXT`] columns left-aligned, numbers right-aligned. A shorter row
+/// (a run that failed) says why in its third cell.
+fn table(title: &str, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (cell, w))| {
+                let pad = w.saturating_sub(cell.chars().count());
+                if TEXT.contains(&header[i]) {
+                    format!("{cell}{}", " ".repeat(pad))
+                } else {
+                    format!("{}{cell}", " ".repeat(pad))
+                }
+            })
+            .collect();
+        println!("| {} |", text.join(" | "));
+    };
+    println!("\n## {title}\n");
+    line(header.to_vec());
     println!(
-        "\n## failover under load: 200 req/s of POST /embed for 20 s, the docker container killed at 5 s"
+        "|{}|",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("|")
     );
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// How the failover run through cascade finds its second tier.
+#[derive(Clone, Copy)]
+enum Local {
+    /// Stopped until the failover starts it.
+    Cold,
+    /// `standby = true`: started beside the active tier and kept warm, as
+    /// nginx's backup is.
+    Standby,
+}
+
+async fn failover(dir: &Path, body: &Arc<Vec<u8>>) {
+    let title = format!(
+        "failover under load: 200 req/s of POST /embed for 20 s, docker tier first and \
+         local second, the container killed at 5 s {SHARED}; target: cascade 0 non-2xx"
+    );
+    let header = [
+        "via",
+        "second tier",
+        "requests",
+        "non-2xx",
+        "p99 ms of the 5–6 s second",
+        "p99 ms of the rest",
+    ];
     if docker(&["version", "--format", "{{.Server.Version}}"]).is_err() {
-        println!("skipped: no Docker engine");
+        println!("\n## {title}\n\nskipped: no Docker engine");
         return;
     }
     if let Err(e) = cascade_demo::image::build(IMAGE) {
-        println!("skipped: cannot build the demo image: {e}");
+        println!("\n## {title}\n\nskipped: cannot build the demo image: {e}");
         return;
     }
-    println!(
-        "{:<8} {:>8} {:>8} {:>22}  note",
-        "via", "requests", "non-2xx", "p99 of the 5–6 s second"
-    );
+    let mut rows = Vec::new();
+    for local in [Local::Cold, Local::Standby] {
+        let second = match local {
+            Local::Cold => "local, cold-started by the failover",
+            Local::Standby => "local, standby (kept warm)",
+        };
+        rows.push(match failover_cascade(dir, body, local).await {
+            Ok(samples) => row("cascade", second, &samples),
+            Err(e) => vec!["cascade".into(), second.into(), e],
+        });
+    }
+    let second = "backup, already running";
+    rows.push(match failover_nginx(dir, body).await {
+        Ok(samples) => row("nginx", second, &samples),
+        Err(e) => vec!["nginx".into(), second.into(), e],
+    });
+    table(&title, &header, &rows);
+}
 
-    // cascade: docker first, local second (started by the failover).
-    let name = format!("cascade-bench-router-{}", std::process::id());
-    let tag = format!("{IMAGE}-{}", std::process::id());
-    let _ = docker(&["tag", IMAGE, &tag]);
+/// The failover run through cascade; the samples, or why there are none.
+async fn failover_cascade(
+    dir: &Path,
+    body: &Arc<Vec<u8>>,
+    local: Local,
+) -> Result<Vec<Sample>, String> {
+    let label = match local {
+        Local::Cold => "cold",
+        Local::Standby => "standby",
+    };
+    let name = format!("cascade-bench-router-{label}-{}", std::process::id());
+    let tag = format!("{IMAGE}-{label}-{}", std::process::id());
+    docker(&["tag", IMAGE, &tag])?;
     let router = free_port();
-    let cascade_dir = dir.join("failover");
+    let local_port = free_port();
+    let cascade_dir = dir.join(format!("failover-{label}"));
     std::fs::create_dir_all(&cascade_dir).expect("dir");
+    let standby = match local {
+        Local::Cold => "",
+        Local::Standby => "standby = true\n",
+    };
     let cascade = start_cascade(
         &cascade_dir,
         router,
         &format!(
             "[waterfall]\norder = [\"docker\", \"local\"]\n\
-             [tiers.local]\nport = {}\n\
+             [tiers.local]\nport = {local_port}\n{standby}\
              [tiers.docker]\nstart_timeout = \"60s\"\nstop_on_exit = true\n\
              probe = {{ interval = \"200ms\", timeout = \"1s\" }}\n\
              autoheal = {{ enabled = false }}\n\
              [[tiers.docker.containers]]\nname = \"{name}\"\nimage = \"{tag}\"\nports = [\"{}:8080\"]\n",
-            free_port(),
             free_port()
         ),
     );
@@ -572,41 +716,55 @@ async fn failover(dir: &Path, body: &Arc<Vec<u8>>) {
                     .get("x-cascade-tier")
                     .is_some_and(|t| t == "docker")
             {
-                return true;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        false
-    };
-    if ready.await {
-        let killer = {
-            let (tag, name) = (tag.clone(), name.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                let _ = docker(&["rmi", &tag]);
-                let _ = docker(&["rm", "-f", &name]);
-            })
-        };
-        let samples = fixed_rate(
-            &base,
-            Kind::Embed(body.clone()),
-            200,
-            Duration::from_secs(20),
-        )
-        .await;
-        let _ = killer.await;
-        report("cascade", &samples, "local cold-started by the failover");
-    } else {
-        println!(
-            "cascade: docker never served; see {}",
+        Err(format!(
+            "docker never served; see {}",
             cascade_dir.display()
-        );
+        ))
+    };
+    let mut outcome = ready.await;
+    if outcome.is_ok() && matches!(local, Local::Standby) {
+        outcome = wait_ok(
+            &format!("http://127.0.0.1:{local_port}/health"),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|e| format!("the standby local tier did not come up: {e}"));
     }
+    let result = match outcome {
+        Ok(()) => {
+            let killer = {
+                let (tag, name) = (tag.clone(), name.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let _ = docker(&["rmi", &tag]);
+                    let _ = docker(&["rm", "-f", &name]);
+                })
+            };
+            let samples = fixed_rate(
+                &base,
+                Kind::Embed(body.clone()),
+                200,
+                Duration::from_secs(20),
+            )
+            .await;
+            let _ = killer.await;
+            Ok(samples)
+        }
+        Err(e) => Err(e),
+    };
     drop(cascade);
     let _ = docker(&["rm", "-f", &name]);
     let _ = docker(&["rmi", &tag]);
+    result
+}
 
-    // nginx: the same container as primary, a running demo backend as backup.
+/// The same run through nginx: the same container as primary, a running
+/// demo backend as backup.
+async fn failover_nginx(dir: &Path, body: &Arc<Vec<u8>>) -> Result<Vec<Sample>, String> {
     let primary = free_port();
     let backup = free_port();
     let nginx_port = free_port();
@@ -637,55 +795,61 @@ async fn failover(dir: &Path, body: &Arc<Vec<u8>>) {
         true,
     );
     let base = format!("http://127.0.0.1:{nginx_port}");
-    if started.is_ok()
-        && wait_ok(
+    let up = async {
+        started?;
+        wait_ok(
             &format!("http://127.0.0.1:{primary}/health"),
             Duration::from_secs(30),
         )
-        .await
-        .is_ok()
-        && wait_ok(
+        .await?;
+        wait_ok(
             &format!("http://127.0.0.1:{backup}/health"),
             Duration::from_secs(30),
         )
-        .await
-        .is_ok()
-        && wait_ok(&format!("{base}/health"), Duration::from_secs(10))
-            .await
-            .is_ok()
-    {
-        let killer = {
-            let container = container.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                let _ = docker(&["kill", &container]);
-            })
-        };
-        let samples = fixed_rate(
-            &base,
-            Kind::Embed(body.clone()),
-            200,
-            Duration::from_secs(20),
-        )
-        .await;
-        let _ = killer.await;
-        report("nginx", &samples, "backup already running");
-    } else {
-        println!("nginx: the primary, backup or nginx did not come up");
-    }
+        .await?;
+        wait_ok(&format!("{base}/health"), Duration::from_secs(10)).await
+    };
+    let result = match up.await {
+        Ok(()) => {
+            let killer = {
+                let container = container.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let _ = docker(&["kill", &container]);
+                })
+            };
+            let samples = fixed_rate(
+                &base,
+                Kind::Embed(body.clone()),
+                200,
+                Duration::from_secs(20),
+            )
+            .await;
+            let _ = killer.await;
+            Ok(samples)
+        }
+        Err(e) => Err(format!("the primary, backup or nginx did not come up: {e}")),
+    };
     let _ = docker(&["rm", "-f", &container]);
+    result
 }
 
-fn report(via: &str, samples: &[Sample], note: &str) {
+/// One row of the failover table.
+fn row(via: &str, second: &str, samples: &[Sample]) -> Vec<String> {
     let failed = samples.iter().filter(|s| !s.2).count();
-    let mut second: Vec<Duration> = samples
+    let in_second = |s: &&Sample| s.0 >= Duration::from_secs(5) && s.0 < Duration::from_secs(6);
+    let mut during: Vec<Duration> = samples.iter().filter(in_second).map(|s| s.1).collect();
+    let mut rest: Vec<Duration> = samples
         .iter()
-        .filter(|s| s.0 >= Duration::from_secs(5) && s.0 < Duration::from_secs(6))
+        .filter(|s| !in_second(s))
         .map(|s| s.1)
         .collect();
-    println!(
-        "{via:<8} {:>8} {failed:>8} {:>19.1} ms  {note}",
-        samples.len(),
-        percentile(&mut second, 0.99)
-    );
+    vec![
+        via.to_owned(),
+        second.to_owned(),
+        samples.len().to_string(),
+        failed.to_string(),
+        format!("{:.1}", percentile(&mut during, 0.99)),
+        format!("{:.1}", percentile(&mut rest, 0.99)),
+    ]
 }
