@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -207,7 +207,11 @@ where
 pub struct Tracked<B, G> {
     inner: B,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    /// When the upstream last sent something (or its head arrived).
+    last: Instant,
+    /// Made the first time the upstream keeps the body waiting: a body that
+    /// arrives with its head (most answers) never arms a timer.
+    timer: Option<Pin<Box<Sleep>>>,
     guard: Option<G>,
 }
 
@@ -221,7 +225,8 @@ impl<B, G> Tracked<B, G> {
         Tracked {
             inner,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            last: Instant::now(),
+            timer: None,
             guard: Some(guard),
         }
     }
@@ -243,8 +248,10 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let next = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(next);
+                this.last = Instant::now();
+                if let Some(timer) = this.timer.as_mut() {
+                    timer.as_mut().reset(this.last + this.idle);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -255,7 +262,12 @@ where
                 this.guard = None;
                 Poll::Ready(None)
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
+            Poll::Pending => match this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(this.last + this.idle)))
+                .as_mut()
+                .poll(cx)
+            {
                 Poll::Ready(()) => {
                     this.guard = None;
                     Poll::Ready(Some(Err(Box::new(Stalled(

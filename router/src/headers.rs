@@ -5,19 +5,21 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Hop-by-hop headers: they describe one connection, not the message.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Names, not strings: removing by `&str` parses the name on every request.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -40,8 +42,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -64,16 +66,26 @@ pub fn upstream_request(headers: &mut HeaderMap, client: SocketAddr, proto: &str
     headers.remove(X_SERVERLESS_AUTHORIZATION);
 
     let ip = client.ip().to_canonical();
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut forwarded = format!("for={node};proto={proto}");
-    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
-        forwarded.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+    let address = ip.to_string();
+    let mut forwarded = String::with_capacity(64);
+    forwarded.push_str("for=");
+    match ip {
+        IpAddr::V4(_) => forwarded.push_str(&address),
+        IpAddr::V6(_) => {
+            forwarded.push_str("\"[");
+            forwarded.push_str(&address);
+            forwarded.push_str("]\"");
+        }
     }
-    append_list(headers, header::FORWARDED, &forwarded);
-    append_list(headers, X_FORWARDED_FOR, &ip.to_string());
+    forwarded.push_str(";proto=");
+    forwarded.push_str(proto);
+    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
+        forwarded.push_str(";host=\"");
+        forwarded.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
+        forwarded.push('"');
+    }
+    append_list(headers, header::FORWARDED, forwarded);
+    append_list(headers, X_FORWARDED_FOR, address);
     headers.insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
@@ -84,30 +96,27 @@ pub fn upstream_request(headers: &mut HeaderMap, client: SocketAddr, proto: &str
 }
 
 /// Appends `item` to a comma-separated list header, creating it if absent.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
+/// The common case (no such header yet) moves `item` into the value
+/// without copying it.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: String) {
     let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {item}"),
-        _ => item.to_owned(),
+        Some(existing) if !existing.trim().is_empty() => Some(format!("{existing}, {item}")),
+        _ => None,
     };
-    match HeaderValue::from_str(&joined) {
-        Ok(value) => {
-            headers.insert(name, value);
-        }
-        // An existing value we cannot extend is replaced by ours alone.
-        Err(_) => {
-            if let Ok(value) = HeaderValue::from_str(item) {
-                headers.insert(name, value);
-            }
-        }
+    let value = match joined {
+        Some(joined) => HeaderValue::from_maybe_shared(Bytes::from(joined))
+            // An existing value we cannot extend is replaced by ours alone.
+            .or_else(|_| HeaderValue::from_maybe_shared(Bytes::from(item))),
+        None => HeaderValue::from_maybe_shared(Bytes::from(item)),
+    };
+    if let Ok(value) = value {
+        headers.insert(name, value);
     }
 }
 
 /// Marks a response with the tier that answered and the tries it took.
-pub fn mark(headers: &mut HeaderMap, tier: &str, attempts: u32) {
-    headers.insert(
-        X_CASCADE_TIER,
-        HeaderValue::from_str(tier).unwrap_or(HeaderValue::from_static("none")),
-    );
+pub fn mark(headers: &mut HeaderMap, tier: &'static str, attempts: u32) {
+    headers.insert(X_CASCADE_TIER, HeaderValue::from_static(tier));
     headers.insert(X_CASCADE_ATTEMPTS, HeaderValue::from(attempts));
 }
 

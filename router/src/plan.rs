@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use cascade_actors::TierId;
 use cascade_actors::routing::{Endpoint, RequestOutcome, RouteInfo, RouteTier, RoutingTable};
+use http::HeaderValue;
 use http::uri::{Authority, Scheme};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -34,6 +35,11 @@ pub struct EndpointState {
     pub authority: Authority,
     /// The URL's path, without a trailing slash (usually empty).
     pub base_path: String,
+    /// `Host` for an HTTP/1.1 request to it, as the pooled client would
+    /// write it (host, and the port unless it is the scheme's default),
+    /// made once rather than per request; `None` for https, where the
+    /// client decides by the protocol ALPN picks.
+    pub host: Option<HeaderValue>,
     /// Requests sent to it whose response has not finished.
     pub in_flight: AtomicUsize,
 }
@@ -53,7 +59,18 @@ impl EndpointState {
             .authority()
             .cloned()
             .ok_or_else(|| format!("`{}` has no host", endpoint.url))?;
+        let host = if scheme == Scheme::HTTP {
+            let name = uri.host().unwrap_or_default();
+            let value = match uri.port_u16() {
+                Some(port) if port != 80 => HeaderValue::try_from(format!("{name}:{port}")),
+                _ => HeaderValue::try_from(name),
+            };
+            Some(value.map_err(|e| format!("`{}` has no usable host: {e}", endpoint.url))?)
+        } else {
+            None
+        };
         Ok(EndpointState {
+            host,
             endpoint: endpoint.clone(),
             scheme,
             authority,
@@ -252,6 +269,15 @@ impl Plan {
             .iter()
             .filter(|t| t.serving() && Some(t.tier()) != first.map(PlanTier::tier));
         first.into_iter().chain(rest).find_map(|tier| {
+            if tried.is_empty() {
+                // Every request's first try: no list to build.
+                let all = &tier.endpoints;
+                let n = all.len();
+                return (0..n)
+                    .map(|i| &all[(turn + i) % n])
+                    .min_by_key(|e| e.load())
+                    .map(|e| (tier, Arc::clone(e)));
+            }
             let untried: Vec<&Arc<EndpointState>> = tier
                 .endpoints
                 .iter()

@@ -18,6 +18,7 @@ use cascade_actors::resilience::SharedRetryBudget;
 use cascade_actors::routing::RequestAuth;
 use cascade_actors::text::{duration, root_cause};
 use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
@@ -168,8 +169,8 @@ async fn route(
     {
         return refuse(too_large(max_body), None, 0);
     }
-    let path = parts.uri.path().to_owned();
-    let replay_safe = settings.replay_safe(&parts.method, &path);
+    let path = parts.uri.path();
+    let replay_safe = settings.replay_safe(&parts.method, path);
     let mut prepared = if replay_safe {
         let reading = body::prepare(incoming, config.max_replay_body.as_u64(), max_body);
         match tokio::time::timeout_at(deadline, reading).await {
@@ -206,7 +207,8 @@ async fn route(
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
     settings.budget.deposit(Instant::now());
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
@@ -323,7 +325,7 @@ async fn route(
                     first_failure = Some((failure.tier, failure.error.clone()));
                 }
                 if !prepared.replayable() {
-                    let why = not_retried_because(replay_safe, &parts.method, &path);
+                    let why = not_retried_because(replay_safe, &parts.method, path);
                     return fail(failure, attempts, &why);
                 }
                 last = Some(failure);
@@ -404,7 +406,7 @@ async fn attempt(
     tier: &PlanTier,
     endpoint: &Arc<EndpointState>,
     parts: &http::request::Parts,
-    path_and_query: &str,
+    path_and_query: &PathAndQuery,
     body: ProxyBody,
     client_authorization: bool,
     shared: &Shared,
@@ -423,14 +425,22 @@ async fn attempt(
     };
     let uri = Uri::builder()
         .scheme(endpoint.scheme.clone())
-        .authority(endpoint.authority.clone())
-        .path_and_query(format!("{}{path_and_query}", endpoint.base_path))
-        .build()
-        .map_err(|e| failed(format!("cannot build the upstream URL: {e}"), false))?;
+        .authority(endpoint.authority.clone());
+    // Most endpoints have no base path: the client's path goes as it came.
+    let uri = if endpoint.base_path.is_empty() {
+        uri.path_and_query(path_and_query.clone())
+    } else {
+        uri.path_and_query(format!("{}{path_and_query}", endpoint.base_path))
+    }
+    .build()
+    .map_err(|e| failed(format!("cannot build the upstream URL: {e}"), false))?;
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = parts.headers.clone();
+    if let Some(host) = &endpoint.host {
+        request.headers_mut().insert(header::HOST, host.clone());
+    }
 
     let now = Instant::now();
     let per_try = match tier.info().cold_start_timeout {
