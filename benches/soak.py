@@ -6,7 +6,8 @@ demo backend as its local tier. Against its status API the soak holds 1,000
 idle connections and 500 `GET /events` clients (each reconnects when it is
 closed or refused, so the pressure stays), while the backend is SIGKILLed
 every 2 s. Meanwhile `GET /healthz` is timed on a fresh connection every
-100 ms, and cascade's memory and descriptors are sampled every second.
+100 ms, and cascade's memory and descriptors are sampled every second. The
+clients run in a process of their own, so the timer never waits for them.
 
 Reported: /healthz latency p50, p99 and max (and how many did not answer
 200), kills and respawns (a kill counts as respawned when a new backend pid
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import multiprocessing
 import os
 import resource
 import signal
@@ -32,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +82,10 @@ def get(addr, path, timeout=5.0):
 
 
 class Pressure:
-    """Idle connections and event-stream clients on an asyncio loop of its own thread."""
+    """Idle connections and event-stream clients, on an asyncio loop in a
+    process of its own: in the timing process they would hold Python's
+    interpreter lock while a /healthz request waits for it, and the soak
+    would time itself rather than cascade."""
 
     def __init__(self, addr, idle, sse):
         self.addr = addr
@@ -93,35 +97,58 @@ class Pressure:
         self.stream_events = 0
         self.connect_errors = 0
         self.stopping = False
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.process = None
+        self.control = None
 
     def start(self):
-        self.thread.start()
+        context = multiprocessing.get_context("fork")
+        self.control, child = context.Pipe()
+        self.process = context.Process(target=self._serve, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+
+    def counts(self):
+        """The pressure's counters now: idle and stream connections open,
+        stream refusals, snapshot events read, failed connects."""
+        self.control.send("counts")
+        return self.control.recv()
 
     def stop(self):
-        self.stopping = True
-        future = asyncio.run_coroutine_threadsafe(self._cancel(), self.loop)
         try:
-            future.result(timeout=10)
-        except Exception:
+            self.control.send("stop")
+        except OSError:
             pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
 
-    async def _cancel(self):
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def _serve(self, control):
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        # The loop holds its tasks only weakly; these references keep them.
+        tasks = [loop.create_task(self._idle()) for _ in range(self.idle)]
+        tasks += [loop.create_task(self._stream()) for _ in range(self.sse)]
+        tasks.append(loop.create_task(self._answer(control)))
+        loop.run_forever()
 
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        for _ in range(self.idle):
-            self.loop.create_task(self._idle())
-        for _ in range(self.sse):
-            self.loop.create_task(self._stream())
-        self.loop.run_forever()
+    async def _answer(self, control):
+        """Answers the timing process's requests on `control`."""
+        loop = asyncio.get_running_loop()
+        while True:
+            request = await loop.run_in_executor(None, control.recv)
+            if request == "counts":
+                control.send(
+                    (
+                        self.open_idle,
+                        self.open_streams,
+                        self.stream_refusals,
+                        self.stream_events,
+                        self.connect_errors,
+                    )
+                )
+            else:
+                self.stopping = True
+                os._exit(0)
 
     async def _connect(self):
         try:
@@ -344,12 +371,7 @@ probe = {{ interval = "200ms", timeout = "500ms" }}
 
         tier = local_tier(addr) or {}
         restarts = tier.get("backend_restarts")
-        open_idle, open_streams = pressure.open_idle, pressure.open_streams
-        refusals, events, errors = (
-            pressure.stream_refusals,
-            pressure.stream_events,
-            pressure.connect_errors,
-        )
+        open_idle, open_streams, refusals, events, errors = pressure.counts()
         rss, hwm = memory_kib(cascade.pid)
         pressure.stop()
     finally:
