@@ -379,6 +379,15 @@ fn standalone_rss(label: &str) {
         mib(field("VmRSS:")),
         mib(field("VmHWM:"))
     );
+    // What the process allocated against the pages of its own executable
+    // and libraries the kernel has mapped (file-backed, shared by every
+    // process running the same file).
+    println!(
+        "    of which RssAnon {}, RssFile {} (the mapped binary and libraries); {} threads",
+        mib(field("RssAnon:")),
+        mib(field("RssFile:")),
+        field("Threads:")
+    );
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&state);
