@@ -16,9 +16,16 @@
 //! A reload ([`RootMsg::Reload`]) replaces the tier set and the waterfall
 //! settings in place: tiers whose fingerprint changed are stopped and
 //! spawned again, removed tiers are stopped, new ones spawned, and the
-//! others keep running untouched (same actor, same backend).
+//! others keep running untouched (same actor, same backend). The stops run
+//! as a tracked task that reports [`RootMsg::ReloadStopped`]; the
+//! replacements are spawned, and the caller answered, only then. A reload
+//! arriving meanwhile waits its turn; a shutdown (or an escalation) stops
+//! what is left and waits for those stops before it reports its exit.
 //!
-//! Invariant: the active tier changes only inside this actor, by message.
+//! Invariants: the active tier changes only inside this actor, by message;
+//! the root's handler awaits nothing slower than spawning an actor, so
+//! failover and the watchdog are never held up by a stop (shutdown aside,
+//! which waits for nothing else).
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -31,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::autoheal::{AutohealSpec, AutohealStatus, Slot};
@@ -179,6 +187,9 @@ pub enum RootMsg {
         waterfall: WaterfallConfig,
         reply: RpcReplyPort<ReloadSummary>,
     },
+    /// The tiers the reload in progress replaced or removed have stopped:
+    /// their successors can be spawned.
+    ReloadStopped,
     /// The autoheal actor published.
     AutohealChanged(AutohealStatus),
     /// Spawn the autoheal actor again, after its backoff.
@@ -326,6 +337,28 @@ pub struct RootState {
     /// tier's current start.
     start_attempt: u64,
     start_attempts: std::collections::BTreeMap<TierId, u64>,
+    /// The stops of tiers a reload replaced or removed, so a shutdown can
+    /// wait for them before it reports its exit.
+    reload_stops: TaskTracker,
+    /// The reload whose stops are in flight: its replacements wait to be
+    /// spawned until `ReloadStopped`, and its caller for the summary.
+    reloading: Option<PendingReload>,
+    /// Reloads that arrived while one was in progress, applied in order.
+    queued_reloads: VecDeque<QueuedReload>,
+}
+
+struct PendingReload {
+    summary: ReloadSummary,
+    /// Tiers whose new actors wait for their predecessors to stop, so a
+    /// changed tier's new backend never races its old one for a port.
+    to_spawn: Vec<TierId>,
+    reply: RpcReplyPort<ReloadSummary>,
+}
+
+struct QueuedReload {
+    tiers: Vec<TierSpec>,
+    waterfall: WaterfallConfig,
+    reply: RpcReplyPort<ReloadSummary>,
 }
 
 const LAST_ERRORS: usize = 5;
@@ -375,6 +408,9 @@ impl Actor for RootSupervisor {
             watchdog: None,
             start_attempt: 0,
             start_attempts: Default::default(),
+            reload_stops: TaskTracker::new(),
+            reloading: None,
+            queued_reloads: VecDeque::new(),
         })
     }
 
@@ -540,9 +576,20 @@ async fn handle_msg(
                 warn!("Reload ignored: shutting down.");
                 return Ok(());
             }
-            let summary = reload(&myself, state, tiers, waterfall).await?;
-            if reply.send(summary).is_err() {
-                warn!("Reload requester stopped waiting.");
+            if state.reloading.is_some() {
+                info!("Reload queued: the previous reload's tiers are still stopping.");
+            }
+            state.queued_reloads.push_back(QueuedReload {
+                tiers,
+                waterfall,
+                reply,
+            });
+            apply_reloads(&myself, state).await?;
+        }
+        RootMsg::ReloadStopped => {
+            if !state.shutting_down {
+                finish_reload(&myself, state).await?;
+                apply_reloads(&myself, state).await?;
             }
         }
         #[cfg(debug_assertions)]
@@ -711,6 +758,14 @@ async fn respawn(
     if state.shutting_down {
         return Ok(());
     }
+    // A tier a reload replaced is spawned once its predecessor stopped.
+    let waiting = state
+        .reloading
+        .as_ref()
+        .is_some_and(|r| r.to_spawn.contains(&tier));
+    if waiting {
+        return Ok(());
+    }
     let Some(index) = state
         .children
         .iter()
@@ -734,6 +789,11 @@ fn escalate(myself: &ActorRef<RootMsg>, state: &mut RootState, tier: TierId, err
 async fn stop_all(state: &mut RootState) {
     state.shutting_down = true;
     publish_routes(state);
+    // A reload cut short is not applied: dropping the replies says so.
+    if state.reloading.take().is_some() || !state.queued_reloads.is_empty() {
+        warn!("Reload not applied: shutting down.");
+        state.queued_reloads.clear();
+    }
     // Nothing is healed while the tiers stop their containers.
     if let Some(slot) = &mut state.autoheal {
         slot.stop().await;
@@ -743,6 +803,10 @@ async fn stop_all(state: &mut RootState) {
             stop_tier(actor, &child.spec, StopReason::Exiting).await;
         }
     }
+    // Tiers a reload replaced or removed are still stopping meanwhile
+    // (each bounded like the ones above); the exit waits for them too.
+    state.reload_stops.close();
+    state.reload_stops.wait().await;
 }
 
 /// Stops a tier's backend within its grace, then its actor. Whoever calls
@@ -771,15 +835,36 @@ async fn stop_tier(actor: ActorRef<TierMsg>, spec: &TierSpec, reason: StopReason
 
 // === reload ===
 
-/// Applies a reloaded configuration. Changed and removed tiers are stopped
-/// (in reverse of the old order) before anything is spawned, so a changed
-/// tier's new backend never races its old one for a port.
-async fn reload(
+/// Applies queued reloads in order until one has stops in flight.
+async fn apply_reloads(
     myself: &ActorRef<RootMsg>,
     state: &mut RootState,
-    tiers: Vec<TierSpec>,
-    waterfall: WaterfallConfig,
-) -> Result<ReloadSummary, ActorProcessingErr> {
+) -> Result<(), ActorProcessingErr> {
+    while state.reloading.is_none()
+        && let Some(next) = state.queued_reloads.pop_front()
+    {
+        if !begin_reload(myself, state, next) {
+            finish_reload(myself, state).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies a reloaded configuration, except spawning what is new. Changed
+/// and removed tiers are stopped (in reverse of the old order) by a tracked
+/// task, and the new tiers are spawned by [`finish_reload`] once they have,
+/// so a changed tier's new backend never races its old one for a port.
+/// Everything else (order, waterfall settings, kept tiers) applies at once.
+/// Returns whether stops are in flight.
+fn begin_reload(
+    myself: &ActorRef<RootMsg>,
+    state: &mut RootState,
+    QueuedReload {
+        tiers,
+        waterfall,
+        reply,
+    }: QueuedReload,
+) -> bool {
     let old_order: Vec<TierId> = state.children.iter().map(|c| c.spec.id).collect();
     let mut old: Vec<Option<Child>> = std::mem::take(&mut state.children)
         .into_iter()
@@ -803,18 +888,19 @@ async fn reload(
             }
             Some(_) => {
                 summary.restarted.push(spec.id);
-                to_spawn.push(state.children.len());
+                to_spawn.push(spec.id);
                 state.children.push(Child::new(spec, &state.supervisor));
             }
             None => {
                 summary.added.push(spec.id);
-                to_spawn.push(state.children.len());
+                to_spawn.push(spec.id);
                 state.children.push(Child::new(spec, &state.supervisor));
             }
         }
     }
     // Whatever is left in `old` is replaced or removed. Those children are
     // out of `state.children` now, so their actors' exits find no child.
+    let mut stopping = Vec::new();
     for child in old.into_iter().rev().flatten() {
         let reason = if state.children.iter().any(|c| c.spec.id == child.spec.id) {
             StopReason::Replaced
@@ -824,7 +910,7 @@ async fn reload(
         };
         if let Some(actor) = child.actor {
             info!(backend.tier = %child.spec.id, reason = reason.as_str(), "Reload: stopping the tier.");
-            stop_tier(actor, &child.spec, reason).await;
+            stopping.push((actor, child.spec, reason));
         }
     }
     summary.removed.reverse();
@@ -844,12 +930,63 @@ async fn reload(
     if let Some((_, timer)) = state.recheck.take() {
         timer.abort();
     }
-    for index in to_spawn {
-        spawn_tier(myself, state, index).await?;
+    if !stopping.is_empty() {
+        for child in &mut state.children {
+            if to_spawn.contains(&child.spec.id) {
+                child.status.reason = "waiting for the tiers the reload stops".into();
+            }
+        }
+    }
+    state.reloading = Some(PendingReload {
+        summary,
+        to_spawn,
+        reply,
+    });
+    if stopping.is_empty() {
+        return false;
+    }
+    let root = myself.clone();
+    state.reload_stops.spawn(async move {
+        for (actor, spec, reason) in stopping {
+            stop_tier(actor, &spec, reason).await;
+        }
+        // Fails only once the root is gone, and then nobody waits.
+        let _ = root.send_message(RootMsg::ReloadStopped);
+    });
+    decide(myself, state);
+    publish(state);
+    true
+}
+
+/// The reload in progress has stopped what it replaced or removed: spawns
+/// the new tiers and answers its caller.
+async fn finish_reload(
+    myself: &ActorRef<RootMsg>,
+    state: &mut RootState,
+) -> Result<(), ActorProcessingErr> {
+    let Some(PendingReload {
+        summary,
+        to_spawn,
+        reply,
+    }) = state.reloading.take()
+    else {
+        return Ok(());
+    };
+    for tier in to_spawn {
+        let index = state
+            .children
+            .iter()
+            .position(|c| c.spec.id == tier && c.actor.is_none());
+        if let Some(index) = index {
+            spawn_tier(myself, state, index).await?;
+        }
     }
     decide(myself, state);
     publish(state);
-    Ok(summary)
+    if reply.send(summary).is_err() {
+        warn!("Reload requester stopped waiting.");
+    }
+    Ok(())
 }
 
 fn finish(state: &mut RootState, exit: Exit) {

@@ -20,6 +20,9 @@ struct Fake {
     healthy: Arc<AtomicBool>,
     panics: bool,
     stops: Arc<Mutex<Vec<(TierId, StopReason)>>>,
+    /// Stops entered; each is recorded in `stops` once `stop_gate` is open.
+    stops_entered: Arc<AtomicU32>,
+    stop_gate: watch::Receiver<bool>,
 }
 
 #[async_trait]
@@ -45,6 +48,9 @@ impl Driver for Fake {
         Err(TierError::new("fakes do not start"))
     }
     async fn stop(&self, reason: StopReason) -> Result<(), TierError> {
+        self.stops_entered.fetch_add(1, Ordering::SeqCst);
+        let mut gate = self.stop_gate.clone();
+        let _ = gate.wait_for(|open| *open).await;
         self.stops.lock().unwrap().push((self.id, reason));
         Ok(())
     }
@@ -71,6 +77,9 @@ struct Tiers {
     stops: Arc<Mutex<Vec<(TierId, StopReason)>>>,
     /// How many drivers tier i's factory has built.
     builds: Vec<Arc<AtomicU32>>,
+    /// Tier i's stops wait while its gate is closed (`false`).
+    stop_gates: Vec<watch::Sender<bool>>,
+    stops_entered: Vec<Arc<AtomicU32>>,
 }
 
 /// `panicking[i]`: how many instances of tier i panic before one behaves.
@@ -79,11 +88,20 @@ fn tiers(ids: &[TierId], panicking: &[u32]) -> Tiers {
     let mut specs = Vec::new();
     let mut health = Vec::new();
     let mut builds = Vec::new();
+    let mut stop_gates = Vec::new();
+    let mut stops_entered = Vec::new();
     for (i, &id) in ids.iter().enumerate() {
         let healthy = Arc::new(AtomicBool::new(true));
         let remaining = Arc::new(AtomicU32::new(panicking[i]));
         let built = Arc::new(AtomicU32::new(0));
-        let (h, s, b) = (healthy.clone(), stops.clone(), built.clone());
+        let (gate, gate_rx) = watch::channel(true);
+        let entered = Arc::new(AtomicU32::new(0));
+        let (h, s, b, e) = (
+            healthy.clone(),
+            stops.clone(),
+            built.clone(),
+            entered.clone(),
+        );
         let factory: DriverFactory = Arc::new(move |_events| {
             b.fetch_add(1, Ordering::SeqCst);
             let panics = remaining
@@ -94,6 +112,8 @@ fn tiers(ids: &[TierId], panicking: &[u32]) -> Tiers {
                 healthy: h.clone(),
                 panics,
                 stops: s.clone(),
+                stops_entered: e.clone(),
+                stop_gate: gate_rx.clone(),
             }) as Arc<dyn Driver>)
         });
         specs.push(TierSpec {
@@ -113,12 +133,16 @@ fn tiers(ids: &[TierId], panicking: &[u32]) -> Tiers {
         });
         health.push(healthy);
         builds.push(built);
+        stop_gates.push(gate);
+        stops_entered.push(entered);
     }
     Tiers {
         specs,
         health,
         stops,
         builds,
+        stop_gates,
+        stops_entered,
     }
 }
 
@@ -196,8 +220,11 @@ async fn a_panicking_tier_actor_is_restarted_and_recovers() {
 #[tokio::test]
 async fn too_many_restarts_escalate_and_stop_the_others_in_reverse_order() {
     let ids = [TierId::Docker, TierId::CloudRun, TierId::Local];
-    let t = tiers(&ids, &[0, u32::MAX, 0]);
-    let running = start(
+    let mut t = tiers(&ids, &[0, u32::MAX, 0]);
+    // Local's stop is held until the test lets it finish, well within its grace.
+    t.specs[2].stop_grace = Duration::from_secs(60);
+    t.stop_gates[2].send_replace(false);
+    let mut running = start(
         t.specs,
         waterfall(&ids, Duration::from_secs(1)),
         supervisor_config(),
@@ -206,9 +233,25 @@ async fn too_many_restarts_escalate_and_stop_the_others_in_reverse_order() {
     )
     .await
     .expect("root starts");
+    eventually("escalation stops local", || {
+        t.stops_entered[2].load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut running.exit)
+            .await
+            .is_err(),
+        "the exit was reported while local was still stopping"
+    );
+    t.stop_gates[2].send_replace(true);
     let exit = tokio::time::timeout(Duration::from_secs(10), running.exit)
         .await
         .expect("escalates in time");
+    assert_eq!(
+        t.stops.lock().unwrap().len(),
+        2,
+        "every tier stopped before the exit was reported"
+    );
     match exit.expect("exit sent") {
         Exit::Escalated { tier, errors } => {
             assert_eq!(tier, TierId::CloudRun);
@@ -679,6 +722,193 @@ async fn the_active_tier_stays_active_across_a_reload_that_does_not_touch_it() {
     assert_eq!(t.builds[0].load(Ordering::SeqCst), 1);
     assert_eq!(t.builds[1].load(Ordering::SeqCst), 1);
     assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+/// Sends a reload from a task, so the test can act while it is in progress.
+fn reload_in_background(
+    running: &Running,
+    tiers: Vec<TierSpec>,
+    waterfall: WaterfallConfig,
+) -> JoinHandle<Result<ractor::rpc::CallResult<ReloadSummary>, ractor::MessagingErr<RootMsg>>> {
+    let root = running.root.clone();
+    tokio::spawn(async move {
+        root.call(
+            |reply| RootMsg::Reload {
+                tiers,
+                waterfall,
+                reply,
+            },
+            Some(Duration::from_secs(30)),
+        )
+        .await
+    })
+}
+
+fn watchdog_pings(recorder: &Recorder) -> usize {
+    recorder.names().iter().filter(|n| *n == "WATCHDOG").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_stopping_a_slow_tier_holds_up_neither_failover_nor_the_watchdog() {
+    let ids = [TierId::Docker, TierId::Local, TierId::CloudRun];
+    let mut t = tiers(&ids, &[0, 0, 0]);
+    // cloud_run's old actor stops only when the test lets it, well within
+    // its grace.
+    t.specs[2].stop_grace = Duration::from_secs(60);
+    let mut changed = t.specs.clone();
+    changed[2].fingerprint = "v2".into();
+    let config = waterfall(&ids, Duration::from_secs(60));
+    let recorder = Arc::new(Recorder::default());
+    let mut running = start(
+        t.specs.clone(),
+        config.clone(),
+        supervisor_config(),
+        recorder.clone(),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
+    )
+    .await
+    .expect("root starts");
+    wait_for(&mut running.snapshots, "docker active, all healthy", |s| {
+        s.active == Some(TierId::Docker)
+            && s.tiers.iter().all(|t| t.status.state == TierState::Healthy)
+    })
+    .await;
+
+    t.stop_gates[2].send_replace(false);
+    let first = reload_in_background(&running, changed.clone(), config.clone());
+    eventually("the reload stops the old cloud_run", || {
+        t.stops_entered[2].load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // A second reload while the first one's stop is in flight waits its turn.
+    let second = reload_in_background(&running, changed, config);
+
+    t.health[0].store(false, Ordering::SeqCst);
+    wait_for(
+        &mut running.snapshots,
+        "failover to local during the reload",
+        |s| s.active == Some(TierId::Local),
+    )
+    .await;
+    let pings = watchdog_pings(&recorder);
+    eventually("watchdog pings during the reload", || {
+        watchdog_pings(&recorder) >= pings + 3
+    })
+    .await;
+    assert!(
+        !first.is_finished(),
+        "the reload was answered before its stop"
+    );
+    assert_eq!(
+        t.builds[2].load(Ordering::SeqCst),
+        1,
+        "the new cloud_run was built while the old one was stopping"
+    );
+
+    t.stop_gates[2].send_replace(true);
+    let answer = |joined| match joined {
+        Ok(Ok(ractor::rpc::CallResult::Success(summary))) => summary,
+        other => panic!("reload not answered: {other:?}"),
+    };
+    let summary = answer(first.await);
+    assert_eq!(summary.restarted, vec![TierId::CloudRun]);
+    let summary = answer(second.await);
+    assert!(
+        summary.is_unchanged(),
+        "the second reload is applied after the first: {summary:?}"
+    );
+    assert_eq!(t.builds[2].load(Ordering::SeqCst), 2);
+    assert_eq!(
+        *t.stops.lock().unwrap(),
+        vec![(TierId::CloudRun, StopReason::Replaced)]
+    );
+    wait_for(&mut running.snapshots, "the new cloud_run healthy", |s| {
+        s.tiers[2].status.state == TierState::Healthy
+    })
+    .await;
+    assert_eq!(running.snapshots.borrow().tiers[2].actor_restarts, 0);
+    assert_eq!(shutdown(running).await, Exit::Shutdown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_reload_waits_for_its_stops_and_spawns_nothing() {
+    let ids = [TierId::Docker, TierId::Local];
+    let mut t = tiers(&ids, &[0, 0]);
+    t.specs[1].stop_grace = Duration::from_secs(60);
+    let mut changed = t.specs.clone();
+    changed[1].fingerprint = "v2".into();
+    let config = waterfall(&ids, Duration::from_secs(60));
+    let mut running = start(
+        t.specs.clone(),
+        config.clone(),
+        supervisor_config(),
+        Arc::new(crate::notify::NoNotify),
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
+    )
+    .await
+    .expect("root starts");
+    wait_for(&mut running.snapshots, "docker active", |s| {
+        s.active == Some(TierId::Docker)
+    })
+    .await;
+
+    t.stop_gates[1].send_replace(false);
+    let reloading = reload_in_background(&running, changed, config);
+    eventually("the reload stops the old local", || {
+        t.stops_entered[1].load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let root = running.root.clone();
+    let shutting_down = tokio::spawn(async move {
+        root.call(RootMsg::Shutdown, Some(Duration::from_secs(30)))
+            .await
+    });
+    eventually("shutdown stops docker", || {
+        t.stops
+            .lock()
+            .unwrap()
+            .contains(&(TierId::Docker, StopReason::Exiting))
+    })
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut running.exit)
+            .await
+            .is_err(),
+        "the exit was reported while the reload's stop was in flight"
+    );
+
+    t.stop_gates[1].send_replace(true);
+    let exit = tokio::time::timeout(Duration::from_secs(10), running.exit)
+        .await
+        .expect("exits once the stop finished")
+        .expect("exit sent");
+    assert_eq!(exit, Exit::Shutdown);
+    assert!(
+        matches!(
+            shutting_down.await,
+            Ok(Ok(ractor::rpc::CallResult::Success(())))
+        ),
+        "shutdown answered"
+    );
+    assert!(
+        matches!(
+            reloading.await,
+            Ok(Ok(ractor::rpc::CallResult::SenderError))
+        ),
+        "a reload cut short by shutdown is answered as not applied"
+    );
+    assert_eq!(
+        *t.stops.lock().unwrap(),
+        vec![
+            (TierId::Docker, StopReason::Exiting),
+            (TierId::Local, StopReason::Replaced)
+        ]
+    );
+    assert_eq!(
+        t.builds[1].load(Ordering::SeqCst),
+        1,
+        "nothing is spawned during a shutdown"
+    );
 }
 
 // === lifecycle, panics in driver calls, stale reports ===
