@@ -456,7 +456,7 @@ mod fault {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             if snapshots.wait_for(|s| s.active.is_some()).await.is_ok() {
-                warn!(?fault, "Injecting a root failure (test hook).");
+                warn!(%fault, "Injecting a root failure (test hook).");
                 let _ = root.send_message(RootMsg::Fault(fault));
             }
         }))

@@ -301,6 +301,15 @@ pub enum DriverEvent {
     BackendRestarted { note: String },
 }
 
+impl std::fmt::Display for DriverEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DriverEvent::Changed { note } => write!(f, "changed: {note}"),
+            DriverEvent::BackendRestarted { note } => write!(f, "backend restarted: {note}"),
+        }
+    }
+}
+
 /// How a driver reports [`DriverEvent`]s to its tier actor.
 #[derive(Clone)]
 pub struct EventSink {
@@ -352,7 +361,7 @@ impl EventSink {
                 _state: &mut (),
             ) -> Result<(), ractor::ActorProcessingErr> {
                 if let TierMsg::Internal(Internal::Driver(event)) = msg {
-                    tracing::debug!(?event, "Driver event.");
+                    tracing::debug!(%event, "Driver event.");
                 }
                 Ok(())
             }

@@ -127,6 +127,15 @@ pub(crate) struct Setup {
     pub instance: Option<crate::Instance>,
 }
 
+/// Which containers autoheal considers, for its log line: `all`, or
+/// `label NAME`.
+fn selection_text(selection: &Selection) -> String {
+    match selection {
+        Selection::All => "all".to_owned(),
+        Selection::Label(label) => format!("label {label}"),
+    }
+}
+
 /// The decision settings of `[tiers.docker.autoheal]`.
 pub(crate) fn policy(config: &DockerConfig) -> Policy {
     let a = &config.autoheal;
@@ -345,7 +354,7 @@ async fn run(mut runner: Runner, mut internal: mpsc::UnboundedReceiver<Internal>
     let mut link = Link::Connecting(runner.connect());
     // Only the first failure of a series is a warning; retries are debug.
     let mut failing = false;
-    info!(selection = ?runner.policy.selection, webhook = runner.notifier.enabled(), "Autoheal started.");
+    info!(selection = %selection_text(&runner.policy.selection), webhook = runner.notifier.enabled(), "Autoheal started.");
     loop {
         tokio::select! {
             // Commands first: an expect_stop sent before cascade stops a
@@ -363,9 +372,9 @@ async fn run(mut runner: Runner, mut internal: mpsc::UnboundedReceiver<Internal>
                 LinkStep::Connected(Err(error)) => {
                     let delay = reconnect.ended(Instant::now());
                     if failing {
-                        debug!(%error, retry_in = ?delay, "Cannot reach the Docker event stream.");
+                        debug!(%error, retry_in = %crate::text::duration(delay), "Cannot reach the Docker event stream.");
                     } else {
-                        warn!(%error, retry_in = ?delay, "Cannot reach the Docker event stream.");
+                        warn!(%error, retry_in = %crate::text::duration(delay), "Cannot reach the Docker event stream.");
                     }
                     failing = true;
                     link = Link::Waiting(Box::pin(tokio::time::sleep(delay)));
@@ -380,9 +389,9 @@ async fn run(mut runner: Runner, mut internal: mpsc::UnboundedReceiver<Internal>
                     match broken {
                         Some(Err(e)) => {
                             let error = crate::text::root_cause(&e);
-                            warn!(%error, retry_in = ?delay, "Docker event stream broke; reconnecting.");
+                            warn!(%error, retry_in = %crate::text::duration(delay), "Docker event stream broke; reconnecting.");
                         }
-                        _ => warn!(retry_in = ?delay, "Docker event stream ended; reconnecting."),
+                        _ => warn!(retry_in = %crate::text::duration(delay), "Docker event stream ended; reconnecting."),
                     }
                     failing = true;
                     runner.set_connected(false);

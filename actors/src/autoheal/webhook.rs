@@ -29,6 +29,17 @@ pub enum NoticeKind {
     GiveUp,
 }
 
+impl std::fmt::Display for NoticeKind {
+    /// As the JSON body names it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NoticeKind::Restart => "restart",
+            NoticeKind::RestartFailed => "restart_failed",
+            NoticeKind::GiveUp => "give_up",
+        })
+    }
+}
+
 /// The JSON body of one notification.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Notice {
@@ -105,12 +116,12 @@ impl Notifier {
             // The client's timeout bounds the POST; cancellation ends it sooner
             // when cascade shuts down.
             match cancel.run_until_cancelled(post(&target, &notice)).await {
-                Some(Ok(())) => debug!(%container, ?event, "Webhook delivered."),
+                Some(Ok(())) => debug!(%container, %event, "Webhook delivered."),
                 Some(Err(error)) => {
                     let url = crate::secrets::url_for_logs(&target.url);
-                    warn!(%error, %container, ?event, %url, "Webhook failed.");
+                    warn!(%error, %container, %event, %url, "Webhook failed.");
                 }
-                None => debug!(%container, ?event, "Webhook abandoned: shutting down."),
+                None => debug!(%container, %event, "Webhook abandoned: shutting down."),
             }
         });
     }

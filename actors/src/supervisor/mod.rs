@@ -212,6 +212,17 @@ pub enum Fault {
     Kill,
 }
 
+#[cfg(debug_assertions)]
+impl std::fmt::Display for Fault {
+    /// As `CASCADE_TEST_FAULT` names it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fault::Panic => "root-panic",
+            Fault::Kill => "root-kill",
+        })
+    }
+}
+
 /// What a reload changed, for the one log line that reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadSummary {
