@@ -589,3 +589,89 @@ async fn a_removed_service_container_stops_serving_at_once_and_is_recreated_with
         "{status}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_that_replaces_the_docker_tier_leaves_its_container_running_and_an_exit_stops_it()
+{
+    if !engine() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let name = format!("cascade-it-replaced-{}", std::process::id());
+    let _removed = Removed(name.clone());
+    // `stop_on_exit = true`: cascade's exit stops the container.
+    let mut cascade = Cascade::start(setup(&name, IMAGE, free_port(), false)).await;
+    wait_for(Duration::from_secs(60), "docker active", async || {
+        let s = cascade.status().await;
+        if s["active"] == "docker" && tier(&s, "docker")["state"] == "healthy" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    let started = |name: &str| {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.Id}} {{.State.Running}} {{.State.StartedAt}}",
+            name,
+        ])
+    };
+    let before = started(&name);
+    assert!(before.contains(" true "), "{before}");
+
+    // A change to a key that does not touch the container replaces the
+    // tier's actor: that is not cascade exiting.
+    cascade.edit_config(|text| {
+        assert!(text.contains("interval = \"200ms\""), "{text}");
+        text.replacen("interval = \"200ms\"", "interval = \"300ms\"", 1)
+    });
+    cascade.signal(Signal::Hup);
+    wait_for(
+        crate::support::SHORT,
+        "the reload to replace the docker tier",
+        async || {
+            let logs = cascade.logs();
+            if logs.contains("configuration reloaded: docker restarted (changed)") {
+                Ok(())
+            } else {
+                Err(cascade.log_tail())
+            }
+        },
+    )
+    .await;
+    wait_for(
+        crate::support::SHORT,
+        "the new docker actor serving",
+        async || {
+            let s = cascade.status().await;
+            if s["active"] == "docker" && tier(&s, "docker")["state"] == "healthy" {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        started(&name),
+        before,
+        "the service container was stopped or replaced by a reload:\n{}",
+        cascade.log_tail()
+    );
+
+    cascade.signal(Signal::Term);
+    let status = cascade
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("cascade still runs after SIGTERM:\n{}", cascade.log_tail()));
+    assert_eq!(status.code(), Some(0), "{}", cascade.log_tail());
+    let after = docker(&["inspect", "-f", "{{.Id}} {{.State.Running}}", &name]);
+    let id = before.split(' ').next().unwrap_or_default();
+    assert_eq!(
+        after,
+        format!("{id} false"),
+        "cascade's exit stops the container (stop_on_exit)"
+    );
+}

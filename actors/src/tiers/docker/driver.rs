@@ -935,9 +935,17 @@ impl Driver for DockerDriver {
         }
     }
 
-    async fn stop(&self, _reason: StopReason) -> Result<(), TierError> {
+    async fn stop(&self, reason: StopReason) -> Result<(), TierError> {
         self.cancel_in_flight();
         let _serial = self.lifecycle.lock().await;
+        if reason == StopReason::Replaced {
+            // The tier's new actor adopts the containers (and recreates any
+            // whose configuration drifted): `stop_on_exit` is for cascade
+            // exiting, not for a reload.
+            let names: Vec<&str> = self.desired.iter().map(|d| d.name.as_str()).collect();
+            info!(containers = %names.join(", "), "Leaving the service containers to the tier's new actor.");
+            return Ok(());
+        }
         self.stop_inner().await
     }
 
