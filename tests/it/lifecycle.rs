@@ -1,11 +1,12 @@
 //! cascade's own life and death: no orphan backend when it is SIGKILLed,
-//! graceful SIGTERM/SIGINT shutdown, and a second signal forcing exit 130.
+//! graceful SIGTERM/SIGINT shutdown, and a second signal forcing exit 130
+//! (also when nobody reads cascade's stderr).
 
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Cascade, KillOnDrop, SHORT, Setup, Signal, backend_pid, cli, describe_exit, process_gone,
-    send_signal, wait_for, wait_gone,
+    BIN, Cascade, KillOnDrop, SHORT, Setup, Signal, backend_pid, cli, describe_exit, http_client,
+    http_get, local_tier, process_gone, send_signal, toml_str, wait_for, wait_gone,
 };
 
 #[tokio::test]
@@ -279,4 +280,124 @@ async fn a_root_that_vanishes_without_reporting_exits_70() {
         cascade.log_tail()
     );
     wait_gone(backend, SHORT, "the backend to end with cascade").await;
+}
+
+/// A pipe whose read end the test holds and never reads, filled to capacity
+/// before cascade gets its write end as stderr: cascade's first write to it
+/// would block.
+fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter) {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use std::io::Write;
+    let (reader, mut writer) = std::io::pipe().expect("create a pipe");
+    let set = |writer: &std::io::PipeWriter, flags: OFlag| {
+        fcntl(writer, FcntlArg::F_SETFL(flags)).expect("set pipe flags")
+    };
+    set(&writer, OFlag::O_NONBLOCK);
+    let chunk = [b'x'; 4096];
+    loop {
+        match writer.write(&chunk) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("fill the pipe: {e}"),
+        }
+    }
+    // cascade gets the pipe as a service manager would hand it over: blocking.
+    set(&writer, OFlag::empty());
+    (reader, writer)
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_130_even_when_nobody_reads_stderr() {
+    let root = tempfile::Builder::new()
+        .prefix("cascade-it-")
+        .tempdir()
+        .expect("temp dir");
+    let state_dir = root.path().join("state");
+    let port = crate::support::free_port();
+    // The backend outlives SIGTERM (as in `second_signal_forces_exit_130`),
+    // so the first signal leaves cascade waiting out a long grace.
+    let script =
+        format!("trap '' TERM; '{BIN}' demo-backend --port {port} & while :; do sleep 0.1; done");
+    let config = root.path().join("cascade.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[general]\nstate_dir = {state}\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n\
+             [waterfall]\norder = [\"local\"]\n\n[tiers.local]\ncommand = \"/bin/sh\"\n\
+             args = [\"-c\", {script}]\nport = {port}\nstop_grace = \"30s\"\n\
+             start_timeout = \"10s\"\nprobe = {{ interval = \"100ms\", timeout = \"500ms\" }}\n",
+            state = toml_str(state_dir.to_str().expect("UTF-8 temp path")),
+            script = toml_str(&script),
+        ),
+    )
+    .expect("write the config");
+    let (unread, stderr) = full_pipe();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CASCADE_LOG", "info")
+        .env("CASCADE_ROUTER__LISTEN", "127.0.0.1:0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn `cascade run`");
+    let pid = child.id() as i32;
+    // A cascade blocked on its stderr is killed when the test fails.
+    let _cascade = KillOnDrop(pid);
+
+    let api_file = state_dir.join("api");
+    let api = wait_for(SHORT, "cascade to write STATE_DIR/api", async || {
+        let text = std::fs::read_to_string(&api_file).map_err(|e| e.to_string())?;
+        text.trim()
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("{text:?}: {e}"))
+    })
+    .await;
+    let http = http_client();
+    let shell = wait_for(SHORT, "the local tier to be healthy", async || {
+        let (code, body) = http_get(&http, &format!("http://{api}/status")).await;
+        let status: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{code} {e}: {body}"))?;
+        let tier = local_tier(&status);
+        match backend_pid(&tier) {
+            Some(pid) if tier["state"] == "healthy" => Ok(pid),
+            _ => Err(tier.to_string()),
+        }
+    })
+    .await;
+    let _shell = KillOnDrop(shell);
+
+    send_signal(pid, Signal::Term);
+    let health = format!("http://127.0.0.1:{port}/health");
+    wait_for(
+        SHORT,
+        "the backend to stop listening",
+        async || match http.get(&health).send().await {
+            Err(_) => Ok(()),
+            Ok(response) => Err(format!("{health} answered {}", response.status())),
+        },
+    )
+    .await;
+    assert!(
+        child.try_wait().expect("wait on cascade").is_none(),
+        "the backend ignores SIGTERM; cascade should still wait"
+    );
+
+    send_signal(pid, Signal::Term);
+    let status = wait_for(
+        Duration::from_secs(10),
+        "the second SIGTERM to end cascade although its stderr is full",
+        async || match child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err("still running".to_owned()),
+            Err(e) => Err(e.to_string()),
+        },
+    )
+    .await;
+    assert_eq!(status.code(), Some(130), "{}", describe_exit(status));
+    wait_gone(shell, SHORT, "the backend to die with cascade").await;
+    drop(unread);
 }
