@@ -956,13 +956,21 @@ fn begin_reload(
     if stopping.is_empty() {
         return false;
     }
-    let root = myself.clone();
+    // The report goes out however the task ends, a panic included, so a
+    // reload can never hold its replacements (and the next reload) back.
+    struct Reported(ActorRef<RootMsg>);
+    impl Drop for Reported {
+        fn drop(&mut self) {
+            // Fails only once the root is gone, and then nobody waits.
+            let _ = self.0.send_message(RootMsg::ReloadStopped);
+        }
+    }
+    let reported = Reported(myself.clone());
     state.reload_stops.spawn(async move {
+        let _reported = reported;
         for (actor, spec, reason) in stopping {
             stop_tier(actor, &spec, reason).await;
         }
-        // Fails only once the root is gone, and then nobody waits.
-        let _ = root.send_message(RootMsg::ReloadStopped);
     });
     decide(myself, state);
     publish(state);
