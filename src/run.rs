@@ -18,7 +18,6 @@ use cascade_actors::tier::TierSpec;
 use cascade_router::Router;
 use ractor::ActorRef;
 use ractor::rpc::CallResult;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -69,8 +68,7 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
         warn!("{warning}");
     }
     let _lock = state::lock(&dir).map_err(|e| e.to_string())?;
-    let listener = TcpListener::bind(config.api.listen)
-        .await
+    let listener = cascade_router::listen(config.api.listen)
         .map_err(|e| format!("cannot listen on {} (api.listen): {e}", config.api.listen))?;
     let addr = listener
         .local_addr()

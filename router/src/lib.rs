@@ -42,7 +42,7 @@ use cascade_actors::routing::RoutingTable;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -69,12 +69,32 @@ pub enum Error {
 /// Binds the router's listener (done before anything starts, so a taken
 /// port fails start-up at once).
 pub async fn bind(config: &RouterConfig) -> Result<TcpListener, Error> {
-    TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: config.listen,
-            source,
-        })
+    listen(config.listen).map_err(|source| Error::Listen {
+        addr: config.listen,
+        source,
+    })
+}
+
+/// Connections the kernel completes for a listener before it accepts them.
+/// `std`'s `bind` asks for 128: a burst of a few hundred clients connecting
+/// at once (a fleet restarting, a load balancer's health checks, a
+/// neighbour's connection storm) overflows that, and the kernel drops the
+/// SYNs past it, so a well-behaved client waits a 1 s retransmission before
+/// it is even seen. 1,024 is Go's and nginx's order of magnitude; the kernel
+/// caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (and, like `std`,
+/// `SO_REUSEADDR`, so a restart is not refused by the last run's
+/// connections in TIME_WAIT). Used for the router and the status API.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// The running router: its tasks, and the handles to reload and stop it.

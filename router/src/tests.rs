@@ -1036,3 +1036,22 @@ async fn reload_applies_new_settings_to_new_requests() {
     });
     assert_eq!(h.get("/x").await.status(), 503);
 }
+
+#[tokio::test]
+async fn a_burst_of_connections_waits_in_the_backlog_instead_of_being_dropped() {
+    // Nobody accepts: every connection must be completed by the kernel and
+    // queued. With std's backlog of 128 the rest of the SYNs are dropped
+    // and their clients wait a 1 s retransmission (here: time out).
+    let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let burst = 600;
+    let connects = (0..burst).map(|_| async move {
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    });
+    let streams = futures_util::future::join_all(connects).await;
+    let connected = streams.iter().filter(|s| s.is_some()).count();
+    assert_eq!(connected, burst, "connections completed by the kernel");
+}
