@@ -324,7 +324,9 @@ enum Kind {
 }
 
 /// One request's (scheduled offset, latency from its scheduled time, 2xx?).
-type Sample = (Duration, Duration, bool);
+/// (when it was due after the start, its latency, why it failed if it did:
+/// the status with `x-cascade-attempts` and the body's start, or the error).
+type Sample = (Duration, Duration, Option<String>);
 
 /// Sends `rate` requests a second for `length`, each at its scheduled time
 /// whatever happened to the others, and measures from that time.
@@ -343,15 +345,26 @@ async fn fixed_rate(base: &str, kind: Kind, rate: u32, length: Duration) -> Vec<
                 Kind::Health => http.get(format!("{base}/health")),
                 Kind::Embed(body) => http.post(format!("{base}/embed")).body(body.to_vec()),
             };
-            let ok = match request.send().await {
-                Ok(r) => {
-                    let ok = r.status().is_success();
+            let failure = match request.send().await {
+                Ok(r) if r.status().is_success() => {
                     let _ = r.bytes().await;
-                    ok
+                    None
                 }
-                Err(_) => false,
+                Ok(r) => {
+                    let status = r.status();
+                    let attempts = r
+                        .headers()
+                        .get("x-cascade-attempts")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|v| format!(" after {v} attempts"))
+                        .unwrap_or_default();
+                    let body = r.text().await.unwrap_or_default();
+                    let body: String = body.chars().take(160).collect();
+                    Some(format!("HTTP {}{attempts}: {body}", status.as_u16()))
+                }
+                Err(e) => Some(format!("{e}")),
             };
-            (at - start, at.elapsed(), ok)
+            (at - start, at.elapsed(), failure)
         }));
     }
     let mut samples = Vec::with_capacity(tasks.len());
@@ -374,7 +387,7 @@ fn percentile(latencies: &mut [Duration], p: f64) -> f64 {
 
 fn summary(samples: &[Sample]) -> (f64, f64, usize) {
     let mut latencies: Vec<Duration> = samples.iter().map(|s| s.1).collect();
-    let failed = samples.iter().filter(|s| !s.2).count();
+    let failed = samples.iter().filter(|s| s.2.is_some()).count();
     (
         percentile(&mut latencies, 0.50),
         percentile(&mut latencies, 0.99),
@@ -654,22 +667,44 @@ async fn failover(dir: &Path, body: &Arc<Vec<u8>>) {
         return;
     }
     let mut rows = Vec::new();
+    let mut failures = Vec::new();
     for local in [Local::Cold, Local::Standby] {
         let second = match local {
             Local::Cold => "local, cold-started by the failover",
             Local::Standby => "local, standby (kept warm)",
         };
         rows.push(match failover_cascade(dir, body, local).await {
-            Ok(samples) => row("cascade", second, &samples),
+            Ok(samples) => {
+                failures.push((format!("cascade, {second}"), reasons(&samples)));
+                row("cascade", second, &samples)
+            }
             Err(e) => vec!["cascade".into(), second.into(), e],
         });
     }
     let second = "backup, already running";
     rows.push(match failover_nginx(dir, body).await {
-        Ok(samples) => row("nginx", second, &samples),
+        Ok(samples) => {
+            failures.push((format!("nginx, {second}"), reasons(&samples)));
+            row("nginx", second, &samples)
+        }
         Err(e) => vec!["nginx".into(), second.into(), e],
     });
     table(&title, &header, &rows);
+    for (run, reasons) in failures.iter().filter(|(_, r)| !r.is_empty()) {
+        println!("\nnon-2xx through {run}:");
+        for (reason, count) in reasons {
+            println!("  {count} × {reason}");
+        }
+    }
+}
+
+/// Why the failed samples failed, each reason with how often.
+fn reasons(samples: &[Sample]) -> std::collections::BTreeMap<String, usize> {
+    let mut reasons = std::collections::BTreeMap::new();
+    for reason in samples.iter().filter_map(|s| s.2.clone()) {
+        *reasons.entry(reason).or_insert(0) += 1;
+    }
+    reasons
 }
 
 /// The failover run through cascade; the samples, or why there are none.
@@ -836,7 +871,7 @@ async fn failover_nginx(dir: &Path, body: &Arc<Vec<u8>>) -> Result<Vec<Sample>, 
 
 /// One row of the failover table.
 fn row(via: &str, second: &str, samples: &[Sample]) -> Vec<String> {
-    let failed = samples.iter().filter(|s| !s.2).count();
+    let failed = samples.iter().filter(|s| s.2.is_some()).count();
     let in_second = |s: &&Sample| s.0 >= Duration::from_secs(5) && s.0 < Duration::from_secs(6);
     let mut during: Vec<Duration> = samples.iter().filter(in_second).map(|s| s.1).collect();
     let mut rest: Vec<Duration> = samples
