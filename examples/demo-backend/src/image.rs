@@ -1,6 +1,7 @@
 //! The demo backend as a Docker image, for tests and benchmarks of the
 //! docker tier on machines without a registry: the binary linked statically
-//! (glibc static-pie) in a `FROM scratch` image with a HEALTHCHECK.
+//! (glibc, not position-independent) in a `FROM scratch` image with a
+//! HEALTHCHECK.
 //!
 //! Built with the `cargo` and `docker` command-line tools; meant for test
 //! and benchmark code, not for the service.
@@ -51,7 +52,9 @@ pub fn build(tag: &str) -> Result<(), String> {
 }
 
 /// Builds the static binary into its own target directory (so it never
-/// contends with the caller's build) and returns its path.
+/// contends with the caller's build) and returns its path. The flags are
+/// the ones `.ci/run` and `examples/autoheal-image/build.sh` use in the same
+/// directory: with other flags, each build would rebuild the other's crates.
 fn static_binary() -> Result<PathBuf, String> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let target_dir = workspace.join("target/docker-image");
@@ -60,7 +63,7 @@ fn static_binary() -> Result<PathBuf, String> {
         .current_dir(&workspace)
         .env(
             "RUSTFLAGS",
-            "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
+            "-C target-feature=+crt-static -C relocation-model=static -C debuginfo=0 -C strip=symbols",
         )
         .args([
             "build",
