@@ -714,7 +714,15 @@ async fn a_preempted_vm_is_lost_at_once_and_replaced() {
 
 #[tokio::test]
 async fn with_room_in_max_vms_the_replacement_is_created_before_the_lost_vm_is_gone() {
-    let mut h = Harness::with(long_grace()).await;
+    // Deletes (like every operation) take a second to finish: long enough
+    // that a replacement waiting for the delete shows, against requests
+    // that merely went out in either order at once.
+    let delete_takes = Duration::from_secs(1);
+    let mut h = Harness::with(FakeOptions {
+        operation_delay: delete_takes,
+        ..long_grace()
+    })
+    .await;
     let config = GcpVmConfig {
         vms: 1,
         max_vms: 2,
@@ -731,13 +739,14 @@ async fn with_room_in_max_vms_the_replacement_is_created_before_the_lost_vm_is_g
         |e| matches!(e, DriverEvent::BackendRestarted { note } if note.contains("pool-1")),
     )
     .await;
-    // The spare slot's insert went out before the lost VM's delete finished.
+    // The spare slot's insert went out before the lost VM's delete finished
+    // (its operation is done `delete_takes` after the request), not after.
     let insert_at = h.inserts()[1].at;
     let deleted_at = h
         .deletes()
         .iter()
         .filter(|r| r.status == 200)
-        .map(|r| r.at)
+        .map(|r| r.at + delete_takes)
         .next();
     assert!(
         deleted_at.is_none_or(|deleted| insert_at < deleted),
