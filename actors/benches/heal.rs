@@ -6,8 +6,10 @@
 //! Then the same autoheal heals, ten times each, a labelled container that
 //! turns unhealthy about 12 s after each start (every heal should go out at
 //! once) and one that dies 100 ms after each start (its backoff must hold
-//! it back), and the idle memory of `cascade autoheal` is read (the binary
-//! at `CASCADE_BIN`, else target/release/cascade).
+//! it back), and the idle memory of `cascade autoheal` is read: the binary
+//! at `CASCADE_BIN` (else target/release/cascade) on the host, and the
+//! autoheal image (`CASCADE_AUTOHEAL_IMAGE`, else cascade-autoheal:latest)
+//! in its container, as a docker-autoheal user runs it.
 //!
 //! The loop reaches the daemon through a unix-socket relay in this process
 //! that counts HTTP requests, so "no periodic per-container calls" is a
@@ -256,6 +258,7 @@ async fn bench(cleanup: &Cleanup) {
     );
     print_each("  dying 100 ms after each start, in order", &crashing);
     standalone_rss(&label);
+    image_rss(&label);
 
     relay.stop();
     step("removing the containers");
@@ -364,8 +367,62 @@ fn standalone_rss(label: &str) {
     }
     // Idle: connected, nothing to heal.
     std::thread::sleep(Duration::from_secs(10));
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    print_memory(
+        &format!("idle `cascade autoheal` ({})", bin.display()),
+        child.id(),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// Idle resident memory of the autoheal image (`CASCADE_AUTOHEAL_IMAGE`,
+/// else `cascade-autoheal:latest`, built by examples/autoheal-image/build.sh)
+/// run as a docker-autoheal user runs it: its own container, the Docker
+/// socket mounted, watching `label`.
+fn image_rss(label: &str) {
+    let image = std::env::var("CASCADE_AUTOHEAL_IMAGE")
+        .unwrap_or_else(|_| "cascade-autoheal:latest".to_owned());
+    if inspect(&image, "{{.Id}}").is_none() {
+        println!(
+            "  idle RSS of the autoheal image: skipped, no image {image} (examples/autoheal-image/build.sh)"
+        );
+        return;
+    }
+    let name = format!("heal-image-{}", std::process::id());
+    let socket = std::env::var("DOCKER_SOCK").unwrap_or_else(|_| "/var/run/docker.sock".into());
+    let started = cascade_demo::image::docker_cli(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--label",
+        &format!("{BENCH_LABEL}={}", std::process::id()),
+        "-e",
+        &format!("AUTOHEAL_CONTAINER_LABEL={label}"),
+        "-v",
+        &format!("{socket}:/var/run/docker.sock"),
+        &image,
+    ]);
+    if let Err(e) = started {
+        println!("  idle RSS of the autoheal image: cannot start {image}: {e}");
+        return;
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    match inspect(&name, "{{.State.Pid}}").and_then(|p| p.parse::<u32>().ok()) {
+        Some(pid) if pid > 0 => print_memory(
+            &format!("idle autoheal image ({image}), in its container"),
+            pid,
+        ),
+        _ => println!("  idle RSS of the autoheal image: {image} is not running"),
+    }
+    let _ = cascade_demo::image::docker_cli(&["rm", "-f", &name]);
+}
+
+/// Prints `pid`'s resident memory, split into what it allocated and the
+/// pages of its executable and libraries the kernel mapped.
+fn print_memory(what: &str, pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()
@@ -374,8 +431,7 @@ fn standalone_rss(label: &str) {
             .unwrap_or(0)
     };
     println!(
-        "  idle `cascade autoheal` ({}): VmRSS {}, VmHWM {} (target: under 10 MiB)",
-        bin.display(),
+        "  {what}: VmRSS {}, VmHWM {} (target: under 10 MiB)",
         mib(field("VmRSS:")),
         mib(field("VmHWM:"))
     );
@@ -388,9 +444,6 @@ fn standalone_rss(label: &str) {
         mib(field("RssFile:")),
         field("Threads:")
     );
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 fn restarts(handle: &AutohealHandle, name: &str) -> u64 {
