@@ -146,6 +146,24 @@ fn tiers(ids: &[TierId], panicking: &[u32]) -> Tiers {
     }
 }
 
+/// A root over `specs` with the tests' supervision settings, notifying
+/// `notify`, for an instance whose state directory does not exist.
+async fn start_root(
+    specs: Vec<TierSpec>,
+    config: WaterfallConfig,
+    notify: Arc<dyn ServiceNotify>,
+) -> Running {
+    start(
+        specs,
+        config,
+        supervisor_config(),
+        notify,
+        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
+    )
+    .await
+    .expect("root starts")
+}
+
 fn supervisor_config() -> SupervisorConfig {
     SupervisorConfig {
         max_restarts: 2,
@@ -198,15 +216,12 @@ async fn shutdown(running: Running) -> Exit {
 #[tokio::test]
 async fn a_panicking_tier_actor_is_restarted_and_recovers() {
     let t = tiers(&[TierId::Local], &[1]);
-    let mut running = start(
+    let mut running = start_root(
         t.specs,
         waterfall(&[TierId::Local], Duration::from_secs(1)),
-        supervisor_config(),
         Arc::new(crate::notify::NoNotify),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     let snap = wait_for(
         &mut running.snapshots,
         "local active after one restart",
@@ -224,15 +239,12 @@ async fn too_many_restarts_escalate_and_stop_the_others_in_reverse_order() {
     // Local's stop is held until the test lets it finish, well within its grace.
     t.specs[2].stop_grace = Duration::from_secs(60);
     t.stop_gates[2].send_replace(false);
-    let mut running = start(
+    let mut running = start_root(
         t.specs,
         waterfall(&ids, Duration::from_secs(1)),
-        supervisor_config(),
         Arc::new(crate::notify::NoNotify),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     eventually("escalation stops local", || {
         t.stops_entered[2].load(Ordering::SeqCst) == 1
     })
@@ -290,15 +302,12 @@ async fn fails_over_at_once_and_fails_back_after_hysteresis() {
     let ids = [TierId::Docker, TierId::Local];
     let t = tiers(&ids, &[0, 0]);
     let failback = Duration::from_millis(600);
-    let mut running = start(
+    let mut running = start_root(
         t.specs,
         waterfall(&ids, failback),
-        supervisor_config(),
         Arc::new(crate::notify::NoNotify),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     wait_for(&mut running.snapshots, "docker active", |s| {
         s.active == Some(TierId::Docker)
     })
@@ -402,15 +411,12 @@ impl Recorder {
 async fn notifies_ready_status_watchdog_and_stopping_in_order() {
     let t = tiers(&[TierId::Local], &[0]);
     let recorder = Arc::new(Recorder::default());
-    let mut running = start(
+    let mut running = start_root(
         t.specs,
         waterfall(&[TierId::Local], Duration::from_secs(1)),
-        supervisor_config(),
         recorder.clone(),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     wait_for(&mut running.snapshots, "local active", |s| {
         s.active == Some(TierId::Local)
     })
@@ -475,15 +481,12 @@ async fn a_wedged_root_stops_the_watchdog_pings() {
     });
     let recorder = Arc::new(Recorder::default());
     let started = tokio::time::Instant::now();
-    let mut running = start(
+    let mut running = start_root(
         t.specs,
         waterfall(&[TierId::Local], Duration::from_secs(1)),
-        supervisor_config(),
         recorder.clone(),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     wait_for(&mut running.snapshots, "local active", |s| {
         s.active == Some(TierId::Local)
     })
@@ -555,15 +558,12 @@ async fn reload_rebuilds_only_the_tier_whose_fingerprint_changed() {
     let mut changed = t.specs.clone();
     changed[1].fingerprint = "v2".into();
     let config = waterfall(&ids, Duration::from_millis(100));
-    let mut running = start(
+    let mut running = start_root(
         t.specs.clone(),
         config.clone(),
-        supervisor_config(),
         Arc::new(crate::notify::NoNotify),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     wait_for(
         &mut running.snapshots,
         "docker active, local healthy",
@@ -627,15 +627,12 @@ async fn reload_rebuilds_only_the_tier_whose_fingerprint_changed() {
 async fn reload_adds_and_removes_tiers_in_the_new_order() {
     let all = tiers(&[TierId::Docker, TierId::Local], &[0, 0]);
     let (docker, local) = (all.specs[0].clone(), all.specs[1].clone());
-    let mut running = start(
+    let mut running = start_root(
         vec![local.clone()],
         waterfall(&[TierId::Local], Duration::from_secs(60)),
-        supervisor_config(),
         Arc::new(crate::notify::NoNotify),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     wait_for(&mut running.snapshots, "local active", |s| {
         s.active == Some(TierId::Local)
     })
@@ -684,15 +681,12 @@ async fn reload_adds_and_removes_tiers_in_the_new_order() {
 async fn the_active_tier_stays_active_across_a_reload_that_does_not_touch_it() {
     let ids = [TierId::Docker, TierId::Local];
     let t = tiers(&ids, &[0, 0]);
-    let mut running = start(
+    let mut running = start_root(
         t.specs.clone(),
         waterfall(&ids, Duration::from_millis(100)),
-        supervisor_config(),
         Arc::new(crate::notify::NoNotify),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     wait_for(
         &mut running.snapshots,
         "docker active, local healthy",
@@ -759,15 +753,7 @@ async fn a_reload_stopping_a_slow_tier_holds_up_neither_failover_nor_the_watchdo
     changed[2].fingerprint = "v2".into();
     let config = waterfall(&ids, Duration::from_secs(60));
     let recorder = Arc::new(Recorder::default());
-    let mut running = start(
-        t.specs.clone(),
-        config.clone(),
-        supervisor_config(),
-        recorder.clone(),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
-    )
-    .await
-    .expect("root starts");
+    let mut running = start_root(t.specs.clone(), config.clone(), recorder.clone()).await;
     wait_for(&mut running.snapshots, "docker active, all healthy", |s| {
         s.active == Some(TierId::Docker)
             && s.tiers.iter().all(|t| t.status.state == TierState::Healthy)
@@ -838,15 +824,12 @@ async fn a_shutdown_during_a_reload_waits_for_its_stops_and_spawns_nothing() {
     let mut changed = t.specs.clone();
     changed[1].fingerprint = "v2".into();
     let config = waterfall(&ids, Duration::from_secs(60));
-    let mut running = start(
+    let mut running = start_root(
         t.specs.clone(),
         config.clone(),
-        supervisor_config(),
         Arc::new(crate::notify::NoNotify),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     wait_for(&mut running.snapshots, "docker active", |s| {
         s.active == Some(TierId::Docker)
     })
@@ -1071,15 +1054,12 @@ fn quick_rounds(order: &[TierId]) -> WaterfallConfig {
 }
 
 async fn run_root(specs: Vec<TierSpec>, order: &[TierId]) -> Running {
-    start(
+    start_root(
         specs,
         quick_rounds(order),
-        supervisor_config(),
         Arc::new(crate::notify::NoNotify),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
     .await
-    .expect("root starts")
 }
 
 async fn eventually(what: &str, ok: impl Fn() -> bool) {
@@ -1426,15 +1406,12 @@ async fn an_open_breaker_reports_when_it_lets_the_next_probe_through() {
     let ids = [TierId::Docker, TierId::Local];
     let t = tiers(&ids, &[0, 0]);
     t.health[0].store(false, Ordering::SeqCst);
-    let mut running = start(
+    let mut running = start_root(
         t.specs,
         waterfall(&ids, Duration::from_secs(1)),
-        supervisor_config(),
         Arc::new(crate::notify::NoNotify),
-        crate::Instance::from_state_dir("/nonexistent/cascade-test".as_ref()),
     )
-    .await
-    .expect("root starts");
+    .await;
     let snap = wait_for(&mut running.snapshots, "docker's breaker open", |s| {
         s.tiers[0].status.breaker == crate::resilience::BreakerState::Open
     })
