@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     BIN, Cascade, KillOnDrop, SHORT, Setup, Signal, backend_pid, cli, describe_exit, http_client,
-    http_get, local_tier, process_gone, send_signal, toml_str, wait_for, wait_gone,
+    http_get, local_tier, process_gone, send_signal, wait_for, wait_gone,
 };
 
 #[tokio::test]
@@ -316,21 +316,9 @@ async fn a_second_signal_exits_130_even_when_nobody_reads_stderr() {
     let port = crate::support::free_port();
     // The backend outlives SIGTERM (as in `second_signal_forces_exit_130`),
     // so the first signal leaves cascade waiting out a long grace.
-    let script =
-        format!("trap '' TERM; '{BIN}' demo-backend --port {port} & while :; do sleep 0.1; done");
     let config = root.path().join("cascade.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[general]\nstate_dir = {state}\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n\
-             [waterfall]\norder = [\"local\"]\n\n[tiers.local]\ncommand = \"/bin/sh\"\n\
-             args = [\"-c\", {script}]\nport = {port}\nstop_grace = \"30s\"\n\
-             start_timeout = \"10s\"\nprobe = {{ interval = \"100ms\", timeout = \"500ms\" }}\n",
-            state = toml_str(state_dir.to_str().expect("UTF-8 temp path")),
-            script = toml_str(&script),
-        ),
-    )
-    .expect("write the config");
+    std::fs::write(&config, Setup::slow_to_stop("30s").render(&state_dir, port))
+        .expect("write the config");
     let (unread, stderr) = full_pipe();
     let mut child = std::process::Command::new(BIN)
         .args(["run", "--log-format", "json", "--config"])

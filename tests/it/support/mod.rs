@@ -347,7 +347,9 @@ impl Setup {
         self
     }
 
-    fn render(&self, state_dir: &Path, port: u16) -> String {
+    /// The configuration file for a cascade with state in `state_dir` and
+    /// the local tier on `port`.
+    pub fn render(&self, state_dir: &Path, port: u16) -> String {
         let state_dir = state_dir.to_str().expect("temp paths are UTF-8");
         let mut text = format!(
             "[general]\n\
