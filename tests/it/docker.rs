@@ -528,6 +528,20 @@ async fn with_a_wedged_docker_socket_the_tier_is_not_startable_and_check_answers
     }
 }
 
+/// Waits (up to a minute: the first run builds and starts the container)
+/// until the docker tier is healthy and active.
+async fn wait_docker_serving(cascade: &Cascade) {
+    wait_for(Duration::from_secs(60), "docker active", async || {
+        let s = cascade.status().await;
+        if s["active"] == "docker" && tier(&s, "docker")["state"] == "healthy" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_removed_service_container_stops_serving_at_once_and_is_recreated_without_the_breaker() {
     if !engine() {
@@ -542,15 +556,7 @@ async fn a_removed_service_container_stops_serving_at_once_and_is_recreated_with
         .extra
         .replace("consecutive_failures = 2", "consecutive_failures = 3");
     let cascade = Cascade::start(with_three).await;
-    wait_for(Duration::from_secs(60), "docker active", async || {
-        let s = cascade.status().await;
-        if s["active"] == "docker" && tier(&s, "docker")["state"] == "healthy" {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    })
-    .await;
+    wait_docker_serving(&cascade).await;
     let before = docker(&["inspect", "-f", "{{.Id}}", &name]);
 
     // Removed: the first probe says so and the tier stops serving (it is
@@ -601,15 +607,7 @@ async fn a_reload_that_replaces_the_docker_tier_leaves_its_container_running_and
     let _removed = Removed(name.clone());
     // `stop_on_exit = true`: cascade's exit stops the container.
     let mut cascade = Cascade::start(setup(&name, IMAGE, free_port(), false)).await;
-    wait_for(Duration::from_secs(60), "docker active", async || {
-        let s = cascade.status().await;
-        if s["active"] == "docker" && tier(&s, "docker")["state"] == "healthy" {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    })
-    .await;
+    wait_docker_serving(&cascade).await;
     let started = |name: &str| {
         docker(&[
             "inspect",
