@@ -771,23 +771,12 @@ async fn failover_cascade(
     }
     let result = match outcome {
         Ok(()) => {
-            let killer = {
-                let (tag, name) = (tag.clone(), name.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    let _ = docker(&["rmi", &tag]);
-                    let _ = docker(&["rm", "-f", &name]);
-                })
-            };
-            let samples = fixed_rate(
-                &base,
-                Kind::Embed(body.clone()),
-                200,
-                Duration::from_secs(20),
-            )
-            .await;
-            let _ = killer.await;
-            Ok(samples)
+            let (tag, name) = (tag.clone(), name.clone());
+            Ok(under_load_kill_at_5s(&base, body, move || {
+                let _ = docker(&["rmi", &tag]);
+                let _ = docker(&["rm", "-f", &name]);
+            })
+            .await)
         }
         Err(e) => Err(e),
     };
@@ -846,27 +835,37 @@ async fn failover_nginx(dir: &Path, body: &Arc<Vec<u8>>) -> Result<Vec<Sample>, 
     };
     let result = match up.await {
         Ok(()) => {
-            let killer = {
-                let container = container.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    let _ = docker(&["kill", &container]);
-                })
-            };
-            let samples = fixed_rate(
-                &base,
-                Kind::Embed(body.clone()),
-                200,
-                Duration::from_secs(20),
-            )
-            .await;
-            let _ = killer.await;
-            Ok(samples)
+            let container = container.clone();
+            Ok(under_load_kill_at_5s(&base, body, move || {
+                let _ = docker(&["kill", &container]);
+            })
+            .await)
         }
         Err(e) => Err(format!("the primary, backup or nginx did not come up: {e}")),
     };
     let _ = docker(&["rm", "-f", &container]);
     result
+}
+
+/// 200 req/s of `POST /embed` to `base` for 20 s, with `kill` run 5 s in.
+async fn under_load_kill_at_5s(
+    base: &str,
+    body: &Arc<Vec<u8>>,
+    kill: impl FnOnce() + Send + 'static,
+) -> Vec<Sample> {
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        kill();
+    });
+    let samples = fixed_rate(
+        base,
+        Kind::Embed(body.clone()),
+        200,
+        Duration::from_secs(20),
+    )
+    .await;
+    let _ = killer.await;
+    samples
 }
 
 /// One row of the failover table.
