@@ -27,8 +27,9 @@ esac
 
 # Static glibc, not position-independent: runs on scratch, talks to the
 # Docker socket, needs no libc, and has no relocations to apply (and so
-# touch) at start.
-RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static -C debuginfo=0 -C strip=symbols" \
+# touch) at start. Built with its symbols, which src/link-order/generate.sh
+# reads; the image gets a stripped copy.
+RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static -C debuginfo=0" \
     cargo build --locked -q --manifest-path "$root/Cargo.toml" \
     -p cascade --bin cascade --profile "$profile" \
     --target "$triple" --target-dir "$target_dir"
@@ -36,6 +37,10 @@ RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static -C debuginfo
 context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 cp "$target_dir/$triple/$out/cascade" "$context/cascade"
+# The symbol table is never loaded, so this only makes the image smaller.
+if command -v strip >/dev/null; then
+    strip "$context/cascade"
+fi
 cp "$here/Dockerfile" "$context/Dockerfile"
 docker build -q -t "$tag" "$context" >/dev/null
 echo "$tag"

@@ -63,7 +63,7 @@ fn static_binary() -> Result<PathBuf, String> {
         .current_dir(&workspace)
         .env(
             "RUSTFLAGS",
-            "-C target-feature=+crt-static -C relocation-model=static -C debuginfo=0 -C strip=symbols",
+            "-C target-feature=+crt-static -C relocation-model=static -C debuginfo=0",
         )
         .args([
             "build",
