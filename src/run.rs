@@ -37,19 +37,30 @@ pub struct Source {
 
 pub async fn run(config: Config, source: Source, telemetry: Telemetry) -> ExitCode {
     let flush_within = config.telemetry.shutdown_timeout;
-    let code = match run_inner(config, source, telemetry.scrape()).await {
-        Ok(code) => code,
+    let (code, summary) = match run_inner(config, source, telemetry.scrape()).await {
+        Ok(Ended::Stopped) => (ExitCode::SUCCESS, None),
+        Ok(Ended::GaveUp(summary)) => (ExitCode::from(EXIT_ESCALATED), Some(summary)),
         Err(message) => {
             error!("{message}");
-            eprintln!("cascade: {message}");
-            ExitCode::from(EXIT_FAILURE)
+            (ExitCode::from(EXIT_FAILURE), Some(message))
         }
     };
+    // The log lines are queued; the summary follows the last of them.
     telemetry.shutdown(flush_within).await;
+    if let Some(summary) = summary {
+        eprintln!("cascade: {summary}");
+    }
     code
 }
 
-async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<ExitCode, String> {
+/// How a run that started ended.
+enum Ended {
+    Stopped,
+    /// The root gave up: the summary line for a person at a terminal.
+    GaveUp(String),
+}
+
+async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Ended, String> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     let mut terminate =
@@ -253,11 +264,10 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Exi
     match exit {
         Exit::Shutdown => {
             info!("cascade stopped.");
-            Ok(ExitCode::SUCCESS)
+            Ok(Ended::Stopped)
         }
         failed @ (Exit::Escalated { .. } | Exit::Failed { .. }) => {
-            eprintln!("cascade: {failed}");
-            Ok(ExitCode::from(EXIT_ESCALATED))
+            Ok(Ended::GaveUp(failed.to_string()))
         }
     }
 }
