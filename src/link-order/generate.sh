@@ -51,7 +51,10 @@ profile() {
     fi
     sleep 5
     callgrind_control -d "$pid" >/dev/null 2>&1
-    sleep 2
+    for _ in $(seq 100); do
+        ls "$run"/callgrind.out.* >/dev/null 2>&1 && break
+        sleep 0.1
+    done
     kill "$pid" && wait "$pid" 2>/dev/null || true
     pid=
     # Kept if the executable defines them as code.

@@ -639,19 +639,7 @@ async fn a_reload_that_replaces_the_docker_tier_leaves_its_container_running_and
         },
     )
     .await;
-    wait_for(
-        crate::support::SHORT,
-        "the new docker actor serving",
-        async || {
-            let s = cascade.status().await;
-            if s["active"] == "docker" && tier(&s, "docker")["state"] == "healthy" {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        },
-    )
-    .await;
+    wait_docker_serving(&cascade).await;
     assert_eq!(
         started(&name),
         before,

@@ -260,6 +260,13 @@ async fn a_panicking_root_stops_the_backend_logs_the_panic_and_exits_70() {
             < position("cascade: the root supervisor panicked: injected root failure; giving up"),
         "the tiers stop before the failure is reported:\n{logs}"
     );
+    assert!(
+        logs.trim_end()
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("cascade: the root supervisor panicked")),
+        "the summary is the last line on stderr:\n{logs}"
+    );
 }
 
 #[tokio::test]
