@@ -310,12 +310,16 @@ fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
     if new.telemetry != current.telemetry {
         keys.push("telemetry");
     }
-    // The router's listener is bound once; its other settings reload.
+    // The router's listener and its workers are set up once; its other
+    // settings reload.
     if new.router.enabled != current.router.enabled {
         keys.push("router.enabled");
     }
     if new.router.listen != current.router.listen {
         keys.push("router.listen");
+    }
+    if new.router.workers != current.router.workers {
+        keys.push("router.workers");
     }
     keys
 }

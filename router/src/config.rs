@@ -1,7 +1,7 @@
 //! `[router]`: the schema of the router's configuration and its validation.
 //!
-//! Everything here but `enabled` and `listen` is applied on SIGHUP: the
-//! running router reads its settings from a `watch` per request.
+//! Everything here but `enabled`, `listen` and `workers` is applied on
+//! SIGHUP: the running router reads its settings from a `watch` per request.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,6 +21,10 @@ pub struct RouterConfig {
     /// Where applications send their requests. Loopback by default, like the
     /// status API: exposing it is a deliberate choice.
     pub listen: SocketAddr,
+    /// Threads that serve requests, each with its own event loop and
+    /// upstream connection pool (nginx's `worker_processes`); 0 is one per
+    /// CPU.
+    pub workers: usize,
     /// Tries per request in all, the first included.
     pub max_attempts: u32,
     /// `METHOD /path` of requests that may be sent again after a failure,
@@ -59,6 +63,9 @@ pub struct RouterConfig {
     pub tiers: BTreeMap<TierId, TierRoute>,
 }
 
+/// The most worker threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 64;
+
 /// `[router.tiers.NAME]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -73,6 +80,7 @@ impl Default for RouterConfig {
         RouterConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
+            workers: 0,
             max_attempts: 3,
             replay_safe: vec!["POST /embed".into()],
             max_replay_body: ByteSize::mib(10),
@@ -130,6 +138,15 @@ impl RouterConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut push = |key: &str, message: String| problems.push((key.to_owned(), message));
+        if self.workers > MAX_WORKERS {
+            push(
+                "workers",
+                format!(
+                    "must be at most {MAX_WORKERS} (got {}); 0 is one per CPU",
+                    self.workers
+                ),
+            );
+        }
         if self.max_attempts == 0 {
             push("max_attempts", "must be at least 1".into());
         }
@@ -192,6 +209,14 @@ impl RouterConfig {
             .iter()
             .filter_map(|r| Route::parse(r).ok())
             .collect()
+    }
+
+    /// The worker threads to run: `workers`, or one per CPU when it is 0.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS)),
+            n => n,
+        }
     }
 
     /// The per-try timeout for `tier`.

@@ -15,8 +15,12 @@
 //! calls an actor per request, and keeps no breaker of its own.
 //!
 //! Built on hyper 1 (server: HTTP/1.1 and h2; client: hyper-util's pooled
-//! client with keep-alive, h2 to https upstreams through ALPN), on the
-//! process's own tokio runtime.
+//! client with keep-alive, h2 to https upstreams through ALPN), on tokio
+//! runtimes of cascade's own: `workers` threads, each with a current-thread
+//! runtime that accepts from the one listener and serves its connections
+//! with its own connection pool, as nginx's worker processes do. A request
+//! stays on one thread from accept to answer; the table, settings and
+//! counters are shared.
 //!
 //! [`RequestReporter`]: cascade_actors::routing::RequestReporter
 
@@ -43,7 +47,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -64,6 +68,8 @@ pub enum Error {
     },
     #[error("cannot set up TLS for https upstreams: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("cannot start the router's worker threads (router.workers): {0}")]
+    Workers(#[source] std::io::Error),
 }
 
 /// Binds the router's listener (done before anything starts, so a taken
@@ -142,7 +148,6 @@ impl Router {
             addr: config.listen,
             source,
         })?;
-        let client = client()?;
         let stats = Arc::new(Stats::new());
         let (settings_tx, settings) = watch::channel(Arc::new(Settings::new(config, None)));
         let (plans_tx, plans) = watch::channel(Arc::new(Plan::default()));
@@ -154,19 +159,36 @@ impl Router {
             Arc::clone(&stats),
             follow_stop.clone(),
         ));
-        let shared = Arc::new(Shared {
-            plans,
-            settings,
-            client,
-            stats: Arc::clone(&stats),
-            pending: AtomicUsize::new(0),
-            turn: AtomicUsize::new(0),
-        });
         let stop = CancellationToken::new();
-        let serving = server::serve(listener, shared, stop.clone());
+        let workers = Workers {
+            plans,
+            settings: settings_tx.subscribe(),
+            stats: Arc::clone(&stats),
+            pending: Arc::default(),
+            open: Arc::default(),
+            control: tokio::runtime::Handle::current(),
+            stop: stop.clone(),
+        };
+        let count = settings.borrow().config.worker_count();
+        let finished = match workers.start(listener, count) {
+            Ok(finished) => finished,
+            Err(error) => {
+                // The workers already started stop, and so does the follower.
+                stop.cancel();
+                follow_stop.cancel();
+                return Err(error);
+            }
+        };
         let follow = follow_stop.clone();
         tasks.spawn(async move {
-            serving.await;
+            for (index, done) in finished.into_iter().enumerate() {
+                if done.await.is_err() {
+                    tracing::error!(
+                        worker = index,
+                        "Router worker thread ended without finishing its drain (it panicked; the panic is logged above)."
+                    );
+                }
+            }
             follow.cancel();
         });
         tasks.close();
@@ -205,6 +227,66 @@ impl Router {
             tasks.wait().await;
             follow_stop.cancel();
         }
+    }
+}
+
+/// What the worker threads share.
+struct Workers {
+    plans: watch::Receiver<Arc<Plan>>,
+    settings: watch::Receiver<Arc<Settings>>,
+    stats: Arc<Stats>,
+    pending: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    control: tokio::runtime::Handle,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    /// Starts `count` worker threads on `listener`; each one's receiver
+    /// resolves once it has drained and its runtime is gone.
+    fn start(
+        self,
+        listener: TcpListener,
+        count: usize,
+    ) -> Result<Vec<oneshot::Receiver<()>>, Error> {
+        let listener = listener.into_std().map_err(Error::Workers)?;
+        let mut finished = Vec::with_capacity(count);
+        for index in 0..count.max(1) {
+            let listener = listener.try_clone().map_err(Error::Workers)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(Error::Workers)?;
+            let shared = Arc::new(Shared {
+                plans: self.plans.clone(),
+                settings: self.settings.clone(),
+                client: client()?,
+                stats: Arc::clone(&self.stats),
+                pending: Arc::clone(&self.pending),
+                turn: AtomicUsize::new(index),
+                control: self.control.clone(),
+            });
+            let (stop, open) = (self.stop.clone(), Arc::clone(&self.open));
+            let (done, receiver) = oneshot::channel();
+            std::thread::Builder::new()
+                .name(format!("cascade-router-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(listener) => server::serve(listener, shared, stop, open).await,
+                            Err(error) => {
+                                tracing::error!(%error, "Router worker cannot use the listener.");
+                            }
+                        }
+                    });
+                    // What the drain cut is dropped here, without waiting on it.
+                    runtime.shutdown_background();
+                    let _ = done.send(());
+                })
+                .map_err(Error::Workers)?;
+            finished.push(receiver);
+        }
+        Ok(finished)
     }
 }
 

@@ -111,8 +111,12 @@ impl TierRuntime {
 
     pub fn answered(&self, now: Instant) {
         let ms = now.saturating_duration_since(self.origin).as_millis();
-        self.last_answer
-            .store(u64::try_from(ms).unwrap_or(u64::MAX - 1), Ordering::Relaxed);
+        let ms = u64::try_from(ms).unwrap_or(u64::MAX - 1);
+        // Written at most once a millisecond: every worker answering into
+        // one cache line would make the cores take turns at it.
+        if self.last_answer.load(Ordering::Relaxed) != ms {
+            self.last_answer.store(ms, Ordering::Relaxed);
+        }
     }
 
     /// Whether the next request may meet a cold start.
@@ -153,6 +157,10 @@ impl PlanTier {
     /// failure, and an answer only right after a failure (on any of the
     /// tier's endpoints), so answers cost no message while all is well.
     pub fn report(&self, endpoint: &EndpointState, error: Option<String>) {
+        // Read first: an answer while all is well writes nothing shared.
+        if error.is_none() && !self.runtime.failing.load(Ordering::Relaxed) {
+            return;
+        }
         let was_failing = self
             .runtime
             .failing

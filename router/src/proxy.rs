@@ -67,16 +67,21 @@ impl Settings {
     }
 }
 
-/// What every request shares.
+/// What every request on one worker shares. The counters are the router's,
+/// shared by all its workers; the client (and so its connection pool) is
+/// the worker's own.
 pub struct Shared {
     pub plans: watch::Receiver<Arc<Plan>>,
     pub settings: watch::Receiver<Arc<Settings>>,
     pub client: HttpClient,
     pub stats: Arc<Stats>,
     /// Requests waiting for a tier now (bounded by `max_pending`).
-    pub pending: AtomicUsize,
-    /// Rotates ties between equally loaded endpoints.
+    pub pending: Arc<AtomicUsize>,
+    /// Rotates ties between equally loaded endpoints (the worker's own).
     pub turn: AtomicUsize,
+    /// The process's main runtime, where the tiers' token caches fetch (so
+    /// their connections do not live on a worker's runtime).
+    pub control: tokio::runtime::Handle,
 }
 
 /// An answer cascade makes itself, and why.
@@ -132,10 +137,9 @@ pub async fn handle(
     span.record("backend.tier", tier_name);
     span.record("attempts", attempts);
     span.record("http.response.status_code", status);
-    let latency = started.elapsed();
-    shared
-        .stats
-        .answered(Instant::now(), tier, latency, attempts);
+    let now = Instant::now();
+    let latency = now.saturating_duration_since(started);
+    shared.stats.answered(now, tier, latency, attempts);
     cascade_actors::metrics::metrics().router_request(tier, status, attempts, latency);
     Ok(response)
 }
@@ -149,7 +153,8 @@ async fn route(
 ) -> (Response<ProxyBody>, Option<TierId>, u32) {
     let settings = shared.settings.borrow().clone();
     let config = &settings.config;
-    let deadline = Instant::now() + config.deadline;
+    let arrived = Instant::now();
+    let deadline = arrived + config.deadline;
     let (mut parts, incoming) = request.into_parts();
 
     if parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE) {
@@ -210,7 +215,7 @@ async fn route(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
-    settings.budget.deposit(Instant::now());
+    settings.budget.deposit(arrived);
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let mut first_failure: Option<(TierId, String)> = None;
     let mut last: Option<Failure> = None;
@@ -219,9 +224,8 @@ async fn route(
         let current = last.as_ref().map(|f| f.tier);
         let plan = shared.plans.borrow().clone();
         let turn = shared.turn.fetch_add(1, Ordering::Relaxed);
-        let chosen = plan
-            .choose(current, &tried, turn)
-            .map(|(t, e)| (t.clone(), e));
+        // Borrowed from this iteration's plan: nothing of the tier is copied.
+        let chosen = plan.choose(current, &tried, turn);
         let (tier, endpoint) = match chosen {
             Some(found) => found,
             None => {
@@ -290,7 +294,7 @@ async fn route(
         let attempts = attempts + 1;
 
         let outcome = attempt(
-            &tier,
+            tier,
             &endpoint,
             &parts,
             &path_and_query,
@@ -451,11 +455,18 @@ async fn attempt(
 
     let mut token: Option<HeaderValue> = None;
     if let RequestAuth::IdToken(credentials) = &tier.info().auth {
-        let fetched = tokio::time::timeout_at(try_deadline, credentials.authorization()).await;
+        let fetching = {
+            let credentials = Arc::clone(credentials);
+            shared
+                .control
+                .spawn(async move { credentials.authorization().await })
+        };
+        let fetched = tokio::time::timeout_at(try_deadline, fetching).await;
         let value = match fetched {
-            Ok(Ok(value)) => value,
+            Ok(Ok(Ok(value))) => value,
+            Ok(Err(e)) => return Err(failed(format!("ID token: the fetch failed: {e}"), false)),
             // Not the endpoint's fault: the tier's probes report token problems.
-            Ok(Err(e)) => return Err(failed(format!("ID token: {e}"), false)),
+            Ok(Ok(Err(e))) => return Err(failed(format!("ID token: {e}"), false)),
             Err(_) => return Err(failed("ID token: not fetched in time".into(), true)),
         };
         let name = if client_authorization {
@@ -508,7 +519,11 @@ async fn attempt(
         && let (Some(value), RequestAuth::IdToken(credentials)) = (&token, &tier.info().auth)
     {
         // Dropping a cached token is local work; bounded all the same.
-        let _ = tokio::time::timeout(Duration::from_secs(1), credentials.rejected(value)).await;
+        let (credentials, value) = (Arc::clone(credentials), value.clone());
+        let dropping = shared
+            .control
+            .spawn(async move { credentials.rejected(&value).await });
+        let _ = tokio::time::timeout(Duration::from_secs(1), dropping).await;
     }
     tier.report(endpoint, None);
     Ok((response, load))

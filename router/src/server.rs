@@ -1,7 +1,8 @@
-//! The accept loop: connections up to `max_connections` (more are answered
-//! 503 and closed), HTTP/1.1 or h2 per connection with the header-read
-//! timeout, and the drain on shutdown: stop accepting, let requests in
-//! flight finish within `drain_timeout`, then drop what is left.
+//! The accept loop of one worker: connections up to `max_connections`
+//! (counted over all workers; more are answered 503 and closed), HTTP/1.1
+//! or h2 per connection with the header-read timeout, and the drain on
+//! shutdown: stop accepting, let requests in flight finish within
+//! `drain_timeout`, then drop what is left.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,13 +31,18 @@ impl Drop for Open {
     }
 }
 
-/// Serves `listener` until `stop` is cancelled, then drains.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+/// Serves `listener` until `stop` is cancelled, then drains. `open` counts
+/// the client connections of all workers.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    open: Arc<AtomicUsize>,
+) {
     let graceful = GracefulShutdown::new();
     let tasks = TaskTracker::new();
     // Ends the connections still open when the drain runs out.
     let cut = CancellationToken::new();
-    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
