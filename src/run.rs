@@ -357,6 +357,7 @@ fn reload(
     new.telemetry = current.telemetry.clone();
     new.router.enabled = current.router.enabled;
     new.router.listen = current.router.listen;
+    new.router.workers = current.router.workers;
     if let Some(router) = router {
         router.reload(new.router.clone());
     }
@@ -472,5 +473,23 @@ mod fault {
                 let _ = root.send_message(RootMsg::Fault(fault));
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_router_s_listener_and_workers_need_a_restart_its_limits_do_not() {
+        let current = config::load(None, &config::Overrides::default()).expect("the defaults load");
+        let mut new = current.clone();
+        new.router.workers = 7;
+        new.router.listen = "127.0.0.1:9999".parse().unwrap();
+        new.router.max_attempts = 2;
+        assert_eq!(
+            needs_restart(&current, &new),
+            ["router.listen", "router.workers"]
+        );
     }
 }

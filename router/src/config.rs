@@ -247,6 +247,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_keys() {
         let mut config = RouterConfig {
+            workers: MAX_WORKERS + 1,
             max_attempts: 0,
             replay_safe: vec!["POST".into(), "post /x".into(), "GET embed".into()],
             max_replay_body: ByteSize::mib(100),
@@ -264,6 +265,7 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "workers",
                 "max_attempts",
                 "replay_safe[0]",
                 "replay_safe[1]",

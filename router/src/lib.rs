@@ -269,7 +269,7 @@ impl Workers {
             let (stop, open) = (self.stop.clone(), Arc::clone(&self.open));
             let (done, receiver) = oneshot::channel();
             std::thread::Builder::new()
-                .name(format!("cascade-router-{index}"))
+                .name(format!("router-worker-{index}"))
                 .spawn(move || {
                     runtime.block_on(async move {
                         match tokio::net::TcpListener::from_std(listener) {

@@ -878,8 +878,10 @@ async fn a_client_slow_to_send_headers_is_cut_off() {
 #[tokio::test]
 async fn connections_beyond_the_limit_get_503() {
     let echo = Echo::start("local").await;
+    // Two workers: the limit counts the connections of both.
     let config = RouterConfig {
         max_connections: 1,
+        workers: 2,
         ..config()
     };
     let h = Harness::start(
@@ -949,6 +951,48 @@ async fn drain_lets_a_slow_request_finish_and_refuses_new_connections() {
     assert!(
         TcpStream::connect(h.addr).await.is_err(),
         "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn several_workers_serve_side_by_side_and_all_drain() {
+    let echo = Echo::start("local").await;
+    let config = RouterConfig {
+        workers: 3,
+        ..config()
+    };
+    let mut h = Harness::start(
+        config,
+        table(
+            Some(TierId::Local),
+            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
+        ),
+    )
+    .await;
+    // Slow requests at once, each on its own connection: they are spread
+    // over the workers by whichever accepts first, and all are answered.
+    let mut requests = Vec::new();
+    for i in 0..12 {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let url = h.url(&format!("/slow/{}", 100 + i * 10));
+        requests.push(tokio::spawn(async move {
+            let response = http.get(url).send().await.unwrap();
+            (response.status(), header(&response, "x-cascade-tier"))
+        }));
+    }
+    for request in requests {
+        let (status, tier) = request.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(tier, "local");
+    }
+    assert_eq!(h.router.as_ref().unwrap().handle().status().in_flight, 0);
+    let router = h.router.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), router.drain())
+        .await
+        .expect("every worker drains and ends");
+    assert!(
+        TcpStream::connect(h.addr).await.is_err(),
+        "no worker is accepting"
     );
 }
 
