@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
@@ -77,6 +77,7 @@ where
                 if buffer.len() as u64 > max_replay {
                     let seen = buffer.len() as u64;
                     if seen > max_body {
+                        linger(body);
                         return Err(Box::new(TooLarge { max: max_body }));
                     }
                     let rest = Limited::new(body, max_body, seen);
@@ -111,23 +112,60 @@ pub fn too_large(error: &(dyn std::error::Error + 'static)) -> Option<u64> {
     None
 }
 
+/// How long, and how much of, a refused request body is still read and
+/// thrown away, so that the client reads its 413 instead of a connection
+/// reset from closing a socket with unread data: nginx's lingering close.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Reads and discards what is left of a refused request `body`, within
+/// [`LINGER_TIME`] and [`LINGER_BYTES`], on a task of its own.
+pub fn linger<B>(body: B)
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut body = body;
+        let mut read = 0u64;
+        let discard = async {
+            while read <= LINGER_BYTES {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        read += frame.data_ref().map_or(0, |d| d.remaining() as u64);
+                    }
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, discard).await;
+    });
+}
+
 /// A body that fails once more than `max` bytes (counting `seen` already
-/// passed) have gone through.
+/// passed) have gone through; what is left of it is then [`linger`]ed.
 struct Limited<B> {
-    inner: B,
+    inner: Option<B>,
     max: u64,
     seen: u64,
 }
 
 impl<B> Limited<B> {
     fn new(inner: B, max: u64, seen: u64) -> Self {
-        Limited { inner, max, seen }
+        Limited {
+            inner: Some(inner),
+            max,
+            seen,
+        }
     }
 }
 
 impl<B> Body for Limited<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     type Data = Bytes;
@@ -138,11 +176,17 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len() as u64);
                     if this.seen > this.max {
+                        if let Some(rest) = this.inner.take() {
+                            linger(rest);
+                        }
                         return Poll::Ready(Some(Err(Box::new(TooLarge { max: this.max }))));
                     }
                 }
@@ -155,11 +199,13 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

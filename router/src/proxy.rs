@@ -172,6 +172,7 @@ async fn route(
     if let Some(length) = content_length(&parts.headers)
         && length > max_body
     {
+        body::linger(incoming);
         return refuse(too_large(max_body), None, 0);
     }
     let path = parts.uri.path();
