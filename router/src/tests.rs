@@ -608,7 +608,16 @@ async fn beyond_max_pending_requests_are_refused_at_once() {
         let url = h.url("/first");
         tokio::spawn(async move { http.get(url).send().await.unwrap().status() })
     };
-    // The first holds the one place; poll until the second is refused.
+    // Only once the first is in (and so holds the one place) does the
+    // second go: sent together, either could take the place.
+    let handle = h.router.as_ref().unwrap().handle();
+    for _ in 0..500 {
+        if handle.status().in_flight > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(handle.status().in_flight, 1, "the first request is waiting");
     let mut refused = None;
     for _ in 0..100 {
         let response = h.get("/second").await;
