@@ -856,6 +856,55 @@ async fn upgrades_get_a_clear_501_and_big_bodies_413() {
 }
 
 #[tokio::test]
+async fn a_refused_body_is_read_on_so_the_connection_survives_its_413() {
+    let echo = Echo::start("local").await;
+    let config = RouterConfig {
+        max_body: bytesize::ByteSize::kib(64),
+        max_replay_body: bytesize::ByteSize::kib(8),
+        ..config()
+    };
+    let h = Harness::start(
+        config,
+        table(
+            Some(TierId::Local),
+            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
+        ),
+    )
+    .await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let length = 100 * 1024;
+    stream
+        .write_all(
+            format!("POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // The 413 comes at once, before any of the body is sent.
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    // The body still goes; the router reads it rather than resetting the
+    // connection, which then serves the next request.
+    stream.write_all(&vec![7u8; length]).await.unwrap();
+    stream
+        .write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("an answer to the next request")
+        .expect("the connection was not reset");
+    let next = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+    assert_eq!(echo.hits(), 1, "only the next request reached the backend");
+}
+
+#[tokio::test]
 async fn a_client_slow_to_send_headers_is_cut_off() {
     let echo = Echo::start("local").await;
     let config = RouterConfig {
@@ -978,6 +1027,17 @@ async fn several_workers_serve_side_by_side_and_all_drain() {
         ),
     )
     .await;
+    // Three threads serve (another test's router has at most one per CPU;
+    // under CI that is two, so a third is this one's).
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "router-worker-2"),
+        "no third worker thread among {names:?}"
+    );
     // Slow requests at once, each on its own connection: they are spread
     // over the workers by whichever accepts first, and all are answered.
     let mut requests = Vec::new();
