@@ -1028,12 +1028,23 @@ async fn several_workers_serve_side_by_side_and_all_drain() {
     )
     .await;
     // Three threads serve (another test's router has at most one per CPU;
-    // under CI that is two, so a third is this one's).
-    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_owned())
-        .collect();
+    // under CI that is two, so a third is this one's). A new thread bears
+    // its parent's name until it has set its own.
+    let thread_names = || -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim().to_owned())
+            .collect()
+    };
+    let mut names = thread_names();
+    for _ in 0..100 {
+        if names.iter().any(|n| n == "router-worker-2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        names = thread_names();
+    }
     assert!(
         names.iter().any(|n| n == "router-worker-2"),
         "no third worker thread among {names:?}"
@@ -1168,3 +1179,4 @@ async fn a_burst_of_connections_waits_in_the_backlog_instead_of_being_dropped() 
     let connected = streams.iter().filter(|s| s.is_some()).count();
     assert_eq!(connected, burst, "connections completed by the kernel");
 }
+
