@@ -17,11 +17,14 @@
 //! dots into underscores, adds the unit (`_seconds`) and `_total` for
 //! counters, e.g. `cascade.failovers` → `cascade_failovers_total`.
 
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, UpDownCounter};
+use opentelemetry::metrics::{
+    Counter, Gauge, Histogram, Meter, ObservableCounter, ObservableUpDownCounter,
+};
 
 use crate::contract::{TierId, TierState};
 use crate::resilience::BreakerState;
@@ -87,13 +90,48 @@ pub struct Metrics {
     autoheal_actor_restarts: Counter<u64>,
     export_failures: Counter<u64>,
     log_lines_dropped: Counter<u64>,
-    router_requests: Counter<u64>,
+    /// The router's per-request counts, read by the two observable
+    /// instruments below when metrics are collected.
+    router_counts: Arc<RouterCounts>,
+    _router_requests: ObservableCounter<u64>,
     router_attempts: Histogram<u64>,
     router_retries: Counter<u64>,
     router_budget_exhausted: Counter<u64>,
     router_no_tier: Counter<u64>,
-    router_in_flight: UpDownCounter<i64>,
+    _router_in_flight: ObservableUpDownCounter<i64>,
     router_duration: Histogram<f64>,
+}
+
+/// Status classes of `cascade.router.requests`.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// What the router counts on every request, in plain atomics: a request
+/// pays an add, not a lookup of its attribute set in an aggregator (the
+/// OpenTelemetry SDK's `add` hashes the attributes and takes a lock). The
+/// observable instruments read them when metrics are collected.
+#[derive(Debug, Default)]
+struct RouterCounts {
+    in_flight: AtomicI64,
+    /// By the tier that answered (`None`, cascade itself, first; then
+    /// [`TierId::ALL`]'s order) and status class.
+    requests: [[AtomicU64; CLASSES.len()]; TierId::ALL.len() + 1],
+}
+
+impl RouterCounts {
+    fn tier_name(index: usize) -> &'static str {
+        index
+            .checked_sub(1)
+            .map_or("none", |i| TierId::ALL[i].as_str())
+    }
+
+    fn tier_index(id: Option<TierId>) -> usize {
+        id.map_or(0, |id| {
+            1 + TierId::ALL
+                .iter()
+                .position(|t| *t == id)
+                .expect("every tier is in TierId::ALL")
+        })
+    }
 }
 
 static METRICS: LazyLock<Metrics> =
@@ -134,6 +172,7 @@ fn tier(tier: TierId) -> KeyValue {
 impl Metrics {
     /// Creates the instruments on `meter`. Tests pass their own provider's meter.
     pub fn new(meter: &Meter) -> Metrics {
+        let router_counts = Arc::new(RouterCounts::default());
         Metrics {
             tier_state: meter
                 .i64_gauge("cascade.tier.state")
@@ -215,13 +254,35 @@ impl Metrics {
                     "Log lines dropped because the log sink (stderr) did not take them in time.",
                 )
                 .build(),
-            router_requests: meter
-                .u64_counter("cascade.router.requests")
-                .with_description(
-                    "Routed requests by the tier that answered (`none`: cascade did) \
-                     and status class (2xx ... 5xx).",
-                )
-                .build(),
+            _router_requests: {
+                let counts = Arc::clone(&router_counts);
+                meter
+                    .u64_observable_counter("cascade.router.requests")
+                    .with_description(
+                        "Routed requests by the tier that answered (`none`: cascade did) \
+                         and status class (2xx ... 5xx).",
+                    )
+                    .with_callback(move |observer| {
+                        for (t, classes) in counts.requests.iter().enumerate() {
+                            for (c, count) in classes.iter().enumerate() {
+                                let count = count.load(Ordering::Relaxed);
+                                if count > 0 {
+                                    observer.observe(
+                                        count,
+                                        &[
+                                            KeyValue::new(
+                                                "backend.tier",
+                                                RouterCounts::tier_name(t),
+                                            ),
+                                            KeyValue::new("class", CLASSES[c]),
+                                        ],
+                                    );
+                                }
+                            }
+                        }
+                    })
+                    .build()
+            },
             router_attempts: meter
                 .u64_histogram("cascade.router.attempts")
                 .with_description("Tries per routed request.")
@@ -239,10 +300,17 @@ impl Metrics {
                 .u64_counter("cascade.router.no_tier")
                 .with_description("Requests answered 503 because no tier was serving.")
                 .build(),
-            router_in_flight: meter
-                .i64_up_down_counter("cascade.router.in_flight")
-                .with_description("Routed requests whose response has not finished.")
-                .build(),
+            _router_in_flight: {
+                let counts = Arc::clone(&router_counts);
+                meter
+                    .i64_observable_up_down_counter("cascade.router.in_flight")
+                    .with_description("Routed requests whose response has not finished.")
+                    .with_callback(move |observer| {
+                        observer.observe(counts.in_flight.load(Ordering::Relaxed), &[]);
+                    })
+                    .build()
+            },
+            router_counts,
             router_duration: meter
                 .f64_histogram("cascade.router.duration")
                 .with_unit("s")
@@ -353,20 +421,14 @@ impl Metrics {
         latency: Duration,
     ) {
         let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
         };
-        let name = id.map_or("none", TierId::as_str);
-        self.router_requests.add(
-            1,
-            &[
-                KeyValue::new("backend.tier", name),
-                KeyValue::new("class", class),
-            ],
-        );
+        self.router_counts.requests[RouterCounts::tier_index(id)][class]
+            .fetch_add(1, Ordering::Relaxed);
         self.router_attempts.record(u64::from(attempts), &[]);
         if let Some(id) = id {
             self.router_duration
@@ -388,7 +450,9 @@ impl Metrics {
     }
 
     pub fn router_in_flight(&self, delta: i64) {
-        self.router_in_flight.add(delta, &[]);
+        self.router_counts
+            .in_flight
+            .fetch_add(delta, Ordering::Relaxed);
     }
 
     /// An OTLP export failed; `signal` is `traces` or `metrics`.
