@@ -30,6 +30,7 @@ mod body;
 pub mod config;
 mod headers;
 mod plan;
+mod pool;
 mod proxy;
 mod server;
 pub mod stats;
@@ -264,6 +265,7 @@ impl Workers {
                 stats: Arc::clone(&self.stats),
                 pending: Arc::clone(&self.pending),
                 turn: AtomicUsize::new(index),
+                worker: index,
                 control: self.control.clone(),
             });
             let (stop, open) = (self.stop.clone(), Arc::clone(&self.open));

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::pool::Pool;
 use crate::stats::Stats;
 
 /// One serving endpoint, shared by every plan that lists it.
@@ -42,6 +43,8 @@ pub struct EndpointState {
     pub host: Option<HeaderValue>,
     /// Requests sent to it whose response has not finished.
     pub in_flight: AtomicUsize,
+    /// Its idle keep-alive connections, per worker (`http` endpoints).
+    pub pool: Pool,
 }
 
 impl EndpointState {
@@ -76,6 +79,7 @@ impl EndpointState {
             authority,
             base_path: uri.path().trim_end_matches('/').to_owned(),
             in_flight: AtomicUsize::new(0),
+            pool: Pool::default(),
         })
     }
 

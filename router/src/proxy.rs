@@ -18,9 +18,10 @@ use cascade_actors::resilience::SharedRetryBudget;
 use cascade_actors::routing::RequestAuth;
 use cascade_actors::text::{duration, root_cause};
 use http::header::{self, HeaderValue};
-use http::uri::PathAndQuery;
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
@@ -32,6 +33,7 @@ use crate::body::{self, BoxError, ProxyBody, Tracked};
 use crate::config::{Route, RouterConfig};
 use crate::headers;
 use crate::plan::{EndpointState, Plan, PlanTier};
+use crate::pool;
 use crate::stats::{InFlight, Stats};
 
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
@@ -79,6 +81,8 @@ pub struct Shared {
     pub pending: Arc<AtomicUsize>,
     /// Rotates ties between equally loaded endpoints (the worker's own).
     pub turn: AtomicUsize,
+    /// Which worker this is: its idle connections in each endpoint's pool.
+    pub worker: usize,
     /// The process's main runtime, where the tiers' token caches fetch (so
     /// their connections do not live on a worker's runtime).
     pub control: tokio::runtime::Handle,
@@ -396,12 +400,61 @@ enum Attempt {
     TooLarge(u64),
 }
 
-/// Counts a request on an endpoint while its response lasts.
-pub struct Load(Arc<EndpointState>);
+/// Counts a request on an endpoint while its response lasts, and then
+/// gives the connection that carried it back to the endpoint's pool.
+pub struct Load {
+    endpoint: Arc<EndpointState>,
+    worker: usize,
+    connection: Option<SendRequest<ProxyBody>>,
+}
+
+impl Load {
+    fn new(endpoint: &Arc<EndpointState>, worker: usize) -> Load {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        Load {
+            endpoint: Arc::clone(endpoint),
+            worker,
+            connection: None,
+        }
+    }
+}
 
 impl Drop for Load {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(connection) = self.connection.take() {
+            self.endpoint.pool.give_back(self.worker, connection);
+        }
+    }
+}
+
+/// Why a request found no response: whether it could not connect, and the
+/// error.
+type SendError = (bool, BoxError);
+
+/// Sends `request` on a pooled connection of this worker's to `endpoint`.
+/// A reused connection the upstream closed before the request went out is
+/// replaced by a new one; the request was not sent, so this is no retry.
+async fn send_pooled(
+    shared: &Shared,
+    endpoint: &EndpointState,
+    mut request: Request<ProxyBody>,
+    load: &mut Load,
+) -> Result<Response<hyper::body::Incoming>, SendError> {
+    loop {
+        let (mut sender, reused) = pool::checkout(endpoint, shared.worker)
+            .await
+            .map_err(|e| (true, BoxError::from(e)))?;
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                load.connection = Some(sender);
+                return Ok(response);
+            }
+            Err(mut error) => match error.take_message() {
+                Some(unsent) if reused => request = unsent,
+                _ => return Err((false, BoxError::from(error.into_error()))),
+            },
+        }
     }
 }
 
@@ -428,17 +481,26 @@ async fn attempt(
             timed_out,
         })
     };
-    let uri = Uri::builder()
-        .scheme(endpoint.scheme.clone())
-        .authority(endpoint.authority.clone());
     // Most endpoints have no base path: the client's path goes as it came.
-    let uri = if endpoint.base_path.is_empty() {
-        uri.path_and_query(path_and_query.clone())
+    let path_and_query = if endpoint.base_path.is_empty() {
+        path_and_query.clone()
     } else {
-        uri.path_and_query(format!("{}{path_and_query}", endpoint.base_path))
-    }
-    .build()
-    .map_err(|e| failed(format!("cannot build the upstream URL: {e}"), false))?;
+        PathAndQuery::try_from(format!("{}{path_and_query}", endpoint.base_path))
+            .map_err(|e| failed(format!("cannot build the upstream URL: {e}"), false))?
+    };
+    // A pooled connection takes the origin form; hyper-util's client the
+    // absolute one, to choose its connection by.
+    let pooled = endpoint.scheme == Scheme::HTTP;
+    let uri = if pooled {
+        Uri::from(path_and_query)
+    } else {
+        Uri::builder()
+            .scheme(endpoint.scheme.clone())
+            .authority(endpoint.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| failed(format!("cannot build the upstream URL: {e}"), false))?
+    };
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
@@ -479,16 +541,23 @@ async fn attempt(
         token = Some(value);
     }
 
-    endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-    let load = Load(Arc::clone(endpoint));
-    let sent = tokio::time::timeout_at(try_deadline, shared.client.request(request)).await;
+    let mut load = Load::new(endpoint, shared.worker);
+    let sent = if pooled {
+        let sending = send_pooled(shared, endpoint, request, &mut load);
+        tokio::time::timeout_at(try_deadline, sending).await
+    } else {
+        let sending = shared.client.request(request);
+        tokio::time::timeout_at(try_deadline, sending)
+            .await
+            .map(|sent| sent.map_err(|e| (e.is_connect(), BoxError::from(e))))
+    };
     let response = match sent {
         Ok(Ok(response)) => response,
-        Ok(Err(error)) => {
-            if let Some(max) = body::too_large(&error) {
+        Ok(Err((connect, error))) => {
+            if let Some(max) = body::too_large(error.as_ref()) {
                 return Err(Attempt::TooLarge(max));
             }
-            let error = describe_client_error(&error);
+            let error = describe_send_error(connect, error.as_ref());
             tier.report(endpoint, Some(error.clone()));
             return Err(failed(error, false));
         }
@@ -530,10 +599,10 @@ async fn attempt(
     Ok((response, load))
 }
 
-/// The error of a client call, as the breaker and the client read it.
-fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
+/// The error of a try, as the breaker and the client read it.
+fn describe_send_error(connect: bool, error: &(dyn std::error::Error + 'static)) -> String {
     let cause = root_cause(error);
-    if error.is_connect() {
+    if connect {
         format!("cannot connect: {cause}")
     } else {
         format!("no response: {cause}")

@@ -1180,3 +1180,74 @@ async fn a_burst_of_connections_waits_in_the_backlog_instead_of_being_dropped() 
     assert_eq!(connected, burst, "connections completed by the kernel");
 }
 
+/// A bare HTTP/1.1 backend that counts the connections it accepts and
+/// answers `ok` to every (bodiless) request; with `close_idle` it closes
+/// each connection after its first answer, without a `Connection: close`.
+async fn counting_backend(
+    close_idle: bool,
+) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buffer.clear();
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() || close_idle {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted, task)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_closed_ones_replaced() {
+    for close_idle in [false, true] {
+        let (url, accepted, _backend) = counting_backend(close_idle).await;
+        let config = RouterConfig {
+            workers: 1,
+            ..config()
+        };
+        let h = Harness::start(
+            config,
+            table(
+                Some(TierId::Local),
+                vec![tier(TierId::Local, TierState::Healthy, &[url])],
+            ),
+        )
+        .await;
+        for _ in 0..3 {
+            // Not replay-safe: a try on a connection the backend closed
+            // would come back as a 502, not be tried again.
+            let response = h.post("/not-replay-safe", Vec::new()).await;
+            assert_eq!(response.status(), 200, "close_idle: {close_idle}");
+            assert_eq!(header(&response, "x-cascade-attempts"), "1");
+            // Time for the router to see the close.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let expected = if close_idle { 3 } else { 1 };
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            expected,
+            "connections the backend accepted (close_idle: {close_idle})"
+        );
+    }
+}
