@@ -149,7 +149,7 @@ impl Router {
             addr: config.listen,
             source,
         })?;
-        let stats = Arc::new(Stats::new());
+        let stats = Arc::new(Stats::new(config.worker_count()));
         let (settings_tx, settings) = watch::channel(Arc::new(Settings::new(config, None)));
         let (plans_tx, plans) = watch::channel(Arc::new(Plan::default()));
         let tasks = TaskTracker::new();
@@ -262,7 +262,8 @@ impl Workers {
                 plans: self.plans.clone(),
                 settings: self.settings.clone(),
                 client: client()?,
-                stats: Arc::clone(&self.stats),
+                stats: self.stats.worker(index),
+                all: Arc::clone(&self.stats),
                 pending: Arc::clone(&self.pending),
                 turn: AtomicUsize::new(index),
                 worker: index,

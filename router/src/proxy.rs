@@ -34,7 +34,7 @@ use crate::config::{Route, RouterConfig};
 use crate::headers;
 use crate::plan::{EndpointState, Plan, PlanTier};
 use crate::pool;
-use crate::stats::{InFlight, Stats};
+use crate::stats::{InFlight, Stats, WorkerStats};
 
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
@@ -76,7 +76,10 @@ pub struct Shared {
     pub plans: watch::Receiver<Arc<Plan>>,
     pub settings: watch::Receiver<Arc<Settings>>,
     pub client: HttpClient,
-    pub stats: Arc<Stats>,
+    /// This worker's counters.
+    pub stats: Arc<WorkerStats>,
+    /// The router's, for what is not per worker.
+    pub all: Arc<Stats>,
     /// Requests waiting for a tier now (bounded by `max_pending`).
     pub pending: Arc<AtomicUsize>,
     /// Rotates ties between equally loaded endpoints (the worker's own).
@@ -315,7 +318,7 @@ async fn route(
                 tier.runtime.answered(Instant::now());
                 if let Some((from, error)) = first_failure {
                     shared
-                        .stats
+                        .all
                         .retried_failover(from, tier.tier(), error, attempts);
                 }
                 let idle = config.request_timeout(tier.tier());

@@ -5,12 +5,13 @@
 //!
 //! All of it is in memory and bounded: fixed 5-second slots (180 of them)
 //! with a log-scale latency histogram each, and at most [`MAX_CHANGES`]
-//! state changes per tier. Recording takes one short lock, never across an
-//! await; the status API reads copies.
+//! state changes per tier. A request records into its worker's own
+//! [`WorkerStats`] (its own cache lines and an uncontended lock, never held
+//! across an await); the status API merges the workers' copies.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use cascade_actors::TierId;
@@ -88,11 +89,13 @@ pub enum Phase {
     Down,
 }
 
-#[derive(Debug, Default)]
-struct TierHistory {
-    slots: VecDeque<Slot>,
-    /// (milliseconds since the origin, phase), oldest first.
-    changes: VecDeque<(u64, Phase)>,
+impl Slot {
+    fn add(&mut self, other: &Slot) {
+        self.count += other.count;
+        for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *mine += *theirs;
+        }
+    }
 }
 
 /// The last request that a retry carried to another endpoint.
@@ -107,23 +110,51 @@ pub struct RetriedFailover {
     pub attempts: u32,
 }
 
+/// What the control path changes (seldom).
 #[derive(Debug, Default)]
 struct Inner {
-    /// Requests per second for the rate: (second index, count).
-    seconds: [(u64, u64); RATE_WINDOW],
-    tiers: BTreeMap<TierId, TierHistory>,
+    /// Per tier: (milliseconds since the origin, phase), oldest first.
+    changes: BTreeMap<TierId, VecDeque<(u64, Phase)>>,
     last_failover: Option<RetriedFailover>,
 }
 
-/// The router's counters; one per router, shared by its requests.
+/// The router's counters and history; one per router. Requests record
+/// into their worker's [`WorkerStats`].
 #[derive(Debug)]
 pub struct Stats {
     origin: Instant,
     origin_wall: SystemTime,
+    workers: Box<[Arc<WorkerStats>]>,
+    inner: Mutex<Inner>,
+}
+
+/// What one worker's requests record. Aligned so that two workers'
+/// counters never share a cache line.
+#[derive(Debug)]
+#[repr(align(128))]
+pub struct WorkerStats {
+    origin: Instant,
     in_flight: AtomicU64,
     requests: AtomicU64,
     retried: AtomicU64,
-    inner: Mutex<Inner>,
+    recent: Mutex<Recent>,
+}
+
+#[derive(Debug, Default)]
+struct Recent {
+    /// Requests per second for the rate: (second index, count).
+    seconds: [(u64, u64); RATE_WINDOW],
+    /// Per tier, the slots that saw requests, oldest first.
+    slots: BTreeMap<TierId, VecDeque<Slot>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing under these locks can panic halfway through an update that matters.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn ms_since(origin: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `router` in `GET /status`.
@@ -178,31 +209,43 @@ pub struct PhaseSince {
 
 impl Default for Stats {
     fn default() -> Self {
-        Stats::new()
+        Stats::new(1)
     }
 }
 
 impl Stats {
-    pub fn new() -> Stats {
+    /// Counters for a router of `workers` workers.
+    pub fn new(workers: usize) -> Stats {
+        let origin = Instant::now();
         Stats {
-            origin: Instant::now(),
+            origin,
             origin_wall: SystemTime::now(),
-            in_flight: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
+            workers: (0..workers.max(1))
+                .map(|_| {
+                    Arc::new(WorkerStats {
+                        origin,
+                        in_flight: AtomicU64::new(0),
+                        requests: AtomicU64::new(0),
+                        retried: AtomicU64::new(0),
+                        recent: Mutex::new(Recent::default()),
+                    })
+                })
+                .collect(),
             inner: Mutex::new(Inner::default()),
         }
     }
 
+    /// Worker `index`'s counters.
+    pub fn worker(&self, index: usize) -> Arc<WorkerStats> {
+        Arc::clone(&self.workers[index % self.workers.len()])
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Nothing under this lock can panic halfway through an update that matters.
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.inner)
     }
 
     fn ms(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
+        ms_since(self.origin, now)
     }
 
     fn wall_ms(&self, ms: u64) -> u64 {
@@ -213,47 +256,6 @@ impl Stats {
         u64::try_from(origin.as_millis())
             .unwrap_or(u64::MAX)
             .saturating_add(ms)
-    }
-
-    /// A request came in; the guard counts it in flight until dropped.
-    pub fn begin(self: &std::sync::Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        cascade_actors::metrics::metrics().router_in_flight(1);
-        InFlight(std::sync::Arc::clone(self))
-    }
-
-    /// A request got its answer (its head): `tier` is who answered, if any.
-    pub fn answered(&self, now: Instant, tier: Option<TierId>, latency: Duration, attempts: u32) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        if attempts > 1 {
-            self.retried.fetch_add(1, Ordering::Relaxed);
-        }
-        let ms = self.ms(now);
-        let second = ms / 1000;
-        let slot = ms / SLOT.as_millis() as u64;
-        let mut inner = self.lock();
-        let cell = &mut inner.seconds[(second % RATE_WINDOW as u64) as usize];
-        if cell.0 != second {
-            *cell = (second, 0);
-        }
-        cell.1 += 1;
-        if let Some(tier) = tier {
-            let history = inner.tiers.entry(tier).or_default();
-            if history.slots.back().is_none_or(|s| s.index != slot) {
-                history.slots.push_back(Slot::new(slot));
-                while history
-                    .slots
-                    .front()
-                    .is_some_and(|s| s.index + (SLOTS as u64) <= slot)
-                {
-                    history.slots.pop_front();
-                }
-            }
-            if let Some(current) = history.slots.back_mut() {
-                current.count += 1;
-                current.buckets[bucket_of(latency)] += 1;
-            }
-        }
     }
 
     /// A retry carried a request from `from` to `to`, where it succeeded.
@@ -279,37 +281,41 @@ impl Stats {
             } else {
                 Phase::Healthy
             };
-            let history = inner.tiers.entry(tier.tier).or_default();
-            if history.changes.back().map(|(_, p)| *p) != Some(phase) {
-                history.changes.push_back((ms, phase));
+            let changes = inner.changes.entry(tier.tier).or_default();
+            if changes.back().map(|(_, p)| *p) != Some(phase) {
+                changes.push_back((ms, phase));
             }
             // Keep one change from before the span: it says what the strip starts with.
             let cutoff = ms.saturating_sub(SPAN.as_millis() as u64);
-            while history.changes.len() > MAX_CHANGES
-                || (history.changes.len() > 1 && history.changes[1].0 <= cutoff)
-            {
-                history.changes.pop_front();
+            while changes.len() > MAX_CHANGES || (changes.len() > 1 && changes[1].0 <= cutoff) {
+                changes.pop_front();
             }
         }
     }
 
     pub fn status(&self, address: String, now: Instant) -> RouterStatus {
         let second = self.ms(now) / 1000;
-        let inner = self.lock();
-        // The current second is still filling: the rate is over the ones before it.
-        let counted: u64 = inner
-            .seconds
-            .iter()
-            .filter(|(s, _)| *s < second && s + RATE_WINDOW as u64 >= second)
-            .map(|(_, n)| n)
-            .sum();
+        let mut counted = 0u64;
+        let (mut in_flight, mut requests, mut retried) = (0u64, 0u64, 0u64);
+        for worker in &self.workers {
+            in_flight += worker.in_flight.load(Ordering::Relaxed);
+            requests += worker.requests.load(Ordering::Relaxed);
+            retried += worker.retried.load(Ordering::Relaxed);
+            // The current second is still filling: the rate is over the ones before it.
+            counted += lock(&worker.recent)
+                .seconds
+                .iter()
+                .filter(|(s, _)| *s < second && s + RATE_WINDOW as u64 >= second)
+                .map(|(_, n)| n)
+                .sum::<u64>();
+        }
         RouterStatus {
             address,
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            requests: self.requests.load(Ordering::Relaxed),
+            in_flight,
+            requests,
             request_rate: counted as f64 / RATE_WINDOW as f64,
-            retried: self.retried.load(Ordering::Relaxed),
-            last_retried_failover: inner.last_failover.clone(),
+            retried,
+            last_retried_failover: self.lock().last_failover.clone(),
         }
     }
 
@@ -317,16 +323,31 @@ impl Stats {
         let ms = self.ms(now);
         let slot_ms = SLOT.as_millis() as u64;
         let current = ms / slot_ms;
+        // Every worker's slots, added up per tier and slot.
+        let mut merged: BTreeMap<TierId, BTreeMap<u64, Slot>> = BTreeMap::new();
+        for worker in &self.workers {
+            let recent = lock(&worker.recent);
+            for (tier, slots) in &recent.slots {
+                let into = merged.entry(*tier).or_default();
+                for slot in slots.iter().filter(|s| s.index + (SLOTS as u64) > current) {
+                    into.entry(slot.index)
+                        .or_insert_with(|| Slot::new(slot.index))
+                        .add(slot);
+                }
+            }
+        }
         let inner = self.lock();
-        let tiers = inner
-            .tiers
-            .iter()
-            .map(|(tier, h)| TierSeries {
-                tier: *tier,
-                points: h
-                    .slots
-                    .iter()
-                    .filter(|s| s.index + (SLOTS as u64) > current)
+        let no_changes = VecDeque::new();
+        let tier_ids: std::collections::BTreeSet<TierId> =
+            merged.keys().chain(inner.changes.keys()).copied().collect();
+        let tiers = tier_ids
+            .into_iter()
+            .map(|tier| TierSeries {
+                tier,
+                points: merged
+                    .get(&tier)
+                    .into_iter()
+                    .flat_map(BTreeMap::values)
                     .map(|s| {
                         // The slot in progress is divided by the time it has run.
                         let width = if s.index == current {
@@ -341,8 +362,10 @@ impl Stats {
                         }
                     })
                     .collect(),
-                phases: h
+                phases: inner
                     .changes
+                    .get(&tier)
+                    .unwrap_or(&no_changes)
                     .iter()
                     .map(|(at, phase)| PhaseSince {
                         since_ms: self.wall_ms(*at),
@@ -360,9 +383,51 @@ impl Stats {
     }
 }
 
+impl WorkerStats {
+    /// A request came in; the guard counts it in flight until dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        cascade_actors::metrics::metrics().router_in_flight(1);
+        InFlight(Arc::clone(self))
+    }
+
+    /// A request got its answer (its head): `tier` is who answered, if any.
+    pub fn answered(&self, now: Instant, tier: Option<TierId>, latency: Duration, attempts: u32) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if attempts > 1 {
+            self.retried.fetch_add(1, Ordering::Relaxed);
+        }
+        let ms = ms_since(self.origin, now);
+        let second = ms / 1000;
+        let slot = ms / SLOT.as_millis() as u64;
+        let mut recent = lock(&self.recent);
+        let cell = &mut recent.seconds[(second % RATE_WINDOW as u64) as usize];
+        if cell.0 != second {
+            *cell = (second, 0);
+        }
+        cell.1 += 1;
+        if let Some(tier) = tier {
+            let slots = recent.slots.entry(tier).or_default();
+            if slots.back().is_none_or(|s| s.index != slot) {
+                slots.push_back(Slot::new(slot));
+                while slots
+                    .front()
+                    .is_some_and(|s| s.index + (SLOTS as u64) <= slot)
+                {
+                    slots.pop_front();
+                }
+            }
+            if let Some(current) = slots.back_mut() {
+                current.count += 1;
+                current.buckets[bucket_of(latency)] += 1;
+            }
+        }
+    }
+}
+
 /// Counts one request in flight while it lives.
 #[derive(Debug)]
-pub struct InFlight(std::sync::Arc<Stats>);
+pub struct InFlight(Arc<WorkerStats>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -376,7 +441,6 @@ mod tests {
     use super::*;
     use cascade_actors::TierState;
     use cascade_actors::routing::{Endpoint, RouteInfo, RouteTier};
-    use std::sync::Arc;
 
     #[test]
     fn buckets_bound_latency_within_a_quarter() {
@@ -393,7 +457,8 @@ mod tests {
 
     #[test]
     fn rate_and_p99_come_from_the_slots_and_old_slots_expire() {
-        let stats = Stats::new();
+        // Two workers record; the history adds them up.
+        let stats = Stats::new(2);
         let t0 = stats.origin;
         for i in 0..100 {
             let latency = if i == 99 {
@@ -401,7 +466,7 @@ mod tests {
             } else {
                 Duration::from_millis(2)
             };
-            stats.answered(
+            stats.worker(i as usize % 2).answered(
                 t0 + Duration::from_millis(10 * i),
                 Some(TierId::Local),
                 latency,
@@ -426,7 +491,7 @@ mod tests {
 
     #[test]
     fn phases_change_only_on_change_and_stay_bounded() {
-        let stats = Stats::new();
+        let stats = Stats::new(1);
         let t0 = stats.origin;
         let tier = |state| RouteTier {
             tier: TierId::Docker,
@@ -469,9 +534,9 @@ mod tests {
 
     #[test]
     fn in_flight_counts_until_the_guard_drops() {
-        let stats = Arc::new(Stats::new());
-        let a = stats.begin();
-        let b = stats.begin();
+        let stats = Stats::new(2);
+        let a = stats.worker(0).begin();
+        let b = stats.worker(1).begin();
         assert_eq!(stats.status(String::new(), Instant::now()).in_flight, 2);
         drop(a);
         drop(b);
