@@ -260,7 +260,9 @@ impl Workers {
                 .map_err(Error::Workers)?;
             let shared = Arc::new(Shared {
                 plans: self.plans.clone(),
+                plan: proxy::Local::new(self.plans.clone()),
                 settings: self.settings.clone(),
+                local_settings: proxy::Local::new(self.settings.clone()),
                 client: client()?,
                 stats: self.stats.worker(index),
                 all: Arc::clone(&self.stats),

@@ -39,6 +39,7 @@ use crate::stats::{InFlight, Stats, WorkerStats};
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// The settings a request reads, rebuilt on reload.
+#[derive(Clone)]
 pub struct Settings {
     pub config: RouterConfig,
     pub routes: Vec<Route>,
@@ -69,12 +70,49 @@ impl Settings {
     }
 }
 
+/// A worker's own copy of what a `watch` publishes. Reading the `watch`
+/// itself writes its lock word and the published `Arc`'s count, lines that
+/// every worker's requests would then take turns at; the copy's lock and
+/// count are this worker's alone, and a new value costs one clone.
+pub struct Local<T> {
+    cell: std::sync::Mutex<(watch::Receiver<Arc<T>>, Arc<T>)>,
+}
+
+impl<T: Clone> Local<T> {
+    pub fn new(mut published: watch::Receiver<Arc<T>>) -> Local<T> {
+        let current = Arc::new(T::clone(&published.borrow_and_update()));
+        Local {
+            cell: std::sync::Mutex::new((published, current)),
+        }
+    }
+
+    /// The newest value published.
+    pub fn get(&self) -> Arc<T> {
+        let mut cell = self
+            .cell
+            .lock()
+            // Nothing under this lock can panic.
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (published, current) = &mut *cell;
+        // A closed channel (the router stopping) keeps the last value.
+        if published.has_changed().unwrap_or(false) {
+            *current = Arc::new(T::clone(&published.borrow_and_update()));
+        }
+        Arc::clone(current)
+    }
+}
+
 /// What every request on one worker shares. The counters are the router's,
 /// shared by all its workers; the client (and so its connection pool) is
 /// the worker's own.
 pub struct Shared {
+    /// The plans as published, to wait for a new one.
     pub plans: watch::Receiver<Arc<Plan>>,
+    /// This worker's copy of the newest plan, for a request to read.
+    pub plan: Local<Plan>,
     pub settings: watch::Receiver<Arc<Settings>>,
+    /// This worker's copy of the settings, for a request to read.
+    pub local_settings: Local<Settings>,
     pub client: HttpClient,
     /// This worker's counters.
     pub stats: Arc<WorkerStats>,
@@ -158,7 +196,7 @@ async fn route(
     request: Request<hyper::body::Incoming>,
     in_flight: InFlight,
 ) -> (Response<ProxyBody>, Option<TierId>, u32) {
-    let settings = shared.settings.borrow().clone();
+    let settings = shared.local_settings.get();
     let config = &settings.config;
     let arrived = Instant::now();
     let deadline = arrived + config.deadline;
@@ -230,7 +268,7 @@ async fn route(
     loop {
         let attempts = tried.len() as u32;
         let current = last.as_ref().map(|f| f.tier);
-        let plan = shared.plans.borrow().clone();
+        let plan = shared.plan.get();
         let turn = shared.turn.fetch_add(1, Ordering::Relaxed);
         // Borrowed from this iteration's plan: nothing of the tier is copied.
         let chosen = plan.choose(current, &tried, turn);
@@ -269,7 +307,7 @@ async fn route(
                     }
                     (Err(_), None) => {
                         cascade_actors::metrics::metrics().router_no_tier();
-                        let plan = shared.plans.borrow().clone();
+                        let plan = shared.plan.get();
                         return refuse(no_tier(&plan, config), None, 0);
                     }
                 }
