@@ -264,6 +264,12 @@ impl Harness {
         }
     }
 
+    /// A router whose one tier, `local`, is healthy at `url`.
+    async fn local(config: RouterConfig, url: String) -> Harness {
+        let local = tier(TierId::Local, TierState::Healthy, &[url]);
+        Harness::start(config, table(Some(TierId::Local), vec![local])).await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -341,14 +347,7 @@ async fn demo_backend() -> (String, tokio::task::JoinHandle<()>) {
 #[tokio::test]
 async fn health_and_embed_reach_the_demo_backend() {
     let (url, backend) = demo_backend().await;
-    let h = Harness::start(
-        config(),
-        table(
-            Some(TierId::Local),
-            vec![tier(TierId::Local, TierState::Healthy, &[url])],
-        ),
-    )
-    .await;
+    let h = Harness::local(config(), url).await;
     let health = h.get("/health").await;
     assert_eq!(health.status(), 200);
     assert_eq!(header(&health, "x-cascade-tier"), "local");
@@ -732,14 +731,7 @@ async fn a_try_that_times_out_moves_on() {
 #[tokio::test]
 async fn headers_are_rewritten_as_a_proxy_should() {
     let echo = Echo::start("local").await;
-    let h = Harness::start(
-        config(),
-        table(
-            Some(TierId::Local),
-            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
-        ),
-    )
-    .await;
+    let h = Harness::local(config(), echo.url()).await;
     let response = h
         .http
         .get(h.url("/echo?q=1"))
@@ -783,14 +775,7 @@ async fn headers_are_rewritten_as_a_proxy_should() {
 #[tokio::test]
 async fn responses_stream_to_the_client() {
     let echo = Echo::start("local").await;
-    let h = Harness::start(
-        config(),
-        table(
-            Some(TierId::Local),
-            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
-        ),
-    )
-    .await;
+    let h = Harness::local(config(), echo.url()).await;
     let started = std::time::Instant::now();
     let mut response = h.get("/stream").await;
     let first = response.chunk().await.unwrap().unwrap();
@@ -811,14 +796,7 @@ async fn upgrades_get_a_clear_501_and_big_bodies_413() {
         max_replay_body: bytesize::ByteSize::kib(8),
         ..config()
     };
-    let h = Harness::start(
-        config,
-        table(
-            Some(TierId::Local),
-            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
-        ),
-    )
-    .await;
+    let h = Harness::local(config, echo.url()).await;
     let response = h
         .http
         .get(h.url("/ws"))
@@ -863,14 +841,7 @@ async fn a_refused_body_is_read_on_so_the_connection_survives_its_413() {
         max_replay_body: bytesize::ByteSize::kib(8),
         ..config()
     };
-    let h = Harness::start(
-        config,
-        table(
-            Some(TierId::Local),
-            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
-        ),
-    )
-    .await;
+    let h = Harness::local(config, echo.url()).await;
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
     let length = 100 * 1024;
     stream
@@ -911,14 +882,7 @@ async fn a_client_slow_to_send_headers_is_cut_off() {
         header_read_timeout: Duration::from_millis(300),
         ..config()
     };
-    let h = Harness::start(
-        config,
-        table(
-            Some(TierId::Local),
-            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
-        ),
-    )
-    .await;
+    let h = Harness::local(config, echo.url()).await;
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
     stream
         .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
@@ -942,14 +906,7 @@ async fn connections_beyond_the_limit_get_503() {
         workers: 2,
         ..config()
     };
-    let h = Harness::start(
-        config,
-        table(
-            Some(TierId::Local),
-            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
-        ),
-    )
-    .await;
+    let h = Harness::local(config, echo.url()).await;
     let mut first = TcpStream::connect(h.addr).await.unwrap();
     first
         .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -977,14 +934,7 @@ async fn connections_beyond_the_limit_get_503() {
 #[tokio::test]
 async fn drain_lets_a_slow_request_finish_and_refuses_new_connections() {
     let echo = Echo::start("local").await;
-    let mut h = Harness::start(
-        config(),
-        table(
-            Some(TierId::Local),
-            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
-        ),
-    )
-    .await;
+    let mut h = Harness::local(config(), echo.url()).await;
     let slow = {
         let http = h.http.clone();
         let url = h.url("/slow/800");
@@ -1019,14 +969,7 @@ async fn several_workers_serve_side_by_side_and_all_drain() {
         workers: 3,
         ..config()
     };
-    let mut h = Harness::start(
-        config,
-        table(
-            Some(TierId::Local),
-            vec![tier(TierId::Local, TierState::Healthy, &[echo.url()])],
-        ),
-    )
-    .await;
+    let mut h = Harness::local(config, echo.url()).await;
     // Three threads serve (another test's router has at most one per CPU;
     // under CI that is two, so a third is this one's). A new thread bears
     // its parent's name until it has set its own.
@@ -1226,14 +1169,7 @@ async fn upstream_connections_are_kept_alive_and_closed_ones_replaced() {
             workers: 1,
             ..config()
         };
-        let h = Harness::start(
-            config,
-            table(
-                Some(TierId::Local),
-                vec![tier(TierId::Local, TierState::Healthy, &[url])],
-            ),
-        )
-        .await;
+        let h = Harness::local(config, url).await;
         for _ in 0..3 {
             // Not replay-safe: a try on a connection the backend closed
             // would come back as a 502, not be tried again.
