@@ -148,6 +148,13 @@ pub async fn checkout(
 
 /// Opens a new connection to `endpoint`; its task runs on the current
 /// (the worker's) runtime until the upstream or cascade closes it.
+///
+/// The task is not tracked, on purpose: it ends by itself once the upstream
+/// closes the socket or its `SendRequest` is dropped (the pool dropping a
+/// connection that was closed, idle too long or one too many; hyper closes
+/// one whose response body was dropped unread), and the worker's runtime
+/// drops whatever is left when it shuts down after the drain. A handle per
+/// connection would only be bookkeeping for what hyper already ends.
 pub async fn connect(endpoint: &EndpointState) -> Result<Sender, ConnectError> {
     let host = endpoint.authority.host();
     // IPv6 literals come bracketed in an authority.

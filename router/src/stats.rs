@@ -207,12 +207,6 @@ pub struct PhaseSince {
     pub phase: Phase,
 }
 
-impl Default for Stats {
-    fn default() -> Self {
-        Stats::new(1)
-    }
-}
-
 impl Stats {
     /// Counters for a router of `workers` workers.
     pub fn new(workers: usize) -> Stats {
