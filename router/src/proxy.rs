@@ -102,9 +102,10 @@ impl<T: Clone> Local<T> {
     }
 }
 
-/// What every request on one worker shares. The counters are the router's,
-/// shared by all its workers; the client (and so its connection pool) is
-/// the worker's own.
+/// What every request on one worker shares: the worker's own copies of the
+/// plan and the settings, its own counters and client, and its index into
+/// each endpoint's idle connections; `all` and `pending` are the router's,
+/// shared by every worker.
 pub struct Shared {
     /// The plans as published, to wait for a new one.
     pub plans: watch::Receiver<Arc<Plan>>,
