@@ -7,9 +7,11 @@
 //! `-- failover` runs one part. Parts:
 //! - overhead: wrk's requests/s and p50/p99 for `GET /health` and
 //!   `POST /embed` (1 s of 16 kHz audio), direct, through cascade, through
-//!   nginx (upstream keepalive); then a fixed 1,000 req/s (an open-loop
-//!   client that measures from each request's scheduled time, as wrk2 does)
-//!   with p50/p99, and cascade's CPU and RSS meanwhile;
+//!   nginx (upstream keepalive), with the CPU time (user and system) the
+//!   proxy spent per request, nginx's workers included; then a fixed
+//!   1,000 req/s (an open-loop client that measures from each request's
+//!   scheduled time, as wrk2 does) with p50/p99, and cascade's CPU and RSS
+//!   meanwhile;
 //! - failover: 200 req/s of `POST /embed` for 20 s, docker tier first and
 //!   local second, the container killed at 5 s: non-2xx and the p99 of the
 //!   failover second, through cascade twice — the local tier cold-started
@@ -229,6 +231,23 @@ fn nix_is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// `pid` and its children (nginx's master and its workers).
+fn with_children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    std::iter::once(pid)
+        .chain(out.split_whitespace().filter_map(|p| p.parse().ok()))
+        .collect()
+}
+
+/// User and system CPU time of `pids`, in clock ticks.
+fn cpu_ticks_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|pid| cpu_ticks(*pid)).sum()
+}
+
 /// User and system CPU time of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -262,6 +281,8 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 
 struct WrkResult {
     rps: f64,
+    /// Requests completed in the run.
+    requests: f64,
     p50_ms: f64,
     p99_ms: f64,
     errors: String,
@@ -287,6 +308,13 @@ fn wrk(url: &str, lua: Option<&Path>) -> WrkResult {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
+    // `  123456 requests in 5.00s, 12.34MB read`
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let errors = text
         .lines()
         .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
@@ -295,6 +323,7 @@ fn wrk(url: &str, lua: Option<&Path>) -> WrkResult {
         .join("; ");
     WrkResult {
         rps,
+        requests,
         p50_ms: number("50%").unwrap_or(f64::NAN),
         p99_ms: number("99%").unwrap_or(f64::NAN),
         errors,
@@ -465,7 +494,7 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
         );
         std::process::exit(1);
     }
-    let _nginx = start_nginx(
+    let nginx = start_nginx(
         dir,
         nginx_port,
         &format!("server 127.0.0.1:{backend};"),
@@ -480,21 +509,35 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
         ("cascade", through_cascade.as_str()),
         ("nginx", through_nginx.as_str()),
     ];
+    // The processes whose CPU time a run through each proxy is charged.
+    let proxy_pids = |via: &str| match via {
+        "cascade" => vec![cascade.0.id()],
+        "nginx" => with_children(nginx.0.id()),
+        _ => Vec::new(),
+    };
 
     let mut rows = Vec::new();
     for (name, path, script) in [
         ("GET /health", "/health", None),
         ("POST /embed", "/embed", Some(lua)),
     ] {
-        let results: Vec<(&str, WrkResult)> = targets
+        let results: Vec<(&str, WrkResult, f64)> = targets
             .iter()
-            .map(|(via, base)| (*via, wrk(&format!("{base}{path}"), script)))
+            .map(|(via, base)| {
+                let pids = proxy_pids(via);
+                let before = cpu_ticks_of(&pids);
+                let result = wrk(&format!("{base}{path}"), script);
+                let ticks = cpu_ticks_of(&pids).saturating_sub(before) as f64;
+                // Clock ticks are 10 ms.
+                let us_per_request = ticks * 10_000.0 / result.requests;
+                (*via, result, us_per_request)
+            })
             .collect();
         let nginx = results
             .iter()
-            .find(|(via, _)| *via == "nginx")
-            .map_or(f64::NAN, |(_, r)| r.rps);
-        for (via, r) in results {
+            .find(|(via, _, _)| *via == "nginx")
+            .map_or(f64::NAN, |(_, r, _)| r.rps);
+        for (via, r, us_per_request) in results {
             rows.push(vec![
                 name.to_owned(),
                 via.to_owned(),
@@ -502,6 +545,11 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
                 format!("{:.2}", r.rps / nginx),
                 format!("{:.3}", r.p50_ms),
                 format!("{:.3}", r.p99_ms),
+                if via == "direct" {
+                    "-".to_owned()
+                } else {
+                    format!("{us_per_request:.1}")
+                },
                 if r.errors.is_empty() {
                     "-".to_owned()
                 } else {
@@ -515,7 +563,14 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
             "overhead at maximum throughput: wrk -t2 -c32 -d5s {SHARED}; target: cascade ≥ 0.90 × nginx"
         ),
         &[
-            "request", "via", "req/s", "× nginx", "p50 ms", "p99 ms", "errors",
+            "request",
+            "via",
+            "req/s",
+            "× nginx",
+            "p50 ms",
+            "p99 ms",
+            "proxy CPU µs/req",
+            "errors",
         ],
         &rows,
     );
