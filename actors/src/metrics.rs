@@ -18,7 +18,7 @@
 //! counters, e.g. `cascade.failovers` → `cascade_failovers_total`.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -94,12 +94,19 @@ pub struct Metrics {
     /// instruments below when metrics are collected.
     router_counts: Arc<RouterCounts>,
     _router_requests: ObservableCounter<u64>,
-    router_attempts: Histogram<u64>,
+    router_histograms: RouterHistograms,
     router_retries: Counter<u64>,
     router_budget_exhausted: Counter<u64>,
     router_no_tier: Counter<u64>,
     _router_in_flight: ObservableUpDownCounter<i64>,
-    router_duration: Histogram<f64>,
+}
+
+/// The router's histograms: `cascade.router.attempts` and
+/// `cascade.router.duration`.
+#[derive(Debug, Clone)]
+struct RouterHistograms {
+    attempts: Histogram<u64>,
+    duration: Histogram<f64>,
 }
 
 /// Status classes of `cascade.router.requests`.
@@ -107,17 +114,97 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// What the router counts on every request, in plain atomics: a request
 /// pays an add, not a lookup of its attribute set in an aggregator (the
-/// OpenTelemetry SDK's `add` hashes the attributes and takes a lock). The
-/// observable instruments read them when metrics are collected.
-#[derive(Debug, Default)]
+/// OpenTelemetry SDK's `add` hashes the attributes and takes locks that
+/// every worker shares). Each router worker adds to a shard of its own, so
+/// that two workers never write one cache line; the observable instruments
+/// add the shards up when metrics are collected. The histograms have no
+/// observable kind: a worker keeps its requests' tries and latencies and
+/// records them [`HISTOGRAM_BATCH`] at a time, and a collection records
+/// what every worker holds before it reads the histograms (the SDK runs
+/// the observable callbacks first), so a scrape misses nothing.
+#[derive(Debug)]
 struct RouterCounts {
+    shards: Box<[RouterShard]>,
+}
+
+/// Shards of [`RouterCounts`]: as many as the router may have workers.
+pub const ROUTER_SHARDS: usize = 64;
+
+/// One worker's counts, on cache lines of their own.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct RouterShard {
     in_flight: AtomicI64,
     /// By the tier that answered (`None`, cascade itself, first; then
     /// [`TierId::ALL`]'s order) and status class.
     requests: [[AtomicU64; CLASSES.len()]; TierId::ALL.len() + 1],
+    /// Requests not yet recorded in the histograms.
+    pending: Mutex<Pending>,
+}
+
+/// Requests a worker records in the histograms together.
+const HISTOGRAM_BATCH: usize = 32;
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Tries per request.
+    attempts: Vec<u32>,
+    /// Seconds to the response head, by the tier that answered.
+    latencies: Vec<(TierId, f64)>,
+}
+
+impl Pending {
+    fn record(&mut self, histograms: &RouterHistograms) {
+        for attempts in self.attempts.drain(..) {
+            histograms.attempts.record(u64::from(attempts), &[]);
+        }
+        for (id, seconds) in self.latencies.drain(..) {
+            histograms.duration.record(seconds, &[tier(id)]);
+        }
+    }
+}
+
+impl Default for RouterCounts {
+    fn default() -> Self {
+        RouterCounts {
+            shards: (0..ROUTER_SHARDS).map(|_| RouterShard::default()).collect(),
+        }
+    }
+}
+
+impl RouterShard {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // Pushes and drains leave the lists whole.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl RouterCounts {
+    fn shard(&self, worker: usize) -> &RouterShard {
+        &self.shards[worker % self.shards.len()]
+    }
+
+    /// Records what every worker holds in the histograms.
+    fn record_pending(&self, histograms: &RouterHistograms) {
+        for shard in &self.shards {
+            shard.pending().record(histograms);
+        }
+    }
+
+    fn requests(&self, tier: usize, class: usize) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.requests[tier][class].load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+
+    fn in_flight(&self) -> i64 {
+        self.shards
+            .iter()
+            .map(|s| s.in_flight.load(Ordering::Relaxed))
+            .fold(0, i64::wrapping_add)
+    }
+
     fn tier_name(index: usize) -> &'static str {
         index
             .checked_sub(1)
@@ -173,6 +260,19 @@ impl Metrics {
     /// Creates the instruments on `meter`. Tests pass their own provider's meter.
     pub fn new(meter: &Meter) -> Metrics {
         let router_counts = Arc::new(RouterCounts::default());
+        let router_histograms = RouterHistograms {
+            attempts: meter
+                .u64_histogram("cascade.router.attempts")
+                .with_description("Tries per routed request.")
+                .with_boundaries(vec![1.0, 2.0, 3.0, 4.0, 5.0, 10.0])
+                .build(),
+            duration: meter
+                .f64_histogram("cascade.router.duration")
+                .with_unit("s")
+                .with_description("Routed request latency to the response head, by tier.")
+                .with_boundaries(REQUEST_BUCKETS.to_vec())
+                .build(),
+        };
         Metrics {
             tier_state: meter
                 .i64_gauge("cascade.tier.state")
@@ -256,6 +356,7 @@ impl Metrics {
                 .build(),
             _router_requests: {
                 let counts = Arc::clone(&router_counts);
+                let histograms = router_histograms.clone();
                 meter
                     .u64_observable_counter("cascade.router.requests")
                     .with_description(
@@ -263,9 +364,11 @@ impl Metrics {
                          and status class (2xx ... 5xx).",
                     )
                     .with_callback(move |observer| {
-                        for (t, classes) in counts.requests.iter().enumerate() {
-                            for (c, count) in classes.iter().enumerate() {
-                                let count = count.load(Ordering::Relaxed);
+                        // Before the SDK reads the histograms.
+                        counts.record_pending(&histograms);
+                        for t in 0..=TierId::ALL.len() {
+                            for (c, class) in CLASSES.iter().enumerate() {
+                                let count = counts.requests(t, c);
                                 if count > 0 {
                                     observer.observe(
                                         count,
@@ -274,7 +377,7 @@ impl Metrics {
                                                 "backend.tier",
                                                 RouterCounts::tier_name(t),
                                             ),
-                                            KeyValue::new("class", CLASSES[c]),
+                                            KeyValue::new("class", *class),
                                         ],
                                     );
                                 }
@@ -283,11 +386,7 @@ impl Metrics {
                     })
                     .build()
             },
-            router_attempts: meter
-                .u64_histogram("cascade.router.attempts")
-                .with_description("Tries per routed request.")
-                .with_boundaries(vec![1.0, 2.0, 3.0, 4.0, 5.0, 10.0])
-                .build(),
+            router_histograms,
             router_retries: meter
                 .u64_counter("cascade.router.retries")
                 .with_description("Retries of routed requests, by the tier the failed try went to.")
@@ -306,17 +405,11 @@ impl Metrics {
                     .i64_observable_up_down_counter("cascade.router.in_flight")
                     .with_description("Routed requests whose response has not finished.")
                     .with_callback(move |observer| {
-                        observer.observe(counts.in_flight.load(Ordering::Relaxed), &[]);
+                        observer.observe(counts.in_flight(), &[]);
                     })
                     .build()
             },
             router_counts,
-            router_duration: meter
-                .f64_histogram("cascade.router.duration")
-                .with_unit("s")
-                .with_description("Routed request latency to the response head, by tier.")
-                .with_boundaries(REQUEST_BUCKETS.to_vec())
-                .build(),
         }
     }
 
@@ -412,9 +505,10 @@ impl Metrics {
     }
 
     /// A routed request was answered (its head sent) by `tier` (`None`:
-    /// by cascade itself) after `attempts` tries.
+    /// by cascade itself) after `attempts` tries, on router worker `worker`.
     pub fn router_request(
         &self,
+        worker: usize,
         id: Option<TierId>,
         status: u16,
         attempts: u32,
@@ -427,12 +521,15 @@ impl Metrics {
             400..=499 => 3,
             _ => 4,
         };
-        self.router_counts.requests[RouterCounts::tier_index(id)][class]
-            .fetch_add(1, Ordering::Relaxed);
-        self.router_attempts.record(u64::from(attempts), &[]);
+        let shard = self.router_counts.shard(worker);
+        shard.requests[RouterCounts::tier_index(id)][class].fetch_add(1, Ordering::Relaxed);
+        let mut pending = shard.pending();
+        pending.attempts.push(attempts);
         if let Some(id) = id {
-            self.router_duration
-                .record(latency.as_secs_f64(), &[tier(id)]);
+            pending.latencies.push((id, latency.as_secs_f64()));
+        }
+        if pending.attempts.len() >= HISTOGRAM_BATCH {
+            pending.record(&self.router_histograms);
         }
     }
 
@@ -449,8 +546,10 @@ impl Metrics {
         self.router_no_tier.add(1, &[]);
     }
 
-    pub fn router_in_flight(&self, delta: i64) {
+    /// Requests in flight on router worker `worker` changed by `delta`.
+    pub fn router_in_flight(&self, worker: usize, delta: i64) {
         self.router_counts
+            .shard(worker)
             .in_flight
             .fetch_add(delta, Ordering::Relaxed);
     }

@@ -64,7 +64,7 @@ pub struct RouterConfig {
 }
 
 /// The most worker threads `workers` may ask for.
-pub const MAX_WORKERS: usize = 64;
+pub const MAX_WORKERS: usize = cascade_actors::metrics::ROUTER_SHARDS;
 
 /// `[router.tiers.NAME]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

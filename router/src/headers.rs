@@ -52,10 +52,70 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// One client connection, as the forwarding headers name it: made once
+/// per connection, so that a request on it copies header values (a
+/// reference count each) instead of formatting the address again.
+pub struct Client {
+    /// `X-Forwarded-For`'s item: the address alone.
+    address: HeaderValue,
+    /// `Forwarded`'s `for=` element (an IPv6 address quoted, in brackets).
+    for_element: String,
+    /// The last `Forwarded` value made, and the `Host` and scheme it was
+    /// made for: a connection's requests usually name one host.
+    forwarded: std::sync::Mutex<Option<(Option<HeaderValue>, &'static str, HeaderValue)>>,
+}
+
+impl Client {
+    pub fn new(client: SocketAddr) -> Client {
+        let ip = client.ip().to_canonical();
+        let address = ip.to_string();
+        let for_element = match ip {
+            IpAddr::V4(_) => format!("for={address}"),
+            IpAddr::V6(_) => format!("for=\"[{address}]\""),
+        };
+        Client {
+            address: HeaderValue::from_maybe_shared(Bytes::from(address))
+                .expect("an IP address is a valid header value"),
+            for_element,
+            forwarded: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The `Forwarded` element for a request that came with `host` over
+    /// `proto`.
+    fn forwarded(&self, host: Option<&HeaderValue>, proto: &'static str) -> HeaderValue {
+        let mut last = self
+            .forwarded
+            .lock()
+            // Nothing under this lock can panic.
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((last_host, last_proto, value)) = &*last
+            && last_host.as_ref() == host
+            && *last_proto == proto
+        {
+            return value.clone();
+        }
+        let mut forwarded = String::with_capacity(64);
+        forwarded.push_str(&self.for_element);
+        forwarded.push_str(";proto=");
+        forwarded.push_str(proto);
+        if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+            forwarded.push_str(";host=\"");
+            forwarded.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
+            forwarded.push('"');
+        }
+        let value = HeaderValue::from_maybe_shared(Bytes::from(forwarded))
+            // Made of an address, a scheme and a visible-ASCII host.
+            .unwrap_or_else(|_| HeaderValue::from_static("for=unknown"));
+        *last = Some((host.cloned(), proto, value.clone()));
+        value
+    }
+}
+
 /// The request headers for an upstream: hop-by-hop ones removed, `Host`
 /// left to the client (set from the upstream URL), the forwarding headers
 /// added. `te: trailers` survives, as gRPC needs it end to end.
-pub fn upstream_request(headers: &mut HeaderMap, client: SocketAddr, proto: &str) {
+pub fn upstream_request(headers: &mut HeaderMap, client: &Client, proto: &'static str) {
     let te_trailers = headers
         .get_all(header::TE)
         .iter()
@@ -70,27 +130,12 @@ pub fn upstream_request(headers: &mut HeaderMap, client: SocketAddr, proto: &str
     // Credentials for Cloud Run are cascade's to set, never the client's.
     headers.remove(X_SERVERLESS_AUTHORIZATION);
 
-    let ip = client.ip().to_canonical();
-    let address = ip.to_string();
-    let mut forwarded = String::with_capacity(64);
-    forwarded.push_str("for=");
-    match ip {
-        IpAddr::V4(_) => forwarded.push_str(&address),
-        IpAddr::V6(_) => {
-            forwarded.push_str("\"[");
-            forwarded.push_str(&address);
-            forwarded.push_str("]\"");
-        }
-    }
-    forwarded.push_str(";proto=");
-    forwarded.push_str(proto);
-    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
-        forwarded.push_str(";host=\"");
-        forwarded.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
-        forwarded.push('"');
-    }
-    append_list(headers, header::FORWARDED, forwarded);
-    append_list(headers, X_FORWARDED_FOR, address);
+    append_list(
+        headers,
+        header::FORWARDED,
+        client.forwarded(host.as_ref(), proto),
+    );
+    append_list(headers, X_FORWARDED_FOR, client.address.clone());
     headers.insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
@@ -100,29 +145,44 @@ pub fn upstream_request(headers: &mut HeaderMap, client: SocketAddr, proto: &str
     }
 }
 
-/// Appends `item` to a comma-separated list header, creating it if absent.
-/// The common case (no such header yet) moves `item` into the value
-/// without copying it.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, item: String) {
+/// Appends `item` to a comma-separated list header, creating it if absent
+/// (the common case, which copies nothing).
+fn append_list(headers: &mut HeaderMap, name: HeaderName, item: HeaderValue) {
     let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => Some(format!("{existing}, {item}")),
+        Some(existing) if !existing.trim().is_empty() => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + item.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(item.as_bytes());
+            // An existing value we cannot extend is replaced by ours alone.
+            HeaderValue::from_maybe_shared(Bytes::from(joined)).ok()
+        }
         _ => None,
     };
-    let value = match joined {
-        Some(joined) => HeaderValue::from_maybe_shared(Bytes::from(joined))
-            // An existing value we cannot extend is replaced by ours alone.
-            .or_else(|_| HeaderValue::from_maybe_shared(Bytes::from(item))),
-        None => HeaderValue::from_maybe_shared(Bytes::from(item)),
-    };
-    if let Ok(value) = value {
-        headers.insert(name, value);
-    }
+    headers.insert(name, joined.unwrap_or(item));
 }
 
 /// Marks a response with the tier that answered and the tries it took.
 pub fn mark(headers: &mut HeaderMap, tier: &'static str, attempts: u32) {
+    // Static values for the usual counts: formatting one allocates.
+    const COUNTS: [HeaderValue; 10] = [
+        HeaderValue::from_static("0"),
+        HeaderValue::from_static("1"),
+        HeaderValue::from_static("2"),
+        HeaderValue::from_static("3"),
+        HeaderValue::from_static("4"),
+        HeaderValue::from_static("5"),
+        HeaderValue::from_static("6"),
+        HeaderValue::from_static("7"),
+        HeaderValue::from_static("8"),
+        HeaderValue::from_static("9"),
+    ];
     headers.insert(X_CASCADE_TIER, HeaderValue::from_static(tier));
-    headers.insert(X_CASCADE_ATTEMPTS, HeaderValue::from(attempts));
+    let count = usize::try_from(attempts)
+        .ok()
+        .and_then(|i| COUNTS.get(i).cloned())
+        .unwrap_or_else(|| HeaderValue::from(attempts));
+    headers.insert(X_CASCADE_ATTEMPTS, count);
 }
 
 #[cfg(test)]
@@ -157,7 +217,11 @@ mod tests {
             ),
             ("content-type", "audio/wav"),
         ]);
-        upstream_request(&mut h, "127.0.0.1:5000".parse().unwrap(), "http");
+        upstream_request(
+            &mut h,
+            &Client::new("127.0.0.1:5000".parse().unwrap()),
+            "http",
+        );
         for gone in [
             "connection",
             "keep-alive",
@@ -185,7 +249,7 @@ mod tests {
             ("te", "trailers"),
             ("x-serverless-authorization", "Bearer forged"),
         ]);
-        upstream_request(&mut h, "[::1]:5000".parse().unwrap(), "http");
+        upstream_request(&mut h, &Client::new("[::1]:5000".parse().unwrap()), "http");
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, ::1");
         assert_eq!(
             h["forwarded"],
@@ -199,9 +263,58 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_s_forwarded_value_follows_each_request_s_host() {
+        let client = Client::new("10.0.0.7:5000".parse().unwrap());
+        for (host, proto, expected) in [
+            (
+                "a.example",
+                "http",
+                "for=10.0.0.7;proto=http;host=\"a.example\"",
+            ),
+            (
+                "a.example",
+                "http",
+                "for=10.0.0.7;proto=http;host=\"a.example\"",
+            ),
+            (
+                "b.example",
+                "http",
+                "for=10.0.0.7;proto=http;host=\"b.example\"",
+            ),
+            (
+                "b.example",
+                "https",
+                "for=10.0.0.7;proto=https;host=\"b.example\"",
+            ),
+        ] {
+            let mut h = headers(&[("host", host)]);
+            upstream_request(&mut h, &client, proto);
+            assert_eq!(h["forwarded"], expected);
+            assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        }
+        let mut h = HeaderMap::new();
+        upstream_request(&mut h, &client, "http");
+        assert_eq!(h["forwarded"], "for=10.0.0.7;proto=http");
+    }
+
+    #[test]
+    fn attempts_are_marked_past_the_static_counts() {
+        let mut h = HeaderMap::new();
+        mark(&mut h, "local", 3);
+        assert_eq!(h["x-cascade-attempts"], "3");
+        mark(&mut h, "local", 12);
+        assert_eq!(h["x-cascade-attempts"], "12");
+        assert_eq!(h["x-cascade-tier"], "local");
+    }
+
+    #[test]
     fn mapped_ipv4_clients_read_as_ipv4() {
         let mut h = HeaderMap::new();
-        upstream_request(&mut h, "[::ffff:127.0.0.1]:5000".parse().unwrap(), "http");
+        upstream_request(
+            &mut h,
+            &Client::new("[::ffff:127.0.0.1]:5000".parse().unwrap()),
+            "http",
+        );
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http");
     }

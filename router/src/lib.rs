@@ -40,7 +40,7 @@ mod tests;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use cascade_actors::routing::RoutingTable;
@@ -268,6 +268,7 @@ impl Workers {
                 all: Arc::clone(&self.stats),
                 pending: Arc::clone(&self.pending),
                 turn: AtomicUsize::new(index),
+                deposits: AtomicU64::new(0),
                 worker: index,
                 control: self.control.clone(),
             });

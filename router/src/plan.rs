@@ -271,7 +271,7 @@ impl Plan {
         current: Option<TierId>,
         tried: &[Arc<EndpointState>],
         turn: usize,
-    ) -> Option<(&PlanTier, Arc<EndpointState>)> {
+    ) -> Option<(&PlanTier, &Arc<EndpointState>)> {
         let first = current
             .or(self.table.active)
             .and_then(|t| self.tier(t))
@@ -288,7 +288,7 @@ impl Plan {
                 return (0..n)
                     .map(|i| &all[(turn + i) % n])
                     .min_by_key(|e| e.load())
-                    .map(|e| (tier, Arc::clone(e)));
+                    .map(|e| (tier, e));
             }
             let untried: Vec<&Arc<EndpointState>> = tier
                 .endpoints
@@ -299,7 +299,7 @@ impl Plan {
             (0..n)
                 .map(|i| untried[(turn + i) % n])
                 .min_by_key(|e| e.load())
-                .map(|e| (tier, Arc::clone(e)))
+                .map(|e| (tier, e))
         })
     }
 }
@@ -376,10 +376,12 @@ mod tests {
         );
         let plan = Plan::build(t, &Plan::default(), Instant::now());
         let (first, e1) = plan.choose(None, &[], 0).expect("an endpoint");
+        let e1 = Arc::clone(e1);
         assert_eq!(first.tier(), TierId::Local);
         let (second, e2) = plan
             .choose(Some(TierId::Local), std::slice::from_ref(&e1), 0)
             .expect("another");
+        let e2 = Arc::clone(e2);
         assert_eq!(second.tier(), TierId::Docker);
         assert!(
             plan.choose(Some(TierId::Docker), &[e1, e2], 0).is_none(),

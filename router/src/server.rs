@@ -72,7 +72,10 @@ pub async fn serve(
             .header_read_timeout(settings.config.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
         let shared = Arc::clone(&shared);
-        let service = service_fn(move |request| proxy::handle(Arc::clone(&shared), peer, request));
+        let client = Arc::new(crate::headers::Client::new(peer));
+        let service = service_fn(move |request| {
+            proxy::handle(Arc::clone(&shared), Arc::clone(&client), request)
+        });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();

@@ -133,6 +133,8 @@ pub struct Stats {
 #[derive(Debug)]
 #[repr(align(128))]
 pub struct WorkerStats {
+    /// Which worker's.
+    index: usize,
     origin: Instant,
     in_flight: AtomicU64,
     requests: AtomicU64,
@@ -215,8 +217,9 @@ impl Stats {
             origin,
             origin_wall: SystemTime::now(),
             workers: (0..workers.max(1))
-                .map(|_| {
+                .map(|index| {
                     Arc::new(WorkerStats {
+                        index,
                         origin,
                         in_flight: AtomicU64::new(0),
                         requests: AtomicU64::new(0),
@@ -381,7 +384,7 @@ impl WorkerStats {
     /// A request came in; the guard counts it in flight until dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        cascade_actors::metrics::metrics().router_in_flight(1);
+        cascade_actors::metrics::metrics().router_in_flight(self.index, 1);
         InFlight(Arc::clone(self))
     }
 
@@ -426,7 +429,7 @@ pub struct InFlight(Arc<WorkerStats>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        cascade_actors::metrics::metrics().router_in_flight(-1);
+        cascade_actors::metrics::metrics().router_in_flight(self.0.index, -1);
     }
 }
 

@@ -115,6 +115,18 @@ async fn health_and_embed_reach_the_demo_backend_through_cascade() {
     ] {
         assert!(metrics.contains(line), "no {line} in /metrics:\n{metrics}");
     }
+    // Every request answered so far is in the histograms too, though fewer
+    // than a worker's batch were made: a scrape records what is held.
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let requests = sum("cascade_router_requests_total");
+    assert!(requests > 0.0, "{metrics}");
+    assert_eq!(sum("cascade_router_attempts_count"), requests, "{metrics}");
 }
 
 #[tokio::test]

@@ -115,8 +115,13 @@ impl RetryBudget {
 
     /// A first attempt was made: adds `ratio` of a token.
     pub fn deposit(&mut self, now: Instant) {
+        self.deposit_many(now, 1);
+    }
+
+    /// `count` first attempts were made.
+    pub fn deposit_many(&mut self, now: Instant, count: u64) {
         let bucket = self.bucket_mut(now);
-        bucket.deposits = bucket.deposits.saturating_add(1);
+        bucket.deposits = bucket.deposits.saturating_add(count);
     }
 
     /// A retry wants to go: takes one token if the balance holds one, else refuses.
@@ -191,6 +196,13 @@ impl SharedRetryBudget {
         self.lock().deposit(now);
     }
 
+    /// `count` first attempts, counted elsewhere and handed in together.
+    pub fn deposit_many(&self, now: Instant, count: u64) {
+        if count > 0 {
+            self.lock().deposit_many(now, count);
+        }
+    }
+
     pub fn try_withdraw(&self, now: Instant) -> bool {
         self.lock().try_withdraw(now)
     }
@@ -241,6 +253,19 @@ mod tests {
         assert_eq!(drain(&mut b, t0), 5);
         assert_eq!(b.balance(t0), 0.0);
         assert!(!b.try_withdraw(t0 + secs(9)));
+    }
+
+    #[test]
+    fn many_deposits_count_as_each_one_would() {
+        let t0 = Instant::now();
+        let mut one_by_one = RetryBudget::new(config(0.2, 0.0, 10), t0);
+        let mut together = one_by_one.clone();
+        for _ in 0..10 {
+            one_by_one.deposit(t0);
+        }
+        together.deposit_many(t0, 10);
+        assert_eq!(one_by_one.balance(t0), together.balance(t0));
+        assert_eq!(drain(&mut together, t0), 2);
     }
 
     #[test]
