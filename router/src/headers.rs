@@ -107,7 +107,10 @@ impl Client {
         let value = HeaderValue::from_maybe_shared(Bytes::from(forwarded))
             // Made of an address, a scheme and a visible-ASCII host.
             .unwrap_or_else(|_| HeaderValue::from_static("for=unknown"));
-        *last = Some((host.cloned(), proto, value.clone()));
+        // A copy, not the request's value: that one is a slice of the
+        // connection's read buffer, which it would keep from being reused.
+        let host = host.and_then(|h| HeaderValue::from_bytes(h.as_bytes()).ok());
+        *last = Some((host, proto, value.clone()));
         value
     }
 }
