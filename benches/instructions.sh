@@ -48,10 +48,10 @@ pid=$!
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
 
 for _ in $(seq 300); do
-    curl -sf "http://127.0.0.1:$router/health" >/dev/null && break
+    curl -sf --max-time 5 "http://127.0.0.1:$router/health" >/dev/null && break
     sleep 0.5
 done
-curl -sf "http://127.0.0.1:$router/health" >/dev/null || {
+curl -sf --max-time 5 "http://127.0.0.1:$router/health" >/dev/null || {
     echo "instructions: cascade did not answer through its router; its log:" >&2
     cat "$dir/cascade.log" >&2
     exit 1
@@ -79,6 +79,11 @@ total() {
 idle=$(total "$dir/callgrind.out.1")
 busy=$(total "$dir/callgrind.out.2")
 requests=$(echo "$out" | awk '/ requests in / { print $1 }')
+if [ -z "$requests" ] || [ "$requests" -eq 0 ] || [ -z "$idle" ] || [ -z "$busy" ]; then
+    echo "instructions: no count (requests: '${requests}', idle: '${idle}', load: '${busy}'); wrk said:" >&2
+    echo "$out" >&2
+    exit 1
+fi
 echo "# cascade: user-space instructions per proxied GET /health (callgrind)"
 echo "binary:                 $binary"
 echo "requests:               $requests (wrk -t1 -c4 -d10s)"
