@@ -1187,3 +1187,69 @@ async fn upstream_connections_are_kept_alive_and_closed_ones_replaced() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_connection_whose_response_was_not_read_to_the_end_is_not_reused() {
+    // `/partial` gets half the body its length announces, and then nothing;
+    // anything else gets `ok`.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    let backend = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let partial = buffer.starts_with(b"GET /partial ");
+                    buffer.clear();
+                    let answer: &[u8] = if partial {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    };
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    if partial {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let config = RouterConfig {
+        workers: 1,
+        ..config()
+    };
+    let h = Harness::local(config, url).await;
+
+    let mut response = h.get("/partial").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.chunk().await.unwrap().unwrap(), "hello");
+    drop(response);
+    for _ in 0..2 {
+        let response = h.get("/whole").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-cascade-attempts"), "1");
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the half-read connection is closed, the next one kept alive"
+    );
+    backend.abort();
+}
