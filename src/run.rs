@@ -37,7 +37,8 @@ pub struct Source {
 
 pub async fn run(config: Config, source: Source, telemetry: Telemetry) -> ExitCode {
     let flush_within = config.telemetry.shutdown_timeout;
-    let (code, summary) = match run_inner(config, source, telemetry.scrape()).await {
+    let traced = telemetry.exports_traces();
+    let (code, summary) = match run_inner(config, source, telemetry.scrape(), traced).await {
         Ok(Ended::Stopped) => (ExitCode::SUCCESS, None),
         Ok(Ended::GaveUp(summary)) => (ExitCode::from(EXIT_ESCALATED), Some(summary)),
         Err(message) => {
@@ -60,7 +61,12 @@ enum Ended {
     GaveUp(String),
 }
 
-async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<Ended, String> {
+async fn run_inner(
+    config: Config,
+    source: Source,
+    scrape: Scrape,
+    traced: bool,
+) -> Result<Ended, String> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     let mut terminate =
@@ -123,8 +129,13 @@ async fn run_inner(config: Config, source: Source, scrape: Scrape) -> Result<End
     // The router reads the table the root publishes with every decision.
     let router = match router_listener {
         Some(listener) => Some(
-            Router::start(listener, config.router.clone(), running.routes.clone())
-                .map_err(|e| format!("cannot start the router: {e}"))?,
+            Router::start(
+                listener,
+                config.router.clone(),
+                running.routes.clone(),
+                traced,
+            )
+            .map_err(|e| format!("cannot start the router: {e}"))?,
         ),
         None => None,
     };

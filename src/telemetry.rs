@@ -234,6 +234,13 @@ pub fn init(format: LogFormat, config: &config::Telemetry) -> Telemetry {
 }
 
 impl Telemetry {
+    /// Whether spans go anywhere but the log: the router then makes its
+    /// per-request span at `info`, else at `debug`, where it costs nothing
+    /// unless debug logging asks for it.
+    pub fn exports_traces(&self) -> bool {
+        self.tracer.is_some()
+    }
+
     pub fn scrape(&self) -> Scrape {
         self.scrape.clone()
     }

@@ -139,11 +139,13 @@ impl RouterHandle {
 
 impl Router {
     /// Starts serving `listener` with `config`, routing by the tables
-    /// published on `routes`.
+    /// published on `routes`. `traced`: spans are exported, so each
+    /// request's span is made at `info` (else at `debug`).
     pub fn start(
         listener: TcpListener,
         config: RouterConfig,
         routes: watch::Receiver<RoutingTable>,
+        traced: bool,
     ) -> Result<Router, Error> {
         let address = listener.local_addr().map_err(|source| Error::Listen {
             addr: config.listen,
@@ -169,6 +171,7 @@ impl Router {
             open: Arc::default(),
             control: tokio::runtime::Handle::current(),
             stop: stop.clone(),
+            traced,
         };
         let count = settings.borrow().config.worker_count();
         let finished = match workers.start(listener, count) {
@@ -240,6 +243,7 @@ struct Workers {
     open: Arc<AtomicUsize>,
     control: tokio::runtime::Handle,
     stop: CancellationToken,
+    traced: bool,
 }
 
 impl Workers {
@@ -271,6 +275,7 @@ impl Workers {
                 deposits: AtomicU64::new(0),
                 worker: index,
                 control: self.control.clone(),
+                traced: self.traced,
             });
             let (stop, open) = (self.stop.clone(), Arc::clone(&self.open));
             let (done, receiver) = oneshot::channel();

@@ -129,6 +129,28 @@ pub struct Shared {
     /// The process's main runtime, where the tiers' token caches fetch (so
     /// their connections do not live on a worker's runtime).
     pub control: tokio::runtime::Handle,
+    /// Spans are exported: a request's span is made at `info`, else at
+    /// `debug`. A span at `info` that only the log layer sees costs more
+    /// user-space work than the rest of the request (the log layer formats
+    /// its fields, the registry keeps it) and shows up in no log line, as
+    /// nothing is logged at `info` per request.
+    pub traced: bool,
+}
+
+/// The span of one request, at `$level`.
+macro_rules! request_span {
+    ($level:expr, $request:expr) => {
+        tracing::span!(
+            $level,
+            "request",
+            otel.kind = "server",
+            http.request.method = %$request.method(),
+            url.path = $request.uri().path(),
+            backend.tier = field::Empty,
+            attempts = field::Empty,
+            http.response.status_code = field::Empty,
+        )
+    };
 }
 
 /// First attempts a worker counts before it hands them to the retry budget
@@ -187,25 +209,22 @@ pub async fn handle(
     client: Arc<headers::Client>,
     request: Request<hyper::body::Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let span = tracing::info_span!(
-        "request",
-        otel.kind = "server",
-        http.request.method = %request.method(),
-        url.path = request.uri().path(),
-        backend.tier = field::Empty,
-        attempts = field::Empty,
-        http.response.status_code = field::Empty,
-    );
+    let span = if shared.traced {
+        request_span!(tracing::Level::INFO, request)
+    } else {
+        request_span!(tracing::Level::DEBUG, request)
+    };
     let started = Instant::now();
     let in_flight = shared.stats.begin();
     let (response, tier, attempts) = route(&shared, &client, request, in_flight)
         .instrument(span.clone())
         .await;
     let status = response.status().as_u16();
-    let tier_name = tier.map_or("none", TierId::as_str);
-    span.record("backend.tier", tier_name);
-    span.record("attempts", attempts);
-    span.record("http.response.status_code", status);
+    if !span.is_disabled() {
+        span.record("backend.tier", tier.map_or("none", TierId::as_str));
+        span.record("attempts", attempts);
+        span.record("http.response.status_code", status);
+    }
     let now = Instant::now();
     let latency = now.saturating_duration_since(started);
     shared.stats.answered(now, tier, latency, attempts);

@@ -250,7 +250,7 @@ impl Harness {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (routes, rx) = watch::channel(initial);
-        let router = Router::start(listener, config, rx).unwrap();
+        let router = Router::start(listener, config, rx, true).unwrap();
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(20))

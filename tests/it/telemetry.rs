@@ -193,6 +193,15 @@ async fn exported(endpoint: &str, protocol: &str, received: &Shared) {
     let cascade = Cascade::start_ready(setup).await;
     let (code, body) = cascade.post_authorized("/tiers/local/restart").await;
     assert_eq!(code, 200, "{body}");
+    cascade.wait_ready().await;
+    // A request through the router: its span names the tier that answered.
+    let router = cascade.router_addr().await;
+    let response = http_client()
+        .get(format!("http://{router}/health"))
+        .send()
+        .await
+        .expect("GET /health through the router");
+    assert_eq!(response.status(), 200);
 
     let wanted_spans = ["probe", "start", "restart", "failover"];
     let wanted_metrics = [
@@ -225,13 +234,16 @@ async fn exported(endpoint: &str, protocol: &str, received: &Shared) {
         let probe_up = received.spans.iter().any(|(n, attrs)| {
             n == "probe" && attrs.get("outcome").map(String::as_str) == Some("up")
         });
-        if missing_spans.is_empty() && missing_metrics.is_empty() && probe_up {
+        let request = received.spans.iter().any(|(n, attrs)| {
+            n == "request" && attrs.get("backend.tier").map(String::as_str) == Some("local")
+        });
+        if missing_spans.is_empty() && missing_metrics.is_empty() && probe_up && request {
             Ok(())
         } else {
             let names: BTreeSet<_> = received.spans.iter().map(|(n, _)| n.as_str()).collect();
             Err(format!(
-                "missing spans {missing_spans:?}, metrics {missing_metrics:?}, a probe with outcome=up: {}; spans seen {names:?}, metrics seen {:?}",
-                !probe_up, received.metrics
+                "missing spans {missing_spans:?}, metrics {missing_metrics:?}, a probe with outcome=up: {}, a request answered by local: {}; spans seen {names:?}, metrics seen {:?}",
+                !probe_up, !request, received.metrics
             ))
         }
     })
