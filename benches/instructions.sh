@@ -7,7 +7,7 @@
 # on for 10 s with no requests (what cascade does idle, printed apart) and
 # then for 10 s of wrk (1 thread, 4 connections) through the router, after
 # a 3 s warm-up that opens the upstream connections. The demo backend is
-# cascade's child and runs natively.
+# cascade's child and runs natively. cascade logs at its default level.
 #
 # Usage: benches/instructions.sh [path/to/cascade]   (default: a release
 # build, made first). Needs valgrind, wrk and curl (Debian's packages).
@@ -40,7 +40,7 @@ listen = "127.0.0.1:$router"
 port = $backend
 EOF
 
-CASCADE_LOG=warn valgrind --tool=callgrind --instr-atstart=no \
+CASCADE_LOG=info valgrind --tool=callgrind --instr-atstart=no \
     --callgrind-out-file="$dir/callgrind.out" \
     "$binary" run --config "$dir/cascade.toml" --log-format json \
     2>"$dir/cascade.log" >/dev/null &

@@ -181,7 +181,8 @@ fn start_cascade(dir: &Path, router: u16, extra: &str) -> Proc {
             .args(["run", "--config"])
             .arg(&config)
             .args(["--log-format", "json"])
-            .env("CASCADE_LOG", "warn")
+            // The default level, as a user runs it.
+            .env("CASCADE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
