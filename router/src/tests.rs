@@ -1123,11 +1123,21 @@ async fn a_burst_of_connections_waits_in_the_backlog_instead_of_being_dropped() 
     assert_eq!(connected, burst, "connections completed by the kernel");
 }
 
+/// What a [`counting_backend`] does after answering a request.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Reads the next request on the connection.
+    KeepAlive,
+    /// Closes the connection, without a `Connection: close`.
+    Close,
+    /// Sends nothing more on it for 30 s.
+    Hold,
+}
+
 /// A bare HTTP/1.1 backend that counts the connections it accepts and
-/// answers `ok` to every (bodiless) request; with `close_idle` it closes
-/// each connection after its first answer, without a `Connection: close`.
+/// answers every (bodiless) request with what `answer` makes of its head.
 async fn counting_backend(
-    close_idle: bool,
+    answer: fn(&[u8]) -> (&'static [u8], Then),
 ) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1149,10 +1159,18 @@ async fn counting_backend(
                             Ok(n) => buffer.extend_from_slice(&chunk[..n]),
                         }
                     }
+                    let (bytes, then) = answer(&buffer);
                     buffer.clear();
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(answer).await.is_err() || close_idle {
+                    if stream.write_all(bytes).await.is_err() {
                         return;
+                    }
+                    match then {
+                        Then::KeepAlive => {}
+                        Then::Close => return,
+                        Then::Hold => {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            return;
+                        }
                     }
                 }
             });
@@ -1161,10 +1179,17 @@ async fn counting_backend(
     (url, accepted, task)
 }
 
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_closed_ones_replaced() {
     for close_idle in [false, true] {
-        let (url, accepted, _backend) = counting_backend(close_idle).await;
+        let answer = if close_idle {
+            |_: &[u8]| (OK, Then::Close)
+        } else {
+            |_: &[u8]| (OK, Then::KeepAlive)
+        };
+        let (url, accepted, _backend) = counting_backend(answer).await;
         let config = RouterConfig {
             workers: 1,
             ..config()
@@ -1192,44 +1217,17 @@ async fn upstream_connections_are_kept_alive_and_closed_ones_replaced() {
 async fn a_connection_whose_response_was_not_read_to_the_end_is_not_reused() {
     // `/partial` gets half the body its length announces, and then nothing;
     // anything else gets `ok`.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&accepted);
-    let backend = tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let partial = buffer.starts_with(b"GET /partial ");
-                    buffer.clear();
-                    let answer: &[u8] = if partial {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                    };
-                    if stream.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    if partial {
-                        tokio::time::sleep(Duration::from_secs(30)).await;
-                        return;
-                    }
-                }
-            });
+    let (url, accepted, backend) = counting_backend(|head| {
+        if head.starts_with(b"GET /partial ") {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+                Then::Hold,
+            )
+        } else {
+            (OK, Then::KeepAlive)
         }
-    });
+    })
+    .await;
     let config = RouterConfig {
         workers: 1,
         ..config()
