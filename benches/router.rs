@@ -244,13 +244,21 @@ fn with_children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// User and system CPU time of `pids`, in clock ticks.
-fn cpu_ticks_of(pids: &[u32]) -> u64 {
-    pids.iter().map(|pid| cpu_ticks(*pid)).sum()
+/// User and system CPU time of `pids`, in clock ticks: `(user, system)`.
+fn cpu_ticks_of(pids: &[u32]) -> (u64, u64) {
+    pids.iter()
+        .map(|pid| cpu_split(*pid))
+        .fold((0, 0), |(u, s), (pu, ps)| (u + pu, s + ps))
 }
 
-/// User and system CPU time of `pid`, in clock ticks.
+/// User plus system CPU time of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// User and system CPU time of `pid`, in clock ticks: `(user, system)`.
+fn cpu_split(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -262,7 +270,7 @@ fn cpu_ticks(pid: u32) -> u64 {
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    field(11) + field(12)
+    (field(11), field(12))
 }
 
 fn rss_kib(pid: u32) -> (u64, u64) {
@@ -522,23 +530,25 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
         ("GET /health", "/health", None),
         ("POST /embed", "/embed", Some(lua)),
     ] {
-        let results: Vec<(&str, WrkResult, f64)> = targets
+        let results: Vec<(&str, WrkResult, [f64; 3])> = targets
             .iter()
             .map(|(via, base)| {
                 let pids = proxy_pids(via);
-                let before = cpu_ticks_of(&pids);
+                let (user0, system0) = cpu_ticks_of(&pids);
                 let result = wrk(&format!("{base}{path}"), script);
-                let ticks = cpu_ticks_of(&pids).saturating_sub(before) as f64;
+                let (user1, system1) = cpu_ticks_of(&pids);
                 // Clock ticks are 10 ms.
-                let us_per_request = ticks * 10_000.0 / result.requests;
-                (*via, result, us_per_request)
+                let per_request = |ticks: u64| ticks as f64 * 10_000.0 / result.requests;
+                let user = per_request(user1.saturating_sub(user0));
+                let system = per_request(system1.saturating_sub(system0));
+                (*via, result, [user + system, user, system])
             })
             .collect();
         let nginx = results
             .iter()
             .find(|(via, _, _)| *via == "nginx")
             .map_or(f64::NAN, |(_, r, _)| r.rps);
-        for (via, r, us_per_request) in results {
+        for (via, r, cpu) in results {
             rows.push(vec![
                 name.to_owned(),
                 via.to_owned(),
@@ -549,7 +559,7 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
                 if via == "direct" {
                     "-".to_owned()
                 } else {
-                    format!("{us_per_request:.1}")
+                    format!("{:.1} ({:.1} + {:.1})", cpu[0], cpu[1], cpu[2])
                 },
                 if r.errors.is_empty() {
                     "-".to_owned()
@@ -570,7 +580,7 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
             "× nginx",
             "p50 ms",
             "p99 ms",
-            "proxy CPU µs/req",
+            "proxy CPU µs/req (user + kernel)",
             "errors",
         ],
         &rows,
