@@ -963,6 +963,71 @@ async fn drain_lets_a_slow_request_finish_and_refuses_new_connections() {
 }
 
 #[tokio::test]
+async fn drain_closes_idle_keep_alive_connections_at_once() {
+    let echo = Echo::start("local").await;
+    let config = RouterConfig {
+        drain_timeout: Duration::from_secs(30),
+        ..config()
+    };
+    let mut h = Harness::local(config, echo.url()).await;
+    // One answered request, then the connection stays open, idle.
+    let mut idle = TcpStream::connect(h.addr).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    let router = h.router.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), router.drain())
+        .await
+        .expect("an idle connection does not hold the drain for router.drain_timeout");
+    let closed = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut buf))
+        .await
+        .expect("the idle connection is closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+}
+
+#[tokio::test]
+async fn drain_cuts_requests_still_in_flight_after_the_drain_timeout() {
+    let echo = Echo::start("local").await;
+    let config = RouterConfig {
+        drain_timeout: Duration::from_millis(300),
+        ..config()
+    };
+    let mut h = Harness::local(config, echo.url()).await;
+    let slow = {
+        let http = h.http.clone();
+        let url = h.url("/slow/10000");
+        tokio::spawn(async move { http.get(url).send().await })
+    };
+    let handle = h.router.as_ref().unwrap().handle();
+    for _ in 0..200 {
+        if handle.status().in_flight > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(handle.status().in_flight, 1);
+    let router = h.router.take().unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), router.drain())
+        .await
+        .expect("the drain ends soon after router.drain_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let cut = tokio::time::timeout(Duration::from_secs(2), slow)
+        .await
+        .expect("the client learns its request was cut")
+        .unwrap();
+    assert!(cut.is_err(), "the cut request failed: {cut:?}");
+}
+
+#[tokio::test]
 async fn several_workers_serve_side_by_side_and_all_drain() {
     let echo = Echo::start("local").await;
     let config = RouterConfig {
