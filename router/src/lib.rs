@@ -36,6 +36,7 @@ mod server;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+mod timer;
 
 use std::future::Future;
 use std::net::SocketAddr;

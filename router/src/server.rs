@@ -76,7 +76,7 @@ pub async fn serve(
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
+            .timer(crate::timer::ConnTimer::default())
             .header_read_timeout(settings.config.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
         let shared = Arc::clone(&shared);

@@ -898,6 +898,42 @@ async fn a_client_slow_to_send_headers_is_cut_off() {
 }
 
 #[tokio::test]
+async fn the_header_read_timeout_starts_again_for_each_request_on_a_connection() {
+    let echo = Echo::start("local").await;
+    let config = RouterConfig {
+        header_read_timeout: Duration::from_millis(300),
+        ..config()
+    };
+    let h = Harness::local(config, echo.url()).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    // Requests 200 ms apart, 1.2 s in all: each waits less than the timeout.
+    let mut buffer = vec![0u8; 4096];
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(
+            buffer[..n].starts_with(b"HTTP/1.1 200"),
+            "the connection lives on: {}",
+            String::from_utf8_lossy(&buffer[..n])
+        );
+    }
+    // Then a head that never ends is cut off after the timeout.
+    stream.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection was not closed");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+#[tokio::test]
 async fn connections_beyond_the_limit_get_503() {
     let echo = Echo::start("local").await;
     // Two workers: the limit counts the connections of both.
