@@ -30,11 +30,69 @@ pub const X_CASCADE_ATTEMPTS: HeaderName = HeaderName::from_static("x-cascade-at
 pub const X_SERVERLESS_AUTHORIZATION: HeaderName =
     HeaderName::from_static("x-serverless-authorization");
 
+/// Whether `name` is one of [`HOP_BY_HOP`]: one comparison of its text by
+/// length and bytes, not nine of names.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// What one pass over a request's headers finds: which of those the router
+/// acts on are present, so that an absent one costs no lookup. A lookup
+/// hashes the name and probes the map, about 250 instructions; most
+/// requests carry none of these but `Host`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Seen {
+    /// A hop-by-hop header (`TE` and `Upgrade` included).
+    pub hop_by_hop: bool,
+    pub upgrade: bool,
+    pub authorization: bool,
+    /// The first `Content-Length` that parses.
+    pub content_length: Option<u64>,
+    serverless_authorization: bool,
+    forwarded: bool,
+    x_forwarded_for: bool,
+}
+
+impl Seen {
+    pub fn scan(headers: &HeaderMap) -> Seen {
+        let mut seen = Seen::default();
+        for (name, value) in headers {
+            match name.as_str() {
+                "upgrade" => {
+                    seen.upgrade = true;
+                    seen.hop_by_hop = true;
+                }
+                "authorization" => seen.authorization = true,
+                "content-length" if seen.content_length.is_none() => {
+                    seen.content_length = value.to_str().ok().and_then(|v| v.trim().parse().ok());
+                }
+                "x-serverless-authorization" => seen.serverless_authorization = true,
+                "forwarded" => seen.forwarded = true,
+                "x-forwarded-for" => seen.x_forwarded_for = true,
+                _ if is_hop_by_hop(name) => seen.hop_by_hop = true,
+                _ => {}
+            }
+        }
+        seen
+    }
+}
+
 /// Removes hop-by-hop headers, those named in `Connection` first.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over their few names is cheaper
     // than a lookup per hop-by-hop name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -117,28 +175,43 @@ impl Client {
 
 /// The request headers for an upstream: hop-by-hop ones removed, `Host`
 /// left to the client (set from the upstream URL), the forwarding headers
-/// added. `te: trailers` survives, as gRPC needs it end to end.
-pub fn upstream_request(headers: &mut HeaderMap, client: &Client, proto: &'static str) {
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    strip_hop_by_hop(headers);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+/// added. `te: trailers` survives, as gRPC needs it end to end. `seen` is
+/// [`Seen::scan`] of `headers`.
+pub fn upstream_request(
+    headers: &mut HeaderMap,
+    seen: &Seen,
+    client: &Client,
+    proto: &'static str,
+) {
+    if seen.hop_by_hop {
+        let te_trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        strip_hop_by_hop(headers);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     let host = headers.remove(header::HOST);
     // Credentials for Cloud Run are cascade's to set, never the client's.
-    headers.remove(X_SERVERLESS_AUTHORIZATION);
+    if seen.serverless_authorization {
+        headers.remove(X_SERVERLESS_AUTHORIZATION);
+    }
 
-    append_list(
-        headers,
-        header::FORWARDED,
-        client.forwarded(host.as_ref(), proto),
-    );
-    append_list(headers, X_FORWARDED_FOR, client.address.clone());
+    let forwarded = client.forwarded(host.as_ref(), proto);
+    if seen.forwarded {
+        append_list(headers, header::FORWARDED, forwarded);
+    } else {
+        headers.insert(header::FORWARDED, forwarded);
+    }
+    if seen.x_forwarded_for {
+        append_list(headers, X_FORWARDED_FOR, client.address.clone());
+    } else {
+        headers.insert(X_FORWARDED_FOR, client.address.clone());
+    }
     headers.insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
@@ -148,8 +221,7 @@ pub fn upstream_request(headers: &mut HeaderMap, client: &Client, proto: &'stati
     }
 }
 
-/// Appends `item` to a comma-separated list header, creating it if absent
-/// (the common case, which copies nothing).
+/// Appends `item` to a comma-separated list header, creating it if absent.
 fn append_list(headers: &mut HeaderMap, name: HeaderName, item: HeaderValue) {
     let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
         Some(existing) if !existing.trim().is_empty() => {
@@ -204,6 +276,50 @@ mod tests {
     }
 
     #[test]
+    fn one_scan_finds_the_headers_the_router_acts_on() {
+        let seen = Seen::scan(&headers(&[
+            ("host", "a"),
+            ("content-length", " 12 "),
+            ("content-length", "12"),
+            ("authorization", "Bearer mine"),
+        ]));
+        assert_eq!(seen.content_length, Some(12));
+        assert!(seen.authorization);
+        assert!(!seen.upgrade && !seen.hop_by_hop);
+        assert!(!seen.forwarded && !seen.x_forwarded_for && !seen.serverless_authorization);
+
+        let seen = Seen::scan(&headers(&[
+            ("Upgrade", "websocket"),
+            ("x-serverless-authorization", "Bearer forged"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("content-length", "many"),
+        ]));
+        assert!(seen.upgrade && seen.hop_by_hop);
+        assert!(seen.serverless_authorization && seen.forwarded && seen.x_forwarded_for);
+        assert_eq!(seen.content_length, None);
+        assert!(Seen::scan(&headers(&[("te", "trailers")])).hop_by_hop);
+    }
+
+    #[test]
+    fn a_client_s_serverless_authorization_never_goes_upstream() {
+        let mut h = headers(&[
+            ("x-serverless-authorization", "Bearer forged"),
+            ("host", "a"),
+        ]);
+        let seen = Seen::scan(&h);
+        upstream_request(
+            &mut h,
+            &seen,
+            &Client::new("127.0.0.1:5000".parse().unwrap()),
+            "http",
+        );
+        assert!(!h.contains_key(X_SERVERLESS_AUTHORIZATION));
+        assert!(!h.contains_key(header::HOST));
+        assert_eq!(h["x-forwarded-host"], "a");
+    }
+
+    #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_removed() {
         let mut h = headers(&[
             ("connection", "keep-alive, x-secret-hop"),
@@ -220,8 +336,10 @@ mod tests {
             ),
             ("content-type", "audio/wav"),
         ]);
+        let seen = Seen::scan(&h);
         upstream_request(
             &mut h,
+            &seen,
             &Client::new("127.0.0.1:5000".parse().unwrap()),
             "http",
         );
@@ -252,7 +370,13 @@ mod tests {
             ("te", "trailers"),
             ("x-serverless-authorization", "Bearer forged"),
         ]);
-        upstream_request(&mut h, &Client::new("[::1]:5000".parse().unwrap()), "http");
+        let seen = Seen::scan(&h);
+        upstream_request(
+            &mut h,
+            &seen,
+            &Client::new("[::1]:5000".parse().unwrap()),
+            "http",
+        );
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, ::1");
         assert_eq!(
             h["forwarded"],
@@ -291,12 +415,14 @@ mod tests {
             ),
         ] {
             let mut h = headers(&[("host", host)]);
-            upstream_request(&mut h, &client, proto);
+            let seen = Seen::scan(&h);
+            upstream_request(&mut h, &seen, &client, proto);
             assert_eq!(h["forwarded"], expected);
             assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         }
         let mut h = HeaderMap::new();
-        upstream_request(&mut h, &client, "http");
+        let seen = Seen::scan(&h);
+        upstream_request(&mut h, &seen, &client, "http");
         assert_eq!(h["forwarded"], "for=10.0.0.7;proto=http");
     }
 
@@ -313,8 +439,10 @@ mod tests {
     #[test]
     fn mapped_ipv4_clients_read_as_ipv4() {
         let mut h = HeaderMap::new();
+        let seen = Seen::scan(&h);
         upstream_request(
             &mut h,
+            &seen,
             &Client::new("[::ffff:127.0.0.1]:5000".parse().unwrap()),
             "http",
         );

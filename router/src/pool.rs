@@ -143,7 +143,9 @@ pub async fn checkout(
     if let Some(sender) = endpoint.pool.take(worker, Instant::now()) {
         return Ok((sender, true));
     }
-    Ok((connect(endpoint).await?, false))
+    // Boxed: the connect future is large and seldom needed, and inline it
+    // would be copied with every request's future.
+    Ok((Box::pin(connect(endpoint)).await?, false))
 }
 
 /// Opens a new connection to `endpoint`; its task runs on the current

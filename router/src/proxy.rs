@@ -216,7 +216,7 @@ pub async fn handle(
     };
     let started = Instant::now();
     let in_flight = shared.stats.begin();
-    let (response, tier, attempts) = route(&shared, &client, request, in_flight)
+    let (response, tier, attempts) = route(&shared, &client, request, in_flight, started)
         .instrument(span.clone())
         .await;
     let status = response.status().as_u16();
@@ -244,14 +244,15 @@ async fn route(
     client: &headers::Client,
     request: Request<hyper::body::Incoming>,
     in_flight: InFlight,
+    arrived: Instant,
 ) -> (Response<ProxyBody>, Option<TierId>, u32) {
     let settings = shared.local_settings.get();
     let config = &settings.config;
-    let arrived = Instant::now();
     let deadline = arrived + config.deadline;
     let (mut parts, incoming) = request.into_parts();
 
-    if parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE) {
+    let seen = headers::Seen::scan(&parts.headers);
+    if parts.method == Method::CONNECT || seen.upgrade {
         return refuse(
             Refusal::new(
                 StatusCode::NOT_IMPLEMENTED,
@@ -263,7 +264,7 @@ async fn route(
         );
     }
     let max_body = config.max_body.as_u64();
-    if let Some(length) = content_length(&parts.headers)
+    if let Some(length) = seen.content_length
         && length > max_body
     {
         body::linger(incoming);
@@ -271,7 +272,10 @@ async fn route(
     }
     let path = parts.uri.path();
     let replay_safe = settings.replay_safe(&parts.method, path);
-    let mut prepared = if replay_safe {
+    let mut prepared = if replay_safe && http_body::Body::is_end_stream(&incoming) {
+        // No body (most GETs): nothing to read, and no timer to arm for it.
+        body::Prepared::Replayable(bytes::Bytes::new())
+    } else if replay_safe {
         let reading = body::prepare(incoming, config.max_replay_body.as_u64(), max_body);
         match tokio::time::timeout_at(deadline, reading).await {
             Ok(Ok(prepared)) => prepared,
@@ -302,8 +306,8 @@ async fn route(
     } else {
         "http"
     };
-    headers::upstream_request(&mut parts.headers, client, proto);
-    let client_authorization = parts.headers.contains_key(header::AUTHORIZATION);
+    headers::upstream_request(&mut parts.headers, &seen, client, proto);
+    let client_authorization = seen.authorization;
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -326,7 +330,11 @@ async fn route(
             None => {
                 let wait_until = deadline.min(Instant::now() + config.start_wait);
                 let waited = if last.is_some() || plan.coming_up() {
-                    wait_for_endpoint(shared, config, current, &tried, wait_until).await
+                    // Boxed, as it is seldom needed (see `pool::checkout`).
+                    Box::pin(wait_for_endpoint(
+                        shared, config, current, &tried, wait_until,
+                    ))
+                    .await
                 } else {
                     Err(WaitEnd::Nothing)
                 };
@@ -388,6 +396,16 @@ async fn route(
             return fail(failure, attempts, "its body was streamed to the first try");
         };
         let attempts = attempts + 1;
+        // Set on the request's own headers, which every try copies: set on
+        // the copy, it would grow a map cloned to its exact size.
+        match &endpoint.host {
+            Some(host) => {
+                parts.headers.insert(header::HOST, host.clone());
+            }
+            None => {
+                parts.headers.remove(header::HOST);
+            }
+        }
 
         let outcome = attempt(
             tier,
@@ -598,9 +616,6 @@ async fn attempt(
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = parts.headers.clone();
-    if let Some(host) = &endpoint.host {
-        request.headers_mut().insert(header::HOST, host.clone());
-    }
 
     let now = Instant::now();
     let per_try = match tier.info().cold_start_timeout {
@@ -817,11 +832,4 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Proxy
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
 }
