@@ -7,8 +7,13 @@
 //! `-- failover` runs one part. Parts:
 //! - overhead: wrk's requests/s and p50/p99 for `GET /health` and
 //!   `POST /embed` (1 s of 16 kHz audio), direct, through cascade, through
-//!   nginx (upstream keepalive), with the CPU time (user and system) the
-//!   proxy spent per request, nginx's workers included; then a fixed
+//!   nginx (upstream keepalive), and through nginx adding the headers
+//!   cascade adds (so that backend and client parse the same bytes either
+//!   way), with the CPU time (user and system) the proxy spent per request,
+//!   nginx's workers included. After a second of warm-up each, three
+//!   rounds take turns and each figure is a median: this machine's speed drifts by a tenth within minutes, which
+//!   one run per target would charge to whichever ran in a slow moment.
+//!   Then a fixed
 //!   1,000 req/s (an open-loop client that measures from each request's
 //!   scheduled time, as wrk2 does) with p50/p99, and cascade's CPU and RSS
 //!   meanwhile;
@@ -33,6 +38,10 @@ use std::time::{Duration, Instant};
 const CASCADE: &str = env!("CARGO_BIN_EXE_cascade");
 const SHARED: &str = "(load generator, backend and proxy share this machine's CPU)";
 const IMAGE: &str = "cascade-demo:bench-router";
+/// nginx adding the headers cascade adds (see [`start_nginx`]).
+const NGINX_SAME: &str = "nginx, same headers";
+/// Throughput rounds per target.
+const ROUNDS: usize = 3;
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -190,12 +199,26 @@ fn start_cascade(dir: &Path, router: u16, extra: &str) -> Proc {
     )
 }
 
-fn start_nginx(dir: &Path, port: u16, upstream: &str, failover: bool) -> Proc {
+/// nginx on `port` in front of `upstream`. With `same_headers`, it adds the
+/// headers cascade adds: `Forwarded` and the `X-Forwarded-*` family on the
+/// way up, a tier and a try count on the way down, so that the backend and
+/// the client parse the same bytes through either proxy.
+fn start_nginx(dir: &Path, port: u16, upstream: &str, failover: bool, same_headers: bool) -> Proc {
     let prefix = dir.join(format!("nginx-{port}"));
     std::fs::create_dir_all(prefix.join("logs")).expect("nginx dir");
     let user = if nix_is_root() { "user root;" } else { "" };
     let next = if failover {
         "proxy_next_upstream error timeout http_502 http_503 non_idempotent;"
+    } else {
+        ""
+    };
+    let headers = if same_headers {
+        "proxy_set_header Forwarded \"for=$remote_addr;proto=$scheme;host=\\\"$http_host\\\"\";\n   \
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n   \
+         proxy_set_header X-Forwarded-Proto $scheme;\n   \
+         proxy_set_header X-Forwarded-Host $http_host;\n   \
+         add_header X-Cascade-Tier local always;\n   \
+         add_header X-Cascade-Attempts 1 always;"
     } else {
         ""
     };
@@ -207,7 +230,7 @@ fn start_nginx(dir: &Path, port: u16, upstream: &str, failover: bool) -> Proc {
           client_max_body_size 64m;\n client_body_buffer_size 1m;\n\
           upstream backend {{ {upstream} keepalive 256; }}\n\
           server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   proxy_pass http://backend;\n\
-           proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n   proxy_connect_timeout 2s;\n   {next}\n  }}\n }}\n}}\n",
+           proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n   proxy_connect_timeout 2s;\n   {next}\n   {headers}\n  }}\n }}\n}}\n",
         p = prefix.display()
     );
     let path = prefix.join("nginx.conf");
@@ -298,8 +321,12 @@ struct WrkResult {
 }
 
 fn wrk(url: &str, lua: Option<&Path>) -> WrkResult {
+    wrk_for(url, lua, "5s")
+}
+
+fn wrk_for(url: &str, lua: Option<&Path>, duration: &str) -> WrkResult {
     let mut cmd = Command::new("wrk");
-    cmd.args(["-t2", "-c32", "-d5s", "--latency"]);
+    cmd.args(["-t2", "-c32", &format!("-d{duration}"), "--latency"]);
     if let Some(script) = lua {
         cmd.arg("-s").arg(script);
     }
@@ -508,76 +535,143 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
         nginx_port,
         &format!("server 127.0.0.1:{backend};"),
         false,
+        false,
     );
-    if let Err(e) = wait_ok(&format!("{through_nginx}/health"), Duration::from_secs(10)).await {
-        eprintln!("router bench: nginx: {e}");
-        std::process::exit(1);
+    let nginx_headers_port = free_port();
+    let through_nginx_headers = format!("http://127.0.0.1:{nginx_headers_port}");
+    let nginx_headers = start_nginx(
+        dir,
+        nginx_headers_port,
+        &format!("server 127.0.0.1:{backend};"),
+        false,
+        true,
+    );
+    for url in [&through_nginx, &through_nginx_headers] {
+        if let Err(e) = wait_ok(&format!("{url}/health"), Duration::from_secs(10)).await {
+            eprintln!("router bench: nginx: {e}");
+            std::process::exit(1);
+        }
     }
     let targets = [
         ("direct", direct.as_str()),
         ("cascade", through_cascade.as_str()),
         ("nginx", through_nginx.as_str()),
     ];
+    // The throughput runs add nginx doing cascade's header work.
+    let throughput_targets = [
+        ("direct", direct.as_str()),
+        ("cascade", through_cascade.as_str()),
+        ("nginx", through_nginx.as_str()),
+        (NGINX_SAME, through_nginx_headers.as_str()),
+    ];
     // The processes whose CPU time a run through each proxy is charged.
     let proxy_pids = |via: &str| match via {
         "cascade" => vec![cascade.0.id()],
         "nginx" => with_children(nginx.0.id()),
+        NGINX_SAME => with_children(nginx_headers.0.id()),
         _ => Vec::new(),
     };
 
     let mut rows = Vec::new();
+    let mut rounds_lines = Vec::new();
     for (name, path, script) in [
         ("GET /health", "/health", None),
         ("POST /embed", "/embed", Some(lua)),
     ] {
-        let results: Vec<(&str, WrkResult, [f64; 3])> = targets
-            .iter()
-            .map(|(via, base)| {
+        // Rounds that take turns, so that a change in the machine's speed
+        // (other work, frequency) falls on every target alike; each
+        // target's figures are the median of its rounds.
+        let mut runs: Vec<Vec<(WrkResult, (u64, u64))>> =
+            throughput_targets.iter().map(|_| Vec::new()).collect();
+        // A second of warm-up each, not counted: connections to the
+        // backend opened, pages touched.
+        for (_, base) in &throughput_targets {
+            wrk_for(&format!("{base}{path}"), script, "1s");
+        }
+        for _ in 0..ROUNDS {
+            for ((via, base), runs) in throughput_targets.iter().zip(runs.iter_mut()) {
                 let pids = proxy_pids(via);
                 let (user0, system0) = cpu_ticks_of(&pids);
                 let result = wrk(&format!("{base}{path}"), script);
                 let (user1, system1) = cpu_ticks_of(&pids);
-                // Clock ticks are 10 ms.
-                let per_request = |ticks: u64| ticks as f64 * 10_000.0 / result.requests;
-                let user = per_request(user1.saturating_sub(user0));
-                let system = per_request(system1.saturating_sub(system0));
-                (*via, result, [user + system, user, system])
-            })
-            .collect();
-        let nginx = results
-            .iter()
-            .find(|(via, _, _)| *via == "nginx")
-            .map_or(f64::NAN, |(_, r, _)| r.rps);
-        for (via, r, cpu) in results {
+                let ticks = (user1.saturating_sub(user0), system1.saturating_sub(system0));
+                runs.push((result, ticks));
+            }
+        }
+        let rps = |i: usize| -> Vec<f64> { runs[i].iter().map(|(r, _)| r.rps).collect() };
+        let ratios = |of: usize, to: usize| -> Vec<f64> {
+            rps(of).iter().zip(rps(to)).map(|(a, b)| a / b).collect()
+        };
+        let index = |via: &str| {
+            throughput_targets
+                .iter()
+                .position(|(v, _)| *v == via)
+                .expect("a target")
+        };
+        let (nginx_i, same_i, cascade_i) = (index("nginx"), index(NGINX_SAME), index("cascade"));
+        let round_list = |values: &[f64]| {
+            values
+                .iter()
+                .map(|v| format!("{v:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        rounds_lines.push(format!(
+            "{name}: cascade / nginx by round: {}; cascade / {NGINX_SAME}: {}",
+            round_list(&ratios(cascade_i, nginx_i)),
+            round_list(&ratios(cascade_i, same_i)),
+        ));
+        for (i, (via, _)) in throughput_targets.iter().enumerate() {
+            let results = &runs[i];
+            let requests: f64 = results.iter().map(|(r, _)| r.requests).sum();
+            let (user, system) = results
+                .iter()
+                .fold((0, 0), |(u, s), (_, (du, ds))| (u + du, s + ds));
+            // Clock ticks are 10 ms.
+            let per_request = |ticks: u64| ticks as f64 * 10_000.0 / requests;
+            let (user, system) = (per_request(user), per_request(system));
+            let errors: Vec<&str> = results
+                .iter()
+                .map(|(r, _)| r.errors.as_str())
+                .filter(|e| !e.is_empty())
+                .collect();
             rows.push(vec![
                 name.to_owned(),
-                via.to_owned(),
-                format!("{:.0}", r.rps),
-                format!("{:.2}", r.rps / nginx),
-                format!("{:.3}", r.p50_ms),
-                format!("{:.3}", r.p99_ms),
-                if via == "direct" {
+                (*via).to_owned(),
+                format!("{:.0}", median(rps(i))),
+                format!("{:.2}", median(ratios(i, nginx_i))),
+                format!("{:.2}", median(ratios(i, same_i))),
+                format!(
+                    "{:.3}",
+                    median(results.iter().map(|(r, _)| r.p50_ms).collect())
+                ),
+                format!(
+                    "{:.3}",
+                    median(results.iter().map(|(r, _)| r.p99_ms).collect())
+                ),
+                if *via == "direct" {
                     "-".to_owned()
                 } else {
-                    format!("{:.1} ({:.1} + {:.1})", cpu[0], cpu[1], cpu[2])
+                    format!("{:.1} ({user:.1} + {system:.1})", user + system)
                 },
-                if r.errors.is_empty() {
+                if errors.is_empty() {
                     "-".to_owned()
                 } else {
-                    r.errors
+                    errors.join("; ")
                 },
             ]);
         }
     }
     table(
         &format!(
-            "overhead at maximum throughput: wrk -t2 -c32 -d5s {SHARED}; target: cascade ≥ 0.90 × nginx"
+            "overhead at maximum throughput: wrk -t2 -c32 -d5s, {ROUNDS} rounds taking turns, medians {SHARED}; target: cascade ≥ 0.90 × nginx"
         ),
         &[
             "request",
             "via",
             "req/s",
             "× nginx",
+            "× nginx, same headers",
             "p50 ms",
             "p99 ms",
             "proxy CPU µs/req (user + kernel)",
@@ -585,6 +679,10 @@ async fn overhead(dir: &Path, body: &Arc<Vec<u8>>, lua: &Path) {
         ],
         &rows,
     );
+    for line in &rounds_lines {
+        println!("{line}");
+    }
+    println!();
 
     let pid = cascade.0.id();
     let mut rows = Vec::new();
@@ -663,6 +761,20 @@ const TEXT: [&str; 4] = ["request", "via", "second tier", "errors"];
 /// Prints `rows` under `title` as one Markdown table, columns sized to fit:
 /// the [`TEXT`] columns left-aligned, numbers right-aligned. A shorter row
 /// (a run that failed) says why in its third cell.
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
 fn table(title: &str, header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
@@ -883,6 +995,7 @@ async fn failover_nginx(dir: &Path, body: &Arc<Vec<u8>>) -> Result<Vec<Sample>, 
             "server 127.0.0.1:{primary} max_fails=1 fail_timeout=10s; server 127.0.0.1:{backup} backup;"
         ),
         true,
+        false,
     );
     let base = format!("http://127.0.0.1:{nginx_port}");
     let up = async {
