@@ -239,24 +239,19 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, item: HeaderValue) {
 
 /// Marks a response with the tier that answered and the tries it took.
 pub fn mark(headers: &mut HeaderMap, tier: &'static str, attempts: u32) {
-    // Static values for the usual counts: formatting one allocates.
-    const COUNTS: [HeaderValue; 10] = [
-        HeaderValue::from_static("0"),
-        HeaderValue::from_static("1"),
-        HeaderValue::from_static("2"),
-        HeaderValue::from_static("3"),
-        HeaderValue::from_static("4"),
-        HeaderValue::from_static("5"),
-        HeaderValue::from_static("6"),
-        HeaderValue::from_static("7"),
-        HeaderValue::from_static("8"),
-        HeaderValue::from_static("9"),
-    ];
+    // Static values for the usual counts: formatting one allocates. A
+    // match, not an array of them: a `const` array is built (and dropped)
+    // whole at every use.
+    let count = match attempts {
+        0 => HeaderValue::from_static("0"),
+        1 => HeaderValue::from_static("1"),
+        2 => HeaderValue::from_static("2"),
+        3 => HeaderValue::from_static("3"),
+        4 => HeaderValue::from_static("4"),
+        5 => HeaderValue::from_static("5"),
+        n => HeaderValue::from(n),
+    };
     headers.insert(X_CASCADE_TIER, HeaderValue::from_static(tier));
-    let count = usize::try_from(attempts)
-        .ok()
-        .and_then(|i| COUNTS.get(i).cloned())
-        .unwrap_or_else(|| HeaderValue::from(attempts));
     headers.insert(X_CASCADE_ATTEMPTS, count);
 }
 

@@ -277,6 +277,8 @@ impl Workers {
                 worker: index,
                 control: self.control.clone(),
                 traced: self.traced,
+                // As many as requests in flight on a worker, nearly always.
+                tries: timer::Spares::new(1024),
             });
             let (stop, open) = (self.stop.clone(), Arc::clone(&self.open));
             let (done, receiver) = oneshot::channel();

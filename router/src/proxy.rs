@@ -34,6 +34,7 @@ use crate::headers;
 use crate::plan::{EndpointState, Plan, PlanTier};
 use crate::pool;
 use crate::stats::{InFlight, Stats, WorkerStats};
+use crate::timer;
 
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
@@ -129,6 +130,8 @@ pub struct Shared {
     /// The process's main runtime, where the tiers' token caches fetch (so
     /// their connections do not live on a worker's runtime).
     pub control: tokio::runtime::Handle,
+    /// This worker's kept per-try timers.
+    pub tries: timer::Spares,
     /// Spans are exported: a request's span is made at `info`, else at
     /// `debug`. A span at `info` that only the log layer sees costs more
     /// user-space work than the rest of the request (the log layer formats
@@ -277,7 +280,9 @@ async fn route(
         body::Prepared::Replayable(bytes::Bytes::new())
     } else if replay_safe {
         let reading = body::prepare(incoming, config.max_replay_body.as_u64(), max_body);
-        match tokio::time::timeout_at(deadline, reading).await {
+        // Boxed, as the paths below that are not every request's: inline,
+        // each would make every request's future larger to move.
+        match Box::pin(tokio::time::timeout_at(deadline, reading)).await {
             Ok(Ok(prepared)) => prepared,
             Ok(Err(error)) => {
                 if let Some(max) = body::too_large(error.as_ref()) {
@@ -330,7 +335,7 @@ async fn route(
             None => {
                 let wait_until = deadline.min(Instant::now() + config.start_wait);
                 let waited = if last.is_some() || plan.coming_up() {
-                    // Boxed, as it is seldom needed (see `pool::checkout`).
+                    // Boxed, as it is seldom needed (see the body's read).
                     Box::pin(wait_for_endpoint(
                         shared, config, current, &tried, wait_until,
                     ))
@@ -632,7 +637,7 @@ async fn attempt(
                 .control
                 .spawn(async move { credentials.authorization().await })
         };
-        let fetched = tokio::time::timeout_at(try_deadline, fetching).await;
+        let fetched = Box::pin(tokio::time::timeout_at(try_deadline, fetching)).await;
         let value = match fetched {
             Ok(Ok(Ok(value))) => value,
             Ok(Err(e)) => return Err(failed(format!("ID token: the fetch failed: {e}"), false)),
@@ -652,10 +657,10 @@ async fn attempt(
     let mut load = Load::new(endpoint, shared.worker);
     let sent = if pooled {
         let sending = send_pooled(shared, endpoint, request, &mut load);
-        tokio::time::timeout_at(try_deadline, sending).await
+        timer::within(&shared.tries, try_deadline, sending).await
     } else {
         let sending = shared.client.request(request);
-        tokio::time::timeout_at(try_deadline, sending)
+        timer::within(&shared.tries, try_deadline, sending)
             .await
             .map(|sent| sent.map_err(|e| (e.is_connect(), BoxError::from(e))))
     };
@@ -701,7 +706,7 @@ async fn attempt(
         let dropping = shared
             .control
             .spawn(async move { credentials.rejected(&value).await });
-        let _ = tokio::time::timeout(Duration::from_secs(1), dropping).await;
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), dropping)).await;
     }
     tier.report(endpoint, None);
     Ok((response, load))

@@ -1,17 +1,17 @@
-//! hyper's header-read timeout on one tokio timer per connection, moved
-//! later from request to request rather than made anew.
+//! tokio timers kept from one use to the next: hyper's header-read timeout
+//! on a connection, and the per-try timeout of a worker's requests.
 //!
-//! hyper arms the timeout each time it waits for a request head and drops
-//! it once the head is in. With hyper-util's `TokioTimer` that is, for
-//! every request, a boxed `Sleep` put into tokio's timer wheel and taken
-//! out again: about 800 instructions, a fortieth of a proxied request. A
-//! [`ConnTimer`] keeps the connection's `Sleep` when hyper drops it, and
-//! the next request's timeout reuses it with a later deadline, which tokio
+//! hyper arms the header-read timeout each time it waits for a request head
+//! and drops it once the head is in, and every try arms a timeout of its
+//! own. A new tokio `Sleep` each time is, for every request, an insert into
+//! tokio's timer wheel and a removal from it, each under the wheel's lock:
+//! about 400 instructions a timer, a fortieth of a proxied request for the
+//! two. A kept `Sleep` is given a later deadline instead, which tokio
 //! records with one atomic store while the entry stays in the wheel.
 //!
-//! A kept `Sleep` can fire while its connection is busy with a long
-//! request: that wakes the connection's task once for nothing, and the
-//! next reuse puts it back into the wheel. The deadlines are hyper's own.
+//! A kept `Sleep` can fire while nothing uses it: that wakes, once and for
+//! nothing, the task that used it last, and its next use puts it back into
+//! the wheel. The deadlines are the callers' own.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,19 +19,87 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-type Slot = Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>;
+type Sleep = Pin<Box<tokio::time::Sleep>>;
+
+/// Sleeps kept for reuse, at most `cap` of them.
+pub struct Spares {
+    list: Mutex<Vec<Sleep>>,
+    cap: usize,
+}
+
+impl Spares {
+    pub fn new(cap: usize) -> Spares {
+        Spares {
+            list: Mutex::new(Vec::new()),
+            cap,
+        }
+    }
+
+    /// A sleep until `deadline`: a kept one moved there, or a new one.
+    pub fn take(&self, deadline: tokio::time::Instant) -> Sleep {
+        let kept = self
+            .list
+            .lock()
+            // A push or a pop cannot leave the list half-changed.
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match kept {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+
+    /// Keeps `sleep` for the next [`take`](Spares::take), unless enough are kept.
+    pub fn put(&self, sleep: Sleep) {
+        let mut list = self.list.lock().unwrap_or_else(PoisonError::into_inner);
+        if list.len() < self.cap {
+            list.push(sleep);
+        }
+    }
+}
+
+/// `future` ran past its deadline.
+#[derive(Debug)]
+pub struct Elapsed;
+
+/// `future`'s output, or [`Elapsed`] at `deadline`, on a sleep of `spares`.
+pub async fn within<F: Future>(
+    spares: &Spares,
+    deadline: tokio::time::Instant,
+    future: F,
+) -> Result<F::Output, Elapsed> {
+    let mut sleep = spares.take(deadline);
+    let output = tokio::select! {
+        biased;
+        output = future => Ok(output),
+        () = sleep.as_mut() => Err(Elapsed),
+    };
+    spares.put(sleep);
+    output
+}
 
 /// hyper's timer for one server connection (give each connection its own:
-/// the spare `Sleep` is one connection's).
-#[derive(Clone, Default)]
+/// the kept `Sleep` is one connection's).
+#[derive(Clone)]
 pub struct ConnTimer {
-    spare: Slot,
+    spare: Arc<Spares>,
+}
+
+impl Default for ConnTimer {
+    fn default() -> Self {
+        ConnTimer {
+            spare: Arc::new(Spares::new(1)),
+        }
+    }
 }
 
 /// A `Sleep` that goes back to its connection's [`ConnTimer`] when dropped.
 struct Kept {
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    spare: Slot,
+    sleep: Option<Sleep>,
+    spare: Arc<Spares>,
 }
 
 impl hyper::rt::Timer for ConnTimer {
@@ -45,20 +113,7 @@ impl hyper::rt::Timer for ConnTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        let deadline = tokio::time::Instant::from_std(deadline);
-        let spare = self
-            .spare
-            .lock()
-            // A take or a put cannot leave the slot half-changed.
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let sleep = match spare {
-            Some(mut sleep) => {
-                sleep.as_mut().reset(deadline);
-                sleep
-            }
-            None => Box::pin(tokio::time::sleep_until(deadline)),
-        };
+        let sleep = self.spare.take(tokio::time::Instant::from_std(deadline));
         Box::pin(Kept {
             sleep: Some(sleep),
             spare: Arc::clone(&self.spare),
@@ -95,10 +150,7 @@ impl hyper::rt::Sleep for Kept {}
 impl Drop for Kept {
     fn drop(&mut self) {
         if let Some(sleep) = self.sleep.take() {
-            let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-            if spare.is_none() {
-                *spare = Some(sleep);
-            }
+            self.spare.put(sleep);
         }
     }
 }
@@ -114,11 +166,11 @@ mod tests {
         let start = timer.now();
         let first = timer.sleep_until(start + Duration::from_secs(5));
         drop(first);
-        assert!(timer.spare.lock().unwrap().is_some(), "kept for reuse");
+        assert_eq!(timer.spare.list.lock().unwrap().len(), 1, "kept for reuse");
 
         // Reused with a later deadline: not ready at the first one.
         let mut second = timer.sleep(Duration::from_secs(10));
-        assert!(timer.spare.lock().unwrap().is_none(), "taken");
+        assert!(timer.spare.list.lock().unwrap().is_empty(), "taken");
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(futures_util::poll!(second.as_mut()).is_pending());
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -137,5 +189,30 @@ mod tests {
         assert!(futures_util::poll!(fourth.as_mut()).is_pending());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(futures_util::poll!(fourth.as_mut()).is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_ends_a_future_at_its_deadline_and_keeps_the_sleep() {
+        let spares = Spares::new(2);
+        let now = tokio::time::Instant::now();
+        let done = within(&spares, now + Duration::from_secs(1), async { 7 }).await;
+        assert_eq!(done.unwrap(), 7);
+        let late = within(
+            &spares,
+            now + Duration::from_secs(2),
+            tokio::time::sleep(Duration::from_secs(5)),
+        )
+        .await;
+        assert!(late.is_err(), "cut at its deadline");
+        assert!(tokio::time::Instant::now() < now + Duration::from_secs(3));
+        assert_eq!(spares.list.lock().unwrap().len(), 1, "one sleep, kept");
+        // A kept sleep that already fired serves a later deadline.
+        let again = within(
+            &spares,
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            tokio::time::sleep(Duration::from_millis(500)),
+        )
+        .await;
+        assert!(again.is_ok());
     }
 }
