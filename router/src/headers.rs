@@ -259,6 +259,12 @@ pub fn mark(headers: &mut HeaderMap, tier: &'static str, attempts: u32) {
 mod tests {
     use super::*;
 
+    /// `h` as sent upstream for a request from `client` over `proto`.
+    fn forward(h: &mut HeaderMap, client: &Client, proto: &'static str) {
+        let seen = Seen::scan(h);
+        upstream_request(h, &seen, client, proto);
+    }
+
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
@@ -302,10 +308,8 @@ mod tests {
             ("x-serverless-authorization", "Bearer forged"),
             ("host", "a"),
         ]);
-        let seen = Seen::scan(&h);
-        upstream_request(
+        forward(
             &mut h,
-            &seen,
             &Client::new("127.0.0.1:5000".parse().unwrap()),
             "http",
         );
@@ -331,10 +335,8 @@ mod tests {
             ),
             ("content-type", "audio/wav"),
         ]);
-        let seen = Seen::scan(&h);
-        upstream_request(
+        forward(
             &mut h,
-            &seen,
             &Client::new("127.0.0.1:5000".parse().unwrap()),
             "http",
         );
@@ -365,13 +367,7 @@ mod tests {
             ("te", "trailers"),
             ("x-serverless-authorization", "Bearer forged"),
         ]);
-        let seen = Seen::scan(&h);
-        upstream_request(
-            &mut h,
-            &seen,
-            &Client::new("[::1]:5000".parse().unwrap()),
-            "http",
-        );
+        forward(&mut h, &Client::new("[::1]:5000".parse().unwrap()), "http");
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, ::1");
         assert_eq!(
             h["forwarded"],
@@ -410,14 +406,12 @@ mod tests {
             ),
         ] {
             let mut h = headers(&[("host", host)]);
-            let seen = Seen::scan(&h);
-            upstream_request(&mut h, &seen, &client, proto);
+            forward(&mut h, &client, proto);
             assert_eq!(h["forwarded"], expected);
             assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         }
         let mut h = HeaderMap::new();
-        let seen = Seen::scan(&h);
-        upstream_request(&mut h, &seen, &client, "http");
+        forward(&mut h, &client, "http");
         assert_eq!(h["forwarded"], "for=10.0.0.7;proto=http");
     }
 
@@ -434,10 +428,8 @@ mod tests {
     #[test]
     fn mapped_ipv4_clients_read_as_ipv4() {
         let mut h = HeaderMap::new();
-        let seen = Seen::scan(&h);
-        upstream_request(
+        forward(
             &mut h,
-            &seen,
             &Client::new("[::ffff:127.0.0.1]:5000".parse().unwrap()),
             "http",
         );
