@@ -51,7 +51,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// acts on are present, so that an absent one costs no lookup. A lookup
 /// hashes the name and probes the map, about 250 instructions; most
 /// requests carry none of these but `Host`.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Seen {
     /// A hop-by-hop header (`TE` and `Upgrade` included).
     pub hop_by_hop: bool,
@@ -59,6 +59,10 @@ pub struct Seen {
     pub authorization: bool,
     /// The first `Content-Length` that parses.
     pub content_length: Option<u64>,
+    /// The client's first `Host`: a copy of the value, so that no lookup
+    /// (or removal) is needed to forward it, as the router replaces the
+    /// header itself with each upstream's.
+    pub host: Option<HeaderValue>,
     serverless_authorization: bool,
     forwarded: bool,
     x_forwarded_for: bool,
@@ -73,6 +77,7 @@ impl Seen {
                     seen.upgrade = true;
                     seen.hop_by_hop = true;
                 }
+                "host" if seen.host.is_none() => seen.host = Some(value.clone()),
                 "authorization" => seen.authorization = true,
                 "content-length" if seen.content_length.is_none() => {
                     seen.content_length = value.to_str().ok().and_then(|v| v.trim().parse().ok());
@@ -173,9 +178,9 @@ impl Client {
     }
 }
 
-/// The request headers for an upstream: hop-by-hop ones removed, `Host`
-/// left to the client (set from the upstream URL), the forwarding headers
-/// added. `te: trailers` survives, as gRPC needs it end to end. `seen` is
+/// The request headers for an upstream: hop-by-hop ones removed, the
+/// forwarding headers added. `Host` stays as the client sent it: the caller
+/// replaces it with each upstream's (from its URL) before that try. `te: trailers` survives, as gRPC needs it end to end. `seen` is
 /// [`Seen::scan`] of `headers`.
 pub fn upstream_request(
     headers: &mut HeaderMap,
@@ -195,7 +200,7 @@ pub fn upstream_request(
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
     }
-    let host = headers.remove(header::HOST);
+    let host = seen.host.clone();
     // Credentials for Cloud Run are cascade's to set, never the client's.
     if seen.serverless_authorization {
         headers.remove(X_SERVERLESS_AUTHORIZATION);
@@ -259,11 +264,15 @@ pub fn mark(headers: &mut HeaderMap, tier: &'static str, attempts: u32) {
 mod tests {
     use super::*;
 
-    /// `h` as sent upstream for a request from `client` over `proto`.
+    /// `h` as sent upstream for a request from `client` over `proto`, with
+    /// `Host` set to the upstream's as the router does before each try.
     fn forward(h: &mut HeaderMap, client: &Client, proto: &'static str) {
         let seen = Seen::scan(h);
         upstream_request(h, &seen, client, proto);
+        h.insert(header::HOST, HeaderValue::from_static(UPSTREAM));
     }
+
+    const UPSTREAM: &str = "upstream.internal:8080";
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -285,6 +294,7 @@ mod tests {
             ("authorization", "Bearer mine"),
         ]));
         assert_eq!(seen.content_length, Some(12));
+        assert_eq!(seen.host.as_ref().unwrap(), "a");
         assert!(seen.authorization);
         assert!(!seen.upgrade && !seen.hop_by_hop);
         assert!(!seen.forwarded && !seen.x_forwarded_for && !seen.serverless_authorization);
@@ -299,6 +309,7 @@ mod tests {
         assert!(seen.upgrade && seen.hop_by_hop);
         assert!(seen.serverless_authorization && seen.forwarded && seen.x_forwarded_for);
         assert_eq!(seen.content_length, None);
+        assert!(seen.host.is_none());
         assert!(Seen::scan(&headers(&[("te", "trailers")])).hop_by_hop);
     }
 
@@ -314,7 +325,7 @@ mod tests {
             "http",
         );
         assert!(!h.contains_key(X_SERVERLESS_AUTHORIZATION));
-        assert!(!h.contains_key(header::HOST));
+        assert_eq!(h[header::HOST], UPSTREAM);
         assert_eq!(h["x-forwarded-host"], "a");
     }
 
@@ -375,7 +386,7 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-host"], "cascade.local:8700");
         assert_eq!(h["x-forwarded-proto"], "http");
-        assert!(h.get("host").is_none(), "Host is set per upstream");
+        assert_eq!(h["host"], UPSTREAM, "Host is set per upstream");
         assert_eq!(h["te"], "trailers");
         assert!(h.get("x-serverless-authorization").is_none());
     }
