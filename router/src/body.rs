@@ -253,10 +253,11 @@ where
 pub struct Tracked<B, G> {
     inner: B,
     idle: Duration,
-    /// When the upstream last sent something (or its head arrived).
-    last: Instant,
-    /// Made the first time the upstream keeps the body waiting: a body that
-    /// arrives with its head (most answers) never arms a timer.
+    /// Made the first time the upstream keeps the body waiting, and moved on
+    /// by each frame after that: a body that arrives with its head (most
+    /// answers) neither arms a timer nor reads the clock. The idle time is
+    /// counted from that first wait, which follows the head or the last
+    /// frame by no more than the time to pass it on.
     timer: Option<Pin<Box<Sleep>>>,
     guard: Option<G>,
 }
@@ -271,7 +272,6 @@ impl<B, G> Tracked<B, G> {
         Tracked {
             inner,
             idle,
-            last: Instant::now(),
             timer: None,
             guard: Some(guard),
         }
@@ -294,9 +294,8 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.last = Instant::now();
                 if let Some(timer) = this.timer.as_mut() {
-                    timer.as_mut().reset(this.last + this.idle);
+                    timer.as_mut().reset(Instant::now() + this.idle);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -310,7 +309,7 @@ where
             }
             Poll::Pending => match this
                 .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(this.last + this.idle)))
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(this.idle)))
                 .as_mut()
                 .poll(cx)
             {

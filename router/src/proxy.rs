@@ -219,11 +219,18 @@ pub async fn handle(
     };
     let started = Instant::now();
     let in_flight = shared.stats.begin();
-    let (response, tier, attempts) = route(&shared, &client, request, in_flight, started)
-        .instrument(span.clone())
-        .await;
+    // A disabled span (no subscriber wants it: spans are not exported) is
+    // not entered on every poll, and the request's future is not moved
+    // once more into the wrapper that would enter it.
+    let traced = !span.is_disabled();
+    let routing = route(&shared, &client, request, in_flight, started);
+    let (response, tier, attempts) = if traced {
+        routing.instrument(span.clone()).await
+    } else {
+        routing.await
+    };
     let status = response.status().as_u16();
-    if !span.is_disabled() {
+    if traced {
         span.record("backend.tier", tier.map_or("none", TierId::as_str));
         span.record("attempts", attempts);
         span.record("http.response.status_code", status);
@@ -275,6 +282,9 @@ async fn route(
     }
     let path = parts.uri.path();
     let replay_safe = settings.replay_safe(&parts.method, path);
+    // When the next try starts, for its timeout: a request's arrival, unless
+    // its body had to be read first (read again only then, and for a retry).
+    let mut try_start = arrived;
     let mut prepared = if replay_safe && http_body::Body::is_end_stream(&incoming) {
         // No body (most GETs): nothing to read, and no timer to arm for it.
         body::Prepared::Replayable(bytes::Bytes::new())
@@ -282,7 +292,9 @@ async fn route(
         let reading = body::prepare(incoming, config.max_replay_body.as_u64(), max_body);
         // Boxed, as the paths below that are not every request's: inline,
         // each would make every request's future larger to move.
-        match Box::pin(tokio::time::timeout_at(deadline, reading)).await {
+        let read = Box::pin(tokio::time::timeout_at(deadline, reading)).await;
+        try_start = Instant::now();
+        match read {
             Ok(Ok(prepared)) => prepared,
             Ok(Err(error)) => {
                 if let Some(max) = body::too_large(error.as_ref()) {
@@ -386,6 +398,7 @@ async fn route(
         if let Some(failure) = &last {
             cascade_actors::metrics::metrics().router_retry(failure.tier);
             let now = Instant::now();
+            try_start = now;
             shared.hand_in(&settings.budget, now);
             if !settings.budget.try_withdraw(now) {
                 cascade_actors::metrics::metrics().router_budget_exhausted();
@@ -421,12 +434,14 @@ async fn route(
             client_authorization,
             shared,
             config,
-            deadline,
+            (try_start, deadline),
         )
         .await;
         match outcome {
             Ok((response, load)) => {
-                tier.runtime.answered(Instant::now());
+                // When the try started: a tier's idle time (for its cold-start
+                // timeout) is counted in minutes, and this saves a clock read.
+                tier.runtime.answered(try_start);
                 if let Some((from, error)) = first_failure {
                     shared
                         .all
@@ -574,7 +589,8 @@ async fn send_pooled(
     }
 }
 
-/// One try on `endpoint`: the response head, or why there is none.
+/// One try on `endpoint`, started at `now` and over by `deadline` at the
+/// latest: the response head, or why there is none.
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     tier: &PlanTier,
@@ -585,7 +601,7 @@ async fn attempt(
     client_authorization: bool,
     shared: &Shared,
     config: &RouterConfig,
-    deadline: Instant,
+    (now, deadline): (Instant, Instant),
 ) -> Result<(Response<hyper::body::Incoming>, Load), Attempt> {
     let id = tier.tier();
     let failed = |error: String, timed_out: bool| {
@@ -622,7 +638,6 @@ async fn attempt(
     *request.uri_mut() = uri;
     *request.headers_mut() = parts.headers.clone();
 
-    let now = Instant::now();
     let per_try = match tier.info().cold_start_timeout {
         Some(cold) if tier.runtime.cold(now) => cold,
         _ => config.request_timeout(id),
