@@ -108,7 +108,9 @@ pub struct Metrics {
 /// cost per request.
 #[derive(Clone)]
 struct RouterHistograms {
-    attempts: Histogram<u64>,
+    /// Bound to its one (empty) attribute set, as `duration` is to each
+    /// tier's: a record then looks nothing up.
+    attempts: BoundHistogram<u64>,
     /// In [`TierId::ALL`]'s order.
     duration: Vec<BoundHistogram<f64>>,
 }
@@ -166,7 +168,7 @@ struct Pending {
 impl Pending {
     fn record(&mut self, histograms: &RouterHistograms) {
         for attempts in self.attempts.drain(..) {
-            histograms.attempts.record(u64::from(attempts), &[]);
+            histograms.attempts.record(u64::from(attempts));
         }
         for (id, seconds) in self.latencies.drain(..) {
             // The index of `id` in TierId::ALL, past `none`'s.
@@ -276,7 +278,8 @@ impl Metrics {
                 .u64_histogram("cascade.router.attempts")
                 .with_description("Tries per routed request.")
                 .with_boundaries(vec![1.0, 2.0, 3.0, 4.0, 5.0, 10.0])
-                .build(),
+                .build()
+                .bind(&[]),
             duration: {
                 let duration = meter
                     .f64_histogram("cascade.router.duration")
