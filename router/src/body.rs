@@ -48,6 +48,13 @@ impl Prepared {
     /// The body for the next try, if there is one to send.
     pub fn take(&mut self) -> Option<ProxyBody> {
         match self {
+            // No body (most GETs): `Empty` has no size, so boxing it
+            // allocates nothing.
+            Prepared::Replayable(bytes) if bytes.is_empty() => Some(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            ),
             Prepared::Replayable(bytes) => Some(full(bytes.clone())),
             Prepared::Streaming(body) => body.take(),
         }
@@ -360,6 +367,18 @@ mod tests {
         assert!(prepared.replayable());
         for _ in 0..3 {
             assert_eq!(collect(prepared.take().unwrap()).await.unwrap(), "abcd");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_sent_as_none_on_every_try() {
+        let mut prepared = prepare(chunks(&[]), 4, 100).await.unwrap();
+        assert!(prepared.replayable());
+        for _ in 0..3 {
+            let body = prepared.take().unwrap();
+            assert!(body.is_end_stream());
+            assert_eq!(body.size_hint().exact(), Some(0));
+            assert_eq!(collect(body).await.unwrap(), "");
         }
     }
 
