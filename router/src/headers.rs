@@ -180,7 +180,8 @@ impl Client {
 
 /// The request headers for an upstream: hop-by-hop ones removed, the
 /// forwarding headers added. `Host` stays as the client sent it: the caller
-/// replaces it with each upstream's (from its URL) before that try. `te: trailers` survives, as gRPC needs it end to end. `seen` is
+/// replaces it with each upstream's (from its URL) before that try.
+/// `te: trailers` survives, as gRPC needs it end to end. `seen` is
 /// [`Seen::scan`] of `headers`.
 pub fn upstream_request(
     headers: &mut HeaderMap,

@@ -283,7 +283,8 @@ async fn route(
     let path = parts.uri.path();
     let replay_safe = settings.replay_safe(&parts.method, path);
     // When the next try starts, for its timeout: a request's arrival, unless
-    // its body had to be read first (read again only then, and for a retry).
+    // its body had to be read or a tier waited for first (the clock is read
+    // again only then, and for a retry).
     let mut try_start = arrived;
     let mut prepared = if replay_safe && http_body::Body::is_end_stream(&incoming) {
         // No body (most GETs): nothing to read, and no timer to arm for it.
@@ -357,6 +358,8 @@ async fn route(
                 };
                 match (waited, last) {
                     (Ok(()), failure) => {
+                        // The wait is not the next try's to pay for.
+                        try_start = Instant::now();
                         last = failure;
                         continue;
                     }

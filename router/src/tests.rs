@@ -582,6 +582,36 @@ async fn requests_wait_for_a_tier_that_is_starting() {
 }
 
 #[tokio::test]
+async fn the_time_spent_waiting_for_a_tier_is_not_taken_from_its_first_try() {
+    // The tier comes up after 500 ms and answers in 300 ms, within its
+    // 600 ms per-try timeout: 800 ms after the request arrived.
+    let slow = Echo::slow(300).await;
+    let mut config = config();
+    config.tiers.insert(
+        TierId::Local,
+        config::TierRoute {
+            request_timeout: Some(Duration::from_millis(600)),
+        },
+    );
+    let mut t = table(None, vec![tier(TierId::Local, TierState::Starting, &[])]);
+    t.starting = Some(TierId::Local);
+    let h = Harness::start(config, t).await;
+    let url = slow.url();
+    let routes = h.routes.clone();
+    let publish = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        routes.send_replace(table(
+            Some(TierId::Local),
+            vec![tier(TierId::Local, TierState::Healthy, &[url])],
+        ));
+    });
+    let response = h.get("/waited").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-cascade-attempts"), "1");
+    publish.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_start_that_takes_too_long_ends_in_503_after_start_wait() {
     let mut t = table(None, vec![tier(TierId::Local, TierState::Starting, &[])]);
     t.starting = Some(TierId::Local);
